@@ -1,0 +1,37 @@
+//! posfleet-proto: the wire contract between terminals and the controller.
+//!
+//! # Layout
+//!
+//! - [`pb`]: the protobuf messages (package `posfleet.v1`), generated at build time from
+//!   `proto/posfleet/v1/posfleet.proto` by protox + prost (no system `protoc`).
+//! - [`topic`]: the typed MQTT topic schema ([`Topic`], [`Filter`], [`Channel`]); the only
+//!   place that formats or parses topics.
+//! - [`device_id`]: [`DeviceId`], the validated id used at every boundary.
+//! - [`codec`]: size-checked encode/decode per channel ([`ChannelMessage`]).
+//! - `pki` (feature `pki`): certificate profiles (device, controller, broker server), the
+//!   fleet CA on disk, and reading an [`pki::Identity`] out of a certificate.
+
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod device_id;
+#[cfg(feature = "pki")]
+pub mod pki;
+pub mod topic;
+
+/// Generated protobuf types of package `posfleet.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/posfleet.v1.rs"));
+}
+
+pub use codec::{ChannelMessage, CodecError, decode, encode};
+pub use device_id::{DeviceId, DeviceIdError};
+pub use topic::{Channel, Direction, Filter, MAX_PACKET_SIZE, Topic, TopicError};
+
+/// Milliseconds since the Unix epoch from the system clock (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -1,0 +1,231 @@
+//! Certificate profiles (DESIGN.md §2), issued by the fleet CA with rcgen.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+
+use super::PkiError;
+use super::identity::{
+    CONTROLLER_CN_PREFIX, CONTROLLER_OU, DEVICE_OU, DEVICE_URI_PREFIX, valid_controller_name,
+};
+use crate::DeviceId;
+
+/// Organisation written into every certificate's subject.
+const ORGANISATION: &str = "posfleet";
+/// Certificates are valid from a little before issue, to tolerate clock skew on terminals.
+const BACKDATE: Duration = Duration::hours(1);
+const CA_VALIDITY: Duration = Duration::days(3650);
+const SERVER_VALIDITY: Duration = Duration::days(825);
+/// Client certificates (device, controller); renewal happens well before expiry.
+pub const CLIENT_VALIDITY: Duration = Duration::days(365);
+
+/// A certificate with its private key, both PEM.
+#[derive(Clone)]
+pub struct CertifiedKey {
+    pub cert_pem: String,
+    /// Secret: write it only with [`super::write_secret_file`]; never log it.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertifiedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertifiedKey")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The fleet CA: signs every certificate of the fleet.
+pub struct Ca {
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Generates a new self-signed fleet CA.
+    pub fn generate(common_name: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = base_params(common_name, "ca", CA_VALIDITY)?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA from its certificate and key. `cert_pem` may be a bundle (during a CA
+    /// rotation): the first certificate is the one that signs, and must match `key_pem`.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let first = super::parse_pem_certs(cert_pem.as_bytes())?
+            .into_iter()
+            .next()
+            .ok_or(PkiError::NoIdentity("no CA certificate in PEM"))?;
+        let issuer = Issuer::from_ca_cert_der(&first, key)?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            issuer,
+        })
+    }
+
+    /// The CA certificate(s) as loaded; this is what clients trust.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Secret: write it only with [`super::write_secret_file`]; never log it.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// A device certificate: CN = id, OU = device, URI SAN `urn:posfleet:device:<id>`,
+    /// extended key usage client auth. The key is generated here; enrolment (where the terminal
+    /// keeps its key) signs a CSR instead.
+    pub fn issue_device(&self, id: &DeviceId) -> Result<CertifiedKey, PkiError> {
+        let mut params = base_params(id.as_str(), DEVICE_OU, CLIENT_VALIDITY)?;
+        params.subject_alt_names = vec![SanType::URI(
+            format!("{DEVICE_URI_PREFIX}{id}")
+                .try_into()
+                .map_err(rcgen::Error::from)?,
+        )];
+        client_profile(&mut params);
+        self.issue(params)
+    }
+
+    /// A controller certificate: CN = `controller:<name>`, OU = controller, client auth.
+    pub fn issue_controller(&self, name: &str) -> Result<CertifiedKey, PkiError> {
+        if !valid_controller_name(name) {
+            return Err(PkiError::ControllerName(name.to_owned()));
+        }
+        let mut params = base_params(
+            &format!("{CONTROLLER_CN_PREFIX}{name}"),
+            CONTROLLER_OU,
+            CLIENT_VALIDITY,
+        )?;
+        client_profile(&mut params);
+        self.issue(params)
+    }
+
+    /// The broker's server certificate, for the given host names and IP addresses.
+    pub fn issue_server(&self, hosts: &[String]) -> Result<CertifiedKey, PkiError> {
+        let mut params = CertificateParams::new(hosts.to_vec())?;
+        let base = base_params("posfleet broker", "server", SERVER_VALIDITY)?;
+        params.distinguished_name = base.distinguished_name;
+        params.not_before = base.not_before;
+        params.not_after = base.not_after;
+        params.serial_number = base.serial_number;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params)
+    }
+
+    fn issue(&self, params: CertificateParams) -> Result<CertifiedKey, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+fn client_profile(params: &mut CertificateParams) {
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+}
+
+fn base_params(cn: &str, ou: &str, validity: Duration) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, ORGANISATION);
+    dn.push(DnType::OrganizationalUnitName, ou);
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + validity;
+    let serial: [u8; 16] = rand::random();
+    // Positive, non-zero serial (RFC 5280 §4.1.2.2).
+    let mut serial = serial.to_vec();
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    Ok(params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Identity;
+    use super::*;
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn device_certificate_carries_its_identity() {
+        let ca = Ca::generate("test fleet CA").unwrap();
+        let id = DeviceId::new("T-0001").unwrap();
+        let bundle = ca.issue_device(&id).unwrap();
+        assert_eq!(
+            Identity::from_cert_der(&der(&bundle.cert_pem)).unwrap(),
+            Identity::Device(id)
+        );
+    }
+
+    #[test]
+    fn controller_certificate_carries_its_identity() {
+        let ca = Ca::generate("test fleet CA").unwrap();
+        let bundle = ca.issue_controller("main").unwrap();
+        let identity = Identity::from_cert_der(&der(&bundle.cert_pem)).unwrap();
+        assert_eq!(identity, Identity::Controller("main".into()));
+        assert_eq!(identity.client_id(), "controller:main");
+        assert!(ca.issue_controller("a/b").is_err());
+    }
+
+    #[test]
+    fn server_and_ca_certificates_are_not_client_identities() {
+        let ca = Ca::generate("test fleet CA").unwrap();
+        let server = ca
+            .issue_server(&["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+        assert!(Identity::from_cert_der(&der(&server.cert_pem)).is_err());
+        assert!(Identity::from_cert_der(&der(ca.cert_pem())).is_err());
+        assert!(Identity::from_cert_der(b"not a certificate").is_err());
+    }
+
+    #[test]
+    fn ca_reloads_from_pem_and_keeps_issuing() {
+        let ca = Ca::generate("test fleet CA").unwrap();
+        let again = Ca::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
+        let id = DeviceId::new("dev-2").unwrap();
+        let bundle = again.issue_device(&id).unwrap();
+        assert_eq!(
+            Identity::from_cert_der(&der(&bundle.cert_pem)).unwrap(),
+            Identity::Device(id)
+        );
+        assert!(!format!("{bundle:?}").contains("PRIVATE KEY"));
+    }
+}

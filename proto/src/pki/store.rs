@@ -1,0 +1,237 @@
+//! The on-disk layout of a PKI directory and of device bundles.
+//!
+//! ```text
+//! DIR/ca.crt          fleet CA certificate(s); more than one during a CA rotation
+//! DIR/ca.key          fleet CA key (0600)
+//! DIR/server.crt/.key broker server certificate (0600 key)
+//! DIR/controller.crt/.key  controller client certificate (0600 key)
+//!
+//! OUT/device.crt, OUT/device.key (0600), OUT/ca.crt   a device bundle
+//! ```
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use super::{Ca, CertifiedKey, PkiError};
+use crate::DeviceId;
+
+/// Name of the controller certificate `init` creates.
+pub const DEFAULT_CONTROLLER_NAME: &str = "main";
+
+/// A PKI directory (see the module docs for its layout).
+#[derive(Debug, Clone)]
+pub struct PkiDir {
+    dir: PathBuf,
+}
+
+/// Paths of a device bundle written by [`PkiDir::write_device_bundle`].
+#[derive(Debug, Clone)]
+pub struct DeviceBundle {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl PkiDir {
+    /// Names an existing or future PKI directory; nothing is read yet.
+    pub fn at(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// True if the directory already holds a fleet CA key.
+    pub fn exists(&self) -> bool {
+        self.ca_key().exists()
+    }
+
+    /// Creates the fleet CA, the broker server certificate (SANs: localhost, 127.0.0.1, ::1 and
+    /// `extra_hosts`) and the controller certificate. Refuses to overwrite an existing CA.
+    pub fn init(&self, extra_hosts: &[String]) -> Result<Ca, PkiError> {
+        if self.exists() {
+            return Err(PkiError::AlreadyInitialised {
+                path: self.ca_key(),
+            });
+        }
+        create_private_dir(&self.dir)?;
+        let ca = Ca::generate("posfleet fleet CA")?;
+        let mut hosts: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+        for host in extra_hosts {
+            if !hosts.contains(host) {
+                hosts.push(host.clone());
+            }
+        }
+        let server = ca.issue_server(&hosts)?;
+        let controller = ca.issue_controller(DEFAULT_CONTROLLER_NAME)?;
+        // The key goes last: `exists()` keys off it, so a crash midway lets `init` run again.
+        write_public_file(&self.ca_cert(), ca.cert_pem())?;
+        write_pair(&self.server_cert(), &self.server_key(), &server)?;
+        write_pair(&self.controller_cert(), &self.controller_key(), &controller)?;
+        write_secret_file(&self.ca_key(), ca.key_pem())?;
+        Ok(ca)
+    }
+
+    /// Loads the fleet CA (the first certificate of `ca.crt` with `ca.key`).
+    pub fn load_ca(&self) -> Result<Ca, PkiError> {
+        let cert = read(&self.ca_cert())?;
+        let key = read(&self.ca_key())?;
+        if parse_pem_certs(cert.as_bytes())?.is_empty() {
+            return Err(PkiError::NoCertificate {
+                path: self.ca_cert(),
+            });
+        }
+        Ca::from_pem(&cert, &key)
+    }
+
+    /// Issues a device certificate and writes `device.crt`, `device.key` (0600) and `ca.crt`
+    /// into `out`.
+    pub fn write_device_bundle(
+        &self,
+        ca: &Ca,
+        id: &DeviceId,
+        out: &Path,
+    ) -> Result<DeviceBundle, PkiError> {
+        let issued = ca.issue_device(id)?;
+        create_private_dir(out)?;
+        let bundle = DeviceBundle {
+            cert: out.join("device.crt"),
+            key: out.join("device.key"),
+            ca: out.join("ca.crt"),
+        };
+        write_pair(&bundle.cert, &bundle.key, &issued)?;
+        write_public_file(&bundle.ca, &read(&self.ca_cert())?)?;
+        Ok(bundle)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.crt")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+    pub fn controller_cert(&self) -> PathBuf {
+        self.dir.join("controller.crt")
+    }
+    pub fn controller_key(&self) -> PathBuf {
+        self.dir.join("controller.key")
+    }
+}
+
+/// Every certificate in a PEM text (a CA bundle may hold several).
+pub fn parse_pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::Parse(e.to_string()))
+}
+
+/// Writes a secret (key, token) atomically with mode 0600: a temp file created 0600 in the same
+/// directory, synced, then renamed over `path`.
+pub fn write_secret_file(path: &Path, contents: &str) -> Result<(), PkiError> {
+    write_atomic(path, contents, 0o600)
+}
+
+fn write_public_file(path: &Path, contents: &str) -> Result<(), PkiError> {
+    write_atomic(path, contents, 0o644)
+}
+
+fn write_pair(cert: &Path, key: &Path, issued: &CertifiedKey) -> Result<(), PkiError> {
+    write_secret_file(key, &issued.key_pem)?;
+    write_public_file(cert, &issued.cert_pem)
+}
+
+fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{file_name}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(contents.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| PkiError::Io {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::Identity;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn init_writes_keys_0600_and_refuses_to_overwrite() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = PkiDir::at(tmp.path().join("pki"));
+        pki.init(&["broker.example".into()]).unwrap();
+        for key in [pki.ca_key(), pki.server_key(), pki.controller_key()] {
+            assert_eq!(mode(&key), 0o600, "{}", key.display());
+        }
+        assert!(matches!(
+            pki.init(&[]),
+            Err(PkiError::AlreadyInitialised { .. })
+        ));
+    }
+
+    #[test]
+    fn device_bundle_is_signed_by_the_stored_ca() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = PkiDir::at(tmp.path().join("pki"));
+        pki.init(&[]).unwrap();
+        let ca = pki.load_ca().unwrap();
+        let id = DeviceId::new("T-9").unwrap();
+        let bundle = pki
+            .write_device_bundle(&ca, &id, &tmp.path().join("dev"))
+            .unwrap();
+        assert_eq!(mode(&bundle.key), 0o600);
+        let certs = parse_pem_certs(&fs::read(&bundle.cert).unwrap()).unwrap();
+        assert_eq!(
+            Identity::from_cert_der(&certs[0]).unwrap(),
+            Identity::Device(id)
+        );
+        assert_eq!(
+            fs::read(&bundle.ca).unwrap(),
+            fs::read(pki.ca_cert()).unwrap()
+        );
+    }
+}
