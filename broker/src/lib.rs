@@ -1,1 +1,16 @@
-//! placeholder
+//! posfleet-broker: the controller process and the admin CLI.
+//!
+//! # Layout
+//!
+//! - `edge`: our mTLS MQTT accept loop, identity from certificates, ACL, attached to
+//!   rumqttd's router through its local link API.
+//! - `controller`: the controller's MQTT client and ingest (presence, heartbeat, telemetry).
+//! - `registry`: the sled store of devices (the only module that touches sled).
+//! - `api`: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
+//! - `events`: the in-process live event bus feeding the stream.
+//! - [`metrics`]: Prometheus metrics shared by every subsystem.
+//! - `posctl`: the admin CLI's library side.
+
+#![forbid(unsafe_code)]
+
+pub mod metrics;
