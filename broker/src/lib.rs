@@ -13,4 +13,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod datadir;
 pub mod metrics;
+pub mod views;

@@ -1,0 +1,200 @@
+//! The controller's data directory: where `serve`/`demo` keep state and where `posctl` finds
+//! what it needs to talk to them.
+//!
+//! ```text
+//! DATA/pki/            fleet PKI (see posfleet_proto::pki::PkiDir)
+//! DATA/admin.token     bootstrap admin API bearer token (0600), generated on first start
+//! DATA/posctl.json     API URL, CA file and token file for posctl (written at every start)
+//! DATA/registry/       sled store of the device registry
+//! ```
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use posfleet_proto::pki::{PkiDir, PkiError, write_secret_file};
+use serde::{Deserialize, Serialize};
+
+/// Default data directory of `serve`, `demo` and `posctl`.
+pub const DEFAULT_DATA_DIR: &str = "./posfleet-data";
+
+/// Bytes of randomness in a generated admin token.
+const TOKEN_BYTES: usize = 32;
+
+/// Why the data directory could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(
+        "{path} is not a valid posctl client file: {source}; restart `posfleet-broker serve` to rewrite it"
+    )]
+    ClientFile {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "{path} is empty; delete it and restart `posfleet-broker serve` to generate a new token"
+    )]
+    EmptyToken { path: PathBuf },
+}
+
+/// What `posctl` needs to reach the admin API, as written by `serve` into `posctl.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    /// e.g. `https://127.0.0.1:8443`.
+    pub api_url: String,
+    /// CA certificate(s) that sign the API's server certificate (absolute path).
+    pub ca_file: PathBuf,
+    /// File holding the bearer token (absolute path).
+    pub token_file: PathBuf,
+}
+
+/// A data directory (nothing is created until asked).
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn pki(&self) -> PkiDir {
+        PkiDir::at(self.root.join("pki"))
+    }
+
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.root.join("admin.token")
+    }
+
+    pub fn client_file(&self) -> PathBuf {
+        self.root.join("posctl.json")
+    }
+
+    pub fn registry_dir(&self) -> PathBuf {
+        self.root.join("registry")
+    }
+
+    /// Creates the directory (0700) if needed.
+    pub fn create(&self) -> Result<(), DataDirError> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(|source| DataDirError::Io {
+                path: self.root.clone(),
+                source,
+            })
+    }
+
+    /// Reads the admin token, generating it (0600) if there is none yet. Returns the token and
+    /// whether it was created now.
+    pub fn ensure_admin_token(&self) -> Result<(String, bool), DataDirError> {
+        let path = self.admin_token_file();
+        if path.exists() {
+            return Ok((self.read_admin_token()?, false));
+        }
+        let bytes: [u8; TOKEN_BYTES] = rand::random();
+        let token = hex::encode(bytes);
+        write_secret_file(&path, &format!("{token}\n"))?;
+        Ok((token, true))
+    }
+
+    pub fn read_admin_token(&self) -> Result<String, DataDirError> {
+        read_token_file(&self.admin_token_file())
+    }
+
+    /// Writes `posctl.json` with absolute paths.
+    pub fn write_client_file(&self, api_url: &str) -> Result<ClientFile, DataDirError> {
+        let root = fs::canonicalize(&self.root).map_err(|source| DataDirError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+        let data = DataDir::at(root);
+        let file = ClientFile {
+            api_url: api_url.to_owned(),
+            ca_file: data.pki().ca_cert(),
+            token_file: data.admin_token_file(),
+        };
+        let path = self.client_file();
+        let json =
+            serde_json::to_string_pretty(&file).map_err(|source| DataDirError::ClientFile {
+                path: path.clone(),
+                source,
+            })?;
+        // Not secret (paths and a URL), but written atomically like everything else.
+        write_secret_file(&path, &json)?;
+        Ok(file)
+    }
+
+    pub fn read_client_file(&self) -> Result<ClientFile, DataDirError> {
+        let path = self.client_file();
+        let text = fs::read_to_string(&path).map_err(|source| DataDirError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| DataDirError::ClientFile { path, source })
+    }
+}
+
+/// Reads a bearer token file (trailing whitespace trimmed).
+pub fn read_token_file(path: &Path) -> Result<String, DataDirError> {
+    let text = fs::read_to_string(path).map_err(|source| DataDirError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = text.trim().to_owned();
+    if token.is_empty() {
+        return Err(DataDirError::EmptyToken {
+            path: path.to_owned(),
+        });
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn token_is_generated_once_with_mode_0600() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::at(tmp.path().join("d"));
+        data.create().unwrap();
+        let (token, created) = data.ensure_admin_token().unwrap();
+        assert!(created);
+        assert_eq!(token.len(), TOKEN_BYTES * 2);
+        let mode = fs::metadata(data.admin_token_file())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (again, created) = data.ensure_admin_token().unwrap();
+        assert!(!created);
+        assert_eq!(again, token);
+    }
+
+    #[test]
+    fn client_file_round_trips_with_absolute_paths() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::at(tmp.path());
+        let written = data.write_client_file("https://127.0.0.1:1").unwrap();
+        assert!(written.ca_file.is_absolute());
+        assert_eq!(data.read_client_file().unwrap(), written);
+    }
+}
