@@ -14,5 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod datadir;
+pub mod events;
 pub mod metrics;
+pub mod registry;
 pub mod views;
