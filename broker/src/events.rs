@@ -75,6 +75,18 @@ impl EventSubscription {
         }
     }
 
+    /// The next event if one is waiting (tests).
+    #[cfg(test)]
+    pub(crate) fn try_recv(&mut self) -> Option<FleetEvent> {
+        match self.rx.try_recv() {
+            Ok(event) => Some(event),
+            Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                Some(FleetEvent::Lagged { missed })
+            }
+            Err(_) => None,
+        }
+    }
+
     /// Turns the subscription into a stream of events (ends when the bus is gone).
     pub fn into_stream(self) -> impl futures_util::Stream<Item = FleetEvent> + Send + 'static {
         futures_util::stream::unfold(self, |mut sub| async move {
