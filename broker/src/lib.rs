@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod controller;
 pub mod datadir;
 pub mod events;
