@@ -32,6 +32,8 @@ pub(super) const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 pub(super) struct TestServer {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
+    /// The client's TLS config, for raw TLS connections.
+    pub tls: Arc<rustls::ClientConfig>,
     pub metrics: Arc<Metrics>,
     pub ingest: Ingest,
     pub cancel: CancellationToken,
@@ -69,9 +71,15 @@ impl TestServer {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));
+        let client_tls = client_tls(&pki);
         Self {
             addr,
-            client: client(&pki),
+            client: reqwest::Client::builder()
+                .use_preconfigured_tls((*client_tls).clone())
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+            tls: client_tls,
             metrics,
             ingest,
             cancel,
@@ -138,8 +146,8 @@ impl TestServer {
     }
 }
 
-/// A reqwest client trusting the test fleet CA (rustls, ring provider, no client cert).
-fn client(pki: &PkiDir) -> reqwest::Client {
+/// A TLS client config trusting the test fleet CA (ring provider, no client cert).
+fn client_tls(pki: &PkiDir) -> Arc<rustls::ClientConfig> {
     let ca = std::fs::read(pki.ca_cert()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for cert in posfleet_proto::pki::parse_pem_certs(&ca).unwrap() {
@@ -152,9 +160,5 @@ fn client(pki: &PkiDir) -> reqwest::Client {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
+    Arc::new(tls)
 }

@@ -3,8 +3,10 @@
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use tokio::io::AsyncReadExt;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use super::super::ApiLimits;
 use super::TestServer;
@@ -70,4 +72,52 @@ async fn shutdown_does_not_wait_for_idle_or_handshaking_clients() {
         TcpStream::connect(server.addr).await.is_err(),
         "the listener is closed"
     );
+}
+
+/// A raw TLS connection to the server.
+async fn tls_connect(server: &TestServer) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    TlsConnector::from(server.tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads until the server closes the connection; returns what was read.
+async fn read_to_close(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> String {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .expect("the server closes the connection in time")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[tokio::test]
+async fn silent_and_idle_keep_alive_connections_are_closed_after_the_header_timeout() {
+    let limits = ApiLimits {
+        header_read_timeout: Duration::from_millis(300),
+        ..ApiLimits::default()
+    };
+    let server = TestServer::start_with(limits, 16).await;
+    // Handshakes, then never sends a request.
+    let mut silent = tls_connect(&server).await;
+    let started = Instant::now();
+    read_to_close(&mut silent).await;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // One request, then idles on the kept-alive connection.
+    let mut idle = tls_connect(&server).await;
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let seen = read_to_close(&mut idle).await;
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    server.stop().await;
 }
