@@ -14,5 +14,6 @@
 #![forbid(unsafe_code)]
 
 pub mod datadir;
+pub mod edge;
 pub mod metrics;
 pub mod views;
