@@ -15,4 +15,5 @@
 
 pub mod datadir;
 pub mod metrics;
+pub mod posctl;
 pub mod views;
