@@ -414,22 +414,22 @@ fn detail(body: Option<&ErrorBody>) -> String {
     }
 }
 
-/// The rustls error somewhere in the chain (tokio-rustls wraps it in an `io::Error`, whose
-/// `source()` skips it, hence the `get_ref`).
+/// The rustls error somewhere in the chain. tokio-rustls wraps it in an `io::Error` (possibly
+/// more than once), whose `source()` skips the wrapped error, so io errors are opened with
+/// `get_ref`.
 fn tls_cause(e: &(dyn StdError + 'static)) -> Option<String> {
     let mut current = Some(e);
     while let Some(err) = current {
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {
             return Some(tls.to_string());
         }
-        if let Some(tls) = err
+        current = match err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         {
-            return Some(tls.to_string());
-        }
-        current = err.source();
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => err.source(),
+        };
     }
     None
 }
