@@ -26,10 +26,12 @@ pub(crate) async fn list(
 ) -> anyhow::Result<()> {
     let url = api.url(&["api", "v1", "devices"]);
     let value = api.get_json(url.clone()).await?;
-    let list: DeviceList = typed(&url, value.clone())?;
     match format {
         OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => Ok(out.write_all(render_list(&list, now_ms()).as_bytes())?),
+        OutputFormat::Table => {
+            let list: DeviceList = typed(&url, value)?;
+            Ok(out.write_all(render_list(&list, now_ms()).as_bytes())?)
+        }
     }
 }
 
@@ -51,10 +53,12 @@ pub(crate) async fn show(
         }
         Err(e) => return Err(e.into()),
     };
-    let detail: DeviceDetail = typed(&url, value.clone())?;
     match format {
         OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => Ok(out.write_all(render_detail(&detail, now_ms()).as_bytes())?),
+        OutputFormat::Table => {
+            let detail: DeviceDetail = typed(&url, value)?;
+            Ok(out.write_all(render_detail(&detail, now_ms()).as_bytes())?)
+        }
     }
 }
 
@@ -66,7 +70,8 @@ fn typed<T: DeserializeOwned>(url: &Url, value: Value) -> Result<T, ApiError> {
     })
 }
 
-/// Pretty JSON exactly as the API sent it (fields this posctl does not know included).
+/// Pretty JSON as the API sent it, not run through the typed views, so fields and values this
+/// posctl does not know yet reach scripts unchanged.
 fn print_json(out: &mut dyn Write, value: &Value) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut *out, value)?;
     writeln!(out)?;

@@ -3,16 +3,19 @@
 //! # Layout
 //!
 //! - this file: the command line (clap), [`main`] and `run`.
-//! - `client`: where the API is (data dir's `posctl.json` or explicit flags), the HTTPS client
-//!   trusting the fleet CA, and HTTP failures turned into errors that say what to do.
+//! - `endpoint`: where the API is (the data dir's `posctl.json`, or explicit flags).
+//! - `client`: the HTTPS client trusting the fleet CA, and HTTP failures turned into errors that
+//!   say what to do next.
 //! - `pki`: `pki init` and `pki issue-device` (local files only, no server needed).
 //! - `devices`: `devices list` and `devices show`.
 //! - `watch`: `watch`, rendering the live stream, over the bounded parser in `sse`.
 //! - `output`: tables, times and sizes, and neutralising control characters in strings that
 //!   terminals reported.
+//! - `tests`: the commands against a TLS axum server serving canned API views.
 
 mod client;
 mod devices;
+mod endpoint;
 mod output;
 mod pki;
 mod sse;
@@ -60,7 +63,7 @@ pub(crate) struct Cli {
     command: Command,
 }
 
-/// Where the admin API is and how to authenticate; see `client::resolve`.
+/// Where the admin API is and how to authenticate; see `endpoint::resolve`.
 #[derive(Debug, Clone, Default, Args)]
 pub(crate) struct ConnectArgs {
     /// Data directory of the controller; posctl reads DIR/posctl.json from it.
@@ -264,7 +267,7 @@ async fn run_api(
     out: &mut dyn Write,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<ExitCode> {
-    let api = client::ApiClient::new(client::resolve(conn)?)?;
+    let api = client::ApiClient::new(endpoint::resolve(conn)?)?;
     match cmd {
         ApiCommand::Devices(DevicesCommand::List) => devices::list(&api, format, out).await?,
         ApiCommand::Devices(DevicesCommand::Show { id }) => {

@@ -30,7 +30,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let (url, response) = api.open_stream(args.device.as_ref()).await?;
     if format == OutputFormat::Table && std::io::stderr().is_terminal() {
-        eprintln!("watching {url} — Ctrl-C to stop");
+        eprintln!("watching {url} (times in UTC) — Ctrl-C to stop");
     }
     let mut body = response.bytes_stream();
     let mut parser = SseParser::default();

@@ -1,4 +1,4 @@
-//! posctl against a real HTTPS server: a tiny axum app on 127.0.0.1:0 behind tokio-rustls,
+//! posctl against a real HTTPS server (`devices`, `watch`): a tiny axum app on 127.0.0.1:0 behind tokio-rustls,
 //! with certificates from `PkiDir::init` in a temp dir, returning canned `views` JSON.
 
 use std::collections::HashMap;
@@ -24,6 +24,9 @@ use tokio::sync::Notify;
 
 use super::devices::tests::{NOW, detail, summary, telemetry};
 use super::{Cli, Command, run_api};
+
+mod devices;
+mod watch;
 use crate::datadir::DataDir;
 use crate::views::{DeviceDetail, DeviceList, ErrorBody, FleetEvent, HeartbeatView};
 
@@ -31,16 +34,16 @@ const TOKEN: &str = "test-token-not-secret";
 
 /// What the canned server shares with the test.
 #[derive(Clone, Default)]
-struct Shared {
+pub(super) struct Shared {
     /// Notified when a stream request arrives (lets a test stop `watch` without sleeping).
-    stream_opened: Arc<Notify>,
+    pub(super) stream_opened: Arc<Notify>,
 }
 
-struct Fixture {
+pub(super) struct Fixture {
     _tmp: tempfile::TempDir,
-    data_dir: PathBuf,
-    url: String,
-    shared: Shared,
+    pub(super) data_dir: PathBuf,
+    pub(super) url: String,
+    pub(super) shared: Shared,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -51,7 +54,7 @@ impl Drop for Fixture {
 }
 
 impl Fixture {
-    async fn start() -> Self {
+    pub(super) async fn start() -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let data = DataDir::at(tmp.path().join("data"));
         data.create().unwrap();
@@ -105,12 +108,12 @@ impl Fixture {
         }
     }
 
-    fn pki(&self) -> PkiDir {
+    pub(super) fn pki(&self) -> PkiDir {
         DataDir::at(&self.data_dir).pki()
     }
 
     /// Runs posctl with `--data-dir` of this fixture plus `args`; returns the result and stdout.
-    async fn posctl(&self, args: &[&str]) -> (anyhow::Result<ExitCode>, String) {
+    pub(super) async fn posctl(&self, args: &[&str]) -> (anyhow::Result<ExitCode>, String) {
         let data_dir = self.data_dir.display().to_string();
         let mut full = vec!["--data-dir", data_dir.as_str()];
         full.extend_from_slice(args);
@@ -118,7 +121,7 @@ impl Fixture {
     }
 }
 
-async fn posctl(
+pub(super) async fn posctl(
     args: &[&str],
     stop: impl std::future::Future<Output = ()>,
 ) -> (anyhow::Result<ExitCode>, String) {
@@ -131,7 +134,7 @@ async fn posctl(
     (result, String::from_utf8(out).unwrap())
 }
 
-fn error_text(result: anyhow::Result<ExitCode>) -> String {
+pub(super) fn error_text(result: anyhow::Result<ExitCode>) -> String {
     format!("{:#}", result.expect_err("posctl should have failed"))
 }
 
@@ -167,7 +170,7 @@ fn error_response(status: StatusCode, error: &str, hint: Option<&str>) -> Respon
     (status, axum::Json(body)).into_response()
 }
 
-fn canned_list() -> DeviceList {
+pub(super) fn canned_list() -> DeviceList {
     DeviceList {
         devices: vec![summary("T-2", true), summary("T-1", false)],
     }
@@ -198,7 +201,7 @@ async fn show(headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
     }
 }
 
-fn canned_events() -> Vec<FleetEvent> {
+pub(super) fn canned_events() -> Vec<FleetEvent> {
     vec![
         FleetEvent::Presence {
             device: "T-1".into(),
@@ -268,264 +271,6 @@ async fn stream(
         Body::from_stream(futures_util::stream::iter(chunks))
     };
     ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
-}
-
-// ----- devices ----------------------------------------------------------------------------
-
-#[tokio::test]
-async fn devices_list_renders_a_table_from_the_data_dir() {
-    let fx = Fixture::start().await;
-    let (result, out) = fx.posctl(&["devices", "list"]).await;
-    assert!(result.is_ok(), "{result:?}");
-    let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].starts_with("ID   STATE   ONLINE"), "{out}");
-    assert!(
-        lines[1].starts_with("T-1  active  offline (missed_heartbeats)  "),
-        "{out}"
-    );
-    assert!(lines[2].starts_with("T-2  active  online"), "{out}");
-    assert_eq!(lines.last(), Some(&"2 devices, 1 online"), "{out}");
-}
-
-#[tokio::test]
-async fn devices_list_json_is_the_api_json() {
-    let fx = Fixture::start().await;
-    let (result, out) = fx.posctl(&["devices", "list", "--output", "json"]).await;
-    assert!(result.is_ok(), "{result:?}");
-    let printed: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(
-        printed["generated_at_ms"], NOW,
-        "unknown fields are kept: {out}"
-    );
-    let printed: DeviceList = serde_json::from_str(&out).unwrap();
-    assert_eq!(printed, canned_list());
-    assert!(out.contains("\n  \"devices\""), "pretty-printed: {out}");
-}
-
-#[tokio::test]
-async fn devices_show_renders_the_block_and_json() {
-    let fx = Fixture::start().await;
-    let (result, out) = fx.posctl(&["devices", "show", "T-1"]).await;
-    assert!(result.is_ok(), "{result:?}");
-    assert!(out.starts_with("!!! TAMPER DETECTED on T-1"), "{out}");
-    assert!(
-        out.contains("  memory       512 / 2048 MiB (25%)\n"),
-        "{out}"
-    );
-
-    let (result, out) = fx.posctl(&["-o", "json", "devices", "show", "T-1"]).await;
-    assert!(result.is_ok(), "{result:?}");
-    let printed: DeviceDetail = serde_json::from_str(&out).unwrap();
-    assert_eq!(printed, detail("T-1", true));
-}
-
-#[tokio::test]
-async fn an_unknown_device_says_how_to_find_known_ones() {
-    let fx = Fixture::start().await;
-    let (result, out) = fx.posctl(&["devices", "show", "T-404"]).await;
-    assert_eq!(
-        error_text(result),
-        "no device T-404; `posctl devices list` shows known devices"
-    );
-    assert_eq!(out, "");
-}
-
-#[tokio::test]
-async fn a_server_error_shows_the_servers_message_and_hint() {
-    let fx = Fixture::start().await;
-    let (result, _) = fx.posctl(&["devices", "show", "T-500"]).await;
-    let message = error_text(result);
-    assert!(
-        message.contains(
-            "failed with 500 Internal Server Error: registry unavailable; retry in a minute"
-        ),
-        "{message}"
-    );
-}
-
-#[tokio::test]
-async fn a_refused_token_names_the_token_file() {
-    let fx = Fixture::start().await;
-    let wrong = fx.data_dir.join("wrong.token");
-    std::fs::write(&wrong, "not-the-token\n").unwrap();
-    let wrong_arg = wrong.display().to_string();
-    let (result, _) = fx
-        .posctl(&["--token-file", &wrong_arg, "devices", "list"])
-        .await;
-    let message = error_text(result);
-    assert!(
-        message.contains(&format!(
-            "refused the token in {wrong_arg} (401 Unauthorized)"
-        )),
-        "{message}"
-    );
-    assert!(
-        message.contains("data dir of the running server"),
-        "{message}"
-    );
-    assert!(
-        !message.contains("not-the-token"),
-        "never print a token: {message}"
-    );
-}
-
-#[tokio::test]
-async fn explicit_flags_work_without_a_data_dir() {
-    let fx = Fixture::start().await;
-    let pki = fx.pki();
-    let (ca, token) = (
-        pki.ca_cert().display().to_string(),
-        fx.data_dir.join("admin.token").display().to_string(),
-    );
-    let missing = fx.data_dir.join("not-a-data-dir").display().to_string();
-    let (result, out) = posctl(
-        &[
-            "--data-dir",
-            &missing,
-            "--server",
-            &fx.url,
-            "--ca",
-            &ca,
-            "--token-file",
-            &token,
-            "devices",
-            "list",
-        ],
-        std::future::pending(),
-    )
-    .await;
-    assert!(result.is_ok(), "{result:?}");
-    assert!(out.contains("2 devices, 1 online"), "{out}");
-}
-
-#[tokio::test]
-async fn connection_refused_names_the_url() {
-    let fx = Fixture::start().await;
-    // A port that was just free: nothing listens on it now.
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://{}", closed.local_addr().unwrap());
-    drop(closed);
-    let (result, _) = fx.posctl(&["--server", &url, "devices", "list"]).await;
-    let message = error_text(result);
-    assert!(
-        message.starts_with(&format!("cannot connect to {url}/")),
-        "{message}"
-    );
-    assert!(message.contains("is running"), "{message}");
-}
-
-#[tokio::test]
-async fn a_server_certificate_from_another_ca_is_a_clear_tls_error() {
-    let fx = Fixture::start().await;
-    let other = tempfile::tempdir().unwrap();
-    let other_pki = PkiDir::at(other.path());
-    other_pki.init(&[]).unwrap();
-    let ca = other_pki.ca_cert().display().to_string();
-    let (result, _) = fx.posctl(&["--ca", &ca, "devices", "list"]).await;
-    let message = error_text(result);
-    assert!(message.starts_with("TLS handshake with"), "{message}");
-    assert!(
-        message.contains(&format!("check that {ca} is the fleet CA")),
-        "{message}"
-    );
-}
-
-// ----- watch ------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn watch_renders_one_line_per_event_and_stops_after_count() {
-    let fx = Fixture::start().await;
-    let (result, out) = fx.posctl(&["watch", "--count", "2"]).await;
-    assert!(result.is_ok(), "{result:?}");
-    assert_eq!(
-        out,
-        "13:05:09  T-1           presence   online\n\
-         13:05:09  T-2           heartbeat  seq 9  uptime 42s  outbox 0\n"
-    );
-}
-
-#[tokio::test]
-async fn watch_json_prints_json_lines_for_one_device() {
-    let fx = Fixture::start().await;
-    let (result, out) = fx
-        .posctl(&[
-            "--output", "json", "watch", "--device", "T-1", "--count", "2",
-        ])
-        .await;
-    assert!(result.is_ok(), "{result:?}");
-    let events: Vec<FleetEvent> = out
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
-    let expected: Vec<FleetEvent> = canned_events()
-        .into_iter()
-        .filter(|e| e.device() == Some("T-1"))
-        .collect();
-    assert_eq!(events, expected);
-}
-
-#[tokio::test]
-async fn watch_reports_a_closed_stream_as_an_error() {
-    let fx = Fixture::start().await;
-    let (result, out) = fx.posctl(&["watch"]).await;
-    let message = error_text(result);
-    assert!(
-        message.contains("the server closed the stream") && message.contains("after 3 events"),
-        "{message}"
-    );
-    assert_eq!(out.lines().count(), 3, "{out}");
-}
-
-#[tokio::test]
-async fn watch_stops_cleanly_when_asked() {
-    let fx = Fixture::start().await;
-    let data_dir = fx.data_dir.display().to_string();
-    let opened = fx.shared.stream_opened.clone();
-    let (result, out) = posctl(
-        &["--data-dir", &data_dir, "watch", "--device", "T-idle"],
-        async move { opened.notified().await },
-    )
-    .await;
-    assert!(
-        matches!(result, Ok(code) if code == ExitCode::SUCCESS),
-        "{result:?}"
-    );
-    assert_eq!(out, "");
-}
-
-#[tokio::test]
-async fn watch_timeout_ends_quietly_or_fails_when_events_were_expected() {
-    let fx = Fixture::start().await;
-    let (result, _) = fx
-        .posctl(&["watch", "--device", "T-idle", "--timeout", "200ms"])
-        .await;
-    assert!(result.is_ok(), "{result:?}");
-    let (result, _) = fx
-        .posctl(&[
-            "watch",
-            "--device",
-            "T-idle",
-            "--count",
-            "1",
-            "--timeout",
-            "200ms",
-        ])
-        .await;
-    let message = error_text(result);
-    assert!(
-        message.starts_with("only 0 of 1 events arrived within 0.2s"),
-        "{message}"
-    );
-}
-
-#[tokio::test]
-async fn watch_without_a_token_is_refused_before_streaming() {
-    let fx = Fixture::start().await;
-    let wrong = fx.data_dir.join("wrong.token");
-    std::fs::write(&wrong, "nope\n").unwrap();
-    let wrong = wrong.display().to_string();
-    let (result, _) = fx.posctl(&["--token-file", &wrong, "watch"]).await;
-    assert!(error_text(result).contains("401 Unauthorized"));
 }
 
 // ----- command line -----------------------------------------------------------------------
