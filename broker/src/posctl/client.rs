@@ -115,7 +115,13 @@ impl ApiClient {
             .http
             .get(url.clone())
             .header(reqwest::header::ACCEPT, "text/event-stream");
-        let response = self.send(request, &url).await?;
+        // No per-request timeout here: it would also cut the (endless) body. Only the wait for
+        // the response head is bounded.
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.send(request, &url))
+            .await
+            .map_err(|_| ApiError::Timeout {
+                url: url.to_string(),
+            })??;
         let content_type = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)

@@ -28,13 +28,7 @@ pub(crate) async fn run(
     out: &mut dyn Write,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let (url, response) = api.open_stream(args.device.as_ref()).await?;
-    if format == OutputFormat::Table && std::io::stderr().is_terminal() {
-        eprintln!("watching {url} (times in UTC) — Ctrl-C to stop");
-    }
-    let mut body = response.bytes_stream();
-    let mut parser = SseParser::default();
-    let mut seen: u64 = 0;
+    // `--timeout` and Ctrl-C count from the start, including connecting.
     let deadline = async {
         match args.timeout {
             Some(timeout) => tokio::time::sleep(timeout).await,
@@ -42,6 +36,18 @@ pub(crate) async fn run(
         }
     };
     tokio::pin!(stop, deadline);
+    let (url, response) = tokio::select! {
+        biased;
+        () = &mut stop => return Ok(()),
+        () = &mut deadline => return timed_out(args, 0),
+        opened = api.open_stream(args.device.as_ref()) => opened?,
+    };
+    if format == OutputFormat::Table && std::io::stderr().is_terminal() {
+        eprintln!("watching {url} (times in UTC) — Ctrl-C to stop");
+    }
+    let mut body = response.bytes_stream();
+    let mut parser = SseParser::default();
+    let mut seen: u64 = 0;
     loop {
         let chunk = tokio::select! {
             biased;

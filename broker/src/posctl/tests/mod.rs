@@ -240,6 +240,10 @@ async fn stream(
     }
     shared.stream_opened.notify_one();
     let device = query.get("device").cloned();
+    if device.as_deref() == Some("T-hang") {
+        // Never answers: the client must not wait for the response head forever.
+        std::future::pending::<()>().await;
+    }
     let body = if device.as_deref() == Some("T-idle") {
         // Keep-alive, then silence until the client goes away.
         let keepalive = futures_util::stream::once(async {

@@ -97,3 +97,24 @@ async fn watch_without_a_token_is_refused_before_streaming() {
     let (result, _) = fx.posctl(&["--token-file", &wrong, "watch"]).await;
     assert!(error_text(result).contains("401 Unauthorized"));
 }
+
+#[tokio::test]
+async fn watch_timeout_covers_a_server_that_never_answers() {
+    let fx = Fixture::start().await;
+    let (result, _) = fx
+        .posctl(&[
+            "watch",
+            "--device",
+            "T-hang",
+            "--count",
+            "1",
+            "--timeout",
+            "200ms",
+        ])
+        .await;
+    let message = error_text(result);
+    assert!(
+        message.starts_with("only 0 of 1 events arrived"),
+        "{message}"
+    );
+}
