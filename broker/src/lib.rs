@@ -16,4 +16,5 @@
 pub mod datadir;
 pub mod edge;
 pub mod metrics;
+pub mod posctl;
 pub mod views;
