@@ -12,6 +12,7 @@
 //! - [`agent`]: the runtime of one terminal ([`Agent`]): presence, heartbeats, telemetry,
 //!   graceful shutdown.
 //! - [`telemetry`]: system metric and sensor providers (real and simulated).
+//! - [`simulate`]: N virtual terminals in one process running the same [`Agent`] code.
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod mqtt;
+pub mod simulate;
 pub mod telemetry;
 pub mod tls;
 
