@@ -13,11 +13,14 @@
 //!   graceful shutdown.
 //! - [`telemetry`]: system metric and sensor providers (real and simulated).
 //! - [`simulate`]: N virtual terminals in one process running the same [`Agent`] code.
+//! - [`cli`]: the `posfleet-agent` command line (`run`, `simulate`); `main.rs` only calls
+//!   [`cli::main`].
 
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod mqtt;
 pub mod simulate;
@@ -30,3 +33,4 @@ mod testing;
 pub use agent::{Agent, AgentHandle, AgentSettings, DeviceInfo};
 pub use config::Config;
 pub use mqtt::{MqttError, MqttHandle, SessionConfig, SessionEvent, spawn_session};
+pub use simulate::{SimError, SimulatorConfig, SimulatorHandle, run_simulator};
