@@ -8,14 +8,29 @@
 //!   [`MqttHandle`].
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`tls`]: rustls client configs (ring provider) and the device id from a certificate.
+//! - [`config`]: the agent's TOML config, parsed in two stages (all problems at once).
+//! - [`agent`]: the runtime of one terminal ([`Agent`]): presence, heartbeats, telemetry,
+//!   graceful shutdown.
+//! - [`telemetry`]: system metric and sensor providers (real and simulated).
+//! - [`simulate`]: N virtual terminals in one process running the same [`Agent`] code.
+//! - [`cli`]: the `posfleet-agent` command line (`run`, `simulate`); `main.rs` only calls
+//!   [`cli::main`].
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod backoff;
+pub mod cli;
+pub mod config;
 pub mod mqtt;
+pub mod simulate;
+pub mod telemetry;
 pub mod tls;
 
 #[cfg(test)]
 mod testing;
 
+pub use agent::{Agent, AgentHandle, AgentSettings, DeviceInfo};
+pub use config::Config;
 pub use mqtt::{MqttError, MqttHandle, SessionConfig, SessionEvent, spawn_session};
+pub use simulate::{SimError, SimulatorConfig, SimulatorHandle, run_simulator};

@@ -60,6 +60,21 @@ pub fn client_config_from_files(
     client_config_from_pem(&ca_pem, &cert_pem, &key_pem)
 }
 
+/// Loads a device's TLS material from files: the client config and the device id its
+/// certificate proves (which must be a device certificate).
+pub fn load_device_identity(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<(DeviceId, Arc<ClientConfig>), TlsError> {
+    let ca_pem = read("CA bundle", ca)?;
+    let cert_pem = read("client certificate", cert)?;
+    warn_if_key_is_exposed(key);
+    let key_pem = read("private key", key)?;
+    let id = device_id_from_cert_pem(&cert_pem)?;
+    Ok((id, client_config_from_pem(&ca_pem, &cert_pem, &key_pem)?))
+}
+
 /// Builds a client config that trusts every CA in `ca_pem` and presents `cert_pem` (leaf
 /// first, optionally followed by intermediates) with `key_pem`.
 pub fn client_config_from_pem(

@@ -4,10 +4,10 @@
 //!
 //! - `edge`: our mTLS MQTT accept loop, identity from certificates, ACL, attached to
 //!   rumqttd's router through its local link API.
-//! - `controller`: the controller's MQTT client and ingest (presence, heartbeat, telemetry).
-//! - `registry`: the sled store of devices (the only module that touches sled).
-//! - `api`: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
-//! - `events`: the in-process live event bus feeding the stream.
+//! - [`controller`]: the controller's MQTT client and ingest (presence, heartbeat, telemetry).
+//! - [`registry`]: the sled store of devices (the only module that touches sled).
+//! - [`api`]: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
+//! - [`events`]: the in-process live event bus feeding the stream.
 //! - [`metrics`]: Prometheus metrics shared by every subsystem.
 //! - `posctl`: the admin CLI's library side.
 
@@ -16,7 +16,9 @@
 pub mod api;
 pub mod controller;
 pub mod datadir;
+pub mod edge;
 pub mod events;
 pub mod metrics;
+pub mod posctl;
 pub mod registry;
 pub mod views;

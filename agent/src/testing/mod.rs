@@ -24,7 +24,11 @@ pub(crate) struct TestPki {
 
 impl TestPki {
     pub(crate) fn new() -> Self {
-        let ca = Ca::generate("test fleet CA").unwrap();
+        Self::with_ca(Ca::generate("test fleet CA").unwrap())
+    }
+
+    /// Uses an existing CA (e.g. the one `PkiDir::init` wrote).
+    pub(crate) fn with_ca(ca: Ca) -> Self {
         let server = ca
             .issue_server(&["127.0.0.1".into(), "localhost".into()])
             .unwrap();

@@ -1,0 +1,173 @@
+//! The messages a terminal reports about itself: Presence, ReportedState, Heartbeat, Telemetry.
+
+use posfleet_proto::{now_ms, pb};
+use tokio::time::Instant;
+
+use super::DeviceInfo;
+
+/// The agent's own version, reported in every `SoftwareVersions`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// `Presence.reason` of a graceful shutdown.
+pub const REASON_SHUTDOWN: &str = "shutdown";
+/// `Presence.reason` of the last will, published by the broker when the connection dies.
+pub const REASON_CONNECTION_LOST: &str = "connection_lost";
+
+/// Builds the report messages of one agent process.
+#[derive(Debug, Clone)]
+pub(crate) struct Reporter {
+    device: DeviceInfo,
+    /// Random per agent process (per virtual terminal in the simulator), never 0.
+    boot_id: u64,
+    /// When this agent started; heartbeat uptime counts from here.
+    started: Instant,
+    heartbeat_interval_s: u32,
+}
+
+impl Reporter {
+    pub(crate) fn new(device: DeviceInfo, heartbeat_interval_s: u32) -> Self {
+        Self {
+            device,
+            boot_id: rand::random::<u64>().max(1),
+            started: Instant::now(),
+            heartbeat_interval_s,
+        }
+    }
+
+    pub(crate) fn boot_id(&self) -> u64 {
+        self.boot_id
+    }
+
+    fn versions(&self) -> pb::SoftwareVersions {
+        pb::SoftwareVersions {
+            agent: AGENT_VERSION.to_owned(),
+            firmware: self.device.firmware_version.clone(),
+            payment_app: self.device.payment_app_version.clone(),
+        }
+    }
+
+    pub(crate) fn online(&self) -> pb::Presence {
+        self.presence(pb::PresenceState::Online, "", now_ms())
+    }
+
+    pub(crate) fn shutdown(&self) -> pb::Presence {
+        self.presence(pb::PresenceState::Offline, REASON_SHUTDOWN, now_ms())
+    }
+
+    /// The last will. It is registered at connect and published by the broker at some later
+    /// moment, so it carries no time (`at_ms = 0`): the controller uses its receive time.
+    pub(crate) fn last_will(&self) -> pb::Presence {
+        self.presence(pb::PresenceState::Offline, REASON_CONNECTION_LOST, 0)
+    }
+
+    fn presence(&self, state: pb::PresenceState, reason: &str, at_ms: u64) -> pb::Presence {
+        pb::Presence {
+            state: state.into(),
+            at_ms,
+            versions: Some(self.versions()),
+            model: self.device.model.clone(),
+            serial: self.device.serial.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// What the terminal is. Configuration pushes and locking are not implemented yet, so the
+    /// config version is 0 and the terminal is never locked.
+    pub(crate) fn reported_state(&self) -> pb::ReportedState {
+        pb::ReportedState {
+            at_ms: now_ms(),
+            config_version: 0,
+            locked: false,
+            lock_reason: String::new(),
+            versions: Some(self.versions()),
+            model: self.device.model.clone(),
+            serial: self.device.serial.clone(),
+        }
+    }
+
+    pub(crate) fn heartbeat(&self, seq: u64) -> pb::Heartbeat {
+        pb::Heartbeat {
+            seq,
+            sent_at_ms: now_ms(),
+            interval_s: self.heartbeat_interval_s,
+            uptime_s: self.started.elapsed().as_secs(),
+            versions: Some(self.versions()),
+            // No transaction outbox yet.
+            outbox_depth: 0,
+            boot_id: self.boot_id,
+        }
+    }
+}
+
+pub(crate) fn telemetry(
+    system: pb::SystemMetrics,
+    sensors: pb::Sensors,
+    dropped_samples: u32,
+) -> pb::Telemetry {
+    pb::Telemetry {
+        sent_at_ms: now_ms(),
+        system: Some(system),
+        sensors: Some(sensors),
+        dropped_samples,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MAX_DEVICE_TEXT;
+    use crate::telemetry::{SimulatedSensors, SimulatedSystem};
+    use posfleet_proto::{decode, encode};
+
+    fn longest_device() -> DeviceInfo {
+        let long = "W".repeat(MAX_DEVICE_TEXT);
+        DeviceInfo {
+            model: long.clone(),
+            serial: long.clone(),
+            firmware_version: long.clone(),
+            payment_app_version: long,
+        }
+    }
+
+    #[test]
+    fn every_report_fits_its_channel_with_the_longest_device_strings() {
+        let r = Reporter::new(longest_device(), 3600);
+        encode(&r.online()).unwrap();
+        encode(&r.shutdown()).unwrap();
+        encode(&r.last_will()).unwrap();
+        encode(&r.reported_state()).unwrap();
+        let hb = r.heartbeat(u64::MAX);
+        assert_eq!(decode::<pb::Heartbeat>(&encode(&hb).unwrap()).unwrap(), hb);
+        let mut sensors = SimulatedSensors::new(1).reading();
+        sensors.tamper = true;
+        let tm = telemetry(SimulatedSystem::new(1).reading(), sensors, u32::MAX);
+        assert_eq!(decode::<pb::Telemetry>(&encode(&tm).unwrap()).unwrap(), tm);
+    }
+
+    #[test]
+    fn presence_says_why() {
+        let r = Reporter::new(DeviceInfo::default(), 10);
+        let online = r.online();
+        assert_eq!(online.state(), pb::PresenceState::Online);
+        assert!(online.reason.is_empty() && online.at_ms > 0);
+        let will = r.last_will();
+        assert_eq!(will.state(), pb::PresenceState::Offline);
+        assert_eq!(will.reason, "connection_lost");
+        assert_eq!(r.shutdown().reason, "shutdown");
+        assert_eq!(online.versions.unwrap().agent, AGENT_VERSION);
+    }
+
+    #[test]
+    fn heartbeat_carries_sequence_interval_and_boot_id() {
+        let r = Reporter::new(DeviceInfo::default(), 10);
+        let hb = r.heartbeat(1);
+        assert_eq!((hb.seq, hb.interval_s, hb.outbox_depth), (1, 10, 0));
+        assert_eq!(hb.boot_id, r.boot_id());
+        assert_ne!(hb.boot_id, 0);
+        assert_ne!(
+            Reporter::new(DeviceInfo::default(), 10).boot_id(),
+            r.boot_id(),
+            "each agent draws its own boot id"
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! The agent's two tasks besides the MQTT session: the event consumer and the runtime loop.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use posfleet_proto::{Channel, ChannelMessage, DeviceId, Topic, encode, pb};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::report::{self, Reporter};
+use super::{AgentSettings, AgentStats};
+use crate::mqtt::{MqttError, MqttHandle, QoS, SessionEvent};
+use crate::telemetry::{SensorProvider, SystemProvider};
+
+/// Longest wait for room in the request queue for a heartbeat or presence; after it the
+/// message is skipped (the loop must keep its rhythm and notice cancellation).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Extra time for the DISCONNECT after the shutdown grace.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Reads session events; never publishes (see the session's back-pressure rules).
+pub(super) async fn consume_events(
+    id: DeviceId,
+    mut events: mpsc::Receiver<SessionEvent>,
+    online: watch::Sender<u64>,
+    stats: Arc<AgentStats>,
+) {
+    let span = info_span!("agent_events", device_id = %id);
+    async move {
+        while let Some(event) = events.recv().await {
+            match event {
+                SessionEvent::Connected { .. } => online.send_modify(|generation| *generation += 1),
+                SessionEvent::Message { topic, payload } => {
+                    stats.downlink.fetch_add(1, Ordering::Relaxed);
+                    if topic.device() != &id {
+                        warn!(
+                            channel = topic.channel().name(),
+                            "downlink message for another device ignored"
+                        );
+                    } else {
+                        debug!(
+                            channel = topic.channel().name(),
+                            len = payload.len(),
+                            "downlink message ignored: command handling is not implemented yet"
+                        );
+                    }
+                }
+                // The session logs it; the runtime notices through `is_connected`.
+                SessionEvent::Disconnected { .. } => {}
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The runtime loop of one agent.
+pub(super) struct Runtime {
+    id: DeviceId,
+    settings: AgentSettings,
+    reporter: Reporter,
+    mqtt: MqttHandle,
+    system: Option<Box<dyn SystemProvider>>,
+    sensors: Box<dyn SensorProvider>,
+    stats: Arc<AgentStats>,
+    /// Sequence number of the next heartbeat (starts at 1).
+    next_seq: u64,
+    /// Telemetry samples dropped since the last one queued.
+    dropped: u32,
+}
+
+impl Runtime {
+    pub(super) fn new(
+        id: DeviceId,
+        settings: AgentSettings,
+        reporter: Reporter,
+        mqtt: MqttHandle,
+        system: Box<dyn SystemProvider>,
+        sensors: Box<dyn SensorProvider>,
+        stats: Arc<AgentStats>,
+    ) -> Self {
+        Self {
+            id,
+            settings,
+            reporter,
+            mqtt,
+            system: Some(system),
+            sensors,
+            stats,
+            next_seq: 1,
+            dropped: 0,
+        }
+    }
+
+    fn topic(&self, channel: Channel) -> Topic {
+        Topic::for_device(&self.id, channel)
+    }
+
+    pub(super) async fn run(
+        self,
+        online: watch::Receiver<u64>,
+        cancel: CancellationToken,
+        session_cancel: CancellationToken,
+    ) {
+        let span = info_span!("agent", device_id = %self.id);
+        // Ends the session however this task ends (including a panic).
+        let _session = session_cancel.drop_guard();
+        self.run_inner(online, cancel).instrument(span).await;
+    }
+
+    async fn run_inner(mut self, mut online: watch::Receiver<u64>, cancel: CancellationToken) {
+        info!(boot_id = self.reporter.boot_id(), broker = %self.settings.broker, "agent starting");
+        let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut telemetry = tokio::time::interval(self.settings.telemetry_interval);
+        telemetry.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                changed = online.changed() => {
+                    if changed.is_err() {
+                        warn!("MQTT session ended unexpectedly");
+                        break;
+                    }
+                    self.announce().await;
+                }
+                _ = heartbeat.tick() => self.heartbeat().await,
+                _ = telemetry.tick() => self.telemetry().await,
+            }
+        }
+        self.shutdown().await;
+    }
+
+    /// After each connect: who and what we are.
+    async fn announce(&mut self) {
+        let online = self.reporter.online();
+        let state = self.reporter.reported_state();
+        if publish(&self.mqtt, &self.id, &online).await
+            && publish(&self.mqtt, &self.id, &state).await
+        {
+            debug!("presence and state published");
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        if !self.mqtt.is_connected() {
+            self.stats
+                .heartbeats_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("heartbeat skipped: not connected");
+            return;
+        }
+        let hb = self.reporter.heartbeat(self.next_seq);
+        if publish(&self.mqtt, &self.id, &hb).await {
+            self.next_seq += 1;
+            self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats
+                .heartbeats_skipped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn telemetry(&mut self) {
+        if !self.mqtt.is_connected() {
+            self.drop_sample("not connected");
+            return;
+        }
+        let system = self.sample_system().await;
+        let sensors = self.sensors.sample();
+        let sample = report::telemetry(system, sensors, self.dropped);
+        let queued = encode(&sample)
+            .map_err(MqttError::from)
+            .and_then(|payload| {
+                self.mqtt
+                    .try_publish(&self.topic(Channel::Telemetry), payload, QoS::AtLeastOnce)
+            });
+        match queued {
+            Ok(()) => {
+                self.dropped = 0;
+                self.stats.telemetry.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(MqttError::QueueFull) => self.drop_sample("request queue full"),
+            Err(error) => {
+                warn!(%error, "telemetry not sent");
+                self.drop_sample("error");
+            }
+        }
+    }
+
+    fn drop_sample(&mut self, reason: &'static str) {
+        self.dropped = self.dropped.saturating_add(1);
+        self.stats.telemetry_dropped.fetch_add(1, Ordering::Relaxed);
+        debug!(reason, dropped = self.dropped, "telemetry sample dropped");
+    }
+
+    /// Samples the system provider, on the blocking pool if it reads the OS.
+    async fn sample_system(&mut self) -> pb::SystemMetrics {
+        let Some(mut provider) = self.system.take() else {
+            return pb::SystemMetrics::default();
+        };
+        if !provider.blocking() {
+            let metrics = provider.sample();
+            self.system = Some(provider);
+            return metrics;
+        }
+        match tokio::task::spawn_blocking(move || {
+            let metrics = provider.sample();
+            (provider, metrics)
+        })
+        .await
+        {
+            Ok((provider, metrics)) => {
+                self.system = Some(provider);
+                metrics
+            }
+            Err(error) => {
+                // The provider panicked; report without system metrics from now on.
+                warn!(%error, "system metrics provider failed; system metrics disabled");
+                pb::SystemMetrics::default()
+            }
+        }
+    }
+
+    /// OFFLINE presence, a bounded wait for its ack, then DISCONNECT.
+    async fn shutdown(self) {
+        let deadline = Instant::now() + self.settings.shutdown_grace;
+        if self.mqtt.is_connected() {
+            let offline = self.reporter.shutdown();
+            let queued = match encode(&offline) {
+                Ok(payload) => tokio::time::timeout_at(
+                    deadline,
+                    self.mqtt
+                        .publish(&self.topic(Channel::Presence), payload, QoS::AtLeastOnce),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok()),
+                Err(_) => false,
+            };
+            let flushed = queued
+                && self
+                    .mqtt
+                    .flush(deadline.saturating_duration_since(Instant::now()))
+                    .await
+                    .is_ok();
+            if !flushed {
+                warn!(
+                    queued,
+                    "OFFLINE presence not confirmed before the shutdown grace ran out"
+                );
+            }
+        } else {
+            debug!("not connected at shutdown: no OFFLINE presence");
+        }
+        let graceful =
+            tokio::time::timeout_at(deadline + DISCONNECT_TIMEOUT, self.mqtt.disconnect())
+                .await
+                .is_ok();
+        info!(graceful, "agent stopped");
+    }
+}
+
+/// Encodes `msg` and queues it on its channel, waiting at most [`PUBLISH_TIMEOUT`] for room.
+/// Returns whether it was queued; failures are logged.
+async fn publish<M: ChannelMessage>(mqtt: &MqttHandle, id: &DeviceId, msg: &M) -> bool {
+    let channel = M::CHANNEL;
+    let payload = match encode(msg) {
+        Ok(p) => p,
+        Err(error) => {
+            warn!(%error, channel = channel.name(), "message not encodable");
+            return false;
+        }
+    };
+    let topic = Topic::for_device(id, channel);
+    match tokio::time::timeout(
+        PUBLISH_TIMEOUT,
+        mqtt.publish(&topic, payload, QoS::AtLeastOnce),
+    )
+    .await
+    {
+        Ok(Ok(())) => true,
+        Ok(Err(error)) => {
+            warn!(%error, channel = channel.name(), "publish failed");
+            false
+        }
+        Err(_) => {
+            warn!(
+                channel = channel.name(),
+                "publish not queued in time: request queue full"
+            );
+            false
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! The `posfleet-agent` command line: `run` (one terminal) and `simulate` (a fleet).
+//!
+//! One shutdown tree: a root [`CancellationToken`] and a [`TaskTracker`]; SIGTERM or SIGINT
+//! cancels the token, then the tasks get [`GRACE`] to finish (each agent publishes its
+//! OFFLINE presence and disconnects) before the process exits 0. Errors print as
+//! `error: {:#}` and exit 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::agent::Agent;
+use crate::config::{BrokerUrl, Config, parse_duration};
+use crate::simulate::{self, SimulatorConfig};
+
+/// Time the tasks get to stop after SIGTERM/SIGINT.
+pub const GRACE: Duration = Duration::from_secs(5);
+/// How often `simulate` logs how many terminals are connected.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "posfleet-agent",
+    version,
+    about = "posfleet terminal agent and fleet simulator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent of this terminal.
+    Run {
+        /// The agent's config file (see deploy/agent/agent.example.toml).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run N virtual terminals in this process, each with its own certificate issued from the
+    /// fleet CA in DIR, for demos and load tests.
+    Simulate {
+        /// Number of terminals.
+        #[arg(long, value_name = "N")]
+        count: usize,
+        /// PKI directory with the fleet CA (ca.crt, ca.key), e.g. from `posctl pki init`.
+        #[arg(long, value_name = "DIR")]
+        pki_dir: PathBuf,
+        /// The broker, mqtts://host:port.
+        #[arg(long, value_name = "URL", default_value = "mqtts://127.0.0.1:8883", value_parser = BrokerUrl::parse)]
+        broker: BrokerUrl,
+        /// Device ids are PREFIX followed by a five-digit index.
+        #[arg(long, value_name = "PREFIX", default_value = simulate::DEFAULT_ID_PREFIX)]
+        id_prefix: String,
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+        heartbeat_interval: Duration,
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        telemetry_interval: Duration,
+        /// Terminals started per second.
+        #[arg(long, value_name = "PER_SECOND", default_value_t = simulate::DEFAULT_CONNECT_RATE)]
+        connect_rate: u32,
+    },
+}
+
+/// Entry point of the `posfleet-agent` binary (and of test binaries that wrap it).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let default_filter = match cli.command {
+        Command::Run { .. } => "info",
+        // Thousands of terminals: per-terminal chatter only from warnings up.
+        Command::Simulate { .. } => "info,posfleet_agent::agent=warn,posfleet_agent::mqtt=warn",
+    };
+    init_tracing(default_filter);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config } => run_agent(config).await,
+            Command::Simulate {
+                count,
+                pki_dir,
+                broker,
+                id_prefix,
+                heartbeat_interval,
+                telemetry_interval,
+                connect_rate,
+            } => {
+                let mut cfg = SimulatorConfig::new(count, pki_dir, broker);
+                cfg.id_prefix = id_prefix;
+                cfg.agent.heartbeat_interval = heartbeat_interval;
+                cfg.agent.telemetry_interval = telemetry_interval;
+                cfg.connect_rate = connect_rate;
+                run_simulator(cfg).await
+            }
+        }
+    })
+}
+
+fn init_tracing(default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Logs go to stderr (journald captures it under systemd).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run_agent(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let agent = Agent::from_config(&config)
+        .with_context(|| format!("cannot start the agent configured in {}", path.display()))?;
+    info!(device_id = %agent.device_id(), broker = %config.broker, "posfleet-agent starting");
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let handle = agent.spawn(&tracker, cancel.child_token())?;
+    let outcome = tokio::select! {
+        signal = shutdown_signal() => signal,
+        () = handle.mqtt().closed() => Err(anyhow::anyhow!(
+            "the MQTT session ended unexpectedly; exiting so the supervisor restarts the agent"
+        )),
+    };
+    stop(cancel, tracker).await;
+    outcome
+}
+
+async fn run_simulator(cfg: SimulatorConfig) -> anyhow::Result<()> {
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let total = cfg.count;
+    let sim = match simulate::run_simulator(cfg, &tracker, cancel.child_token()).await {
+        Ok(sim) => sim,
+        Err(error) => {
+            stop(cancel, tracker).await;
+            return Err(error.into());
+        }
+    };
+    let status = async {
+        let mut every = tokio::time::interval(STATUS_EVERY);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            info!(
+                total,
+                started = sim.started(),
+                connected = sim.connected(),
+                "simulator status"
+            );
+        }
+    };
+    let outcome = tokio::select! {
+        signal = shutdown_signal() => signal,
+        () = status => Ok(()),
+    };
+    stop(cancel, tracker).await;
+    outcome
+}
+
+/// Cancels everything and waits up to [`GRACE`] for the tasks to finish.
+async fn stop(cancel: CancellationToken, tracker: TaskTracker) {
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(GRACE, tracker.wait()).await.is_err() {
+        warn!(
+            grace = ?GRACE,
+            remaining = tracker.len(),
+            "tasks did not stop within the grace period"
+        );
+    } else {
+        info!("stopped");
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received, shutting down"),
+        _ = int.recv() => info!("SIGINT received, shutting down"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed_and_parses_the_documented_forms() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "posfleet-agent",
+            "run",
+            "--config",
+            "/etc/posfleet/agent.toml",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Run { .. }));
+        let cli = Cli::try_parse_from([
+            "posfleet-agent",
+            "simulate",
+            "--count",
+            "100",
+            "--pki-dir",
+            "/tmp/pki",
+            "--broker",
+            "mqtts://127.0.0.1:18883",
+            "--heartbeat-interval",
+            "5s",
+            "--connect-rate",
+            "50",
+        ])
+        .unwrap();
+        let Command::Simulate {
+            count,
+            broker,
+            heartbeat_interval,
+            telemetry_interval,
+            id_prefix,
+            connect_rate,
+            ..
+        } = cli.command
+        else {
+            panic!("expected simulate");
+        };
+        assert_eq!((count, broker.port, connect_rate), (100, 18883, 50));
+        assert_eq!(heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(telemetry_interval, Duration::from_secs(30));
+        assert_eq!(id_prefix, "sim-");
+        assert!(
+            Cli::try_parse_from([
+                "posfleet-agent",
+                "simulate",
+                "--count",
+                "1",
+                "--pki-dir",
+                "d",
+                "--broker",
+                "mqtt://x"
+            ])
+            .is_err(),
+            "plaintext brokers are refused"
+        );
+    }
+}

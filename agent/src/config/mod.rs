@@ -1,0 +1,335 @@
+//! The agent's config file, in two stages: [`raw`] is the TOML as written (unknown fields
+//! refused), [`Config`] is the validated result. Every invalid field is reported at once.
+//!
+//! The documented example is `deploy/agent/agent.example.toml`. The device id is not
+//! configurable: it is read from the client certificate.
+
+mod raw;
+pub mod value;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use value::{BrokerUrl, parse_duration};
+
+use crate::agent::DeviceInfo;
+use crate::backoff::Backoff;
+use raw::RawConfig;
+
+/// Longest model, serial or version string accepted (they travel in every Presence).
+pub const MAX_DEVICE_TEXT: usize = 64;
+/// Where the agent keeps its state unless `agent.data_dir` says otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/posfleet-agent";
+
+/// Defaults of the optional settings.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_TELEMETRY_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A validated agent configuration. Relative paths in the file are resolved against the
+/// directory of the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The MQTT broker (the posfleet edge or an external broker).
+    pub broker: BrokerUrl,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Time allowed for TCP connect + TLS handshake + CONNACK.
+    pub connect_timeout: Duration,
+    /// Reconnect backoff.
+    pub backoff: Backoff,
+    /// Certificate material.
+    pub tls: TlsFiles,
+    /// The agent's state directory (its disk usage is what telemetry reports).
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub telemetry_interval: Duration,
+    /// What the terminal reports about itself.
+    pub device: DeviceInfo,
+    /// Where terminal sensor readings come from.
+    pub sensors: SensorSource,
+}
+
+/// Paths of the CA bundle, the device certificate and its private key (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The terminal sensor provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SensorSource {
+    /// Synthetic, slowly varying readings (demos, benches without hardware).
+    Simulated,
+    /// No sensors: telemetry carries system metrics only.
+    None,
+}
+
+/// One invalid setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted TOML path, e.g. `broker.url`.
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// Why the config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {} is not valid: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error("config file {} has {} invalid setting(s):{}", path.display(), problems.len(), List(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+struct List<'a>(&'a [Problem]);
+
+impl fmt::Display for List<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in self.0 {
+            write!(f, "\n  {}: {}", p.field, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_owned(),
+                message,
+            },
+            ConfigError::Invalid { problems, .. } => ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        let mut v = Validator {
+            problems: Vec::new(),
+            base,
+        };
+        let config = v.config(raw);
+        match config {
+            Some(config) if v.problems.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid {
+                path: PathBuf::from("<text>"),
+                problems: v.problems,
+            }),
+        }
+    }
+}
+
+/// Collects problems while converting; each method returns a usable placeholder on error so
+/// that validation goes on.
+struct Validator<'a> {
+    problems: Vec<Problem>,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, field: &'static str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            field,
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let broker_raw = raw.broker.unwrap_or_default();
+        let broker = match broker_raw.url.as_deref() {
+            None => {
+                self.problem(
+                    "broker.url",
+                    "missing; e.g. url = \"mqtts://fleet.example:8883\"",
+                );
+                None
+            }
+            Some(url) => BrokerUrl::parse(url)
+                .map_err(|e| self.problem("broker.url", e))
+                .ok(),
+        };
+        let keep_alive = self.duration(
+            "broker.keep_alive",
+            broker_raw.keep_alive,
+            DEFAULT_KEEP_ALIVE,
+            (
+                Duration::from_secs(5),
+                Duration::from_secs(u64::from(u16::MAX)),
+            ),
+        );
+        let connect_timeout = self.duration(
+            "broker.connect_timeout",
+            broker_raw.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+            (Duration::from_secs(1), Duration::from_secs(300)),
+        );
+        let defaults = Backoff::default();
+        let initial = self.duration(
+            "broker.backoff_initial",
+            broker_raw.backoff_initial,
+            defaults.initial,
+            (Duration::from_millis(10), Duration::from_secs(600)),
+        );
+        let max = self.duration(
+            "broker.backoff_max",
+            broker_raw.backoff_max,
+            defaults.max,
+            (Duration::from_millis(10), Duration::from_secs(3600)),
+        );
+        if max < initial {
+            self.problem(
+                "broker.backoff_max",
+                format!("{max:?} is smaller than broker.backoff_initial ({initial:?})"),
+            );
+        }
+
+        let tls_raw = raw.tls.unwrap_or_default();
+        let ca = self.path("tls.ca", tls_raw.ca);
+        let cert = self.path("tls.cert", tls_raw.cert);
+        let key = self.path("tls.key", tls_raw.key);
+
+        let data_dir = self.resolve(
+            raw.agent
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        );
+        let heartbeat_interval = self.duration(
+            "agent.heartbeat_interval",
+            raw.agent.heartbeat_interval,
+            DEFAULT_HEARTBEAT_INTERVAL,
+            (Duration::from_secs(1), Duration::from_secs(3600)),
+        );
+        let telemetry_interval = self.duration(
+            "agent.telemetry_interval",
+            raw.agent.telemetry_interval,
+            DEFAULT_TELEMETRY_INTERVAL,
+            (Duration::from_secs(1), Duration::from_secs(24 * 3600)),
+        );
+
+        let device = DeviceInfo {
+            model: self.text("device.model", raw.device.model),
+            serial: self.text("device.serial", raw.device.serial),
+            firmware_version: self.text("device.firmware_version", raw.device.firmware_version),
+            payment_app_version: self
+                .text("device.payment_app_version", raw.device.payment_app_version),
+        };
+        let sensors = match raw.sensors.provider.as_deref() {
+            None | Some("none") => SensorSource::None,
+            Some("simulated") => SensorSource::Simulated,
+            Some(other) => {
+                self.problem(
+                    "sensors.provider",
+                    format!("unknown provider {other:?}; use \"simulated\" or \"none\""),
+                );
+                SensorSource::None
+            }
+        };
+
+        Some(Config {
+            broker: broker?,
+            keep_alive,
+            connect_timeout,
+            backoff: Backoff { initial, max },
+            tls: TlsFiles {
+                ca: ca?,
+                cert: cert?,
+                key: key?,
+            },
+            data_dir,
+            heartbeat_interval,
+            telemetry_interval,
+            device,
+            sensors,
+        })
+    }
+
+    fn duration(
+        &mut self,
+        field: &'static str,
+        value: Option<String>,
+        default: Duration,
+        (min, max): (Duration, Duration),
+    ) -> Duration {
+        let Some(text) = value else {
+            return default;
+        };
+        match parse_duration(&text) {
+            Ok(d) if d < min || d > max => {
+                self.problem(field, format!("{text:?} is outside {min:?}..={max:?}"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(field, e);
+                default
+            }
+        }
+    }
+
+    fn path(&mut self, field: &'static str, value: Option<PathBuf>) -> Option<PathBuf> {
+        match value {
+            None => {
+                self.problem(field, "missing; the path of a PEM file");
+                None
+            }
+            Some(p) if p.as_os_str().is_empty() => {
+                self.problem(field, "must not be empty");
+                None
+            }
+            Some(p) => Some(self.resolve(p)),
+        }
+    }
+
+    fn resolve(&self, path: PathBuf) -> PathBuf {
+        if path.is_absolute() {
+            path
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    fn text(&mut self, field: &'static str, value: Option<String>) -> String {
+        let text = value.unwrap_or_default();
+        if text.chars().count() > MAX_DEVICE_TEXT {
+            self.problem(field, format!("longer than {MAX_DEVICE_TEXT} characters"));
+            return String::new();
+        }
+        if text.chars().any(char::is_control) {
+            self.problem(field, "contains control characters");
+            return String::new();
+        }
+        text
+    }
+}

@@ -1,0 +1,60 @@
+//! The config file as written: every field optional so that validation can report every
+//! problem at once; unknown fields are refused while parsing.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) broker: Option<RawBroker>,
+    pub(super) tls: Option<RawTls>,
+    #[serde(default)]
+    pub(super) agent: RawAgent,
+    #[serde(default)]
+    pub(super) device: RawDevice,
+    #[serde(default)]
+    pub(super) sensors: RawSensors,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBroker {
+    pub(super) url: Option<String>,
+    pub(super) keep_alive: Option<String>,
+    pub(super) connect_timeout: Option<String>,
+    pub(super) backoff_initial: Option<String>,
+    pub(super) backoff_max: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) ca: Option<PathBuf>,
+    pub(super) cert: Option<PathBuf>,
+    pub(super) key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAgent {
+    pub(super) data_dir: Option<PathBuf>,
+    pub(super) heartbeat_interval: Option<String>,
+    pub(super) telemetry_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDevice {
+    pub(super) model: Option<String>,
+    pub(super) serial: Option<String>,
+    pub(super) firmware_version: Option<String>,
+    pub(super) payment_app_version: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSensors {
+    pub(super) provider: Option<String>,
+}
