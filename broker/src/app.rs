@@ -114,38 +114,19 @@ pub async fn start(
         info!(dir = %pki.dir().display(), "created a development PKI (fleet CA, broker and controller certificates)");
     }
 
-    let mqtt_listener = bind(opts.mqtt_listen, "MQTT", "--mqtt-listen").await?;
-    let api_listener = bind(opts.api_listen, "the admin API", "--api-listen").await?;
-    let mqtt_addr = mqtt_listener
-        .local_addr()
-        .map_err(|source| AppError::Bind {
-            what: "MQTT",
-            addr: opts.mqtt_listen,
-            flag: "--mqtt-listen",
-            source,
-        })?;
-    let api_addr = api_listener.local_addr().map_err(|source| AppError::Bind {
-        what: "the admin API",
-        addr: opts.api_listen,
-        flag: "--api-listen",
-        source,
-    })?;
+    let (mqtt_listener, mqtt_addr) = bind(opts.mqtt_listen, "MQTT", "--mqtt-listen").await?;
+    let (api_listener, api_addr) = bind(opts.api_listen, "the admin API", "--api-listen").await?;
 
     let metrics = Arc::new(Metrics::new());
     let edge_tls = mtls_server_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())?;
     let edge = spawn_edge(
         mqtt_listener,
+        mqtt_addr,
         EdgeConfig::new(edge_tls),
         metrics.clone(),
         tracker,
         cancel.child_token(),
-    )
-    .map_err(|source| AppError::Bind {
-        what: "MQTT",
-        addr: opts.mqtt_listen,
-        flag: "--mqtt-listen",
-        source,
-    })?;
+    );
 
     let registry_cfg = RegistryConfig::new(data.registry_dir());
     let registry = tokio::task::spawn_blocking(move || Registry::open(registry_cfg)).await??;
@@ -192,19 +173,21 @@ pub async fn start(
     })
 }
 
+/// Binds a listener and reads back the address it got (port 0 becomes a real port).
 async fn bind(
     addr: SocketAddr,
     what: &'static str,
     flag: &'static str,
-) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind {
-            what,
-            addr,
-            flag,
-            source,
-        })
+) -> Result<(TcpListener, SocketAddr), AppError> {
+    let error = |source| AppError::Bind {
+        what,
+        addr,
+        flag,
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let local = listener.local_addr().map_err(error)?;
+    Ok((listener, local))
 }
 
 /// The address a local client uses to reach a listener: the wildcard becomes loopback (the
