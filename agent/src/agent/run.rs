@@ -113,9 +113,18 @@ impl Runtime {
 
     async fn run_inner(mut self, mut online: watch::Receiver<u64>, cancel: CancellationToken) {
         info!(boot_id = self.reporter.boot_id(), broker = %self.settings.broker, "agent starting");
-        let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
+        // The first heartbeat and sample are due one period after start, by when the first
+        // connection is normally up (a sample due before it would count as dropped).
+        let start = Instant::now();
+        let mut heartbeat = tokio::time::interval_at(
+            start + self.settings.heartbeat_interval,
+            self.settings.heartbeat_interval,
+        );
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut telemetry = tokio::time::interval(self.settings.telemetry_interval);
+        let mut telemetry = tokio::time::interval_at(
+            start + self.settings.telemetry_interval,
+            self.settings.telemetry_interval,
+        );
         telemetry.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
