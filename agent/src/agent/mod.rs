@@ -82,15 +82,15 @@ impl AgentSettings {
 pub enum AgentError {
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("cannot create the data directory {}: {source}", path.display())]
+    #[error("cannot create the data directory {}", path.display())]
     DataDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start the MQTT session: {0}")]
+    #[error("cannot start the MQTT session")]
     Session(#[from] MqttError),
-    #[error("cannot encode the last will: {0}")]
+    #[error("cannot encode the last will")]
     Encode(#[from] posfleet_proto::CodecError),
 }
 
