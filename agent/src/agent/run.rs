@@ -61,8 +61,10 @@ pub(super) async fn consume_events(
 pub(super) struct Runtime {
     id: DeviceId,
     settings: AgentSettings,
+    /// Builds Presence, ReportedState and Heartbeat messages.
     reporter: Reporter,
     mqtt: MqttHandle,
+    /// `None` only while it is out on the blocking pool (or after it panicked there).
     system: Option<Box<dyn SystemProvider>>,
     sensors: Box<dyn SensorProvider>,
     stats: Arc<AgentStats>,
