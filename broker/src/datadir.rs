@@ -55,6 +55,10 @@ pub struct ClientFile {
     pub ca_file: PathBuf,
     /// File holding the bearer token (absolute path).
     pub token_file: PathBuf,
+    /// Where terminals connect, e.g. `mqtts://127.0.0.1:8883` (informational for people and
+    /// test harnesses; posctl does not use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_url: Option<String>,
 }
 
 /// A data directory (nothing is created until asked).
@@ -119,7 +123,11 @@ impl DataDir {
     }
 
     /// Writes `posctl.json` with absolute paths.
-    pub fn write_client_file(&self, api_url: &str) -> Result<ClientFile, DataDirError> {
+    pub fn write_client_file(
+        &self,
+        api_url: &str,
+        mqtt_url: Option<&str>,
+    ) -> Result<ClientFile, DataDirError> {
         let root = fs::canonicalize(&self.root).map_err(|source| DataDirError::Io {
             path: self.root.clone(),
             source,
@@ -129,6 +137,7 @@ impl DataDir {
             api_url: api_url.to_owned(),
             ca_file: data.pki().ca_cert(),
             token_file: data.admin_token_file(),
+            mqtt_url: mqtt_url.map(str::to_owned),
         };
         let path = self.client_file();
         let json =
@@ -193,7 +202,9 @@ mod tests {
     fn client_file_round_trips_with_absolute_paths() {
         let tmp = tempfile::tempdir().unwrap();
         let data = DataDir::at(tmp.path());
-        let written = data.write_client_file("https://127.0.0.1:1").unwrap();
+        let written = data
+            .write_client_file("https://127.0.0.1:1", Some("mqtts://127.0.0.1:2"))
+            .unwrap();
         assert!(written.ca_file.is_absolute());
         assert_eq!(data.read_client_file().unwrap(), written);
     }

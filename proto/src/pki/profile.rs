@@ -102,11 +102,8 @@ impl Ca {
     /// keeps its key) signs a CSR instead.
     pub fn issue_device(&self, id: &DeviceId) -> Result<CertifiedKey, PkiError> {
         let mut params = base_params(id.as_str(), DEVICE_OU, CLIENT_VALIDITY)?;
-        params.subject_alt_names = vec![SanType::URI(
-            format!("{DEVICE_URI_PREFIX}{id}")
-                .try_into()
-                .map_err(rcgen::Error::from)?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(format!("{DEVICE_URI_PREFIX}{id}").try_into()?)];
         client_profile(&mut params);
         self.issue(params)
     }

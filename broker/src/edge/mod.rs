@@ -1,0 +1,264 @@
+//! The secure MQTT edge (DESIGN.md §3): our own accept loop in front of rumqttd's router.
+//!
+//! # Layout
+//!
+//! - this file: [`EdgeConfig`], [`spawn_edge`] and the accept loop (connection cap before
+//!   `accept`, each TLS handshake in its own task under a timeout and a handshake cap);
+//! - `tls`: server config with mandatory client certificates from the fleet CA bundle;
+//! - `connection`: one connection after TLS: CONNECT, identity, ACL, the packet pump;
+//! - `acl`: the topic ACL on typed topics and filters;
+//! - `sessions`: one live session per identity, connect rate limits, kicking a session;
+//! - `router`: the embedded rumqttd router behind nameable closures.
+//!
+//! See docs/decisions/0001-mqtt-edge-on-rumqttd-router.md for why the edge is ours.
+
+mod acl;
+mod connection;
+mod router;
+mod sessions;
+mod tls;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use posfleet_proto::pki::Identity;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+pub use connection::ConnectionLimits;
+pub use router::RouterSettings;
+pub use sessions::ConnectRateLimit;
+pub use tls::{TlsSetupError, mtls_server_config};
+
+use crate::metrics::Metrics;
+
+/// Everything the edge needs, validated by the caller.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// Server config that requires client certificates (see [`mtls_server_config`]).
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Open sockets at most (handshaking or connected); accept waits beyond it.
+    pub max_connections: usize,
+    /// TLS handshakes in progress at most.
+    pub max_concurrent_handshakes: usize,
+    /// A handshake (including the wait for a handshake slot) must finish within this.
+    pub handshake_timeout: Duration,
+    pub limits: ConnectionLimits,
+    pub rate_limit: ConnectRateLimit,
+    pub router: RouterSettings,
+}
+
+impl EdgeConfig {
+    pub fn new(tls: Arc<rustls::ServerConfig>) -> Self {
+        Self {
+            tls,
+            max_connections: 20_000,
+            max_concurrent_handshakes: 256,
+            handshake_timeout: Duration::from_secs(10),
+            limits: ConnectionLimits::default(),
+            rate_limit: ConnectRateLimit::default(),
+            router: RouterSettings::default(),
+        }
+    }
+}
+
+/// Raised when the edge cannot go on (the router thread died): the process must exit and
+/// let its supervisor restart it.
+#[derive(Clone, Default, Debug)]
+pub struct Fatal {
+    token: CancellationToken,
+    reason: Arc<Mutex<Option<String>>>,
+}
+
+impl Fatal {
+    pub(crate) fn raise(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        error!(%reason, "fatal edge error");
+        let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(reason);
+        self.token.cancel();
+    }
+
+    /// Resolves with the reason once a fatal error was raised.
+    pub async fn wait(&self) -> String {
+        self.token.cancelled().await;
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+}
+
+/// A running edge.
+#[derive(Clone)]
+pub struct EdgeHandle {
+    local_addr: SocketAddr,
+    shared: Arc<connection::Shared>,
+}
+
+impl std::fmt::Debug for EdgeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeHandle")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EdgeHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Resolves when the edge hit a fatal error.
+    pub async fn fatal(&self) -> String {
+        self.shared.fatal.wait().await
+    }
+
+    /// Closes the live session of an identity at once (revocation, decommission).
+    pub fn kick(&self, identity: &Identity) -> bool {
+        self.shared.sessions.kick(&identity.client_id())
+    }
+
+    /// Sessions currently attached.
+    pub fn live_sessions(&self) -> usize {
+        self.shared.sessions.len()
+    }
+}
+
+/// Starts the router and the accept loop on `listener`; runs until `cancel`.
+pub fn spawn_edge(
+    listener: TcpListener,
+    config: EdgeConfig,
+    metrics: Arc<Metrics>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> std::io::Result<EdgeHandle> {
+    let local_addr = listener.local_addr()?;
+    let router = router::RouterHandle::spawn(&config.router);
+    let shared = Arc::new(connection::Shared {
+        router,
+        sessions: sessions::Sessions::new(config.rate_limit),
+        metrics,
+        limits: config.limits,
+        fatal: Fatal::default(),
+    });
+    tracker.spawn(watch_router(shared.clone(), cancel.clone()));
+    tracker.spawn(accept_loop(
+        listener,
+        config,
+        shared.clone(),
+        tracker.clone(),
+        cancel,
+    ));
+    info!(%local_addr, "MQTT edge listening (mTLS)");
+    Ok(EdgeHandle { local_addr, shared })
+}
+
+/// The router runs on its own thread; if it dies, every link is dead.
+async fn watch_router(shared: Arc<connection::Shared>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {
+                if !shared.router.is_alive() {
+                    shared.fatal.raise("router thread is gone");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    config: EdgeConfig,
+    shared: Arc<connection::Shared>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let handshakes = Arc::new(Semaphore::new(config.max_concurrent_handshakes));
+    let acceptor = TlsAcceptor::from(config.tls.clone());
+    loop {
+        // Cap sockets before accepting: beyond it, new clients wait in the kernel backlog.
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return,
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Typically EMFILE: back off briefly instead of spinning.
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let handshakes = handshakes.clone();
+        let acceptor = acceptor.clone();
+        let cancel = cancel.clone();
+        let timeout = config.handshake_timeout;
+        tracker.spawn(async move {
+            let _permit = permit;
+            let tls = tokio::time::timeout(timeout, async {
+                let _slot = handshakes.acquire().await;
+                shared.metrics.edge_handshakes_in_progress.inc();
+                let result = acceptor.accept(tcp).await;
+                shared.metrics.edge_handshakes_in_progress.dec();
+                result
+            })
+            .await;
+            let stream = match tls {
+                Err(_) => {
+                    info!(%peer, "TLS handshake timed out");
+                    shared.metrics.refuse("handshake_timeout");
+                    return;
+                }
+                Ok(Err(error)) => {
+                    let reason = tls::handshake_failure_reason(&error);
+                    info!(%peer, reason, %error, "TLS handshake failed");
+                    shared.metrics.refuse(reason);
+                    return;
+                }
+                Ok(Ok(stream)) => stream,
+            };
+            let identity = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .map(|cert| Identity::from_cert_der(cert));
+            let identity = match identity {
+                Some(Ok(identity)) => identity,
+                Some(Err(error)) => {
+                    warn!(%peer, %error, "client certificate carries no posfleet identity");
+                    shared.metrics.refuse("no_identity");
+                    return;
+                }
+                None => {
+                    shared.metrics.refuse("no_client_certificate");
+                    return;
+                }
+            };
+            connection::run(stream, peer, identity, shared, cancel).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,371 @@
+//! The HTTPS client of the admin API: trusts the fleet CA (every certificate in the CA file),
+//! sends the bearer token, never follows redirects, reads bounded bodies, and turns HTTP
+//! failures into errors that say what to do next.
+
+use std::error::Error as StdError;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use reqwest::{StatusCode, Url};
+use serde_json::Value;
+
+use super::endpoint::Endpoint;
+use super::output::printable;
+use crate::datadir::{DataDirError, read_token_file};
+use crate::views::ErrorBody;
+use posfleet_proto::DeviceId;
+use posfleet_proto::pki::parse_pem_certs;
+
+/// How long a TCP connect plus TLS handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a whole request/response (not the stream) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest JSON response read (a device list of ~100k terminals fits).
+const MAX_JSON_BYTES: usize = 64 * 1024 * 1024;
+/// Largest error response read; the rest is ignored.
+const MAX_ERROR_BYTES: usize = 64 * 1024;
+
+/// The bearer token; never printed.
+struct Token(String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// An HTTPS client for one API endpoint.
+#[derive(Debug)]
+pub(crate) struct ApiClient {
+    http: reqwest::Client,
+    endpoint: Endpoint,
+    token: Token,
+}
+
+impl ApiClient {
+    /// Reads the token and CA files and builds the client (no network traffic yet).
+    pub(crate) fn new(endpoint: Endpoint) -> anyhow::Result<Self> {
+        let token = read_token_file(&endpoint.token_file).map_err(|e| match e {
+            DataDirError::Io { path, source } => anyhow!(
+                "cannot read the API token file {}: {source}; pass --token-file, or --data-dir \
+                 with the data directory of the running server",
+                path.display()
+            ),
+            other => other.into(),
+        })?;
+        let tls = tls_config(&endpoint.ca_file)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(CONNECT_TIMEOUT)
+            // The API never redirects; following one could hand the token to another host.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("posctl/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| anyhow!("cannot build the HTTP client: {e}"))?;
+        Ok(Self {
+            http,
+            endpoint,
+            token: Token(token),
+        })
+    }
+
+    /// The URL of an API path given as segments (each percent-encoded as needed).
+    pub(crate) fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.endpoint.api_url.clone();
+        // `resolve` only accepts https URLs with a host, which always have path segments.
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    /// GET a JSON document.
+    pub(crate) async fn get_json(&self, url: Url) -> Result<Value, ApiError> {
+        let request = self
+            .http
+            .get(url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .timeout(REQUEST_TIMEOUT);
+        let response = self.send(request, &url).await?;
+        let body = read_capped(response, MAX_JSON_BYTES)
+            .await
+            .map_err(|e| self.transport_error(&url, e))?
+            .ok_or_else(|| ApiError::TooLarge {
+                url: url.to_string(),
+                limit: MAX_JSON_BYTES,
+            })?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::Unexpected {
+            url: url.to_string(),
+            cause: format!("the body is not JSON ({e})"),
+        })
+    }
+
+    /// Opens the live event stream (optionally for one device); the caller reads the body.
+    pub(crate) async fn open_stream(
+        &self,
+        device: Option<&DeviceId>,
+    ) -> Result<(Url, reqwest::Response), ApiError> {
+        let mut url = self.url(&["api", "v1", "stream"]);
+        if let Some(device) = device {
+            url.query_pairs_mut().append_pair("device", device.as_str());
+        }
+        let request = self
+            .http
+            .get(url.clone())
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        // No per-request timeout here: it would also cut the (endless) body. Only the wait for
+        // the response head is bounded.
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.send(request, &url))
+            .await
+            .map_err(|_| ApiError::Timeout {
+                url: url.to_string(),
+            })??;
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !content_type.starts_with("text/event-stream") {
+            return Err(ApiError::Unexpected {
+                url: url.to_string(),
+                cause: format!("content type {content_type:?} instead of text/event-stream"),
+            });
+        }
+        Ok((url, response))
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &Url,
+    ) -> Result<reqwest::Response, ApiError> {
+        let response = request
+            .bearer_auth(&self.token.0)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(url, e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = read_capped(response, MAX_ERROR_BYTES)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|bytes| serde_json::from_slice::<ErrorBody>(&bytes).ok());
+        let url = url.to_string();
+        Err(match status {
+            StatusCode::UNAUTHORIZED => ApiError::Unauthorized {
+                url,
+                token_file: self.endpoint.token_file.clone(),
+            },
+            StatusCode::FORBIDDEN => ApiError::Forbidden {
+                token_file: self.endpoint.token_file.clone(),
+                detail: detail(body.as_ref()),
+            },
+            StatusCode::NOT_FOUND => ApiError::NotFound { url, body },
+            StatusCode::BAD_REQUEST => ApiError::BadRequest {
+                detail: detail(body.as_ref()),
+            },
+            status => ApiError::Status {
+                url,
+                status,
+                detail: detail(body.as_ref()),
+            },
+        })
+    }
+
+    /// Classifies a failure to send a request or to read a response.
+    pub(crate) fn transport_error(&self, url: &Url, e: reqwest::Error) -> ApiError {
+        let url = url.to_string();
+        if let Some(cause) = tls_cause(&e) {
+            return ApiError::Tls {
+                url,
+                cause,
+                ca_file: self.endpoint.ca_file.clone(),
+            };
+        }
+        if e.is_timeout() {
+            return ApiError::Timeout { url };
+        }
+        let cause = root_cause(&e);
+        if e.is_connect() {
+            ApiError::Connect { url, cause }
+        } else {
+            ApiError::Transport { url, cause }
+        }
+    }
+}
+
+/// Reads a body up to `limit` bytes; `None` if it is longer.
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+/// A rustls config trusting every certificate in `ca_file` (several during a CA rotation).
+fn tls_config(ca_file: &Path) -> anyhow::Result<rustls::ClientConfig> {
+    let shown = ca_file.display();
+    let pem = std::fs::read(ca_file).map_err(|e| {
+        anyhow!(
+            "cannot read the CA file {shown}: {e}; pass --ca with the fleet CA certificate \
+             (DATA_DIR/pki/ca.crt of the server)"
+        )
+    })?;
+    let certs = parse_pem_certs(&pem).map_err(|e| anyhow!("CA file {shown}: {e}"))?;
+    if certs.is_empty() {
+        return Err(anyhow!(
+            "the CA file {shown} holds no PEM certificate; pass --ca with the fleet CA \
+             certificate (DATA_DIR/pki/ca.crt of the server)"
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|e| {
+            anyhow!("the CA file {shown} holds a certificate that cannot be trusted: {e}")
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow!("TLS setup failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Why an API request failed, phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    #[error(
+        "cannot connect to {url}: {cause}; check that `posfleet-broker serve` (or `demo`) is \
+         running and that --server or posctl.json names its admin API address"
+    )]
+    Connect { url: String, cause: String },
+    #[error(
+        "TLS handshake with {url} failed: {cause}; check that {} is the fleet CA of this server \
+         (DATA_DIR/pki/ca.crt) and that its certificate names this host \
+         (`posctl pki init --host NAME`)",
+        ca_file.display()
+    )]
+    Tls {
+        url: String,
+        cause: String,
+        ca_file: PathBuf,
+    },
+    #[error("{url} did not answer in time; check that the server is healthy, then retry")]
+    Timeout { url: String },
+    #[error("request to {url} failed: {cause}; check the network and the server, then retry")]
+    Transport { url: String, cause: String },
+    #[error(
+        "the API at {url} refused the token in {} (401 Unauthorized); the token is regenerated \
+         only if deleted — check you use the data dir of the running server",
+        token_file.display()
+    )]
+    Unauthorized { url: String, token_file: PathBuf },
+    #[error("the token in {} is not allowed to do this (403 Forbidden): {detail}", token_file.display())]
+    Forbidden { token_file: PathBuf, detail: String },
+    #[error(
+        "{url} answered 404 Not Found{}; is --server the admin API of a posfleet-broker of the \
+         same version as posctl?",
+        body.as_ref().map(|b| format!(" ({})", detail(Some(b)))).unwrap_or_default()
+    )]
+    NotFound {
+        url: String,
+        body: Option<ErrorBody>,
+    },
+    #[error("the API refused the request (400 Bad Request): {detail}")]
+    BadRequest { detail: String },
+    #[error("the API at {url} failed with {status}: {detail}; check the server's log")]
+    Status {
+        url: String,
+        status: StatusCode,
+        detail: String,
+    },
+    #[error("the response from {url} is larger than {limit} bytes; refusing to read it")]
+    TooLarge { url: String, limit: usize },
+    #[error(
+        "unexpected response from {url}: {cause}; is --server the admin API of a \
+         posfleet-broker of the same version as posctl?"
+    )]
+    Unexpected { url: String, cause: String },
+}
+
+/// The server's error text and hint, made safe to print.
+fn detail(body: Option<&ErrorBody>) -> String {
+    match body {
+        Some(ErrorBody {
+            error,
+            hint: Some(hint),
+        }) => format!("{}; {}", printable(error), printable(hint)),
+        Some(ErrorBody { error, hint: None }) => printable(error).into_owned(),
+        None => "no details in the response".to_owned(),
+    }
+}
+
+/// The rustls error somewhere in the chain. tokio-rustls wraps it in an `io::Error` (possibly
+/// more than once), whose `source()` skips the wrapped error, so io errors are opened with
+/// `get_ref`.
+fn tls_cause(e: &(dyn StdError + 'static)) -> Option<String> {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        current = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
+/// The innermost cause's message ("Connection refused (os error 111)").
+fn root_cause(e: &(dyn StdError + 'static)) -> String {
+    let mut last = e;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::posctl::endpoint::parse_api_url;
+
+    #[test]
+    fn urls_append_percent_encoded_segments() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = posfleet_proto::pki::PkiDir::at(tmp.path());
+        pki.init(&[]).unwrap();
+        std::fs::write(tmp.path().join("token"), "t\n").unwrap();
+        let client = ApiClient::new(Endpoint {
+            api_url: parse_api_url("https://h:1/prefix", "x").unwrap(),
+            ca_file: pki.ca_cert(),
+            token_file: tmp.path().join("token"),
+        })
+        .unwrap();
+        assert_eq!(
+            client.url(&["api", "v1", "devices", "T-1"]).as_str(),
+            "https://h:1/prefix/api/v1/devices/T-1"
+        );
+        assert!(
+            !format!("{client:?}").contains("\"t\""),
+            "token must not be in Debug"
+        );
+    }
+}

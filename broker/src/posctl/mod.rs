@@ -1,0 +1,305 @@
+//! `posctl`, the admin CLI: fleet PKI on disk, and the admin API (devices, live stream).
+//!
+//! # Layout
+//!
+//! - this file: the command line (clap), [`main`] and `run`.
+//! - `endpoint`: where the API is (the data dir's `posctl.json`, or explicit flags).
+//! - `client`: the HTTPS client trusting the fleet CA, and HTTP failures turned into errors that
+//!   say what to do next.
+//! - `pki`: `pki init` and `pki issue-device` (local files only, no server needed).
+//! - `devices`: `devices list` and `devices show`.
+//! - `watch`: `watch`, rendering the live stream, over the bounded parser in `sse`.
+//! - `output`: tables, times and sizes, and neutralising control characters in strings that
+//!   terminals reported.
+//! - `tests`: the commands against a TLS axum server serving canned API views.
+
+mod client;
+mod devices;
+mod endpoint;
+mod output;
+mod pki;
+mod sse;
+#[cfg(test)]
+mod tests;
+mod watch;
+
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use posfleet_proto::DeviceId;
+
+use crate::datadir::DEFAULT_DATA_DIR;
+
+/// The `posctl` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "posctl",
+    version,
+    about = "Administer a posfleet controller: fleet PKI, devices, live telemetry",
+    long_about = "Administer a posfleet controller: fleet PKI, devices, live telemetry.\n\n\
+        posctl finds the admin API through DATA_DIR/posctl.json, which `posfleet-broker serve` \
+        and `demo` write at start; --server, --ca and --token-file override it.",
+    arg_required_else_help = true
+)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    conn: ConnectArgs,
+    /// How to print results.
+    #[arg(
+        long,
+        short = 'o',
+        global = true,
+        value_enum,
+        default_value_t = OutputFormat::Table,
+        env = "POSCTL_OUTPUT"
+    )]
+    output: OutputFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the admin API is and how to authenticate; see `endpoint::resolve`.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct ConnectArgs {
+    /// Data directory of the controller; posctl reads DIR/posctl.json from it.
+    /// [default: ./posfleet-data]
+    #[arg(long, global = true, value_name = "DIR", env = "POSCTL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Admin API URL, e.g. https://127.0.0.1:8443 (overrides posctl.json).
+    #[arg(long, global = true, value_name = "URL", env = "POSCTL_SERVER")]
+    server: Option<String>,
+    /// PEM file with the CA certificate(s) the API's certificate is checked against
+    /// (overrides posctl.json).
+    #[arg(long, global = true, value_name = "FILE", env = "POSCTL_CA")]
+    ca: Option<PathBuf>,
+    /// File holding the API bearer token (overrides posctl.json).
+    #[arg(long, global = true, value_name = "FILE", env = "POSCTL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+    }
+}
+
+/// Output format of every command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutputFormat {
+    /// Human-readable tables and blocks.
+    Table,
+    /// The API's JSON (JSON lines for `watch`), for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the fleet PKI and issue device certificate bundles (local files, no server).
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    #[command(flatten)]
+    Api(ApiCommand),
+}
+
+/// Commands that talk to the admin API.
+#[derive(Debug, Subcommand)]
+enum ApiCommand {
+    /// List and inspect devices.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Follow the live event stream (presence, heartbeats, telemetry) until Ctrl-C.
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Create the fleet CA, the broker server certificate and the controller certificate.
+    Init {
+        /// PKI directory to create. [default: DATA_DIR/pki, where `serve` looks]
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Extra host name or IP address for the broker's server certificate (besides
+        /// localhost, 127.0.0.1 and ::1); repeat for several.
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+    },
+    /// Issue a device certificate bundle (device.crt, device.key, ca.crt) for a staging bench.
+    IssueDevice {
+        /// PKI directory holding the fleet CA. [default: DATA_DIR/pki]
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Device id: letters, digits, '.', '_' or '-', starting with a letter or digit.
+        #[arg(long, value_parser = parse_device_id)]
+        id: DeviceId,
+        /// Directory to write the bundle into (created 0700 if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Replace a bundle already in --out.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// One line per device: state, presence, last contact, versions.
+    List,
+    /// Everything known about one device, with its latest heartbeat and telemetry.
+    Show {
+        /// Device id.
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+    },
+}
+
+/// Arguments of `posctl watch`.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct WatchArgs {
+    /// Only events of this device.
+    #[arg(long, value_parser = parse_device_id)]
+    pub(crate) device: Option<DeviceId>,
+    /// Exit (successfully) after this many events.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) count: Option<u64>,
+    /// Stop after this long (e.g. 30s, 2m). With --count, reaching it first is an error.
+    #[arg(long, value_name = "DURATION", value_parser = output::parse_duration)]
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// Clap value parser: a device id, with an error that names the allowed alphabet.
+fn parse_device_id(s: &str) -> Result<DeviceId, String> {
+    DeviceId::new(s).map_err(|e| {
+        format!(
+            "{e}; a device id is 1 to 64 characters: letters, digits, '.', '_' or '-', \
+             starting with a letter or digit"
+        )
+    })
+}
+
+/// Entry point of the `posctl` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS, // e.g. `posctl watch | head -3`
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Diagnostics on stderr, off unless `POSCTL_LOG` asks (e.g. `POSCTL_LOG=debug`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("POSCTL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match cli.command {
+        // Local files only: no runtime, no server.
+        Command::Pki(cmd) => {
+            run_pki(&cmd, &cli.conn, cli.output, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Api(cmd) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(run_api(
+                &cli.conn,
+                cli.output,
+                cmd,
+                &mut out,
+                shutdown_signal(),
+            ))
+        }
+    }
+}
+
+fn run_pki(
+    cmd: &PkiCommand,
+    conn: &ConnectArgs,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let default_dir = || conn.data_dir().join("pki");
+    match cmd {
+        PkiCommand::Init { dir, hosts } => {
+            pki::init(&dir.clone().unwrap_or_else(default_dir), hosts, format, out)
+        }
+        PkiCommand::IssueDevice {
+            dir,
+            id,
+            out: bundle_dir,
+            force,
+        } => pki::issue_device(
+            &dir.clone().unwrap_or_else(default_dir),
+            id,
+            bundle_dir,
+            *force,
+            format,
+            out,
+        ),
+    }
+}
+
+/// Runs a command that talks to the API. `stop` ends `watch` cleanly (Ctrl-C in the binary).
+async fn run_api(
+    conn: &ConnectArgs,
+    format: OutputFormat,
+    cmd: ApiCommand,
+    out: &mut dyn Write,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<ExitCode> {
+    let api = client::ApiClient::new(endpoint::resolve(conn)?)?;
+    match cmd {
+        ApiCommand::Devices(DevicesCommand::List) => devices::list(&api, format, out).await?,
+        ApiCommand::Devices(DevicesCommand::Show { id }) => {
+            devices::show(&api, &id, format, out).await?;
+        }
+        ApiCommand::Watch(args) => watch::run(&api, &args, format, out, stop).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on Ctrl-C or SIGTERM. If the handlers cannot be installed, never resolves (the
+/// default signal disposition still ends the process).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => {
+            if result.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        _ = term.recv() => {}
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
