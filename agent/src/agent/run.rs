@@ -238,31 +238,15 @@ impl Runtime {
     }
 
     /// OFFLINE presence, a bounded wait for its ack, then DISCONNECT.
-    async fn shutdown(self) {
+    async fn shutdown(mut self) {
         let deadline = Instant::now() + self.settings.shutdown_grace;
         if self.mqtt.is_connected() {
-            let offline = self.reporter.shutdown();
-            let queued = match encode(&offline) {
-                Ok(payload) => tokio::time::timeout_at(
-                    deadline,
-                    self.mqtt
-                        .publish(&self.topic(Channel::Presence), payload, QoS::AtLeastOnce),
-                )
-                .await
-                .is_ok_and(|r| r.is_ok()),
-                Err(_) => false,
-            };
-            let flushed = queued
-                && self
-                    .mqtt
-                    .flush(deadline.saturating_duration_since(Instant::now()))
-                    .await
-                    .is_ok();
-            if !flushed {
-                warn!(
-                    queued,
-                    "OFFLINE presence not confirmed before the shutdown grace ran out"
-                );
+            match self.say_goodbye(deadline).await {
+                Goodbye::Acknowledged => debug!("OFFLINE presence acknowledged"),
+                Goodbye::ConnectionLost => {
+                    info!("connection lost during shutdown; the broker publishes the last will");
+                }
+                other => warn!(outcome = ?other, "OFFLINE presence not confirmed"),
             }
         } else {
             debug!("not connected at shutdown: no OFFLINE presence");
@@ -273,6 +257,44 @@ impl Runtime {
                 .is_ok();
         info!(graceful, "agent stopped");
     }
+
+    /// Publishes the OFFLINE presence and waits until `deadline` for the broker's ack, but
+    /// not for a connection that is gone (the broker then publishes the last will instead).
+    /// (`&mut self` only so that the future is `Send`: the providers are not `Sync`.)
+    async fn say_goodbye(&mut self, deadline: Instant) -> Goodbye {
+        let Ok(payload) = encode(&self.reporter.shutdown()) else {
+            return Goodbye::NotQueued;
+        };
+        let topic = self.topic(Channel::Presence);
+        let queued = tokio::time::timeout_at(
+            deadline,
+            self.mqtt.publish(&topic, payload, QoS::AtLeastOnce),
+        )
+        .await;
+        if !matches!(queued, Ok(Ok(()))) {
+            return Goodbye::NotQueued;
+        }
+        let mut connected = self.mqtt.connected();
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        tokio::select! {
+            flushed = self.mqtt.flush(remaining) => match flushed {
+                Ok(()) => Goodbye::Acknowledged,
+                Err(_) => Goodbye::Unacknowledged,
+            },
+            _ = connected.wait_for(|c| !*c) => Goodbye::ConnectionLost,
+        }
+    }
+}
+
+/// How the OFFLINE presence at shutdown went.
+#[derive(Debug)]
+enum Goodbye {
+    Acknowledged,
+    /// No room in the request queue before the deadline (or the session ended).
+    NotQueued,
+    /// Queued, but the broker did not acknowledge it before the deadline.
+    Unacknowledged,
+    ConnectionLost,
 }
 
 /// Encodes `msg` and queues it on its channel, waiting at most [`PUBLISH_TIMEOUT`] for room.
