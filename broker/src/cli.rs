@@ -82,7 +82,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", posfleet_agent::cli::error_report(&error));
             ExitCode::FAILURE
         }
     }
@@ -157,7 +157,11 @@ async fn demo(
     let mut sim = SimulatorConfig::new(terminals, args.data_dir.join("pki"), broker);
     sim.agent.heartbeat_interval = heartbeat_interval;
     sim.agent.telemetry_interval = telemetry_interval;
-    let handle = run_simulator(sim, tracker, cancel.child_token())
+    // The terminals get their own shutdown tree: they say goodbye (OFFLINE "shutdown") while
+    // the edge and controller still run, and only then does the rest stop.
+    let sim_tracker = TaskTracker::new();
+    let sim_cancel = CancellationToken::new();
+    let handle = run_simulator(sim, &sim_tracker, sim_cancel.clone())
         .await
         .context("cannot start the simulated terminals")?;
     print_summary(args, &running);
@@ -177,7 +181,9 @@ async fn demo(
         println!();
         println!("Press Ctrl-C to stop.");
     }
-    wait_for_end(&running).await
+    let outcome = wait_for_end(&running).await;
+    stop(sim_cancel, sim_tracker).await;
+    outcome
 }
 
 fn print_summary(args: &ServeArgs, running: &Running) {
