@@ -261,4 +261,6 @@ async fn accept_loop(
 }
 
 #[cfg(test)]
+mod adversarial;
+#[cfg(test)]
 mod tests;
