@@ -104,6 +104,13 @@ pub(crate) async fn run<S>(
     .await;
     let packet = match connect {
         Err(_) => return refuse_silently(&shared, &identity, peer, "connect_timeout"),
+        Ok(Err(UNSUPPORTED_LEVEL)) => {
+            // MQTT-3.1.2-2: answer CONNACK 0x01 so the client can tell why.
+            info!(device = %identity, %peer, "CONNECT with an unsupported protocol level; refused");
+            shared.metrics.refuse(UNSUPPORTED_LEVEL);
+            let _ = write_connack(&mut writer, ConnectReturnCode::RefusedProtocolVersion).await;
+            return;
+        }
         Ok(Err(reason)) => return refuse_silently(&shared, &identity, peer, reason),
         Ok(Ok(packet)) => packet,
     };
@@ -592,6 +599,9 @@ fn send_to_router(
     }
 }
 
+/// Refusal reason of a CONNECT whose protocol level is not 4 (MQTT 3.1.1).
+const UNSUPPORTED_LEVEL: &str = "unsupported_protocol_level";
+
 /// Reads until one complete packet (the CONNECT) is buffered.
 async fn read_connect<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -602,6 +612,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
             match V4.read_mut(buf, MAX_PACKET_SIZE) {
                 Ok(packet) => return Ok(packet),
                 Err(ProtocolError::InsufficientBytes(_)) => {}
+                Err(ProtocolError::InvalidProtocolLevel(_)) => return Err(UNSUPPORTED_LEVEL),
                 Err(_) => return Err("malformed_connect"),
             }
         }

@@ -74,6 +74,22 @@ async fn bad_remaining_lengths_before_connect_are_refused_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_protocol_versions_are_refused() {
+    let mut h = Harness::start().await;
+    // MQTT 5 (level 5): MQTT-3.1.2-2 requires CONNACK 0x01 (unacceptable protocol level).
+    let v5 = raw::connect_raw("MQTT", 5, true, 30, "BAD-1", None);
+    refused_with(&h, "BAD-1", &v5, 1, "unsupported_protocol_level").await;
+    // Level 3 under the 3.1.1 name is refused the same way.
+    let v3 = raw::connect_raw("MQTT", 3, true, 30, "BAD-2", None);
+    refused_with(&h, "BAD-2", &v3, 1, "unsupported_protocol_level").await;
+    // MQTT 3.1 ("MQIsdp"): a wrong protocol name may be closed without CONNACK.
+    let v31 = raw::connect_raw("MQIsdp", 3, true, 30, "BAD-3", None);
+    refused_silently(&h, "BAD-3", &v31, "malformed_connect").await;
+    h.assert_router_alive(&["BAD-1", "BAD-2", "BAD-3"]).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_sent_one_byte_at_a_time_is_accepted() {
     let mut h = Harness::start().await;
     let mut raw = Raw::tls(&h.fx, "SLOW-1").await;
