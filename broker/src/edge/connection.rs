@@ -4,7 +4,6 @@
 //! Reads and writes run concurrently so a client that is slow to read cannot stall the intake
 //! of its PUBACKs.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +23,7 @@ use tracing::{info, warn};
 
 use super::Fatal;
 use super::acl;
-use super::pump::{inbound, outbound, send_to_router};
+use super::pump::{Ledger, inbound, outbound, send_to_router};
 use super::router::RouterHandle;
 use super::sessions::{ClaimError, Sessions};
 use crate::metrics::Metrics;
@@ -241,8 +240,7 @@ impl Attached<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        // PUBLISH ids written to the client at QoS 1, in order; its PUBACKs must match.
-        let inflight = Mutex::new(VecDeque::new());
+        let ledger = Mutex::new(Ledger::default());
         let idle = if keep_alive == 0 {
             self.shared.limits.max_idle
         } else {
@@ -257,9 +255,9 @@ impl Attached<'_> {
                 &mut self.link_tx,
                 self.identity,
                 self.shared,
-                &inflight,
+                &ledger,
             );
-            let outbound = outbound(writer, &mut self.link_rx, self.shared, &inflight);
+            let outbound = outbound(writer, &mut self.link_rx, self.shared, &ledger);
             tokio::select! {
                 end = inbound => end,
                 end = outbound => end,

@@ -25,6 +25,25 @@ use super::acl;
 use super::connection::{End, Shared};
 use super::router::{LinkFailure, RouterHandle};
 
+/// Most answers (PINGRESP, PUBACK, SUBACK) the router may owe one client. rumqttd queues a
+/// connection's answers without bound while the edge cannot write them, so a client that sends
+/// requests and never reads would grow the broker's memory (~380 bytes per PINGREQ). Real
+/// clients are bounded by their in-flight window (posfleet's: 32) plus a PINGREQ or two.
+pub(super) const MAX_OWED_ANSWERS: usize = 1024;
+
+/// What the two halves of a connection's pump tell each other (they run in one task).
+#[derive(Debug, Default)]
+pub(super) struct Ledger {
+    /// PUBLISH ids written to the client at QoS 1, in order; its PUBACKs must match.
+    inflight: VecDeque<u16>,
+    /// Answers forwarded requests are owed by the router and not yet taken by `outbound`.
+    owed: usize,
+}
+
+fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
+    ledger.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Client → router: parse, validate, forward in batches.
 pub(super) async fn inbound<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -33,7 +52,7 @@ pub(super) async fn inbound<R: AsyncRead + Unpin>(
     link_tx: &mut LinkTx,
     identity: &Identity,
     shared: &Shared,
-    inflight: &Mutex<VecDeque<u16>>,
+    ledger: &Mutex<Ledger>,
 ) -> End {
     let mut batch = Vec::new();
     loop {
@@ -51,7 +70,7 @@ pub(super) async fn inbound<R: AsyncRead + Unpin>(
                     return violation(shared, identity, "malformed_packet");
                 }
             };
-            match check_inbound(packet, byte1, identity, shared, inflight) {
+            match check_inbound(packet, byte1, identity, shared, ledger) {
                 Inbound::Forward(packet) => batch.push(packet),
                 Inbound::Graceful => {
                     flush(shared, link_tx, &mut batch);
@@ -115,7 +134,33 @@ fn check_inbound(
     byte1: u8,
     identity: &Identity,
     shared: &Shared,
-    inflight: &Mutex<VecDeque<u16>>,
+    ledger: &Mutex<Ledger>,
+) -> Inbound {
+    let decision = validate(packet, byte1, identity, shared, ledger);
+    if let Inbound::Forward(packet) = &decision {
+        let answered = match packet {
+            Packet::Publish(..) => (byte1 >> 1) & 0b11 == 1,
+            Packet::Subscribe(..) | Packet::PingReq(..) => true,
+            _ => false,
+        };
+        if answered {
+            let mut ledger = lock(ledger);
+            ledger.owed += 1;
+            if ledger.owed > MAX_OWED_ANSWERS {
+                return Inbound::Refuse("ack_backlog");
+            }
+        }
+    }
+    decision
+}
+
+/// Validates one client packet (ACL, protocol) and strips what the router must not see.
+fn validate(
+    packet: Packet,
+    byte1: u8,
+    identity: &Identity,
+    shared: &Shared,
+    ledger: &Mutex<Ledger>,
 ) -> Inbound {
     match packet {
         Packet::Publish(mut publish, _) => {
@@ -157,9 +202,9 @@ fn check_inbound(
             Inbound::Forward(Packet::Unsubscribe(unsubscribe, None))
         }
         Packet::PubAck(puback, _) => {
-            let mut pending = inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if pending.front() == Some(&puback.pkid) {
-                pending.pop_front();
+            let mut ledger = lock(ledger);
+            if ledger.inflight.front() == Some(&puback.pkid) {
+                ledger.inflight.pop_front();
                 Inbound::Forward(Packet::PubAck(puback, None))
             } else {
                 Inbound::Refuse("unexpected_puback")
@@ -182,7 +227,7 @@ pub(super) async fn outbound<W: AsyncWrite + Unpin>(
     writer: &mut W,
     link_rx: &mut LinkRx,
     shared: &Shared,
-    inflight: &Mutex<VecDeque<u16>>,
+    ledger: &Mutex<Ledger>,
 ) -> End {
     /// Notifications written per socket write.
     const BATCH: usize = 256;
@@ -204,15 +249,19 @@ pub(super) async fn outbound<W: AsyncWrite + Unpin>(
                 Notification::Disconnect(..) => gone = true,
                 other => {
                     if let Some(packet) = Option::<Packet>::from(other) {
+                        if matches!(
+                            packet,
+                            Packet::PingResp(..) | Packet::PubAck(..) | Packet::SubAck(..)
+                        ) {
+                            let mut ledger = lock(ledger);
+                            ledger.owed = ledger.owed.saturating_sub(1);
+                        }
                         let start = out.len();
                         if V4.write(strip_properties(packet), &mut out).is_err() {
                             continue;
                         }
                         if let Some(pkid) = qos1_pkid(&out[start..]) {
-                            inflight
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push_back(pkid);
+                            lock(ledger).inflight.push_back(pkid);
                         }
                     }
                 }

@@ -6,27 +6,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use posfleet_proto::Channel;
 use rand::{Rng, SeedableRng};
 use rumqttc::QoS;
+use tokio::net::TcpSocket;
 
 use super::raw::{self, Raw};
 use super::{Harness, eventually, total_refusals};
 use crate::edge::ConnectRateLimit;
-use crate::edge::tests::{WAIT, connack, topic};
+use crate::edge::pump::MAX_OWED_ANSWERS;
+use crate::edge::tests::{Fixture, WAIT, connack, topic};
 
+/// A PINGREQ flood from a client that reads the answers is served: 20,000 in bursts of 1,000,
+/// then one burst of exactly the edge's limit of unanswered requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pingreq_flood_is_answered_in_full() {
+async fn a_pingreq_flood_that_reads_the_answers_is_served() {
     let mut h = Harness::start().await;
-    let raw = Raw::connected(&h.fx, "PING-1").await;
-    const N: usize = 20_000;
-    let flood = raw::pingreq().repeat(N);
-    let (mut reader, mut writer) = raw.split();
-    let write = async move { writer.send(&flood).await.unwrap() };
-    let read = async move {
-        for _ in 0..N {
-            let frame = reader.next().await.expect("a PINGRESP, not a close");
+    let mut raw = Raw::connected(&h.fx, "PING-1").await;
+    for burst in [1000; 20].into_iter().chain([MAX_OWED_ANSWERS]) {
+        raw.send(&raw::pingreq().repeat(burst)).await.unwrap();
+        for _ in 0..burst {
+            let frame = raw.next().await.expect("a PINGRESP, not a close");
             assert_eq!(frame.kind(), raw::PINGRESP);
         }
-    };
-    tokio::join!(write, read);
+    }
     assert_eq!(total_refusals(h.metrics()), 0);
     h.assert_router_alive(&[]).await;
     h.stop().await;
@@ -62,6 +62,62 @@ async fn a_qos0_downlink_burst_is_delivered_complete_and_in_order() {
     raw.expect_open().await;
     h.assert_router_alive(&[]).await;
     h.stop().await;
+}
+
+/// Floods `bytes` (`count` copies) from a client that never reads: the answers pile up in the
+/// router's RAM (rumqttd queues acks without bound) unless the edge closes the connection.
+/// Small socket buffers on both sides make the edge's writes block early.
+async fn flood_without_reading(frame: impl Fn(usize) -> Vec<u8>, count: usize, bad: &[&str]) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let fx = Fixture::start_on(socket.listen(64).unwrap(), |c| {
+        c.limits.connect_timeout = std::time::Duration::from_secs(120);
+    });
+    let mut h = Harness::on(fx).await;
+    let client = TcpSocket::new_v4().unwrap();
+    client.set_recv_buffer_size(4096).unwrap();
+    let tcp = client.connect(h.fx.edge.local_addr()).await.unwrap();
+    let mut raw = Raw::tls_over(&h.fx, "FLOOD-1", tcp).await;
+    raw.send(&raw::connect("FLOOD-1", true, 30)).await.unwrap();
+    assert_eq!(raw.connack().await, Some((false, 0)));
+    let before = h.metrics().acl_refusals("ack_backlog");
+    let (mut reader, mut writer) = raw.split();
+    let mut chunk = Vec::new();
+    for i in 0..count {
+        chunk.extend(frame(i));
+        if chunk.len() >= 16 * 1024 || i + 1 == count {
+            if writer.send(&chunk).await.is_err() {
+                break;
+            }
+            chunk.clear();
+        }
+    }
+    // Only now read: what the edge managed to write, then the close.
+    let mut answers = 0;
+    while reader.next().await.is_some() {
+        answers += 1;
+    }
+    assert!(
+        answers < count,
+        "closed before answering everything ({answers})"
+    );
+    h.acl_refused("ack_backlog", before).await;
+    h.assert_router_alive(bad).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pingreq_flood_that_never_reads_the_answers_is_closed() {
+    flood_without_reading(|_| raw::pingreq(), 200_000, &["FLOOD-1"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos1_publish_flood_that_never_reads_the_pubacks_is_closed() {
+    let hb = topic("FLOOD-1", Channel::Heartbeat);
+    let publish = |i: usize| raw::publish(1, hb.as_bytes(), (i % 65_535) as u16 + 1, b"x");
+    // The heartbeats themselves are valid and may reach the controller.
+    flood_without_reading(publish, 100_000, &[]).await;
 }
 
 /// 200 connects of one identity in a row while another device keeps publishing: the first
