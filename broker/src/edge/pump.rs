@@ -17,7 +17,7 @@ use posfleet_proto::pki::Identity;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{Error as ProtocolError, Packet, Protocol, QoS};
+use rumqttd::protocol::{Error as ProtocolError, Packet, PingReq, Protocol, QoS, UnsubAck};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
@@ -38,6 +38,12 @@ pub(super) struct Ledger {
     inflight: VecDeque<u16>,
     /// Answers forwarded requests are owed by the router and not yet taken by `outbound`.
     owed: usize,
+    /// One entry per PINGREQ forwarded, in order: `None` for the client's own, `Some(pkid)`
+    /// for the marker sent behind an UNSUBSCRIBE. The router answers UNSUBSCRIBE with one
+    /// UNSUBACK per filter it actually removed (none for a filter never subscribed, though
+    /// MQTT-3.10.4-5 requires one), so the edge drops those and turns the marker's PINGRESP
+    /// into the single UNSUBACK the client is owed, after the router applied it.
+    pings: VecDeque<Option<u16>>,
 }
 
 fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
@@ -71,7 +77,13 @@ pub(super) async fn inbound<R: AsyncRead + Unpin>(
                 }
             };
             match check_inbound(packet, byte1, identity, shared, ledger) {
-                Inbound::Forward(packet) => batch.push(packet),
+                Inbound::Forward(packet) => {
+                    let unsubscribe = matches!(packet, Packet::Unsubscribe(..));
+                    batch.push(packet);
+                    if unsubscribe {
+                        batch.push(Packet::PingReq(PingReq));
+                    }
+                }
                 Inbound::Graceful => {
                     flush(shared, link_tx, &mut batch);
                     return End::Graceful;
@@ -138,13 +150,21 @@ fn check_inbound(
 ) -> Inbound {
     let decision = validate(packet, byte1, identity, shared, ledger);
     if let Inbound::Forward(packet) = &decision {
+        let ping = match packet {
+            Packet::PingReq(..) => Some(None),
+            Packet::Unsubscribe(unsubscribe, _) => Some(Some(unsubscribe.pkid)),
+            _ => None,
+        };
         let answered = match packet {
             Packet::Publish(..) => (byte1 >> 1) & 0b11 == 1,
-            Packet::Subscribe(..) | Packet::PingReq(..) => true,
-            _ => false,
+            Packet::Subscribe(..) => true,
+            _ => ping.is_some(),
         };
         if answered {
             let mut ledger = lock(ledger);
+            if let Some(ping) = ping {
+                ledger.pings.push_back(ping);
+            }
             ledger.owed += 1;
             if ledger.owed > MAX_OWED_ANSWERS {
                 return Inbound::Refuse("ack_backlog");
@@ -198,6 +218,10 @@ fn validate(
             }
             Inbound::Forward(Packet::Subscribe(subscribe, None))
         }
+        // MQTT-3.10.3-2: at least one filter.
+        Packet::Unsubscribe(unsubscribe, _) if unsubscribe.filters.is_empty() => {
+            Inbound::Refuse("malformed_packet")
+        }
         Packet::Unsubscribe(unsubscribe, _) => {
             Inbound::Forward(Packet::Unsubscribe(unsubscribe, None))
         }
@@ -248,14 +272,8 @@ pub(super) async fn outbound<W: AsyncWrite + Unpin>(
                 Notification::Unschedule => unscheduled = true,
                 Notification::Disconnect(..) => gone = true,
                 other => {
-                    if let Some(packet) = Option::<Packet>::from(other) {
-                        if matches!(
-                            packet,
-                            Packet::PingResp(..) | Packet::PubAck(..) | Packet::SubAck(..)
-                        ) {
-                            let mut ledger = lock(ledger);
-                            ledger.owed = ledger.owed.saturating_sub(1);
-                        }
+                    let packet = Option::<Packet>::from(other).and_then(|p| settle(p, ledger));
+                    if let Some(packet) = packet {
                         let start = out.len();
                         if V4.write(strip_properties(packet), &mut out).is_err() {
                             continue;
@@ -295,6 +313,33 @@ pub(super) async fn outbound<W: AsyncWrite + Unpin>(
             shared.fatal.raise("router channel closed on wake");
             return End::RouterGone;
         }
+    }
+}
+
+/// Settles a router answer in the ledger and maps it to what the client gets (`None`: nothing).
+fn settle(packet: Packet, ledger: &Mutex<Ledger>) -> Option<Packet> {
+    let mut ledger = lock(ledger);
+    match packet {
+        Packet::PingResp(resp) => {
+            ledger.owed = ledger.owed.saturating_sub(1);
+            match ledger.pings.pop_front().flatten() {
+                Some(pkid) => Some(Packet::UnsubAck(
+                    UnsubAck {
+                        pkid,
+                        reasons: Vec::new(),
+                    },
+                    None,
+                )),
+                None => Some(Packet::PingResp(resp)),
+            }
+        }
+        Packet::PubAck(..) | Packet::SubAck(..) => {
+            ledger.owed = ledger.owed.saturating_sub(1);
+            Some(packet)
+        }
+        // Replaced by the edge's own UNSUBACK at the marker (see `Ledger::pings`).
+        Packet::UnsubAck(..) => None,
+        other => Some(other),
     }
 }
 

@@ -367,3 +367,61 @@ async fn unsubscribing_a_subscription_is_answered() {
     h.assert_router_alive(&[]).await;
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_unsubscribe_gets_exactly_one_unsuback() {
+    let mut h = Harness::start().await;
+    let mut raw = Raw::connected(&h.fx, "U-2").await;
+    let all = topic("U-2", Channel::Command).replace("/cmd", "/+");
+    let cmd = topic("U-2", Channel::Command);
+    let txack = topic("U-2", Channel::TransactionAck);
+    // Never subscribed, not even a posfleet filter: MQTT-3.10.4-5 still wants an UNSUBACK.
+    raw.send(&raw::unsubscribe(5, &[all.as_bytes()]))
+        .await
+        .unwrap();
+    raw.send(&raw::unsubscribe(6, &[b"$SYS/#"])).await.unwrap();
+    // Three filters removed at once: one UNSUBACK, not three. A PINGREQ in between and
+    // after proves the order and that nothing else was sent.
+    raw.send(&raw::subscribe(
+        7,
+        &[
+            (all.as_bytes(), 1),
+            (cmd.as_bytes(), 1),
+            (txack.as_bytes(), 0),
+        ],
+    ))
+    .await
+    .unwrap();
+    let mut bytes = raw::pingreq();
+    bytes.extend(raw::unsubscribe(
+        8,
+        &[all.as_bytes(), cmd.as_bytes(), txack.as_bytes()],
+    ));
+    bytes.extend(raw::pingreq());
+    raw.send(&bytes).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let frame = raw.next().await.expect("answers, not a close");
+        seen.push((frame.kind(), frame.body.get(..2).map(|b| b.to_vec())));
+    }
+    let pkid = |p: u16| Some(p.to_be_bytes().to_vec());
+    assert_eq!(
+        seen,
+        vec![
+            (raw::UNSUBACK, pkid(5)),
+            (raw::UNSUBACK, pkid(6)),
+            (raw::SUBACK, pkid(7)),
+            (raw::PINGRESP, None),
+            (raw::UNSUBACK, pkid(8)),
+            (raw::PINGRESP, None),
+        ]
+    );
+    raw.expect_open().await;
+    // An UNSUBSCRIBE without filters violates MQTT-3.10.3-2.
+    let before = h.metrics().acl_refusals("malformed_packet");
+    raw.send(&raw::unsubscribe(9, &[])).await.unwrap();
+    assert_eq!(raw.expect_closed().await, vec![]);
+    h.acl_refused("malformed_packet", before).await;
+    h.assert_router_alive(&["U-2"]).await;
+    h.stop().await;
+}
