@@ -167,6 +167,7 @@ pub(crate) async fn run<S>(
             if !shared.router.is_alive() {
                 shared.fatal.raise("router thread is gone");
             }
+            slot.detached();
             shared.sessions.release(&slot);
             return;
         }
@@ -174,6 +175,7 @@ pub(crate) async fn run<S>(
             shared
                 .fatal
                 .raise(format!("router link task failed: {join}"));
+            slot.detached();
             shared.sessions.release(&slot);
             return;
         }
