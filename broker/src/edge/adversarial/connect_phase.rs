@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use posfleet_proto::Channel;
 
-use super::Harness;
 use super::raw::{self, Raw, Will};
+use super::{Harness, eventually};
 use crate::edge::tests::{WAIT, topic};
 
 /// Sends `bytes` as the first thing after the TLS handshake; expects a close without CONNACK
@@ -242,5 +242,57 @@ async fn an_empty_client_id_with_a_persistent_session_is_the_identitys_session()
     raw.send(&raw::puback(publish.pkid())).await.unwrap();
     raw.expect_open().await;
     h.assert_router_alive(&[]).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_mqtt_on_the_tls_port_is_refused() {
+    let mut h = Harness::start().await;
+    let before = super::total_refusals(h.metrics());
+    let mut tcp = tokio::net::TcpStream::connect(h.fx.edge.local_addr())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, &raw::connect("BAD-1", true, 30))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut buf),
+    )
+    .await
+    .expect("closed in bounded time");
+    assert!(
+        read.is_err() || !buf.starts_with(&[0x20]),
+        "no CONNACK over plaintext"
+    );
+    super::eventually("refusal counted", || {
+        super::total_refusals(h.metrics()) > before
+    })
+    .await;
+    assert_eq!(h.metrics().refusals("tls_protocol"), 1);
+    h.assert_router_alive(&["BAD-1"]).await;
+    h.stop().await;
+}
+
+/// The router refuses a link silently when it has no free slot; the edge must answer CONNACK
+/// 3 itself, count it, and keep serving once a slot is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_router_is_answered_with_server_unavailable() {
+    // Controller, A, B: full.
+    let mut h = Harness::start_with(|c| c.router.max_connections = 3).await;
+    let mut a = Raw::connected(&h.fx, "A-1").await;
+    let _b = Raw::connected(&h.fx, "B-1").await;
+    let before = h.metrics().refusals("router_refused");
+    let mut c = Raw::tls(&h.fx, "C-1").await;
+    c.send(&raw::connect("C-1", true, 30)).await.unwrap();
+    assert_eq!(c.connack().await, Some((false, 3)));
+    assert_eq!(c.expect_closed().await, vec![]);
+    h.refused("router_refused", before).await;
+    // A leaves; its slot serves the probe.
+    a.send(&raw::disconnect()).await.unwrap();
+    assert_eq!(a.expect_closed().await, vec![]);
+    eventually("A-1 detached", || h.fx.edge.live_sessions() == 2).await;
+    h.assert_router_alive(&["C-1"]).await;
     h.stop().await;
 }

@@ -3,8 +3,8 @@
 use posfleet_proto::Channel;
 use rumqttc::QoS;
 
-use super::Harness;
 use super::raw::{self, Raw};
+use super::{Harness, eventually};
 use crate::edge::tests::topic;
 
 /// Connects `id`, sends `bytes`, expects the connection closed and `reason` counted once.
@@ -423,5 +423,65 @@ async fn every_unsubscribe_gets_exactly_one_unsuback() {
     assert_eq!(raw.expect_closed().await, vec![]);
     h.acl_refused("malformed_packet", before).await;
     h.assert_router_alive(&["U-2"]).await;
+    h.stop().await;
+}
+
+/// QoS 1 downlinks left unacknowledged survive a reconnect of a persistent session: they are
+/// sent again (with the new connection's packet ids), and acking those keeps the session
+/// healthy; acking the old ids would be refused like any other unexpected PUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_downlinks_are_resent_to_a_resumed_session() {
+    let mut h = Harness::start().await;
+    let down = topic("R-1", Channel::Command).replace("/cmd", "/+");
+    let mut raw = Raw::tls(&h.fx, "R-1").await;
+    raw.send(&raw::connect("R-1", false, 30)).await.unwrap();
+    assert_eq!(raw.connack().await, Some((false, 0)));
+    raw.send(&raw::subscribe(1, &[(down.as_bytes(), 1)]))
+        .await
+        .unwrap();
+    raw.expect(raw::SUBACK).await;
+    for i in 0..3u8 {
+        h.ctl
+            .publish(
+                topic("R-1", Channel::Command),
+                QoS::AtLeastOnce,
+                false,
+                vec![i],
+            )
+            .await
+            .unwrap();
+    }
+    let first = raw.expect(raw::PUBLISH).await;
+    raw.send(&raw::puback(first.pkid())).await.unwrap();
+    for i in 1..3u8 {
+        assert_eq!(raw.expect(raw::PUBLISH).await.publish().1, vec![i]);
+    }
+    // Vanishes with two downlinks unacknowledged.
+    drop(raw);
+    eventually("R-1 detached", || h.fx.edge.live_sessions() == 1).await;
+
+    let mut raw = Raw::tls(&h.fx, "R-1").await;
+    raw.send(&raw::connect("R-1", false, 30)).await.unwrap();
+    assert_eq!(raw.connack().await, Some((true, 0)), "session present");
+    for i in 1..3u8 {
+        let publish = raw.expect(raw::PUBLISH).await;
+        assert_eq!(publish.publish().1, vec![i], "resent in order");
+        raw.send(&raw::puback(publish.pkid())).await.unwrap();
+    }
+    h.ctl
+        .publish(
+            topic("R-1", Channel::Command),
+            QoS::AtLeastOnce,
+            false,
+            vec![3],
+        )
+        .await
+        .unwrap();
+    let publish = raw.expect(raw::PUBLISH).await;
+    assert_eq!(publish.publish().1, vec![3]);
+    raw.send(&raw::puback(publish.pkid())).await.unwrap();
+    raw.expect_open().await;
+    assert_eq!(h.metrics().acl_refusals("unexpected_puback"), 0);
+    h.assert_router_alive(&[]).await;
     h.stop().await;
 }
