@@ -93,15 +93,8 @@ async fn flood_without_reading(frame: impl Fn(usize) -> Vec<u8>, count: usize, b
             chunk.clear();
         }
     }
-    // Only now read: what the edge managed to write, then the close.
-    let mut answers = 0;
-    while reader.next().await.is_some() {
-        answers += 1;
-    }
-    assert!(
-        answers < count,
-        "closed before answering everything ({answers})"
-    );
+    // Only now read: whatever the edge wrote (a reset may discard it), then the close.
+    while reader.next().await.is_some() {}
     h.acl_refused("ack_backlog", before).await;
     h.assert_router_alive(bad).await;
     h.stop().await;
