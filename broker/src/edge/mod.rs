@@ -5,7 +5,8 @@
 //! - this file: [`EdgeConfig`], [`spawn_edge`] and the accept loop (connection cap before
 //!   `accept`, each TLS handshake in its own task under a timeout and a handshake cap);
 //! - `tls`: server config with mandatory client certificates from the fleet CA bundle;
-//! - `connection`: one connection after TLS: CONNECT, identity, ACL, the packet pump;
+//! - `connection`: one connection after TLS: CONNECT, identity, router link, teardown;
+//! - `pump`: the validated packet pump of an attached connection, both directions;
 //! - `acl`: the topic ACL on typed topics and filters;
 //! - `sessions`: one live session per identity, connect rate limits, kicking a session;
 //! - `router`: the embedded rumqttd router behind nameable closures.
@@ -14,6 +15,7 @@
 
 mod acl;
 mod connection;
+mod pump;
 mod router;
 mod sessions;
 mod tls;
@@ -261,5 +263,7 @@ async fn accept_loop(
     }
 }
 
+#[cfg(test)]
+mod adversarial;
 #[cfg(test)]
 mod tests;
