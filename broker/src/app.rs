@@ -311,7 +311,10 @@ mod tests {
             Some(broker.to_string().as_str())
         );
 
-        let sim = posfleet_agent::SimulatorConfig::new(1, pki.dir(), broker);
+        let mut sim = posfleet_agent::SimulatorConfig::new(1, pki.dir(), broker);
+        // If the terminal's ONLINE presence beats the controller's subscription, its next
+        // heartbeat registers it: keep that short.
+        sim.agent.heartbeat_interval = Duration::from_secs(1);
         posfleet_agent::run_simulator(sim, &tracker, cancel.child_token())
             .await
             .unwrap();
