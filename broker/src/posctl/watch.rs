@@ -10,10 +10,10 @@ use posfleet_proto::now_ms;
 use serde_json::Value;
 
 use super::client::ApiClient;
-use super::output::{clock, mib, printable, span};
+use super::output::{clock, mib, money, printable, span};
 use super::sse::{SseEvent, SseParser};
 use super::{OutputFormat, WatchArgs};
-use crate::views::FleetEvent;
+use crate::views::{FleetEvent, Severity};
 
 /// With nothing at all from the server for this long (the server sends keep-alive comments far
 /// more often), the connection is taken for dead.
@@ -186,6 +186,41 @@ pub(crate) fn line(sse_kind: &str, value: Value, now_ms: u64) -> String {
                 parts.push("TAMPER!".to_owned());
             }
             (t.received_at_ms, parts.join("  "))
+        }
+        FleetEvent::Transaction { transaction: t, .. } => {
+            let mut parts = vec![
+                format!("seq {}", t.seq),
+                format!("{} {}", printable(&t.kind), printable(&t.status)),
+                money(t.amount_minor, &t.currency),
+            ];
+            if !t.masked_card.is_empty() {
+                parts.push(printable(&t.masked_card).into_owned());
+            }
+            parts.push(format!("txn {}", printable(&t.txn_id)));
+            (t.received_at_ms, parts.join("  "))
+        }
+        FleetEvent::Alert {
+            alert,
+            severity,
+            seq,
+            message,
+            at_ms,
+            ..
+        } => {
+            let name = serde_json::to_value(alert)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let level = match severity {
+                Severity::Critical => "CRITICAL",
+                Severity::Warning => "WARNING",
+                Severity::Info | Severity::Other => "info",
+            };
+            let seq = seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
+            (
+                *at_ms,
+                format!("{level} {name}{seq}: {}", printable(message)),
+            )
         }
         FleetEvent::Lagged { missed } => (
             now_ms,
