@@ -35,6 +35,7 @@ pub use server::{serve, server_tls_config};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::txstore::TxStore;
 
 /// Resource limits of the API server.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +79,8 @@ impl std::fmt::Debug for AdminToken {
 pub struct ApiState {
     /// Device state.
     pub(crate) registry: Arc<Registry>,
+    /// Stored transactions.
+    pub(crate) transactions: Arc<TxStore>,
     /// Live events for `/api/v1/stream`.
     pub(crate) events: EventBus,
     /// Rendered by `/metrics`; counts auth failures.
@@ -95,12 +98,14 @@ impl ApiState {
     /// (`DataDir::ensure_admin_token`); an empty token refuses every request.
     pub fn new(
         registry: Arc<Registry>,
+        transactions: Arc<TxStore>,
         events: EventBus,
         metrics: Arc<Metrics>,
         admin_token: String,
     ) -> Self {
         Self {
             registry,
+            transactions,
             events,
             metrics,
             token: AdminToken(admin_token.into()),
