@@ -8,7 +8,9 @@
 //! - `auth.rs`: bearer-token check (constant time) for every route except `/healthz`.
 //! - `error.rs`: [`ApiError`] (JSON `ErrorBody` responses) and [`ServerTlsError`].
 //! - one file per resource: `health.rs` (`GET /healthz`), `devices.rs`
-//!   (`GET /api/v1/devices[/{id}]`), `stream.rs` (`GET /api/v1/stream`, server-sent events),
+//!   (`GET /api/v1/devices[/{id}]`), `transactions.rs` (`GET /api/v1/transactions`,
+//!   `GET /api/v1/devices/{id}/transactions/summary`), `stream.rs` (`GET /api/v1/stream`,
+//!   server-sent events),
 //!   `metrics.rs` (`GET /metrics`).
 //! - `tests/`: tests against a real TLS server on 127.0.0.1:0 with reqwest.
 
@@ -19,6 +21,7 @@ mod health;
 mod metrics;
 mod server;
 mod stream;
+mod transactions;
 #[cfg(test)]
 mod tests;
 
@@ -127,6 +130,11 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
     vec![
         ("/api/v1/devices", get(devices::list)),
         ("/api/v1/devices/{id}", get(devices::detail)),
+        (
+            "/api/v1/devices/{id}/transactions/summary",
+            get(transactions::summary),
+        ),
+        ("/api/v1/transactions", get(transactions::list)),
         ("/api/v1/stream", get(stream::stream)),
         ("/metrics", get(metrics::render)),
     ]

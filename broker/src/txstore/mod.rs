@@ -43,11 +43,11 @@ use posfleet_proto::DeviceId;
 
 pub(crate) use commit::{CommitOutcome, DeviceOutcome, Submission};
 pub use error::{QueryError, TxStoreError};
-pub(crate) use query::{Order, TxQuery};
+pub(crate) use query::{DEFAULT_LIMIT, MAX_LIMIT, Order, TxQuery};
 pub(crate) use record::parse_status;
 #[cfg(test)]
 pub(crate) use validate::tests::sale as test_sale;
-pub(crate) use validate::{InvalidTx, ValidTx};
+pub(crate) use validate::ValidTx;
 pub use validate::{
     MAX_AMOUNT_MINOR, MAX_BATCH_RECORDS, MAX_CARD_FIELD_LEN, MAX_ITEMS, MAX_TEXT_LEN,
     MAX_TIMESTAMP_MS, MAX_TXN_ID_LEN,

@@ -13,11 +13,11 @@ use super::{Ledger, TxStore};
 use crate::views::{ConflictView, SeqRange, TransactionPage, TransactionSummary};
 
 /// Rows per page when the query gives no limit.
-pub const DEFAULT_LIMIT: usize = 100;
+pub(crate) const DEFAULT_LIMIT: usize = 100;
 /// Most rows per page.
-pub const MAX_LIMIT: usize = 1000;
+pub(crate) const MAX_LIMIT: usize = 1000;
 /// Most index entries one page may scan (a selective status filter pages with fewer rows).
-pub const MAX_SCAN: usize = 10_000;
+pub(crate) const MAX_SCAN: usize = 10_000;
 /// Most records scanned above the watermark when listing a device's gaps.
 const MAX_GAP_SCAN: usize = 10_000;
 /// Most gap ranges listed in a summary.
