@@ -334,6 +334,14 @@ mod tests {
         Registry::open(cfg).unwrap()
     }
 
+    fn txstore(dir: &std::path::Path) -> Arc<TxStore> {
+        TxStore::open(crate::txstore::TxStoreConfig {
+            cache_capacity: 1 << 20,
+            ..crate::txstore::TxStoreConfig::new(dir.join("transactions"))
+        })
+        .unwrap()
+    }
+
     fn heartbeat() -> bytes::Bytes {
         let hb = pb::Heartbeat {
             seq: 1,
@@ -389,6 +397,8 @@ mod tests {
             spawn_session(session, &tracker, session_cancel.clone()).unwrap();
         let (tx, inbox) = mpsc::channel(4);
         let clock: Clock = Arc::new(|| 5_000);
+        let done = CancellationToken::new();
+        done.cancel();
         tracker.spawn(ingest_loop(
             ingest,
             inbox,
@@ -396,6 +406,10 @@ mod tests {
             clock,
             cancel.clone(),
             session_cancel,
+            TxFinish {
+                stop: CancellationToken::new(),
+                done,
+            },
         ));
         let device = DeviceId::new("T-7").unwrap();
         tx.send(SessionEvent::Connected {
@@ -435,6 +449,7 @@ mod tests {
         let controller = spawn_controller(
             cfg,
             Arc::clone(&registry),
+            txstore(tmp.path()),
             EventBus::new(8),
             Arc::clone(&metrics),
             &tracker,
