@@ -172,11 +172,7 @@ impl Metrics {
             "Admin API requests refused for missing or bad credentials",
             api_auth_failures_total.clone(),
         );
-        registry.register(
-            "tx_stored",
-            "Transactions stored",
-            tx_stored_total.clone(),
-        );
+        registry.register("tx_stored", "Transactions stored", tx_stored_total.clone());
         registry.register(
             "tx_duplicates",
             "Transactions received again with identical content",

@@ -21,9 +21,9 @@ mod health;
 mod metrics;
 mod server;
 mod stream;
-mod transactions;
 #[cfg(test)]
 mod tests;
+mod transactions;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -112,8 +112,17 @@ fn parse(p: &ListParams) -> Result<TxQuery, ApiError> {
         .map(DeviceId::new)
         .transpose()
         .map_err(|e| ApiError::bad_request(format!("device: {e}"), ID_HINT))?;
-    let from_ms = p.from.as_deref().map(|t| parse_time("from", t)).transpose().map_err(bad)?;
-    let to_ms = p.to.as_deref().map(|t| parse_time("to", t)).transpose().map_err(bad)?;
+    let from_ms = p
+        .from
+        .as_deref()
+        .map(|t| parse_time("from", t))
+        .transpose()
+        .map_err(bad)?;
+    let to_ms =
+        p.to.as_deref()
+            .map(|t| parse_time("to", t))
+            .transpose()
+            .map_err(bad)?;
     if let (Some(from), Some(to)) = (from_ms, to_ms) {
         if from >= to {
             return Err(bad(format!("from ({from}) must be before to ({to})")));

@@ -28,10 +28,10 @@ mod service;
 mod sweeper;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod txtests;
 mod txcommit;
 mod txqueue;
+#[cfg(test)]
+mod txtests;
 
 pub use convert::{MAX_HEARTBEAT_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S};
 pub use error::IngestError;

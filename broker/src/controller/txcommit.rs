@@ -78,7 +78,12 @@ impl<A: AckSink> Committer<A> {
         done
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<Job>, tracker: &TaskTracker, stop: CancellationToken) {
+    async fn run(
+        self,
+        mut rx: mpsc::Receiver<Job>,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) {
         loop {
             let first = tokio::select! {
                 biased;
@@ -131,7 +136,9 @@ impl<A: AckSink> Committer<A> {
         let elapsed = started.elapsed();
         #[allow(clippy::cast_precision_loss)] // a histogram sample
         self.metrics.tx_commit_batch_size.observe(records as f64);
-        self.metrics.tx_commit_seconds.observe(elapsed.as_secs_f64());
+        self.metrics
+            .tx_commit_seconds
+            .observe(elapsed.as_secs_f64());
         let outcome = match result {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => {
@@ -162,7 +169,9 @@ impl<A: AckSink> Committer<A> {
         self.metrics
             .tx_stored_total
             .inc_by(u64::try_from(outcome.stored()).unwrap_or(u64::MAX));
-        self.metrics.tx_duplicates_total.inc_by(outcome.duplicates());
+        self.metrics
+            .tx_duplicates_total
+            .inc_by(outcome.duplicates());
         self.metrics
             .tx_conflicts_total
             .inc_by(u64::try_from(outcome.conflicts()).unwrap_or(u64::MAX));

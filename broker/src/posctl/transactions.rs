@@ -55,7 +55,14 @@ pub(crate) async fn summary(
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let url = api.url(&["api", "v1", "devices", id.as_str(), "transactions", "summary"]);
+    let url = api.url(&[
+        "api",
+        "v1",
+        "devices",
+        id.as_str(),
+        "transactions",
+        "summary",
+    ]);
     let value = match api.get_json(url.clone()).await {
         Ok(value) => value,
         Err(ApiError::NotFound { body: Some(_), .. }) => {
@@ -109,11 +116,7 @@ pub(crate) fn render_list(page: &TransactionPage) -> String {
         }
         out.push_str(&table.render());
         let n = page.transactions.len();
-        let _ = writeln!(
-            out,
-            "\n{n} transaction{}",
-            if n == 1 { "" } else { "s" }
-        );
+        let _ = writeln!(out, "\n{n} transaction{}", if n == 1 { "" } else { "s" });
     }
     if let Some(cursor) = &page.next_cursor {
         let _ = writeln!(

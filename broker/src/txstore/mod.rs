@@ -46,8 +46,10 @@ pub use error::{QueryError, TxStoreError};
 pub(crate) use query::{DEFAULT_LIMIT, MAX_LIMIT, Order, TxQuery};
 pub(crate) use record::parse_status;
 #[cfg(test)]
-pub(crate) use validate::tests::sale as test_sale;
+pub(crate) use tests::submission as test_submission;
 pub(crate) use validate::ValidTx;
+#[cfg(test)]
+pub(crate) use validate::tests::sale as test_sale;
 pub use validate::{
     MAX_AMOUNT_MINOR, MAX_BATCH_RECORDS, MAX_CARD_FIELD_LEN, MAX_ITEMS, MAX_TEXT_LEN,
     MAX_TIMESTAMP_MS, MAX_TXN_ID_LEN,
