@@ -4,11 +4,13 @@
 //! - `devices.rs`: list/detail after ingest, 400/404, health and metrics.
 //! - `stream.rs`: server-sent events, device filter, lag, end at shutdown.
 //! - `server.rs`: idle TCP clients, handshake timeout, connection cap.
+//! - `transactions.rs`: transaction list (pagination, filters, cursors) and summary.
 
 mod auth;
 mod devices;
 mod server;
 mod stream;
+mod transactions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
