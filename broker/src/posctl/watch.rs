@@ -299,6 +299,31 @@ mod tests {
     }
 
     #[test]
+    fn transaction_and_alert_lines() {
+        let tx = FleetEvent::Transaction {
+            device: "T-1".into(),
+            transaction: crate::posctl::tests::transactions::canned_tx("T-1", 7),
+        };
+        assert_eq!(
+            line("transaction", json(&tx), NOW),
+            "13:05:09  T-1           transaction seq 7  sale approved  12.50 EUR  \
+             411111******1111  txn txn-7"
+        );
+        let alert = FleetEvent::Alert {
+            device: "T-1".into(),
+            alert: crate::views::AlertKind::SequenceGap,
+            severity: Severity::Warning,
+            seq: Some(4),
+            message: "seq 4 missing".into(),
+            at_ms: NOW,
+        };
+        assert_eq!(
+            line("alert", json(&alert), NOW),
+            "13:05:09  T-1           alert      WARNING sequence_gap (seq 4): seq 4 missing"
+        );
+    }
+
+    #[test]
     fn lagged_and_unknown_events_still_render() {
         assert_eq!(
             line("lagged", json(&FleetEvent::Lagged { missed: 12 }), NOW),
