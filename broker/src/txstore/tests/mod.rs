@@ -3,9 +3,11 @@
 //! - `model.rs`: random commits (duplicates, conflicts, out of order) and reopens against a
 //!   `BTreeMap` model.
 //! - `store.rs`: conflicts, gaps, summaries, reopen, queries and cursors.
+//! - `bench.rs`: commit throughput by group size (ignored).
 //! - `crash.rs`: a child process committing batches is killed with SIGKILL; every
 //!   acknowledged (device, seq) must survive reopen.
 
+mod bench;
 mod crash;
 mod model;
 mod store;
