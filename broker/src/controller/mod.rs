@@ -29,6 +29,8 @@ mod sweeper;
 #[cfg(test)]
 mod tests;
 mod txcommit;
+#[cfg(test)]
+mod txe2e;
 mod txqueue;
 #[cfg(test)]
 mod txtests;

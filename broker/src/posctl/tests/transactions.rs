@@ -1,9 +1,7 @@
 //! `tx list` / `tx summary` against the canned server.
 
 use super::*;
-use crate::views::{
-    ConflictView, SeqRange, TransactionPage, TransactionSummary, TransactionView,
-};
+use crate::views::{ConflictView, SeqRange, TransactionPage, TransactionSummary, TransactionView};
 
 pub(crate) fn canned_tx(device: &str, seq: u64) -> TransactionView {
     TransactionView {
@@ -36,7 +34,10 @@ pub(super) fn canned_summary() -> TransactionSummary {
         approved_amount_minor: [("EUR".to_owned(), 51_250), ("USD".to_owned(), 99)].into(),
         last_seq: 44,
         durable_through_seq: 40,
-        gaps: vec![SeqRange { first: 41, last: 42 }],
+        gaps: vec![SeqRange {
+            first: 41,
+            last: 42,
+        }],
         gaps_truncated: false,
         gap_since_ms: Some(NOW - 120_000),
         conflicts: 1,
@@ -117,7 +118,10 @@ async fn tx_list_passes_the_filters_and_prints_a_table_with_the_next_cursor() {
     assert!(lines[1].contains("12.50 EUR"), "{out}");
     assert!(lines[1].contains("411111******1111"), "{out}");
     assert!(out.contains("1 transaction\n"), "{out}");
-    assert!(out.ends_with("more: repeat the command with --cursor next\n"), "{out}");
+    assert!(
+        out.ends_with("more: repeat the command with --cursor next\n"),
+        "{out}"
+    );
 
     let (result, out) = fx.posctl(&["tx", "list", "--cursor", "next"]).await;
     assert!(result.is_ok(), "{result:?}");
@@ -125,17 +129,31 @@ async fn tx_list_passes_the_filters_and_prints_a_table_with_the_next_cursor() {
 
     // The canned server echoes the query it got in the first row's txn_id.
     let (result, out) = fx
-        .posctl(&["-o", "json", "tx", "list", "--device", "T-1", "--to", "1709211909000"])
+        .posctl(&[
+            "-o",
+            "json",
+            "tx",
+            "list",
+            "--device",
+            "T-1",
+            "--to",
+            "1709211909000",
+        ])
         .await;
     assert!(result.is_ok(), "{result:?}");
     let page: TransactionPage = serde_json::from_str(&out).unwrap();
-    assert_eq!(page.transactions[0].txn_id, "device=T-1&limit=50&to=1709211909000");
+    assert_eq!(
+        page.transactions[0].txn_id,
+        "device=T-1&limit=50&to=1709211909000"
+    );
 }
 
 #[tokio::test]
 async fn tx_list_json_is_the_api_json() {
     let fx = Fixture::start().await;
-    let (result, out) = fx.posctl(&["-o", "json", "tx", "list", "--cursor", "next"]).await;
+    let (result, out) = fx
+        .posctl(&["-o", "json", "tx", "list", "--cursor", "next"])
+        .await;
     assert!(result.is_ok(), "{result:?}");
     let page: TransactionPage = serde_json::from_str(&out).unwrap();
     assert_eq!(page.transactions, vec![canned_tx("T-1", 1)]);
@@ -148,7 +166,10 @@ async fn a_refused_cursor_shows_the_servers_hint() {
     let (result, _) = fx.posctl(&["tx", "list", "--cursor", "bogus"]).await;
     let message = error_text(result);
     assert!(message.contains("400 Bad Request"), "{message}");
-    assert!(message.contains("next_cursor of the previous page"), "{message}");
+    assert!(
+        message.contains("next_cursor of the previous page"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -168,7 +189,9 @@ async fn tx_summary_renders_gaps_and_conflicts_and_json() {
     ] {
         assert!(out.contains(expected), "missing {expected:?} in\n{out}");
     }
-    let (result, out) = fx.posctl(&["tx", "summary", "T-1", "--output", "json"]).await;
+    let (result, out) = fx
+        .posctl(&["tx", "summary", "T-1", "--output", "json"])
+        .await;
     assert!(result.is_ok(), "{result:?}");
     let summary: TransactionSummary = serde_json::from_str(&out).unwrap();
     assert_eq!(summary, canned_summary());

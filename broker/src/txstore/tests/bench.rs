@@ -11,7 +11,13 @@ fn commit_throughput() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path());
     let mut next = 1u64;
-    for (group, commits) in [(1usize, 300usize), (10, 300), (100, 100), (1000, 30), (8192, 6)] {
+    for (group, commits) in [
+        (1usize, 300usize),
+        (10, 300),
+        (100, 100),
+        (1000, 30),
+        (8192, 6),
+    ] {
         let mut latencies = Vec::with_capacity(commits);
         let started = Instant::now();
         for _ in 0..commits {

@@ -143,7 +143,10 @@ fn kill9_never_loses_an_acknowledged_transaction() {
             loop {
                 let page = store.list(&query, cursor.as_deref()).unwrap();
                 for t in page.transactions {
-                    assert!(stored.insert(t.seq, t.amount_minor).is_none(), "stored twice");
+                    assert!(
+                        stored.insert(t.seq, t.amount_minor).is_none(),
+                        "stored twice"
+                    );
                 }
                 match page.next_cursor {
                     Some(c) => cursor = Some(c),
