@@ -282,7 +282,8 @@ pub enum FleetEvent {
     /// A transaction was stored durably (and acknowledged to the terminal).
     Transaction {
         device: String,
-        transaction: TransactionView,
+        /// Boxed: by far the largest variant (the JSON is the same).
+        transaction: Box<TransactionView>,
     },
     /// Something needs an operator's attention.
     Alert {

@@ -233,7 +233,7 @@ impl<A: AckSink> Committer<A> {
                 transaction.items.clear();
                 self.events.publish(FleetEvent::Transaction {
                     device: device.device.to_string(),
-                    transaction,
+                    transaction: Box::new(transaction),
                 });
             }
         }

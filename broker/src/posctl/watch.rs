@@ -302,7 +302,7 @@ mod tests {
     fn transaction_and_alert_lines() {
         let tx = FleetEvent::Transaction {
             device: "T-1".into(),
-            transaction: crate::posctl::tests::transactions::canned_tx("T-1", 7),
+            transaction: Box::new(crate::posctl::tests::transactions::canned_tx("T-1", 7)),
         };
         assert_eq!(
             line("transaction", json(&tx), NOW),

@@ -25,6 +25,9 @@ const MAX_GAPS: usize = 100;
 /// Most conflicts listed in a summary.
 const MAX_RECENT_CONFLICTS: usize = 20;
 
+/// Parses an index key into (device, seq).
+type ParseKey = fn(&[u8]) -> Option<(DeviceId, u64)>;
+
 /// Listing order (by transaction time, then device, then seq).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum Order {
@@ -82,14 +85,13 @@ impl TxStore {
         cursor: Option<&str>,
     ) -> Result<TransactionPage, QueryError> {
         let limit = query.limit.clamp(1, MAX_LIMIT);
-        let (ns_prefix, parse): (Vec<u8>, fn(&[u8]) -> Option<(DeviceId, u64)>) =
-            match &query.device {
-                Some(d) => (
-                    keys::device_prefix(keys::BY_DEVICE_TIME, d),
-                    keys::parse_by_device_time,
-                ),
-                None => (vec![keys::BY_TIME], keys::parse_by_time),
-            };
+        let (ns_prefix, parse): (Vec<u8>, ParseKey) = match &query.device {
+            Some(d) => (
+                keys::device_prefix(keys::BY_DEVICE_TIME, d),
+                keys::parse_by_device_time,
+            ),
+            None => (vec![keys::BY_TIME], keys::parse_by_time),
+        };
         let with_time = |ms: u64| {
             let mut k = ns_prefix.clone();
             k.extend_from_slice(&ms.to_be_bytes());
@@ -120,16 +122,14 @@ impl TxStore {
                 Order::Desc => Box::new(range.rev()),
             };
         let mut rows = Vec::new();
-        let mut scanned = 0;
         let mut last_key = None;
         let mut more = false;
-        for item in entries.by_ref() {
+        for (scanned, item) in entries.by_ref().enumerate() {
             if rows.len() == limit || scanned == MAX_SCAN {
                 more = true;
                 break;
             }
             let (key, _) = item.map_err(|e| self.read_error(e))?;
-            scanned += 1;
             let (device, seq) = parse(&key).ok_or_else(|| self.corrupt(&key, "bad index key"))?;
             let record_key = keys::record(&device, seq);
             let value = self

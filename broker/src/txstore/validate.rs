@@ -254,7 +254,8 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_fields_are_refused_with_their_name() {
-        let cases: Vec<(fn(&mut pb::Transaction), &str)> = vec![
+        type Mutate = fn(&mut pb::Transaction);
+        let cases: Vec<(Mutate, &str)> = vec![
             (|t| t.seq = 0, "seq"),
             (|t| t.txn_id.clear(), "txn_id"),
             (|t| t.txn_id = "x".repeat(65), "txn_id"),
