@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use super::txqueue::{Job, TxConfig};
+use super::txqueue::{Job, Queued, TxConfig};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::txstore::{CommitOutcome, DeviceOutcome, TxStore};
@@ -128,7 +128,10 @@ impl<A: AckSink> Committer<A> {
 
     async fn commit_and_ack(&self, jobs: Vec<Job>, tracker: &TaskTracker) {
         let records: usize = jobs.iter().map(|j| j.sub.records.len()).sum();
-        let subs = jobs.iter().map(|j| j.sub.clone()).collect();
+        let batches = jobs.len();
+        // The submissions move to the blocking thread; what stays (device, queue time, byte
+        // permit) is released after the acknowledgements.
+        let (subs, waiting): (Vec<_>, Vec<_>) = jobs.into_iter().map(Job::split).unzip();
         let store = Arc::clone(&self.store);
         let started = Instant::now();
         // sled's flush and the fsync block for milliseconds: off the runtime.
@@ -143,7 +146,7 @@ impl<A: AckSink> Committer<A> {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => {
                 self.metrics.tx_commit_failures_total.inc();
-                error!(error = %e, batches = jobs.len(), records, "transaction commit failed; nothing acknowledged, terminals will resend");
+                error!(error = %e, batches, records, "transaction commit failed; nothing acknowledged, terminals will resend");
                 return;
             }
             Err(e) => {
@@ -153,15 +156,15 @@ impl<A: AckSink> Committer<A> {
             }
         };
         debug!(
-            batches = jobs.len(),
+            batches,
             records,
             stored = outcome.stored(),
             ms = elapsed.as_millis(),
             "transactions committed"
         );
         self.count(&outcome);
-        self.acknowledge(&outcome, &jobs).await;
-        drop(jobs);
+        self.acknowledge(&outcome, &waiting).await;
+        drop(waiting);
         self.announce(outcome);
     }
 
@@ -178,36 +181,46 @@ impl<A: AckSink> Committer<A> {
     }
 
     /// One acknowledgement per device (more if it rejects very many seqs), all queued within
-    /// `ack_timeout`.
-    async fn acknowledge(&self, outcome: &CommitOutcome, jobs: &[Job]) {
+    /// `ack_timeout`. Failures are counted and logged once per commit.
+    async fn acknowledge(&self, outcome: &CommitOutcome, waiting: &[Queued]) {
         let deadline = tokio::time::Instant::now() + self.cfg.ack_timeout;
+        let mut failed = 0usize;
+        let mut last_error = String::new();
         for device in &outcome.devices {
             let mut sent = true;
             for ack in acks_for(device) {
                 let publish = self.acks.publish_ack(&device.device, &ack);
-                match tokio::time::timeout_at(deadline, publish).await {
-                    Ok(Ok(())) => {
+                let result = match tokio::time::timeout_at(deadline, publish).await {
+                    Ok(result) => result,
+                    Err(_) => Err("timed out".to_owned()),
+                };
+                match result {
+                    Ok(()) => {
                         self.metrics.tx_acks_total.inc();
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         sent = false;
+                        failed += 1;
+                        last_error = e;
                         self.metrics.tx_ack_failures_total.inc();
-                        warn!(device_id = %device.device, error = %e, "transaction ack not sent; the terminal will resend");
-                    }
-                    Err(_) => {
-                        sent = false;
-                        self.metrics.tx_ack_failures_total.inc();
-                        warn!(device_id = %device.device, "transaction ack timed out; the terminal will resend");
                     }
                 }
             }
             if sent {
-                for job in jobs.iter().filter(|j| j.sub.device == device.device) {
+                for queued in waiting.iter().filter(|q| q.device == device.device) {
                     self.metrics
                         .tx_ack_latency_seconds
-                        .observe(job.queued_at.elapsed().as_secs_f64());
+                        .observe(queued.at.elapsed().as_secs_f64());
                 }
             }
+        }
+        if failed > 0 {
+            warn!(
+                failed,
+                devices = outcome.devices.len(),
+                error = %last_error,
+                "transaction acks not sent; those terminals will resend and be acknowledged then"
+            );
         }
     }
 

@@ -52,6 +52,26 @@ pub(crate) struct Job {
     _bytes: OwnedSemaphorePermit,
 }
 
+impl Job {
+    /// The submission, and what must stay with the committer until it has acknowledged it.
+    pub(crate) fn split(self) -> (Submission, Queued) {
+        let queued = Queued {
+            device: self.sub.device.clone(),
+            at: self.queued_at,
+            _bytes: self._bytes,
+        };
+        (self.sub, queued)
+    }
+}
+
+/// A batch being committed: who sent it, when it was queued, and its byte permit.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub device: posfleet_proto::DeviceId,
+    pub at: Instant,
+    _bytes: OwnedSemaphorePermit,
+}
+
 /// Why a batch was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum QueueError {

@@ -114,7 +114,14 @@ impl TxStore {
             for tx in sub.records {
                 let key = keys::record(&device, tx.seq());
                 let proto = tx.encode();
-                match self.existing(&new_records, &key)? {
+                // Nothing above the ledger's last seq is in the tree (the ledger is written in
+                // the same batch as its records): the common case needs no lookup.
+                let existing = if tx.seq() > p.ledger.last_seq {
+                    None
+                } else {
+                    self.existing(&new_records, &key)?
+                };
+                match existing {
                     None => {
                         let value = encode_value(sub.received_at_ms, &proto);
                         let ts = tx.get().timestamp_ms;
