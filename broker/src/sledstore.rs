@@ -5,6 +5,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -25,19 +26,46 @@ pub(crate) enum OpenError {
     },
 }
 
+/// How long `open` waits for the lock of a database this process has just closed.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// Pause between lock attempts.
+const LOCK_RETRY: Duration = Duration::from_millis(20);
+
 /// Opens (creating it 0700 if needed) the sled database in `dir` with a page cache of
 /// `cache_capacity` bytes, after removing partial snapshots (storage rules 3 and 5).
+///
+/// sled's background threads keep the database's file lock for a moment after the last
+/// `Db` handle is dropped, so a reopen right after a close (a restart within the process)
+/// waits up to [`LOCK_WAIT`] for it. A lock held by another process fails after that wait.
 pub(crate) fn open(dir: &Path, cache_capacity: u64) -> Result<sled::Db, OpenError> {
     create_private_dir(dir)?;
     remove_partial_snapshots(dir)?;
-    sled::Config::new()
-        .path(dir)
-        .cache_capacity(cache_capacity)
-        .open()
-        .map_err(|source| OpenError::Sled {
-            path: dir.to_owned(),
-            source,
-        })
+    let started = Instant::now();
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(e) if is_lock_busy(&e) && started.elapsed() < LOCK_WAIT => {
+                // Called at startup or on a blocking thread, never on the async runtime.
+                #[allow(clippy::disallowed_methods)]
+                std::thread::sleep(LOCK_RETRY);
+            }
+            Err(source) => {
+                return Err(OpenError::Sled {
+                    path: dir.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// True for sled's "could not acquire lock" error (the `db` file is locked).
+fn is_lock_busy(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
 /// Makes everything applied to the database in `dir` durable: `flush` (which on Linux uses
