@@ -2,19 +2,30 @@
 //!
 //! # Layout
 //!
-//! - `edge`: our mTLS MQTT accept loop, identity from certificates, ACL, attached to
+//! - [`app`]: `serve` and `demo`: data dir, PKI bootstrap, and every subsystem started under
+//!   one shutdown tree.
+//! - [`cli`]: the `posfleet-broker` command line (thin `main` calls [`cli::main`]).
+//! - [`edge`]: our mTLS MQTT accept loop, identity from certificates, ACL, attached to
 //!   rumqttd's router through its local link API.
-//! - `controller`: the controller's MQTT client and ingest (presence, heartbeat, telemetry).
-//! - `registry`: the sled store of devices (the only module that touches sled).
-//! - `api`: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
-//! - `events`: the in-process live event bus feeding the stream.
+//! - [`controller`]: the controller's MQTT client and ingest (presence, heartbeat, telemetry).
+//! - [`registry`]: the sled store of devices (the only module that touches sled).
+//! - [`api`]: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
+//! - [`events`]: the in-process live event bus feeding the stream.
 //! - [`metrics`]: Prometheus metrics shared by every subsystem.
-//! - `posctl`: the admin CLI's library side.
+//! - [`datadir`]: the data directory layout shared by `serve` and `posctl`.
+//! - [`views`]: the JSON contract of the admin API.
+//! - [`posctl`]: the admin CLI's library side.
 
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod controller;
 pub mod datadir;
 pub mod edge;
+pub mod events;
 pub mod metrics;
 pub mod posctl;
+pub mod registry;
 pub mod views;

@@ -1,0 +1,95 @@
+//! Error responses of the admin API (always a JSON [`ErrorBody`]) and TLS setup errors.
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::views::ErrorBody;
+
+/// An error answered to an API client: a status and an [`ErrorBody`].
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, error: impl Into<String>, hint: Option<&str>) -> Self {
+        Self {
+            status,
+            body: ErrorBody {
+                error: error.into(),
+                hint: hint.map(str::to_owned),
+            },
+        }
+    }
+
+    pub(crate) fn bad_request(error: impl Into<String>, hint: &str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, error, Some(hint))
+    }
+
+    pub(crate) fn not_found(error: impl Into<String>, hint: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, error, Some(hint))
+    }
+
+    pub(crate) fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid bearer token",
+            Some(
+                "send `Authorization: Bearer <token>` with the token from DATA/admin.token \
+                 (posctl reads it from DATA/posctl.json)",
+            ),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let unauthorized = self.status == StatusCode::UNAUTHORIZED;
+        let mut response = (self.status, Json(self.body)).into_response();
+        if unauthorized {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"posfleet\""),
+            );
+        }
+        response
+    }
+}
+
+/// Fallback for unknown routes (reached only with a valid token).
+pub(crate) async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(
+        format!("no route for {}", uri.path()),
+        "the API lives under /api/v1: GET /api/v1/devices, /api/v1/devices/{id}, /api/v1/stream",
+    )
+}
+
+/// Fallback for a known route with the wrong method.
+pub(crate) async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+        Some("every route of this API version is read-only: use GET"),
+    )
+}
+
+/// Why the API's TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerTlsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {detail}", path.display())]
+    Pem { path: PathBuf, detail: String },
+    #[error("{}: no PEM certificate found", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("the API certificate and key were refused: {0}")]
+    Rustls(#[from] rustls::Error),
+}

@@ -1,0 +1,148 @@
+//! The HTTPS admin API (axum over our own tokio-rustls accept loop).
+//!
+//! # Layout
+//!
+//! - `mod.rs`: [`ApiState`], [`ApiLimits`], [`router`] and the route table.
+//! - `server.rs`: [`serve`] (accept loop: connection semaphore, per-connection task with a TLS
+//!   handshake timeout, hyper HTTP/1.1, graceful stop) and [`server_tls_config`].
+//! - `auth.rs`: bearer-token check (constant time) for every route except `/healthz`.
+//! - `error.rs`: [`ApiError`] (JSON `ErrorBody` responses) and [`ServerTlsError`].
+//! - one file per resource: `health.rs` (`GET /healthz`), `devices.rs`
+//!   (`GET /api/v1/devices[/{id}]`), `stream.rs` (`GET /api/v1/stream`, server-sent events),
+//!   `metrics.rs` (`GET /metrics`).
+//! - `tests/`: tests against a real TLS server on 127.0.0.1:0 with reqwest.
+
+mod auth;
+mod devices;
+mod error;
+mod health;
+mod metrics;
+mod server;
+mod stream;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{MethodRouter, get};
+use tokio_util::sync::CancellationToken;
+
+pub use error::{ApiError, ServerTlsError};
+pub use server::{serve, server_tls_config};
+
+use crate::events::EventBus;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// Resource limits of the API server.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    /// Connections (handshaking or established) at most; `accept` waits beyond it.
+    pub max_connections: usize,
+    /// Time allowed for a TLS handshake; an idle or slow client is dropped after it.
+    pub handshake_timeout: Duration,
+    /// Time allowed for a client to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// At shutdown, how long open requests (and streams) may take to finish.
+    pub shutdown_grace: Duration,
+    /// Interval of keep-alive comments on the live stream.
+    pub sse_keep_alive: Duration,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
+            sse_keep_alive: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The admin bearer token; never printed.
+#[derive(Clone)]
+pub(crate) struct AdminToken(Arc<str>);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+/// Everything the handlers need. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    /// Device state.
+    pub(crate) registry: Arc<Registry>,
+    /// Live events for `/api/v1/stream`.
+    pub(crate) events: EventBus,
+    /// Rendered by `/metrics`; counts auth failures.
+    pub(crate) metrics: Arc<Metrics>,
+    /// The token every request except `/healthz` must present.
+    pub(crate) token: AdminToken,
+    /// Connection and timing limits.
+    pub(crate) limits: ApiLimits,
+    /// Cancelled when the server stops, so that endless responses (streams) end.
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl ApiState {
+    /// State with default limits. `admin_token` is the content of `DATA/admin.token`
+    /// (`DataDir::ensure_admin_token`); an empty token refuses every request.
+    pub fn new(
+        registry: Arc<Registry>,
+        events: EventBus,
+        metrics: Arc<Metrics>,
+        admin_token: String,
+    ) -> Self {
+        Self {
+            registry,
+            events,
+            metrics,
+            token: AdminToken(admin_token.into()),
+            limits: ApiLimits::default(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// The same state with other limits.
+    pub fn with_limits(mut self, limits: ApiLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+}
+
+/// Every route that requires the admin token. The router is built from this table, so the
+/// test that walks it covers every protected route.
+fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
+    vec![
+        ("/api/v1/devices", get(devices::list)),
+        ("/api/v1/devices/{id}", get(devices::detail)),
+        ("/api/v1/stream", get(stream::stream)),
+        ("/metrics", get(metrics::render)),
+    ]
+}
+
+/// The API's router: `/healthz` open, everything else (including unknown routes, which get a
+/// JSON 404) behind the bearer token.
+pub fn router(state: ApiState) -> Router {
+    let mut protected = Router::new();
+    for (path, route) in protected_routes() {
+        protected = protected.route(path, route);
+    }
+    let protected = protected
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .merge(protected)
+        .with_state(state)
+}

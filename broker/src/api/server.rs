@@ -1,0 +1,194 @@
+//! The API's accept loop: our own, so a slow or idle client can never block anyone else.
+//!
+//! - A semaphore caps connections (handshaking or established); `accept` waits for a free
+//!   slot (mini-redis style), so the kernel backlog absorbs bursts.
+//! - Each accepted socket gets its own tracked task: TLS handshake under
+//!   `handshake_timeout`, then hyper HTTP/1.1 with a header read timeout.
+//! - On cancel: stop accepting, ask every connection to finish its current request (streams
+//!   end), wait up to `shutdown_grace`, then drop what is left.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use posfleet_proto::pki::parse_pem_certs;
+use rustls::ServerConfig;
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::error::ServerTlsError;
+use super::{ApiLimits, ApiState, router};
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// A TLS server config for the API: the certificate chain and key from PEM files, no client
+/// authentication (the bearer token authenticates), ALPN `http/1.1`, ring provider.
+pub fn server_tls_config(
+    cert_pem_path: &Path,
+    key_pem_path: &Path,
+) -> Result<Arc<ServerConfig>, ServerTlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| ServerTlsError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let chain = parse_pem_certs(&read(cert_pem_path)?).map_err(|e| ServerTlsError::Pem {
+        path: cert_pem_path.to_owned(),
+        detail: e.to_string(),
+    })?;
+    if chain.is_empty() {
+        return Err(ServerTlsError::NoCertificate {
+            path: cert_pem_path.to_owned(),
+        });
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(&read(key_pem_path)?).map_err(|e| ServerTlsError::Pem {
+            path: key_pem_path.to_owned(),
+            detail: e.to_string(),
+        })?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves the admin API on `listener` until `cancel`, then stops gracefully (see the module
+/// docs). Returns when every connection has ended.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    state: ApiState,
+    cancel: CancellationToken,
+) {
+    let limits = state.limits;
+    let state = ApiState {
+        shutdown: cancel.child_token(),
+        ..state
+    };
+    let app = router(state);
+    let acceptor = TlsAcceptor::from(tls);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let connections = TaskTracker::new();
+    // Cancelled after the grace period: connections still open are dropped.
+    let hard_stop = CancellationToken::new();
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "admin API listening");
+    }
+    loop {
+        let slot = tokio::select! {
+            () = cancel.cancelled() => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_closed) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(error = %e, "admin API accept failed");
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                }
+            }
+        };
+        let conn = Connection {
+            acceptor: acceptor.clone(),
+            app: app.clone(),
+            limits,
+            cancel: cancel.clone(),
+            hard_stop: hard_stop.clone(),
+            _slot: slot,
+        };
+        connections.spawn(
+            conn.run(tcp, peer)
+                .instrument(info_span!("api_conn", %peer)),
+        );
+    }
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(limits.shutdown_grace, connections.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = connections.len(),
+            "admin API connections still open after the grace period; dropping them"
+        );
+        hard_stop.cancel();
+        connections.wait().await;
+    }
+    info!("admin API stopped");
+}
+
+/// One accepted socket and what it needs.
+struct Connection {
+    acceptor: TlsAcceptor,
+    app: Router,
+    limits: ApiLimits,
+    /// Graceful stop: finish the current request, then close.
+    cancel: CancellationToken,
+    /// Abrupt stop after the grace period.
+    hard_stop: CancellationToken,
+    /// Held for the connection's lifetime; frees a connection slot when dropped.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    async fn run(self, tcp: TcpStream, peer: SocketAddr) {
+        let handshake =
+            tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(tcp));
+        let tls = tokio::select! {
+            () = self.cancel.cancelled() => return,
+            result = handshake => match result {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "admin API TLS handshake failed");
+                    return;
+                }
+                Err(_elapsed) => {
+                    debug!("admin API TLS handshake timed out");
+                    return;
+                }
+            },
+        };
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_read_timeout)
+            .keep_alive(true);
+        let conn = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(self.app));
+        let mut conn = std::pin::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            () = self.cancel.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    result = conn.as_mut() => result,
+                    () = self.hard_stop.cancelled() => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = result {
+            debug!(%peer, error = %e, "admin API connection ended with an error");
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! `serve` and `demo`: everything the controller process runs, under one shutdown tree.
+//!
+//! Startup order: data dir and PKI (created on first start), admin token, both listeners bound
+//! (so a port clash fails before anything runs), the edge with its router, the registry, the
+//! controller (an ordinary mTLS MQTT client of the edge), the admin API, and finally
+//! `posctl.json` so `posctl --data-dir DIR` finds the running server.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use posfleet_proto::pki::PkiError;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::api::{self, ApiState, ServerTlsError};
+use crate::controller::{ControllerConfig, ControllerError, spawn_controller};
+use crate::datadir::{ClientFile, DataDir, DataDirError};
+use crate::edge::{EdgeConfig, EdgeHandle, TlsSetupError, mtls_server_config, spawn_edge};
+use crate::events::EventBus;
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryConfig, RegistryError};
+
+/// Default MQTT listen address of `serve` and `demo`.
+pub const DEFAULT_MQTT_LISTEN: &str = "0.0.0.0:8883";
+/// Default admin API listen address of `serve` and `demo`.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8443";
+/// Capacity of the live event bus.
+const EVENT_BUS_CAPACITY: usize = 4096;
+
+/// What `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub mqtt_listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    /// Extra host names / IPs for the broker certificate when a new PKI is created.
+    pub hosts: Vec<String>,
+}
+
+/// Why the controller process could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("cannot create the development PKI: {0}")]
+    Pki(#[from] PkiError),
+    #[error("cannot listen on {addr} for {what}: {source}; choose another address with {flag}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        flag: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("MQTT edge TLS: {0}")]
+    EdgeTls(#[from] TlsSetupError),
+    #[error("admin API TLS: {0}")]
+    ApiTls(#[from] ServerTlsError),
+    #[error("device registry: {0}")]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
+    #[error("startup task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A started controller process.
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub mqtt_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    /// What was written to `posctl.json`.
+    pub client: ClientFile,
+    pub edge: EdgeHandle,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    /// True if this start created the PKI.
+    pub pki_created: bool,
+    /// True if this start created the admin token.
+    pub token_created: bool,
+}
+
+/// Starts every subsystem on `tracker`; they stop when `cancel` is cancelled.
+pub async fn start(
+    opts: &ServeOptions,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> Result<Running, AppError> {
+    let data = DataDir::at(&opts.data_dir);
+    let (pki_created, token, token_created) = {
+        let data = data.clone();
+        let hosts = opts.hosts.clone();
+        // File system work and key generation: off the runtime.
+        tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+            data.create()?;
+            let pki = data.pki();
+            let created = if pki.exists() {
+                false
+            } else {
+                pki.init(&hosts)?;
+                true
+            };
+            let (token, token_created) = data.ensure_admin_token()?;
+            Ok((created, token, token_created))
+        })
+        .await??
+    };
+    let pki = data.pki();
+    if pki_created {
+        info!(dir = %pki.dir().display(), "created a development PKI (fleet CA, broker and controller certificates)");
+    }
+
+    let mqtt_listener = bind(opts.mqtt_listen, "MQTT", "--mqtt-listen").await?;
+    let api_listener = bind(opts.api_listen, "the admin API", "--api-listen").await?;
+    let mqtt_addr = mqtt_listener
+        .local_addr()
+        .map_err(|source| AppError::Bind {
+            what: "MQTT",
+            addr: opts.mqtt_listen,
+            flag: "--mqtt-listen",
+            source,
+        })?;
+    let api_addr = api_listener.local_addr().map_err(|source| AppError::Bind {
+        what: "the admin API",
+        addr: opts.api_listen,
+        flag: "--api-listen",
+        source,
+    })?;
+
+    let metrics = Arc::new(Metrics::new());
+    let edge_tls = mtls_server_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())?;
+    let edge = spawn_edge(
+        mqtt_listener,
+        EdgeConfig::new(edge_tls),
+        metrics.clone(),
+        tracker,
+        cancel.child_token(),
+    )
+    .map_err(|source| AppError::Bind {
+        what: "MQTT",
+        addr: opts.mqtt_listen,
+        flag: "--mqtt-listen",
+        source,
+    })?;
+
+    let registry_cfg = RegistryConfig::new(data.registry_dir());
+    let registry = tokio::task::spawn_blocking(move || Registry::open(registry_cfg)).await??;
+    let events = EventBus::new(EVENT_BUS_CAPACITY);
+
+    // The controller is an MQTT client of the edge, exactly as of an external broker.
+    let local = loopback_for(mqtt_addr);
+    let controller_cfg = ControllerConfig::from_pki(local.ip().to_string(), local.port(), &pki)?;
+    spawn_controller(
+        controller_cfg,
+        registry.clone(),
+        events.clone(),
+        metrics.clone(),
+        tracker,
+        cancel.child_token(),
+    )?;
+
+    let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
+    let state = ApiState::new(registry.clone(), events, metrics.clone(), token);
+    tracker.spawn(api::serve(
+        api_listener,
+        api_tls,
+        state,
+        cancel.child_token(),
+    ));
+
+    let api_url = format!("https://{}", loopback_for(api_addr));
+    let mqtt_url = format!("mqtts://{}", loopback_for(mqtt_addr));
+    let client = {
+        let data = data.clone();
+        tokio::task::spawn_blocking(move || data.write_client_file(&api_url, Some(&mqtt_url)))
+            .await??
+    };
+    info!(mqtt = %mqtt_addr, api = %client.api_url, "posfleet broker running");
+    Ok(Running {
+        mqtt_addr,
+        api_addr,
+        client,
+        edge,
+        registry,
+        metrics,
+        pki_created,
+        token_created,
+    })
+}
+
+async fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind {
+            what,
+            addr,
+            flag,
+            source,
+        })
+}
+
+/// The address a local client uses to reach a listener: the wildcard becomes loopback (the
+/// development server certificate names 127.0.0.1 and ::1).
+pub fn loopback_for(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+/// Grace period for tasks to stop after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_listeners_are_reached_on_loopback() {
+        let any: SocketAddr = "0.0.0.0:8883".parse().unwrap();
+        assert_eq!(loopback_for(any).to_string(), "127.0.0.1:8883");
+        let any6: SocketAddr = "[::]:1".parse().unwrap();
+        assert_eq!(loopback_for(any6).to_string(), "[::1]:1");
+        let fixed: SocketAddr = "10.1.2.3:5".parse().unwrap();
+        assert_eq!(loopback_for(fixed), fixed);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_start_creates_pki_token_and_client_file_then_reuses_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = ServeOptions {
+            data_dir: tmp.path().join("data"),
+            mqtt_listen: "127.0.0.1:0".parse().unwrap(),
+            api_listen: "127.0.0.1:0".parse().unwrap(),
+            hosts: vec![],
+        };
+        for first in [true, false] {
+            let tracker = TaskTracker::new();
+            let cancel = CancellationToken::new();
+            let running = start(&opts, &tracker, cancel.clone()).await.unwrap();
+            assert_eq!(running.pki_created, first);
+            assert_eq!(running.token_created, first);
+            let client = DataDir::at(&opts.data_dir).read_client_file().unwrap();
+            assert_eq!(client, running.client);
+            assert!(
+                client
+                    .api_url
+                    .ends_with(&running.api_addr.port().to_string())
+            );
+            cancel.cancel();
+            tracker.close();
+            tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+                .await
+                .expect("everything stops");
+        }
+    }
+}

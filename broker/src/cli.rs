@@ -1,0 +1,265 @@
+//! The `posfleet-broker` command line: `serve` and `demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use posfleet_agent::config::{BrokerUrl, parse_duration};
+use posfleet_agent::{SimulatorConfig, run_simulator};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::app::{
+    self, DEFAULT_API_LISTEN, DEFAULT_MQTT_LISTEN, Running, SHUTDOWN_GRACE, ServeOptions,
+};
+use crate::datadir::DEFAULT_DATA_DIR;
+
+/// posfleet controller: secure MQTT edge, embedded router, device registry and admin API.
+#[derive(Debug, Parser)]
+#[command(name = "posfleet-broker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller: MQTT edge for terminals, controller, admin API.
+    Serve(ServeArgs),
+    /// Run the controller plus simulated terminals, for a first look.
+    Demo {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Number of simulated terminals.
+        #[arg(long, default_value_t = 25)]
+        terminals: usize,
+        /// Heartbeat interval of the simulated terminals.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+        heartbeat_interval: Duration,
+        /// Telemetry interval of the simulated terminals.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+        telemetry_interval: Duration,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Data directory (PKI, admin token, registry, posctl.json).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Address terminals connect to (MQTT over mutual TLS).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_MQTT_LISTEN)]
+    mqtt_listen: SocketAddr,
+    /// Address of the HTTPS admin API.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_API_LISTEN)]
+    api_listen: SocketAddr,
+    /// Extra host name or IP for the broker certificate when a new PKI is created
+    /// (repeatable; localhost, 127.0.0.1 and ::1 are always included).
+    #[arg(long = "host", value_name = "HOST")]
+    hosts: Vec<String>,
+}
+
+impl ServeArgs {
+    fn options(&self) -> ServeOptions {
+        ServeOptions {
+            data_dir: self.data_dir.clone(),
+            mqtt_listen: self.mqtt_listen,
+            api_listen: self.api_listen,
+            hosts: self.hosts.clone(),
+        }
+    }
+}
+
+/// Entry point of the `posfleet-broker` binary (and of test binaries that wrap it).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,posfleet_agent::agent=warn,posfleet_agent::mqtt=warn,rumqttd=warn")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let outcome = match cli.command {
+            Command::Serve(args) => serve(&args, &tracker, &cancel).await,
+            Command::Demo {
+                serve,
+                terminals,
+                heartbeat_interval,
+                telemetry_interval,
+            } => {
+                demo(
+                    &serve,
+                    terminals,
+                    heartbeat_interval,
+                    telemetry_interval,
+                    &tracker,
+                    &cancel,
+                )
+                .await
+            }
+        };
+        stop(cancel, tracker).await;
+        outcome
+    })
+}
+
+async fn serve(
+    args: &ServeArgs,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    let running = app::start(&args.options(), tracker, cancel.child_token()).await?;
+    print_summary(args, &running);
+    wait_for_end(&running).await
+}
+
+async fn demo(
+    args: &ServeArgs,
+    terminals: usize,
+    heartbeat_interval: Duration,
+    telemetry_interval: Duration,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    let running = app::start(&args.options(), tracker, cancel.child_token()).await?;
+    let local = app::loopback_for(running.mqtt_addr);
+    let broker = BrokerUrl {
+        host: local.ip().to_string(),
+        port: local.port(),
+    };
+    let mut sim = SimulatorConfig::new(terminals, args.data_dir.join("pki"), broker);
+    sim.agent.heartbeat_interval = heartbeat_interval;
+    sim.agent.telemetry_interval = telemetry_interval;
+    let handle = run_simulator(sim, tracker, cancel.child_token())
+        .await
+        .context("cannot start the simulated terminals")?;
+    print_summary(args, &running);
+    let ids = handle.device_ids();
+    if let (Some(first), Some(last)) = (ids.first(), ids.last()) {
+        println!("  terminals   {terminals} simulated ({first} .. {last})");
+        println!();
+        println!("Try, in another terminal:");
+        let dd = shell_path(&args.data_dir);
+        println!("  cargo run -q -p posfleet-broker --bin posctl -- --data-dir {dd} devices list");
+        println!(
+            "  cargo run -q -p posfleet-broker --bin posctl -- --data-dir {dd} devices show {first}"
+        );
+        println!(
+            "  cargo run -q -p posfleet-broker --bin posctl -- --data-dir {dd} watch --device {first}"
+        );
+        println!();
+        println!("Press Ctrl-C to stop.");
+    }
+    wait_for_end(&running).await
+}
+
+fn print_summary(args: &ServeArgs, running: &Running) {
+    let dd = shell_path(&args.data_dir);
+    println!();
+    println!("posfleet broker is running");
+    println!(
+        "  MQTT edge   mqtts://{} (mutual TLS; fleet CA {dd}/pki/ca.crt)",
+        running.mqtt_addr
+    );
+    println!(
+        "  admin API   {} (bearer token in {dd}/admin.token)",
+        running.client.api_url
+    );
+    if running.pki_created {
+        println!("  PKI         created a development PKI in {dd}/pki");
+    }
+    if running.token_created {
+        println!("  token       generated {dd}/admin.token (mode 0600)");
+    }
+}
+
+fn shell_path(path: &std::path::Path) -> String {
+    path.display().to_string()
+}
+
+/// Waits for SIGTERM/SIGINT (exit 0) or a fatal edge error (exit 1, so a supervisor restarts).
+async fn wait_for_end(running: &Running) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received, shutting down"),
+        _ = int.recv() => info!("SIGINT received, shutting down"),
+        reason = running.edge.fatal() => {
+            anyhow::bail!("the MQTT edge failed ({reason}); exiting so the supervisor restarts it");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels everything and waits up to [`SHUTDOWN_GRACE`] for the tasks to finish.
+async fn stop(cancel: CancellationToken, tracker: TaskTracker) {
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(grace = ?SHUTDOWN_GRACE, remaining = tracker.len(), "tasks did not stop within the grace period");
+    } else {
+        info!("stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_parses_the_documented_forms() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["posfleet-broker", "demo", "--terminals", "3"]).unwrap();
+        assert!(matches!(cli.command, Command::Demo { terminals: 3, .. }));
+        let cli = Cli::try_parse_from([
+            "posfleet-broker",
+            "serve",
+            "--data-dir",
+            "/tmp/x",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--host",
+            "pos.example",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve expected");
+        };
+        assert_eq!(args.hosts, ["pos.example"]);
+        assert_eq!(args.options().mqtt_listen.port(), 0);
+    }
+}

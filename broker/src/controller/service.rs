@@ -1,0 +1,416 @@
+//! The running controller: the shared MQTT session (`posfleet_agent::mqtt`), the ingest loop
+//! that feeds it to [`Ingest`], the liveness sweeper and the registry committer, all under one
+//! cancellation token.
+//!
+//! Shutdown order matters for durability: when `cancel` fires, the ingest loop stops and
+//! disconnects gracefully, the sweeper stops, and only after both have ended is the registry
+//! committer told to stop, so its final commit holds every change they made.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use posfleet_agent::backoff::Backoff;
+use posfleet_agent::mqtt::{MqttError, MqttHandle, SessionConfig, SessionEvent, spawn_session};
+use posfleet_agent::tls::{TlsError, client_config_from_files};
+use posfleet_proto::Filter;
+use posfleet_proto::pki::{Identity, PkiDir, PkiError, parse_pem_certs};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::Ingest;
+use super::sweeper::{Clock, spawn_sweeper, system_clock};
+use crate::events::EventBus;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// Longest a graceful MQTT disconnect may take at shutdown before the session is cut.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(3);
+
+/// Why the controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("controller TLS material: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot read the controller certificate {path}: {source}")]
+    ReadCert {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("controller certificate {path}: {source}")]
+    Identity {
+        path: PathBuf,
+        #[source]
+        source: PkiError,
+    },
+    #[error(
+        "{path} is a certificate for {identity}, not for a controller; use DATA/pki/controller.crt"
+    )]
+    NotController { path: PathBuf, identity: Identity },
+    #[error("controller MQTT session: {0}")]
+    Mqtt(#[from] MqttError),
+}
+
+/// How the controller connects and ages devices.
+#[derive(Clone)]
+pub struct ControllerConfig {
+    /// Broker host; its server certificate must be valid for it.
+    pub host: String,
+    /// Broker MQTT-over-TLS port.
+    pub port: u16,
+    /// MQTT client id; the edge requires the certificate's identity (`controller:<name>`).
+    pub client_id: String,
+    /// mTLS client config: the fleet CA(s) and the controller certificate.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Reconnect delays (full jitter).
+    pub backoff: Backoff,
+    /// Uplink messages queued between the session and the ingest loop.
+    pub incoming_capacity: usize,
+    /// How often the liveness sweeper runs.
+    pub sweep_interval: Duration,
+    /// Wall clock for receive times and the sweeper (tests inject their own).
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for ControllerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("keep_alive", &self.keep_alive)
+            .field("incoming_capacity", &self.incoming_capacity)
+            .field("sweep_interval", &self.sweep_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControllerConfig {
+    /// Defaults for a controller connecting to `host:port` as `client_id` with `tls`.
+    pub fn new(
+        host: impl Into<String>,
+        port: u16,
+        client_id: impl Into<String>,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            client_id: client_id.into(),
+            tls,
+            keep_alive: Duration::from_secs(30),
+            backoff: Backoff::default(),
+            incoming_capacity: 1024,
+            sweep_interval: Duration::from_secs(2),
+            clock: system_clock(),
+        }
+    }
+
+    /// Defaults with the controller certificate of a PKI directory (`controller.crt/.key`,
+    /// trusting `ca.crt`); the client id is the certificate's identity (`controller:main`).
+    pub fn from_pki(
+        host: impl Into<String>,
+        port: u16,
+        pki: &PkiDir,
+    ) -> Result<Self, ControllerError> {
+        let cert_path = pki.controller_cert();
+        let pem = std::fs::read(&cert_path).map_err(|source| ControllerError::ReadCert {
+            path: cert_path.clone(),
+            source,
+        })?;
+        let identity = parse_pem_certs(&pem)
+            .and_then(|certs| {
+                let leaf = certs.first().ok_or(PkiError::NoCertificate {
+                    path: cert_path.clone(),
+                })?;
+                Identity::from_cert_der(leaf)
+            })
+            .map_err(|source| ControllerError::Identity {
+                path: cert_path.clone(),
+                source,
+            })?;
+        if !matches!(identity, Identity::Controller(_)) {
+            return Err(ControllerError::NotController {
+                path: cert_path,
+                identity,
+            });
+        }
+        let tls = client_config_from_files(&pki.ca_cert(), &cert_path, &pki.controller_key())?;
+        Ok(Self::new(host, port, identity.client_id(), tls))
+    }
+}
+
+/// A running controller.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    /// The controller's MQTT session (for publishing downlinks later, and connection state).
+    pub mqtt: MqttHandle,
+    /// The ingest logic the session feeds.
+    pub ingest: Arc<Ingest>,
+}
+
+/// Starts the controller on `tracker`: the MQTT session subscribed to every device uplink,
+/// the ingest loop, the liveness sweeper and the registry committer. Everything stops when
+/// `cancel` is cancelled; wait for `tracker` to see the final registry commit done.
+pub fn spawn_controller(
+    cfg: ControllerConfig,
+    registry: Arc<Registry>,
+    events: EventBus,
+    metrics: Arc<Metrics>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> Result<Controller, ControllerError> {
+    let mut session = SessionConfig::new(cfg.host, cfg.port, cfg.client_id, cfg.tls);
+    session.keep_alive = cfg.keep_alive;
+    session.backoff = cfg.backoff;
+    session.incoming_capacity = cfg.incoming_capacity;
+    session.subscriptions = vec![Filter::all_uplinks()];
+    let session_cancel = cancel.child_token();
+    let (mqtt, inbox) = spawn_session(session, tracker, session_cancel.clone())?;
+
+    let ingest = Arc::new(Ingest::new(Arc::clone(&registry), events, metrics));
+    // Not a child of `cancel`: it stops after the tasks that mutate the registry.
+    let commit_stop = CancellationToken::new();
+    registry.spawn_committer(tracker, commit_stop.clone());
+    let sweeper = spawn_sweeper(
+        Arc::clone(&ingest),
+        cfg.sweep_interval,
+        Arc::clone(&cfg.clock),
+        tracker,
+        cancel.clone(),
+    );
+    let ingest_loop = tracker.spawn(
+        ingest_loop(
+            Arc::clone(&ingest),
+            inbox,
+            mqtt.clone(),
+            cfg.clock,
+            cancel,
+            session_cancel,
+        )
+        .instrument(info_span!("controller", client_id = %mqtt.client_id())),
+    );
+    tracker.spawn(stop_committer_after(ingest_loop, sweeper, commit_stop));
+    Ok(Controller { mqtt, ingest })
+}
+
+/// Feeds every uplink to `ingest` until `cancel`, then disconnects gracefully.
+pub(crate) async fn ingest_loop(
+    ingest: Arc<Ingest>,
+    mut inbox: mpsc::Receiver<SessionEvent>,
+    mqtt: MqttHandle,
+    clock: Clock,
+    cancel: CancellationToken,
+    session_cancel: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            event = inbox.recv() => event,
+        };
+        match event {
+            Some(SessionEvent::Message { topic, payload }) => {
+                // Errors are counted and logged by `handle`.
+                let _ = ingest.handle(&topic, &payload, clock());
+            }
+            Some(SessionEvent::Connected { session_present }) => {
+                info!(session_present, "controller connected to the broker");
+            }
+            Some(SessionEvent::Disconnected { error }) => {
+                warn!(%error, "controller lost its broker connection; reconnecting");
+            }
+            None => {
+                warn!("controller MQTT session ended");
+                break;
+            }
+        }
+    }
+    // The session drops events for a consumer that is going away, so this cannot deadlock
+    // on a full inbox; the timeout covers a DISCONNECT stuck behind unacknowledged publishes.
+    if tokio::time::timeout(DISCONNECT_GRACE, mqtt.disconnect())
+        .await
+        .is_err()
+    {
+        warn!("graceful MQTT disconnect timed out; closing the connection");
+    }
+    session_cancel.cancel();
+}
+
+/// Waits for the registry's writers to end, then lets the committer make its final commit.
+async fn stop_committer_after(
+    ingest_loop: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
+    commit_stop: CancellationToken,
+) {
+    for (name, task) in [("ingest loop", ingest_loop), ("sweeper", sweeper)] {
+        if let Err(e) = task.await {
+            warn!(task = name, error = %e, "controller task failed");
+        }
+    }
+    commit_stop.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::RegistryConfig;
+    use posfleet_proto::{Channel, DeviceId, Topic, encode, pb};
+
+    /// A loopback port nothing listens on (bound, then released), so connects are refused.
+    fn refused_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    fn pki(dir: &std::path::Path) -> PkiDir {
+        let pki = PkiDir::at(dir.join("pki"));
+        pki.init(&[]).unwrap();
+        pki
+    }
+
+    fn registry(dir: &std::path::Path) -> Arc<Registry> {
+        let cfg = RegistryConfig {
+            cache_capacity: 1 << 20,
+            ..RegistryConfig::new(dir.join("registry"))
+        };
+        Registry::open(cfg).unwrap()
+    }
+
+    fn heartbeat() -> bytes::Bytes {
+        let hb = pb::Heartbeat {
+            seq: 1,
+            interval_s: 10,
+            ..Default::default()
+        };
+        encode(&hb).unwrap().into()
+    }
+
+    async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !check() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    #[test]
+    fn config_from_pki_uses_the_controller_identity() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = pki(tmp.path());
+        let cfg = ControllerConfig::from_pki("localhost", 8883, &pki).unwrap();
+        assert_eq!(cfg.client_id, "controller:main");
+        // A device certificate in the controller's place is refused with a clear message.
+        let ca = pki.load_ca().unwrap();
+        let device = ca.issue_device(&DeviceId::new("T-1").unwrap()).unwrap();
+        std::fs::write(pki.controller_cert(), device.cert_pem).unwrap();
+        let err = ControllerConfig::from_pki("localhost", 8883, &pki).unwrap_err();
+        assert!(
+            matches!(err, ControllerError::NotController { .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_ingest_loop_feeds_uplinks_and_disconnects_on_cancel() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg =
+            ControllerConfig::from_pki("127.0.0.1", refused_port(), &pki(tmp.path())).unwrap();
+        let registry = registry(tmp.path());
+        let ingest = Arc::new(Ingest::new(
+            Arc::clone(&registry),
+            EventBus::new(8),
+            Arc::new(Metrics::new()),
+        ));
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let session_cancel = cancel.child_token();
+        let session = SessionConfig::new(cfg.host, cfg.port, cfg.client_id, cfg.tls);
+        let (mqtt, _session_inbox) =
+            spawn_session(session, &tracker, session_cancel.clone()).unwrap();
+        let (tx, inbox) = mpsc::channel(4);
+        let clock: Clock = Arc::new(|| 5_000);
+        tracker.spawn(ingest_loop(
+            ingest,
+            inbox,
+            mqtt.clone(),
+            clock,
+            cancel.clone(),
+            session_cancel,
+        ));
+        let device = DeviceId::new("T-7").unwrap();
+        tx.send(SessionEvent::Connected {
+            session_present: false,
+        })
+        .await
+        .unwrap();
+        tx.send(SessionEvent::Message {
+            topic: Topic::for_device(&device, Channel::Heartbeat),
+            payload: heartbeat(),
+        })
+        .await
+        .unwrap();
+        wait_for("the heartbeat to be ingested", || {
+            registry.online_count() == 1
+        })
+        .await;
+        let detail = registry.detail(&device).unwrap();
+        assert_eq!(detail.summary.last_seen_ms, 5_000);
+        cancel.cancel();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+            .await
+            .expect("the loop and the session end after cancel");
+        assert!(mqtt.is_closed());
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_every_task_and_makes_a_final_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg =
+            ControllerConfig::from_pki("127.0.0.1", refused_port(), &pki(tmp.path())).unwrap();
+        let registry = registry(tmp.path());
+        let metrics = Arc::new(Metrics::new());
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let controller = spawn_controller(
+            cfg,
+            Arc::clone(&registry),
+            EventBus::new(8),
+            Arc::clone(&metrics),
+            &tracker,
+            cancel.clone(),
+        )
+        .unwrap();
+        let device = DeviceId::new("T-8").unwrap();
+        controller
+            .ingest
+            .handle(
+                &Topic::for_device(&device, Channel::Heartbeat),
+                &heartbeat(),
+                1_234,
+            )
+            .unwrap();
+        assert_eq!(metrics.devices_online.get(), 1);
+        cancel.cancel();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+            .await
+            .expect("every controller task ends after cancel");
+        drop(controller);
+        drop(registry);
+        let reopened = self::registry(tmp.path());
+        let summary = reopened.detail(&device).unwrap().summary;
+        assert_eq!(summary.last_seen_ms, 1_234);
+        assert_eq!(summary.last_heartbeat_ms, Some(1_234));
+        assert!(!summary.online);
+    }
+}
