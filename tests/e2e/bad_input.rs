@@ -17,6 +17,7 @@ use posfleet_proto::{Channel, DeviceId, Topic, encode, pb};
 use posfleet_tests::eventually::try_eventually;
 use posfleet_tests::mqtt::{MqttClient, tls_config, tls_connect, wait_closed};
 use posfleet_tests::{Agent, Api, Broker};
+use rumqttc::{LastWill, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -172,6 +173,10 @@ async fn bad_clients_are_refused_counted_and_change_nothing() {
             Box::pin(publish_as_another_device(&fx)),
         ),
         (
+            "last will on another device's topic",
+            Box::pin(will_as_another_device(&fx)),
+        ),
+        (
             "subscribe to #, $SYS/# and another downlink",
             Box::pin(subscribe_too_wide(&fx)),
         ),
@@ -300,6 +305,37 @@ async fn publish_as_another_device(fx: &Fixture) -> anyhow::Result<()> {
         "the forged heartbeat was ingested (seq {now})"
     );
     Ok(())
+}
+
+async fn will_as_another_device(fx: &Fixture) -> anyhow::Result<()> {
+    let seq = fx.good_seq().await;
+    let before = fx.metric(REFUSALS, "will_not_allowed").await?;
+    // A will that would announce the good terminal offline when this client disconnects.
+    let forged = pb::Presence {
+        state: pb::PresenceState::Offline.into(),
+        reason: "connection_lost".into(),
+        ..Default::default()
+    };
+    let will = LastWill::new(
+        topic(GOOD, Channel::Presence)?,
+        encode(&forged)?,
+        QoS::AtLeastOnce,
+        false,
+    );
+    let identity = fx.identity("rogue-will")?;
+    let why = MqttClient::connect_with_will(
+        fx.addr(),
+        "rogue-will",
+        fx.tls(Some(&identity))?,
+        Some(will),
+    )
+    .await?
+    .refused()?;
+    fx.counted(REFUSALS, "will_not_allowed", before, 1.0)
+        .await
+        .with_context(|| format!("client saw: {why}"))?;
+    fx.unknown("rogue-will").await?;
+    fx.good_is_undisturbed(seq).await
 }
 
 async fn subscribe_too_wide(fx: &Fixture) -> anyhow::Result<()> {

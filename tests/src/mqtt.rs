@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use posfleet_proto::pki::CertifiedKey;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
     TlsConfiguration, Transport,
 };
 use tokio::net::TcpStream;
@@ -92,10 +92,23 @@ impl MqttClient {
         client_id: &str,
         tls: Arc<rustls::ClientConfig>,
     ) -> anyhow::Result<Connect> {
+        Self::connect_with_will(addr, client_id, tls, None).await
+    }
+
+    /// [`MqttClient::connect`] with a last will in the CONNECT.
+    pub async fn connect_with_will(
+        addr: SocketAddr,
+        client_id: &str,
+        tls: Arc<rustls::ClientConfig>,
+        will: Option<LastWill>,
+    ) -> anyhow::Result<Connect> {
         let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         options.set_keep_alive(Duration::from_secs(10));
         options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+        if let Some(will) = will {
+            options.set_last_will(will);
+        }
         let (client, mut eventloop) = AsyncClient::new(options, 16);
         let outcome = tokio::time::timeout(STEP_TIMEOUT, async {
             loop {
