@@ -20,14 +20,18 @@
 //! - [`mqtt`]: hand-made MQTT clients for bad-input tests (any certificate, any client id,
 //!   raw TLS sockets).
 //! - [`eventually`]: [`eventually()`], the timed assertion every wait goes through.
+//! - [`bench`]: the `fleet-bench connect` scenario and its report.
+//! - [`host`]: the open-files limit, a process's resident memory, the machine's description.
 
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod api;
+pub mod bench;
 pub mod bins;
 pub mod broker;
 pub mod eventually;
+pub mod host;
 pub mod mqtt;
 pub mod posctl;
 pub mod process;
