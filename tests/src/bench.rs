@@ -31,6 +31,9 @@ use crate::scrape::Scrape;
 /// How often `/metrics` is polled while waiting.
 const POLL: Duration = Duration::from_millis(100);
 
+/// Messages per second by channel (`hb`, `tm`, `presence`, ...).
+pub type IngestRates = BTreeMap<String, f64>;
+
 /// Parameters of `fleet-bench connect`.
 #[derive(Debug, Clone)]
 pub struct ConnectBench {
@@ -72,10 +75,8 @@ pub struct ConnectReport {
     pub broker_rss_connected: u64,
     pub broker_rss_steady: u64,
     pub simulator_rss: u64,
-    /// Heartbeats ingested per second over the window.
-    pub heartbeat_rate: f64,
-    /// Every uplink message ingested per second over the window.
-    pub ingest_rate: f64,
+    /// Messages ingested per second over the window, by channel.
+    pub ingest: IngestRates,
     /// Actual window length.
     pub window: Duration,
     /// SIGKILL → process restarted and ready.
@@ -138,11 +139,11 @@ pub async fn run_connect(
     let broker_rss_connected = rss_bytes(broker.process()?.pid())?;
 
     progress(&format!("measuring ingest for {:?}", params.duration));
-    let (heartbeat_rate, ingest_rate, window) = ingest_rates(broker.api(), params.duration).await?;
+    let (ingest, window) = ingest_rates(broker.api(), params.duration).await?;
     let broker_rss_steady = rss_bytes(broker.process()?.pid())?;
     let simulator_rss = rss_bytes(simulator.pid())?;
     progress(&format!(
-        "ingest: {heartbeat_rate:.1} heartbeats/s, {ingest_rate:.1} messages/s; broker RSS {}",
+        "ingest: {ingest:.1?} messages/s; broker RSS {}",
         mib(broker_rss_steady)
     ));
 
@@ -176,8 +177,7 @@ pub async fn run_connect(
         broker_rss_connected,
         broker_rss_steady,
         simulator_rss,
-        heartbeat_rate,
-        ingest_rate,
+        ingest,
         window,
         restart_ready,
         reconnect,
@@ -284,23 +284,26 @@ async fn wait_for_fleet(
     Ok(timeline)
 }
 
-/// Heartbeats/s and all messages/s ingested over `window`.
-async fn ingest_rates(api: &Api, window: Duration) -> anyhow::Result<(f64, f64, Duration)> {
-    let count = |s: &Scrape| {
-        (
-            s.value("posfleet_ingest_messages_total", &[("channel", "hb")]),
-            s.sum("posfleet_ingest_messages_total"),
-        )
-    };
+/// Messages ingested per second over `window`, by channel.
+async fn ingest_rates(api: &Api, window: Duration) -> anyhow::Result<(IngestRates, Duration)> {
+    let name = "posfleet_ingest_messages_total";
     let first = api.metrics().await.context("metrics at window start")?;
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
     let second = api.metrics().await.context("metrics at window end")?;
     let elapsed = t0.elapsed();
-    let (hb0, all0) = count(&first);
-    let (hb1, all1) = count(&second);
+    let before = first.by_label(name, "channel");
     let secs = elapsed.as_secs_f64();
-    Ok(((hb1 - hb0) / secs, (all1 - all0) / secs, elapsed))
+    let rates = second
+        .by_label(name, "channel")
+        .into_iter()
+        .map(|(channel, value)| {
+            let delta = value - before.get(&channel).copied().unwrap_or(0.0);
+            (channel, delta / secs)
+        })
+        .filter(|(_, rate)| *rate > 0.0)
+        .collect();
+    Ok((rates, elapsed))
 }
 
 fn mib(bytes: u64) -> String {
@@ -352,7 +355,7 @@ impl fmt::Display for ConnectReport {
             }
         };
         let expected_hb = n / p.heartbeat_interval.as_secs_f64();
-        let expected_all = expected_hb + n / p.telemetry_interval.as_secs_f64();
+        let rate = |channel: &str| self.ingest.get(channel).copied().unwrap_or(0.0);
         writeln!(
             f,
             "fleet-bench connect: {} terminals, heartbeat {:?}, telemetry {:?}, connect rate {}/s",
@@ -425,14 +428,19 @@ impl fmt::Display for ConnectReport {
             ),
             (
                 "heartbeats ingested".to_owned(),
-                format!(
-                    "{:.1} /s (expected {expected_hb:.1} /s)",
-                    self.heartbeat_rate
-                ),
+                format!("{:.1} /s (expected {expected_hb:.1} /s)", rate("hb")),
             ),
             (
-                "all uplink messages ingested".to_owned(),
-                format!("{:.1} /s (expected {expected_all:.1} /s)", self.ingest_rate),
+                "all uplink messages ingested, by channel".to_owned(),
+                format!(
+                    "{:.1} /s ({})",
+                    self.ingest.values().sum::<f64>(),
+                    self.ingest
+                        .iter()
+                        .map(|(c, r)| format!("{c} {r:.1}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ),
             (
                 "broker SIGKILL → restarted and ready".to_owned(),
