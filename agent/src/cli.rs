@@ -3,7 +3,7 @@
 //! One shutdown tree: a root [`CancellationToken`] and a [`TaskTracker`]; SIGTERM or SIGINT
 //! cancels the token, then the tasks get [`GRACE`] to finish (each agent publishes its
 //! OFFLINE presence and disconnects) before the process exits 0. Errors print as
-//! `error: {:#}` and exit 1.
+//! `error: ` and the cause chain (see [`error_report`]) and exit 1.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,10 +75,27 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_report(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, `a: b: c`, skipping a cause whose text the message
+/// before it already shows (many error types print their source in their own message).
+pub fn error_report(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -206,6 +223,15 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn error_report_shows_each_cause_once() {
+        let io = std::io::Error::other("disk on fire");
+        let error = anyhow::Error::new(io)
+            .context("ca.crt: disk on fire")
+            .context("cannot start");
+        assert_eq!(error_report(&error), "cannot start: ca.crt: disk on fire");
+    }
 
     #[test]
     fn cli_is_well_formed_and_parses_the_documented_forms() {

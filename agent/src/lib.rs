@@ -15,6 +15,8 @@
 //! - [`simulate`]: N virtual terminals in one process running the same [`Agent`] code.
 //! - [`cli`]: the `posfleet-agent` command line (`run`, `simulate`); `main.rs` only calls
 //!   [`cli::main`].
+//! - `testing` (unit tests only): an in-memory fleet PKI and a fake MQTT broker over mTLS on
+//!   loopback, used by the session, agent and simulator tests.
 
 #![forbid(unsafe_code)]
 

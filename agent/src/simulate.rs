@@ -71,13 +71,13 @@ impl SimulatorConfig {
 pub enum SimError {
     #[error("invalid simulator settings: {reason}")]
     Config { reason: String },
-    #[error("cannot load the fleet CA from {}: {source}", dir.display())]
+    #[error("cannot load the fleet CA from {}", dir.display())]
     Ca {
         dir: std::path::PathBuf,
         #[source]
         source: PkiError,
     },
-    #[error("cannot issue a device certificate: {0}")]
+    #[error("cannot issue a device certificate")]
     Issue(#[from] PkiError),
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -275,7 +275,10 @@ impl Ramp {
             let issued = match self.issue_batch(index, end).await {
                 Ok(issued) => issued,
                 Err(error) => {
-                    warn!(%error, index, "simulator stopped starting terminals");
+                    warn!(
+                        error = &error as &dyn std::error::Error,
+                        index, "simulator stopped starting terminals"
+                    );
                     return;
                 }
             };
@@ -287,7 +290,11 @@ impl Ramp {
                     () = tokio::time::sleep_until(due) => {}
                 }
                 if let Err(error) = self.start(i, issued) {
-                    warn!(%error, index = i, "simulator stopped starting terminals");
+                    warn!(
+                        error = &error as &dyn std::error::Error,
+                        index = i,
+                        "simulator stopped starting terminals"
+                    );
                     return;
                 }
             }

@@ -19,7 +19,7 @@ use tracing::warn;
 /// Why a TLS configuration or identity could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {what} {}: {source}", path.display())]
+    #[error("cannot read {what} {}", path.display())]
     Read {
         what: &'static str,
         path: PathBuf,
@@ -34,9 +34,9 @@ pub enum TlsError {
     NoKey,
     #[error("CA bundle: certificate {index} is not a usable trust anchor: {reason}")]
     BadCa { index: usize, reason: String },
-    #[error("client certificate and key were refused: {0}")]
+    #[error("client certificate and key were refused")]
     Rustls(#[from] rustls::Error),
-    #[error("certificate does not carry a posfleet device identity: {0}")]
+    #[error("certificate does not carry a posfleet device identity")]
     Identity(#[from] PkiError),
     #[error("certificate belongs to {0}, not to a device; use a device certificate")]
     NotDevice(Identity),

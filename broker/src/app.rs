@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use posfleet_agent::config::BrokerUrl;
 use posfleet_proto::pki::PkiError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,9 @@ pub struct ServeOptions {
     pub api_listen: SocketAddr,
     /// Extra host names / IPs for the broker certificate when a new PKI is created.
     pub hosts: Vec<String>,
+    /// Use this MQTT broker (Mosquitto, EMQX, ...) instead of the embedded edge; the
+    /// controller connects to it with `DATA/pki/controller.crt`, trusting `DATA/pki/ca.crt`.
+    pub external_broker: Option<BrokerUrl>,
 }
 
 /// Why the controller process could not start.
@@ -71,11 +75,13 @@ pub enum AppError {
 /// A started controller process.
 #[derive(Debug, Clone)]
 pub struct Running {
-    pub mqtt_addr: SocketAddr,
+    /// Where terminals (and the controller) connect: the embedded edge or the external broker.
+    pub broker: BrokerUrl,
     pub api_addr: SocketAddr,
     /// What was written to `posctl.json`.
     pub client: ClientFile,
-    pub edge: EdgeHandle,
+    /// The embedded edge; `None` with an external broker.
+    pub edge: Option<EdgeHandle>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     /// True if this start created the PKI.
@@ -114,46 +120,41 @@ pub async fn start(
         info!(dir = %pki.dir().display(), "created a development PKI (fleet CA, broker and controller certificates)");
     }
 
-    let mqtt_listener = bind(opts.mqtt_listen, "MQTT", "--mqtt-listen").await?;
-    let api_listener = bind(opts.api_listen, "the admin API", "--api-listen").await?;
-    let mqtt_addr = mqtt_listener
-        .local_addr()
-        .map_err(|source| AppError::Bind {
-            what: "MQTT",
-            addr: opts.mqtt_listen,
-            flag: "--mqtt-listen",
-            source,
-        })?;
-    let api_addr = api_listener.local_addr().map_err(|source| AppError::Bind {
-        what: "the admin API",
-        addr: opts.api_listen,
-        flag: "--api-listen",
-        source,
-    })?;
+    let mqtt = match &opts.external_broker {
+        Some(_) => None,
+        None => Some(bind(opts.mqtt_listen, "MQTT", "--mqtt-listen").await?),
+    };
+    let (api_listener, api_addr) = bind(opts.api_listen, "the admin API", "--api-listen").await?;
 
     let metrics = Arc::new(Metrics::new());
-    let edge_tls = mtls_server_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())?;
-    let edge = spawn_edge(
-        mqtt_listener,
-        EdgeConfig::new(edge_tls),
-        metrics.clone(),
-        tracker,
-        cancel.child_token(),
-    )
-    .map_err(|source| AppError::Bind {
-        what: "MQTT",
-        addr: opts.mqtt_listen,
-        flag: "--mqtt-listen",
-        source,
-    })?;
+    let (broker, edge) = match (mqtt, &opts.external_broker) {
+        (Some((listener, addr)), _) => {
+            let tls = mtls_server_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())?;
+            let edge = spawn_edge(
+                listener,
+                addr,
+                EdgeConfig::new(tls),
+                metrics.clone(),
+                tracker,
+                cancel.child_token(),
+            );
+            let local = loopback_for(addr);
+            let broker = BrokerUrl {
+                host: local.ip().to_string(),
+                port: local.port(),
+            };
+            (broker, Some(edge))
+        }
+        (None, Some(external)) => (external.clone(), None),
+        (None, None) => unreachable!("a listener is bound whenever there is no external broker"),
+    };
 
     let registry_cfg = RegistryConfig::new(data.registry_dir());
     let registry = tokio::task::spawn_blocking(move || Registry::open(registry_cfg)).await??;
     let events = EventBus::new(EVENT_BUS_CAPACITY);
 
     // The controller is an MQTT client of the edge, exactly as of an external broker.
-    let local = loopback_for(mqtt_addr);
-    let controller_cfg = ControllerConfig::from_pki(local.ip().to_string(), local.port(), &pki)?;
+    let controller_cfg = ControllerConfig::from_pki(broker.host.clone(), broker.port, &pki)?;
     spawn_controller(
         controller_cfg,
         registry.clone(),
@@ -173,15 +174,15 @@ pub async fn start(
     ));
 
     let api_url = format!("https://{}", loopback_for(api_addr));
-    let mqtt_url = format!("mqtts://{}", loopback_for(mqtt_addr));
+    let mqtt_url = broker.to_string();
     let client = {
         let data = data.clone();
         tokio::task::spawn_blocking(move || data.write_client_file(&api_url, Some(&mqtt_url)))
             .await??
     };
-    info!(mqtt = %mqtt_addr, api = %client.api_url, "posfleet broker running");
+    info!(mqtt = %broker, external = edge.is_none(), api = %client.api_url, "posfleet broker running");
     Ok(Running {
-        mqtt_addr,
+        broker,
         api_addr,
         client,
         edge,
@@ -192,19 +193,21 @@ pub async fn start(
     })
 }
 
+/// Binds a listener and reads back the address it got (port 0 becomes a real port).
 async fn bind(
     addr: SocketAddr,
     what: &'static str,
     flag: &'static str,
-) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind {
-            what,
-            addr,
-            flag,
-            source,
-        })
+) -> Result<(TcpListener, SocketAddr), AppError> {
+    let error = |source| AppError::Bind {
+        what,
+        addr,
+        flag,
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let local = listener.local_addr().map_err(error)?;
+    Ok((listener, local))
 }
 
 /// The address a local client uses to reach a listener: the wildcard becomes loopback (the
@@ -243,6 +246,7 @@ mod tests {
             mqtt_listen: "127.0.0.1:0".parse().unwrap(),
             api_listen: "127.0.0.1:0".parse().unwrap(),
             hosts: vec![],
+            external_broker: None,
         };
         for first in [true, false] {
             let tracker = TaskTracker::new();
@@ -263,5 +267,65 @@ mod tests {
                 .await
                 .expect("everything stops");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn controller_runs_against_an_external_broker() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::at(tmp.path().join("data"));
+        data.create().unwrap();
+        data.pki().init(&[]).unwrap();
+        let pki = data.pki();
+
+        // Stand-in for Mosquitto/EMQX: a bare edge on its own, with no controller attached.
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let external = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let external_addr = external.local_addr().unwrap();
+        let tls =
+            mtls_server_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key()).unwrap();
+        spawn_edge(
+            external,
+            external_addr,
+            EdgeConfig::new(tls),
+            Arc::new(Metrics::new()),
+            &tracker,
+            cancel.child_token(),
+        );
+        let broker = BrokerUrl {
+            host: "127.0.0.1".into(),
+            port: external_addr.port(),
+        };
+        let opts = ServeOptions {
+            data_dir: data.root().to_owned(),
+            mqtt_listen: "127.0.0.1:0".parse().unwrap(),
+            api_listen: "127.0.0.1:0".parse().unwrap(),
+            hosts: vec![],
+            external_broker: Some(broker.clone()),
+        };
+        let running = start(&opts, &tracker, cancel.child_token()).await.unwrap();
+        assert!(running.edge.is_none());
+        assert_eq!(running.broker, broker);
+        assert_eq!(
+            running.client.mqtt_url.as_deref(),
+            Some(broker.to_string().as_str())
+        );
+
+        let sim = posfleet_agent::SimulatorConfig::new(1, pki.dir(), broker);
+        posfleet_agent::run_simulator(sim, &tracker, cancel.child_token())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !running.registry.list().iter().any(|d| d.online) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the simulated terminal shows up through the external broker");
+        cancel.cancel();
+        tracker.close();
+        tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+            .await
+            .expect("everything stops");
     }
 }

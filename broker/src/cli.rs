@@ -62,6 +62,10 @@ struct ServeArgs {
     /// (repeatable; localhost, 127.0.0.1 and ::1 are always included).
     #[arg(long = "host", value_name = "HOST")]
     hosts: Vec<String>,
+    /// Use an external MQTT broker (e.g. mqtts://mosquitto.example:8883) instead of the
+    /// embedded edge; see deploy/external-brokers/ for its ACLs. --mqtt-listen is then unused.
+    #[arg(long, value_name = "URL")]
+    external_broker: Option<BrokerUrl>,
 }
 
 impl ServeArgs {
@@ -71,6 +75,7 @@ impl ServeArgs {
             mqtt_listen: self.mqtt_listen,
             api_listen: self.api_listen,
             hosts: self.hosts.clone(),
+            external_broker: self.external_broker.clone(),
         }
     }
 }
@@ -82,7 +87,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", posfleet_agent::cli::error_report(&error));
             ExitCode::FAILURE
         }
     }
@@ -149,15 +154,15 @@ async fn demo(
     cancel: &CancellationToken,
 ) -> anyhow::Result<ExitCode> {
     let running = app::start(&args.options(), tracker, cancel.child_token()).await?;
-    let local = app::loopback_for(running.mqtt_addr);
-    let broker = BrokerUrl {
-        host: local.ip().to_string(),
-        port: local.port(),
-    };
-    let mut sim = SimulatorConfig::new(terminals, args.data_dir.join("pki"), broker);
+    let mut sim =
+        SimulatorConfig::new(terminals, args.data_dir.join("pki"), running.broker.clone());
     sim.agent.heartbeat_interval = heartbeat_interval;
     sim.agent.telemetry_interval = telemetry_interval;
-    let handle = run_simulator(sim, tracker, cancel.child_token())
+    // The terminals get their own shutdown tree: they say goodbye (OFFLINE "shutdown") while
+    // the edge and controller still run, and only then does the rest stop.
+    let sim_tracker = TaskTracker::new();
+    let sim_cancel = CancellationToken::new();
+    let handle = run_simulator(sim, &sim_tracker, sim_cancel.clone())
         .await
         .context("cannot start the simulated terminals")?;
     print_summary(args, &running);
@@ -177,7 +182,9 @@ async fn demo(
         println!();
         println!("Press Ctrl-C to stop.");
     }
-    wait_for_end(&running).await
+    let outcome = wait_for_end(&running).await;
+    stop(sim_cancel, sim_tracker).await;
+    outcome
 }
 
 fn print_summary(args: &ServeArgs, running: &Running) {
@@ -185,8 +192,13 @@ fn print_summary(args: &ServeArgs, running: &Running) {
     println!();
     println!("posfleet broker is running");
     println!(
-        "  MQTT edge   mqtts://{} (mutual TLS; fleet CA {dd}/pki/ca.crt)",
-        running.mqtt_addr
+        "  MQTT        {} ({}; fleet CA {dd}/pki/ca.crt)",
+        running.broker,
+        if running.edge.is_some() {
+            "embedded edge, mutual TLS"
+        } else {
+            "external broker"
+        }
     );
     println!(
         "  admin API   {} (bearer token in {dd}/admin.token)",
@@ -212,11 +224,19 @@ async fn wait_for_end(running: &Running) -> anyhow::Result<ExitCode> {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM received, shutting down"),
         _ = int.recv() => info!("SIGINT received, shutting down"),
-        reason = running.edge.fatal() => {
+        reason = edge_fatal(running) => {
             anyhow::bail!("the MQTT edge failed ({reason}); exiting so the supervisor restarts it");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves when the embedded edge failed; never with an external broker.
+async fn edge_fatal(running: &Running) -> String {
+    match &running.edge {
+        Some(edge) => edge.fatal().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Cancels everything and waits up to [`SHUTDOWN_GRACE`] for the tasks to finish.

@@ -41,21 +41,32 @@ use crate::tls::{self, TlsError};
 /// What the terminal says about itself (from the config file, or made up by the simulator).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceInfo {
+    /// Hardware model, reported in Presence and ReportedState (fleet views group by it).
     pub model: String,
+    /// Manufacturer serial number: what is printed on the terminal, for custody and support.
     pub serial: String,
+    /// Terminal firmware version (SoftwareVersions.firmware); rollouts target it.
     pub firmware_version: String,
+    /// Payment application version (SoftwareVersions.payment_app).
     pub payment_app_version: String,
 }
 
 /// How the agent runs, apart from its identity and telemetry providers.
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
+    /// The MQTT broker; its certificate must be valid for the host.
     pub broker: BrokerUrl,
+    /// MQTT keep-alive: how fast the broker notices a dead terminal (and fires the will).
     pub keep_alive: Duration,
+    /// Time allowed for TCP connect + TLS handshake + CONNACK.
     pub connect_timeout: Duration,
+    /// Reconnect delays (full jitter keeps a fleet from reconnecting in lock-step).
     pub backoff: Backoff,
+    /// Heartbeat period; the controller marks the terminal offline after 3 missed.
     pub heartbeat_interval: Duration,
+    /// Telemetry period.
     pub telemetry_interval: Duration,
+    /// What the terminal reports about itself.
     pub device: DeviceInfo,
     /// Time allowed at shutdown for the OFFLINE presence to be acknowledged.
     pub shutdown_grace: Duration,
@@ -82,24 +93,28 @@ impl AgentSettings {
 pub enum AgentError {
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("cannot create the data directory {}: {source}", path.display())]
+    #[error("cannot create the data directory {}", path.display())]
     DataDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start the MQTT session: {0}")]
+    #[error("cannot start the MQTT session")]
     Session(#[from] MqttError),
-    #[error("cannot encode the last will: {0}")]
+    #[error("cannot encode the last will")]
     Encode(#[from] posfleet_proto::CodecError),
 }
 
 /// One terminal, ready to run.
 pub struct Agent {
+    /// Proven by the certificate in `tls`; also the MQTT client id and topic device.
     id: DeviceId,
+    /// Trusted CAs and the device certificate.
     tls: Arc<rustls::ClientConfig>,
     settings: AgentSettings,
+    /// Source of telemetry system metrics.
     system: Box<dyn SystemProvider>,
+    /// Source of telemetry sensor readings.
     sensors: Box<dyn SensorProvider>,
 }
 
@@ -218,6 +233,7 @@ impl Agent {
 /// Counters of one agent (monotonic).
 #[derive(Debug, Default)]
 pub(crate) struct AgentStats {
+    /// See [`AgentStatsSnapshot`] for each counter's meaning.
     heartbeats: AtomicU64,
     heartbeats_skipped: AtomicU64,
     telemetry: AtomicU64,
@@ -244,7 +260,9 @@ pub struct AgentStatsSnapshot {
 #[derive(Debug, Clone)]
 pub struct AgentHandle {
     id: DeviceId,
+    /// The agent's session, for connection state and session counters.
     mqtt: MqttHandle,
+    /// Shared with the agent's tasks, which update it.
     stats: Arc<AgentStats>,
 }
 
@@ -275,7 +293,7 @@ impl AgentHandle {
     }
 }
 
-/// A stable seed for per-device simulated values.
+/// A seed for per-device simulated values, stable for a given build.
 pub(crate) fn seed_of(id: &DeviceId) -> u64 {
     let mut h = DefaultHasher::new();
     id.hash(&mut h);

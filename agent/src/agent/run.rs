@@ -61,8 +61,10 @@ pub(super) async fn consume_events(
 pub(super) struct Runtime {
     id: DeviceId,
     settings: AgentSettings,
+    /// Builds Presence, ReportedState and Heartbeat messages.
     reporter: Reporter,
     mqtt: MqttHandle,
+    /// `None` only while it is out on the blocking pool (or after it panicked there).
     system: Option<Box<dyn SystemProvider>>,
     sensors: Box<dyn SensorProvider>,
     stats: Arc<AgentStats>,
@@ -113,9 +115,18 @@ impl Runtime {
 
     async fn run_inner(mut self, mut online: watch::Receiver<u64>, cancel: CancellationToken) {
         info!(boot_id = self.reporter.boot_id(), broker = %self.settings.broker, "agent starting");
-        let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
+        // The first heartbeat and sample are due one period after start, by when the first
+        // connection is normally up (a sample due before it would count as dropped).
+        let start = Instant::now();
+        let mut heartbeat = tokio::time::interval_at(
+            start + self.settings.heartbeat_interval,
+            self.settings.heartbeat_interval,
+        );
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut telemetry = tokio::time::interval(self.settings.telemetry_interval);
+        let mut telemetry = tokio::time::interval_at(
+            start + self.settings.telemetry_interval,
+            self.settings.telemetry_interval,
+        );
         telemetry.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -227,31 +238,15 @@ impl Runtime {
     }
 
     /// OFFLINE presence, a bounded wait for its ack, then DISCONNECT.
-    async fn shutdown(self) {
+    async fn shutdown(mut self) {
         let deadline = Instant::now() + self.settings.shutdown_grace;
         if self.mqtt.is_connected() {
-            let offline = self.reporter.shutdown();
-            let queued = match encode(&offline) {
-                Ok(payload) => tokio::time::timeout_at(
-                    deadline,
-                    self.mqtt
-                        .publish(&self.topic(Channel::Presence), payload, QoS::AtLeastOnce),
-                )
-                .await
-                .is_ok_and(|r| r.is_ok()),
-                Err(_) => false,
-            };
-            let flushed = queued
-                && self
-                    .mqtt
-                    .flush(deadline.saturating_duration_since(Instant::now()))
-                    .await
-                    .is_ok();
-            if !flushed {
-                warn!(
-                    queued,
-                    "OFFLINE presence not confirmed before the shutdown grace ran out"
-                );
+            match self.say_goodbye(deadline).await {
+                Goodbye::Acknowledged => debug!("OFFLINE presence acknowledged"),
+                Goodbye::ConnectionLost => {
+                    info!("connection lost during shutdown; the broker publishes the last will");
+                }
+                other => warn!(outcome = ?other, "OFFLINE presence not confirmed"),
             }
         } else {
             debug!("not connected at shutdown: no OFFLINE presence");
@@ -262,6 +257,44 @@ impl Runtime {
                 .is_ok();
         info!(graceful, "agent stopped");
     }
+
+    /// Publishes the OFFLINE presence and waits until `deadline` for the broker's ack, but
+    /// not for a connection that is gone (the broker then publishes the last will instead).
+    /// (`&mut self` only so that the future is `Send`: the providers are not `Sync`.)
+    async fn say_goodbye(&mut self, deadline: Instant) -> Goodbye {
+        let Ok(payload) = encode(&self.reporter.shutdown()) else {
+            return Goodbye::NotQueued;
+        };
+        let topic = self.topic(Channel::Presence);
+        let queued = tokio::time::timeout_at(
+            deadline,
+            self.mqtt.publish(&topic, payload, QoS::AtLeastOnce),
+        )
+        .await;
+        if !matches!(queued, Ok(Ok(()))) {
+            return Goodbye::NotQueued;
+        }
+        let mut connected = self.mqtt.connected();
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        tokio::select! {
+            flushed = self.mqtt.flush(remaining) => match flushed {
+                Ok(()) => Goodbye::Acknowledged,
+                Err(_) => Goodbye::Unacknowledged,
+            },
+            _ = connected.wait_for(|c| !*c) => Goodbye::ConnectionLost,
+        }
+    }
+}
+
+/// How the OFFLINE presence at shutdown went.
+#[derive(Debug)]
+enum Goodbye {
+    Acknowledged,
+    /// No room in the request queue before the deadline (or the session ended).
+    NotQueued,
+    /// Queued, but the broker did not acknowledge it before the deadline.
+    Unacknowledged,
+    ConnectionLost,
 }
 
 /// Encodes `msg` and queues it on its channel, waiting at most [`PUBLISH_TIMEOUT`] for room.

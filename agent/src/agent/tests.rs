@@ -218,3 +218,31 @@ async fn stops_promptly_when_never_connected() {
         .expect("an agent that never connected stops at once");
     assert!(handle.mqtt().is_closed());
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_an_ack_on_a_dead_connection() {
+    let pki = TestPki::new();
+    let mut broker = FakeBroker::start(&pki).await;
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let mut a = agent(
+        &pki,
+        &broker,
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+    );
+    a.settings.shutdown_grace = Duration::from_secs(60);
+    let _handle = a.spawn(&tracker, cancel.clone()).unwrap();
+    next_on(&mut broker, "st").await;
+
+    broker.set_ack_publishes(false);
+    cancel.cancel();
+    let offline = decode::<pb::Presence>(&next_on(&mut broker, "presence").await).unwrap();
+    assert_eq!(offline.reason, REASON_SHUTDOWN);
+    // The broker goes away before acknowledging: the agent stops long before its grace.
+    broker.kick();
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .expect("shutdown must not wait out the grace for a dead connection");
+}

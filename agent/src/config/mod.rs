@@ -1,4 +1,4 @@
-//! The agent's config file, in two stages: [`raw`] is the TOML as written (unknown fields
+//! The agent's config file, in two stages: `RawConfig` is the TOML as written (unknown fields
 //! refused), [`Config`] is the validated result. Every invalid field is reported at once.
 //!
 //! The documented example is `deploy/agent/agent.example.toml`. The device id is not
@@ -83,7 +83,7 @@ pub struct Problem {
 /// Why the config could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error("cannot read config file {}", path.display())]
     Read {
         path: PathBuf,
         #[source]

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use posfleet_agent::backoff::Backoff;
 use posfleet_agent::mqtt::{MqttError, MqttHandle, SessionConfig, SessionEvent, spawn_session};
 use posfleet_agent::tls::{TlsError, client_config_from_files};
 use posfleet_proto::Filter;
@@ -58,20 +57,11 @@ pub enum ControllerError {
 /// How the controller connects and ages devices.
 #[derive(Clone)]
 pub struct ControllerConfig {
-    /// Broker host; its server certificate must be valid for it.
-    pub host: String,
-    /// Broker MQTT-over-TLS port.
-    pub port: u16,
-    /// MQTT client id; the edge requires the certificate's identity (`controller:<name>`).
-    pub client_id: String,
-    /// mTLS client config: the fleet CA(s) and the controller certificate.
-    pub tls: Arc<rustls::ClientConfig>,
-    /// MQTT keep-alive.
-    pub keep_alive: Duration,
-    /// Reconnect delays (full jitter).
-    pub backoff: Backoff,
-    /// Uplink messages queued between the session and the ingest loop.
-    pub incoming_capacity: usize,
+    /// The MQTT session to the broker: host, port, client id (the edge requires the
+    /// certificate's identity, `controller:<name>`), mTLS config, keep-alive, backoff and the
+    /// uplink queue between the session and the ingest loop. `spawn_controller` sets the
+    /// subscriptions.
+    pub session: SessionConfig,
     /// How often the liveness sweeper runs.
     pub sweep_interval: Duration,
     /// Wall clock for receive times and the sweeper (tests inject their own).
@@ -81,11 +71,7 @@ pub struct ControllerConfig {
 impl std::fmt::Debug for ControllerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControllerConfig")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("client_id", &self.client_id)
-            .field("keep_alive", &self.keep_alive)
-            .field("incoming_capacity", &self.incoming_capacity)
+            .field("session", &self.session)
             .field("sweep_interval", &self.sweep_interval)
             .finish_non_exhaustive()
     }
@@ -99,14 +85,10 @@ impl ControllerConfig {
         client_id: impl Into<String>,
         tls: Arc<rustls::ClientConfig>,
     ) -> Self {
+        let mut session = SessionConfig::new(host, port, client_id, tls);
+        session.incoming_capacity = 1024;
         Self {
-            host: host.into(),
-            port,
-            client_id: client_id.into(),
-            tls,
-            keep_alive: Duration::from_secs(30),
-            backoff: Backoff::default(),
-            incoming_capacity: 1024,
+            session,
             sweep_interval: Duration::from_secs(2),
             clock: system_clock(),
         }
@@ -166,10 +148,7 @@ pub fn spawn_controller(
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> Result<Controller, ControllerError> {
-    let mut session = SessionConfig::new(cfg.host, cfg.port, cfg.client_id, cfg.tls);
-    session.keep_alive = cfg.keep_alive;
-    session.backoff = cfg.backoff;
-    session.incoming_capacity = cfg.incoming_capacity;
+    let mut session = cfg.session;
     session.subscriptions = vec![Filter::all_uplinks()];
     let session_cancel = cancel.child_token();
     let (mqtt, inbox) = spawn_session(session, tracker, session_cancel.clone())?;
@@ -307,7 +286,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let pki = pki(tmp.path());
         let cfg = ControllerConfig::from_pki("localhost", 8883, &pki).unwrap();
-        assert_eq!(cfg.client_id, "controller:main");
+        assert_eq!(cfg.session.client_id, "controller:main");
         // A device certificate in the controller's place is refused with a clear message.
         let ca = pki.load_ca().unwrap();
         let device = ca.issue_device(&DeviceId::new("T-1").unwrap()).unwrap();
@@ -333,7 +312,7 @@ mod tests {
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
         let session_cancel = cancel.child_token();
-        let session = SessionConfig::new(cfg.host, cfg.port, cfg.client_id, cfg.tls);
+        let session = cfg.session;
         let (mqtt, _session_inbox) =
             spawn_session(session, &tracker, session_cancel.clone()).unwrap();
         let (tx, inbox) = mpsc::channel(4);

@@ -131,15 +131,16 @@ impl EdgeHandle {
     }
 }
 
-/// Starts the router and the accept loop on `listener`; runs until `cancel`.
+/// Starts the router and the accept loop on `listener` (bound to `local_addr`); runs until
+/// `cancel`.
 pub fn spawn_edge(
     listener: TcpListener,
+    local_addr: SocketAddr,
     config: EdgeConfig,
     metrics: Arc<Metrics>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
-) -> std::io::Result<EdgeHandle> {
-    let local_addr = listener.local_addr()?;
+) -> EdgeHandle {
     let router = router::RouterHandle::spawn(&config.router);
     let shared = Arc::new(connection::Shared {
         router,
@@ -157,7 +158,7 @@ pub fn spawn_edge(
         cancel,
     ));
     info!(%local_addr, "MQTT edge listening (mTLS)");
-    Ok(EdgeHandle { local_addr, shared })
+    EdgeHandle { local_addr, shared }
 }
 
 /// The router runs on its own thread; if it dies, every link is dead.

@@ -44,10 +44,18 @@ impl Fixture {
         config.router.max_connections = 256;
         tweak(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::new());
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let edge = spawn_edge(listener, config, metrics.clone(), &tracker, cancel.clone()).unwrap();
+        let edge = spawn_edge(
+            listener,
+            addr,
+            config,
+            metrics.clone(),
+            &tracker,
+            cancel.clone(),
+        );
         Self {
             _dir: dir,
             pki,

@@ -191,7 +191,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS, // e.g. `posctl watch | head -3`
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", posfleet_agent::cli::error_report(&e));
             ExitCode::FAILURE
         }
     }
