@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::api::Api;
 use crate::bins::Binaries;
 use crate::broker::{Broker, BrokerOptions};
-use crate::host::{Machine, NofileLimit, rss_bytes};
+use crate::host::{Machine, NofileLimit, cpu_seconds, rss_bytes};
 use crate::process::{Process, TAIL_LINES};
 use crate::scrape::Scrape;
 
@@ -77,6 +77,12 @@ pub struct ConnectReport {
     pub simulator_rss: u64,
     /// Messages ingested per second over the window, by channel.
     pub ingest: IngestRates,
+    /// Messages the edge accepted from terminals per second over the window, by channel.
+    pub edge_publishes: IngestRates,
+    /// CPU used from the simulator's start until all terminals were online.
+    pub connect_cpu: CpuSpan,
+    /// CPU used during the ingest window.
+    pub window_cpu: CpuSpan,
     /// Actual window length.
     pub window: Duration,
     /// SIGKILL → process restarted and ready.
@@ -113,6 +119,7 @@ pub async fn run_connect(
         mib(broker_rss_idle)
     ));
 
+    let broker_cpu_start = cpu_seconds(broker.process()?.pid())?;
     let mut simulator = start_simulator(&broker, &params)?;
     let started = Instant::now();
     progress(&format!(
@@ -137,13 +144,26 @@ pub async fn run_connect(
         );
     }
     let broker_rss_connected = rss_bytes(broker.process()?.pid())?;
+    let (broker_cpu, simulator_cpu) = cpu_now(&broker, &simulator)?;
+    let connect_cpu = CpuSpan {
+        broker: broker_cpu - broker_cpu_start,
+        simulator: simulator_cpu,
+        wall: started.elapsed(),
+    };
 
     progress(&format!("measuring ingest for {:?}", params.duration));
-    let (ingest, window) = ingest_rates(broker.api(), params.duration).await?;
+    let cpu_before = cpu_now(&broker, &simulator)?;
+    let (ingest, edge_publishes, window) = window_rates(broker.api(), params.duration).await?;
+    let cpu_after = cpu_now(&broker, &simulator)?;
+    let window_cpu = CpuSpan {
+        broker: cpu_after.0 - cpu_before.0,
+        simulator: cpu_after.1 - cpu_before.1,
+        wall: window,
+    };
     let broker_rss_steady = rss_bytes(broker.process()?.pid())?;
     let simulator_rss = rss_bytes(simulator.pid())?;
     progress(&format!(
-        "ingest: {ingest:.1?} messages/s; broker RSS {}",
+        "ingest: {ingest:.1?} messages/s (edge accepted {edge_publishes:.1?}); broker RSS {}; CPU {window_cpu}",
         mib(broker_rss_steady)
     ));
 
@@ -178,6 +198,9 @@ pub async fn run_connect(
         broker_rss_steady,
         simulator_rss,
         ingest,
+        edge_publishes,
+        connect_cpu,
+        window_cpu,
         window,
         restart_ready,
         reconnect,
@@ -284,26 +307,66 @@ async fn wait_for_fleet(
     Ok(timeline)
 }
 
-/// Messages ingested per second over `window`, by channel.
-async fn ingest_rates(api: &Api, window: Duration) -> anyhow::Result<(IngestRates, Duration)> {
-    let name = "posfleet_ingest_messages_total";
+/// Messages per second over `window`, by channel: ingested by the controller, and accepted
+/// from terminals by the edge.
+async fn window_rates(
+    api: &Api,
+    window: Duration,
+) -> anyhow::Result<(IngestRates, IngestRates, Duration)> {
     let first = api.metrics().await.context("metrics at window start")?;
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
     let second = api.metrics().await.context("metrics at window end")?;
     let elapsed = t0.elapsed();
-    let before = first.by_label(name, "channel");
     let secs = elapsed.as_secs_f64();
-    let rates = second
-        .by_label(name, "channel")
-        .into_iter()
-        .map(|(channel, value)| {
-            let delta = value - before.get(&channel).copied().unwrap_or(0.0);
-            (channel, delta / secs)
-        })
-        .filter(|(_, rate)| *rate > 0.0)
-        .collect();
-    Ok((rates, elapsed))
+    let rates = |name: &str| -> IngestRates {
+        let before = first.by_label(name, "channel");
+        second
+            .by_label(name, "channel")
+            .into_iter()
+            .map(|(channel, value)| {
+                let delta = value - before.get(&channel).copied().unwrap_or(0.0);
+                (channel, delta / secs)
+            })
+            .filter(|(_, rate)| *rate > 0.0)
+            .collect()
+    };
+    Ok((
+        rates("posfleet_ingest_messages_total"),
+        rates("posfleet_edge_publishes_total"),
+        elapsed,
+    ))
+}
+
+/// CPU seconds used by the broker and the simulator over a wall-clock span.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSpan {
+    pub broker: f64,
+    pub simulator: f64,
+    pub wall: Duration,
+}
+
+impl fmt::Display for CpuSpan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let wall = self.wall.as_secs_f64().max(f64::EPSILON);
+        write!(
+            f,
+            "broker {:.1} s ({:.0}% of a CPU), simulator {:.1} s ({:.0}%), over {:.1} s",
+            self.broker,
+            self.broker / wall * 100.0,
+            self.simulator,
+            self.simulator / wall * 100.0,
+            wall
+        )
+    }
+}
+
+/// CPU seconds of (broker, simulator) right now.
+fn cpu_now(broker: &Broker, simulator: &Process) -> anyhow::Result<(f64, f64)> {
+    Ok((
+        cpu_seconds(broker.process()?.pid())?,
+        cpu_seconds(simulator.pid())?,
+    ))
 }
 
 fn mib(bytes: u64) -> String {
@@ -396,6 +459,10 @@ impl fmt::Display for ConnectReport {
                 secs(self.connect.all_online),
             ),
             (
+                "CPU used until all online".to_owned(),
+                self.connect_cpu.to_string(),
+            ),
+            (
                 "edge refusals while connecting".to_owned(),
                 refusals(&self.connect),
             ),
@@ -441,6 +508,22 @@ impl fmt::Display for ConnectReport {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
+            ),
+            (
+                "uplink messages accepted by the edge, by channel".to_owned(),
+                format!(
+                    "{:.1} /s ({})",
+                    self.edge_publishes.values().sum::<f64>(),
+                    self.edge_publishes
+                        .iter()
+                        .map(|(c, r)| format!("{c} {r:.1}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            (
+                "CPU used during the window".to_owned(),
+                self.window_cpu.to_string(),
             ),
             (
                 "broker SIGKILL → restarted and ready".to_owned(),

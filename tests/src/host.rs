@@ -43,6 +43,27 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow!("{path} has no VmRSS line"))
 }
 
+/// CPU time (user + system) process `pid` has used so far, in seconds (`/proc/PID/stat`).
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow!("{path} is not in the expected format"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime) of stat(5); `after` starts at field 3.
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| anyhow!("{path}: field {i} missing"))
+    };
+    let total = ticks(14)? + ticks(15)?;
+    Ok(total as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
 /// The host: CPU model and count, total memory, kernel.
 #[derive(Debug, Clone, Default)]
 pub struct Machine {
@@ -111,6 +132,8 @@ mod tests {
     fn reads_our_own_rss_and_the_machine() {
         let rss = rss_bytes(std::process::id()).expect("own VmRSS");
         assert!(rss > 1024 * 1024, "{rss}");
+        let cpu = cpu_seconds(std::process::id()).expect("own CPU time");
+        assert!(cpu >= 0.0, "{cpu}");
         let machine = Machine::describe();
         assert!(machine.cpus >= 1 && machine.memory_bytes > 0, "{machine:?}");
     }
