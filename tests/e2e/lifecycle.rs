@@ -1,8 +1,23 @@
 //! Terminals and the broker stopping, crashing and coming back.
 
+use posfleet_broker::views::FleetEvent;
+use posfleet_tests::api::EventStream;
 use posfleet_tests::{Posctl, eventually};
 
 use crate::support::{WAIT, agent, broker, heartbeat_seq, heartbeats_after, offline, online};
+
+/// The next presence event on the stream: (online, reason). Other events are skipped.
+async fn next_presence(stream: &mut EventStream) -> (bool, Option<String>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match stream.next(left).await {
+            Ok(FleetEvent::Presence { online, reason, .. }) => return (online, reason),
+            Ok(_) => {}
+            Err(error) => panic!("waiting for a presence event: {error:#}"),
+        }
+    }
+}
 
 #[tokio::test]
 async fn a_killed_terminal_goes_offline_at_once_and_comes_back_when_restarted() {
@@ -11,6 +26,8 @@ async fn a_killed_terminal_goes_offline_at_once_and_comes_back_when_restarted() 
     let mut terminal = agent(&broker, "pos-kill");
     let before = online(api, "pos-kill").await;
     let boot = before.last_heartbeat.as_ref().expect("heartbeat").boot_id;
+    // What a dashboard following the live stream sees.
+    let mut stream = api.stream(Some("pos-kill")).await.expect("live stream");
 
     terminal.kill9().await.expect("SIGKILL");
     // The edge publishes the terminal's last will as soon as the connection drops; the
@@ -22,7 +39,13 @@ async fn a_killed_terminal_goes_offline_at_once_and_comes_back_when_restarted() 
         "{gone:?}"
     );
 
+    assert_eq!(
+        next_presence(&mut stream).await,
+        (false, Some("connection_lost".to_owned()))
+    );
+
     terminal.restart().expect("restart");
+    assert_eq!(next_presence(&mut stream).await, (true, None));
     let back = online(api, "pos-kill").await;
     assert_eq!(back.summary.offline_reason, None);
     let hb = eventually(WAIT, || async {

@@ -79,6 +79,10 @@ pub struct ConnectReport {
     pub ingest: IngestRates,
     /// Messages the edge accepted from terminals per second over the window, by channel.
     pub edge_publishes: IngestRates,
+    /// Messages the controller rejected per second over the window, by reason.
+    pub rejected: IngestRates,
+    /// Heartbeat delay at the end of the window.
+    pub delay: HeartbeatDelay,
     /// CPU used from the simulator's start until all terminals were online.
     pub connect_cpu: CpuSpan,
     /// CPU used during the ingest window.
@@ -153,8 +157,10 @@ pub async fn run_connect(
 
     progress(&format!("measuring ingest for {:?}", params.duration));
     let cpu_before = cpu_now(&broker, &simulator)?;
-    let (ingest, edge_publishes, window) = window_rates(broker.api(), params.duration).await?;
+    let (ingest, edge_publishes, rejected, window) =
+        window_rates(broker.api(), params.duration).await?;
     let cpu_after = cpu_now(&broker, &simulator)?;
+    let delay = heartbeat_delay(broker.api(), params.terminals).await?;
     let window_cpu = CpuSpan {
         broker: cpu_after.0 - cpu_before.0,
         simulator: cpu_after.1 - cpu_before.1,
@@ -163,7 +169,7 @@ pub async fn run_connect(
     let broker_rss_steady = rss_bytes(broker.process()?.pid())?;
     let simulator_rss = rss_bytes(simulator.pid())?;
     progress(&format!(
-        "ingest: {ingest:.1?} messages/s (edge accepted {edge_publishes:.1?}); broker RSS {}; CPU {window_cpu}",
+        "ingest: {ingest:.1?} messages/s (edge accepted {edge_publishes:.1?}, rejected {rejected:.1?}); heartbeat delay {delay}; broker RSS {}; CPU {window_cpu}",
         mib(broker_rss_steady)
     ));
 
@@ -199,6 +205,8 @@ pub async fn run_connect(
         simulator_rss,
         ingest,
         edge_publishes,
+        rejected,
+        delay,
         connect_cpu,
         window_cpu,
         window,
@@ -312,17 +320,17 @@ async fn wait_for_fleet(
 async fn window_rates(
     api: &Api,
     window: Duration,
-) -> anyhow::Result<(IngestRates, IngestRates, Duration)> {
+) -> anyhow::Result<(IngestRates, IngestRates, IngestRates, Duration)> {
     let first = api.metrics().await.context("metrics at window start")?;
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
     let second = api.metrics().await.context("metrics at window end")?;
     let elapsed = t0.elapsed();
     let secs = elapsed.as_secs_f64();
-    let rates = |name: &str| -> IngestRates {
-        let before = first.by_label(name, "channel");
+    let rates = |name: &str, label: &str| -> IngestRates {
+        let before = first.by_label(name, label);
         second
-            .by_label(name, "channel")
+            .by_label(name, label)
             .into_iter()
             .map(|(channel, value)| {
                 let delta = value - before.get(&channel).copied().unwrap_or(0.0);
@@ -332,10 +340,49 @@ async fn window_rates(
             .collect()
     };
     Ok((
-        rates("posfleet_ingest_messages_total"),
-        rates("posfleet_edge_publishes_total"),
+        rates("posfleet_ingest_messages_total", "channel"),
+        rates("posfleet_edge_publishes_total", "channel"),
+        rates("posfleet_ingest_rejected_total", "reason"),
         elapsed,
     ))
+}
+
+/// How late heartbeats reach the controller: `received_at_ms - sent_at_ms` of the last
+/// heartbeat of a sample of devices (same host, same clock).
+#[derive(Debug, Clone, Default)]
+pub struct HeartbeatDelay {
+    /// Devices sampled that had a heartbeat.
+    pub sampled: usize,
+    pub median_ms: u64,
+    pub max_ms: u64,
+}
+
+impl fmt::Display for HeartbeatDelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "median {} ms, max {} ms ({} devices sampled)",
+            self.median_ms, self.max_ms, self.sampled
+        )
+    }
+}
+
+/// Samples up to 50 devices `bench-NNNNN` evenly over the fleet.
+async fn heartbeat_delay(api: &Api, n: usize) -> anyhow::Result<HeartbeatDelay> {
+    let step = (n / 50).max(1);
+    let mut delays = Vec::new();
+    for index in (0..n).step_by(step) {
+        let id = format!("bench-{index:05}");
+        if let Some(hb) = api.device(&id).await?.and_then(|d| d.last_heartbeat) {
+            delays.push(hb.received_at_ms.saturating_sub(hb.sent_at_ms));
+        }
+    }
+    delays.sort_unstable();
+    Ok(HeartbeatDelay {
+        sampled: delays.len(),
+        median_ms: delays.get(delays.len() / 2).copied().unwrap_or(0),
+        max_ms: delays.last().copied().unwrap_or(0),
+    })
 }
 
 /// CPU seconds used by the broker and the simulator over a wall-clock span.
@@ -520,6 +567,18 @@ impl fmt::Display for ConnectReport {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
+            ),
+            (
+                "uplink messages rejected by the controller".to_owned(),
+                if self.rejected.is_empty() {
+                    "none".to_owned()
+                } else {
+                    format!("{:.1?} /s", self.rejected)
+                },
+            ),
+            (
+                "heartbeat delay (controller receipt − device send)".to_owned(),
+                self.delay.to_string(),
             ),
             (
                 "CPU used during the window".to_owned(),
