@@ -25,9 +25,11 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod mqtt;
+pub mod outbox;
 pub mod simulate;
 pub mod telemetry;
 pub mod tls;
+pub mod transaction;
 
 #[cfg(test)]
 mod testing;
