@@ -119,12 +119,12 @@ impl AckInbox {
         }
     }
 
-    fn sent_through(&self, seq: u64) {
+    pub(crate) fn sent_through(&self, seq: u64) {
         let mut state = self.lock();
         state.highest_sent = state.highest_sent.max(seq);
     }
 
-    fn take(&self) -> Option<(u64, Vec<u64>)> {
+    pub(crate) fn take(&self) -> Option<(u64, Vec<u64>)> {
         let mut state = self.lock();
         if state.through == 0 && state.rejected.is_empty() {
             return None;

@@ -492,6 +492,17 @@ fn ack(
             covered.push((seq, value));
         }
     }
+    // Entries written earlier in this same round (not in the tree yet).
+    let entry_prefix = prefix(ENTRY, device);
+    for (key, value) in &round.overlay {
+        if let (Some(value), true) = (value, key.starts_with(&entry_prefix)) {
+            if let Some(seq) = seq_of(key).filter(|s| *s <= through || rejected.contains(s)) {
+                covered.push((seq, IVec::from(value.as_slice())));
+            }
+        }
+    }
+    covered.sort_by_key(|(seq, _)| *seq);
+    covered.dedup_by_key(|(seq, _)| *seq);
     for (seq, value) in covered {
         let key = seq_key(ENTRY, device, seq);
         if round.removed(&key) {

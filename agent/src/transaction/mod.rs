@@ -89,3 +89,41 @@ pub(crate) fn unsequenced(txn: &pb::Transaction) -> pb::Transaction {
         ..txn.clone()
     }
 }
+
+/// Requests for tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// A valid sale of `amount_minor` with id `txn_id`.
+    pub(crate) fn sale(txn_id: &str, amount_minor: i64) -> TransactionRequest {
+        TransactionRequest {
+            txn_id: txn_id.to_owned(),
+            timestamp_ms: 1_764_242_400_000,
+            amount_minor,
+            currency: "EUR".into(),
+            kind: Kind::Sale,
+            status: Status::Approved,
+            masked_card: Some("411111******1111".into()),
+            card_token: None,
+            card_brand: Some("visa".into()),
+            entry_mode: Some(EntryMode::Chip),
+            auth_code: Some("A1B2C3".into()),
+            response_code: Some("00".into()),
+            merchant_id: "MER-001".into(),
+            store_id: None,
+            operator_id: None,
+            items: vec![LineItemRequest {
+                sku: "SKU-1".into(),
+                quantity: 1,
+                unit_price_minor: amount_minor,
+            }],
+        }
+    }
+
+    pub(crate) fn valid(txn_id: &str, amount_minor: i64) -> ValidTransaction {
+        sale(txn_id, amount_minor)
+            .validate()
+            .expect("the fixture is valid")
+    }
+}
