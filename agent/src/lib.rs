@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod api;
 pub mod backoff;
 pub mod cli;
 pub mod config;

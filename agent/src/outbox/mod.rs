@@ -20,7 +20,7 @@ mod crash_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -312,6 +312,11 @@ impl std::fmt::Debug for DeviceOutbox {
 impl DeviceOutbox {
     pub fn device_id(&self) -> &DeviceId {
         &self.shared.id
+    }
+
+    /// The settings of the outbox this terminal's part belongs to.
+    pub fn settings(&self) -> &OutboxSettings {
+        &self.inner.settings
     }
 
     /// Stores `txn` under the next seq and returns once it is durable, or tells which seq

@@ -264,18 +264,6 @@ impl Store {
         Ok(out)
     }
 
-    /// The idempotency record of `txn_id`: its seq and content digest.
-    pub(crate) fn idempotency(
-        &self,
-        device: &DeviceId,
-        txn_id: &str,
-    ) -> Result<Option<(u64, ContentDigest)>, OutboxError> {
-        Ok(self
-            .tree
-            .get(named_key(IDEM, device, txn_id.as_bytes()))?
-            .and_then(|v| parse_idem(&v)))
-    }
-
     /// The durability point: flush, then fsync the `db` file.
     fn sync(&self) -> Result<(), OutboxError> {
         self.db.flush()?;

@@ -25,8 +25,6 @@ mod tests;
 
 use std::fmt;
 
-use posfleet_proto::pb;
-
 pub use intake::{AcceptError, Accepted, LockState, TransactionIntake};
 pub use request::{EntryMode, Kind, LineItemRequest, Status, TransactionRequest};
 pub use validate::{ContentDigest, ValidTransaction};
@@ -81,14 +79,6 @@ impl fmt::Display for Refusal {
 }
 
 impl std::error::Error for Refusal {}
-
-/// The wire transaction without its sequence number (assigned by the outbox).
-pub(crate) fn unsequenced(txn: &pb::Transaction) -> pb::Transaction {
-    pb::Transaction {
-        seq: 0,
-        ..txn.clone()
-    }
-}
 
 /// Requests for tests.
 #[cfg(test)]
