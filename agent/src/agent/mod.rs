@@ -368,4 +368,6 @@ fn create_data_dir(path: &std::path::Path) -> Result<(), AgentError> {
 }
 
 #[cfg(test)]
+mod delivery_tests;
+#[cfg(test)]
 mod tests;

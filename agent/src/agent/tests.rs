@@ -10,9 +10,9 @@ use super::*;
 use crate::telemetry::SimulatedSystem;
 use crate::testing::{FakeBroker, Seen, TestPki};
 
-const WAIT: Duration = Duration::from_secs(10);
+pub(super) const WAIT: Duration = Duration::from_secs(10);
 
-fn agent(
+pub(super) fn agent(
     pki: &TestPki,
     broker: &FakeBroker,
     heartbeat: Duration,
@@ -47,14 +47,14 @@ fn agent(
 }
 
 /// An outbox in a temp dir (kept alive by the returned guard).
-async fn outbox() -> (tempfile::TempDir, Outbox) {
+pub(super) async fn outbox() -> (tempfile::TempDir, Outbox) {
     let tmp = tempfile::tempdir().unwrap();
     let outbox = crate::outbox::tests::open(tmp.path()).await;
     (tmp, outbox)
 }
 
 /// The next publish on `channel` (skipping everything else).
-async fn next_on(broker: &mut FakeBroker, channel: &str) -> bytes::Bytes {
+pub(super) async fn next_on(broker: &mut FakeBroker, channel: &str) -> bytes::Bytes {
     let suffix = format!("/{channel}");
     match broker
         .next_matching(|s| matches!(s, Seen::Publish { topic, .. } if topic.ends_with(&suffix)))
@@ -65,7 +65,7 @@ async fn next_on(broker: &mut FakeBroker, channel: &str) -> bytes::Bytes {
     }
 }
 
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
+pub(super) async fn eventually(what: &str, cond: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
         assert!(
