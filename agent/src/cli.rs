@@ -173,7 +173,11 @@ async fn run_agent(path: PathBuf) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let handle = agent.spawn(&tracker, cancel.child_token())?;
-    api.serve(ApiState::new(handle.clone()), &tracker, cancel.child_token());
+    api.serve(
+        ApiState::new(handle.clone()),
+        &tracker,
+        cancel.child_token(),
+    );
     let outcome = tokio::select! {
         signal = shutdown_signal() => signal,
         () = handle.mqtt().closed() => Err(anyhow::anyhow!(

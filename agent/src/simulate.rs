@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use posfleet_proto::{DeviceId, now_ms};
 use posfleet_proto::pki::{Ca, CertifiedKey, PkiDir, PkiError};
+use posfleet_proto::{DeviceId, now_ms};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -283,11 +283,12 @@ pub async fn run_simulator(
 
     // File reads, key parsing and opening the store: off the runtime.
     let (dir, data_dir, outbox) = (cfg.pki_dir.clone(), cfg.data_dir.clone(), cfg.outbox);
-    let fleet = tokio::task::spawn_blocking(move || load_fleet(&dir, &data_dir.join("outbox"), outbox))
-        .await
-        .map_err(|e| SimError::Config {
-            reason: format!("loading the CA panicked: {e}"),
-        })??;
+    let fleet =
+        tokio::task::spawn_blocking(move || load_fleet(&dir, &data_dir.join("outbox"), outbox))
+            .await
+            .map_err(|e| SimError::Config {
+                reason: format!("loading the CA panicked: {e}"),
+            })??;
     let fleet = Arc::new(fleet);
 
     let handle = SimulatorHandle {
@@ -445,7 +446,9 @@ impl Till {
     /// An exponentially distributed gap with the configured mean.
     fn gap(&self) -> Duration {
         let u: f64 = rand::random_range(f64::EPSILON..1.0);
-        self.mean_interval.mul_f64(-u.ln()).min(self.mean_interval * 20)
+        self.mean_interval
+            .mul_f64(-u.ln())
+            .min(self.mean_interval * 20)
     }
 
     async fn submit(&self, txn: crate::transaction::TransactionRequest) {
@@ -565,10 +568,28 @@ impl Ramp {
         })?
     }
 
-    fn start(&self, index: usize, (issued, outbox): (CertifiedKey, DeviceOutbox)) -> Result<(), SimError> {
-        let agent = build_agent(&self.fleet, &self.cfg, index, &self.ids[index], issued, outbox)?;
+    fn start(
+        &self,
+        index: usize,
+        (issued, outbox): (CertifiedKey, DeviceOutbox),
+    ) -> Result<(), SimError> {
+        let agent = build_agent(
+            &self.fleet,
+            &self.cfg,
+            index,
+            &self.ids[index],
+            issued,
+            outbox,
+        )?;
         let handle = agent.spawn(&self.tracker, self.cancel.child_token())?;
-        start_till(&self.cfg, &self.handle, index, &handle, &self.tracker, &self.cancel);
+        start_till(
+            &self.cfg,
+            &self.handle,
+            index,
+            &handle,
+            &self.tracker,
+            &self.cancel,
+        );
         self.handle.lock().push(handle);
         Ok(())
     }

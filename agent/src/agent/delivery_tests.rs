@@ -93,7 +93,9 @@ impl Running {
     async fn stop(self) {
         self.cancel.cancel();
         self.tracker.close();
-        tokio::time::timeout(WAIT, self.tracker.wait()).await.unwrap();
+        tokio::time::timeout(WAIT, self.tracker.wait())
+            .await
+            .unwrap();
     }
 }
 
@@ -153,7 +155,11 @@ async fn bogus_duplicated_and_out_of_order_acks_never_remove_unsent_entries() {
 
     // New transactions keep their order after it.
     a.accept("c", 2).await;
-    let next: Vec<u64> = collect(&mut broker, 2).await.iter().map(|(s, _)| *s).collect();
+    let next: Vec<u64> = collect(&mut broker, 2)
+        .await
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
     assert_eq!(next, [4, 5]);
     a.stop().await;
 }
@@ -252,7 +258,11 @@ async fn heartbeats_report_the_outbox_depth() {
         .spawn(&tracker, cancel.clone())
         .unwrap();
     for i in 0..2 {
-        handle.intake().accept(sale(&format!("h{i}"), 1)).await.unwrap();
+        handle
+            .intake()
+            .accept(sale(&format!("h{i}"), 1))
+            .await
+            .unwrap();
     }
     loop {
         let hb = decode::<pb::Heartbeat>(&next_on(&mut broker, "hb").await).unwrap();

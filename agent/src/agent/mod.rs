@@ -243,8 +243,7 @@ impl Agent {
             self.settings,
             reporter,
             mqtt.clone(),
-            self.system,
-            self.sensors,
+            (self.system, self.sensors),
             stats.clone(),
             intake.clone(),
         );

@@ -88,8 +88,7 @@ impl Runtime {
         settings: AgentSettings,
         reporter: Reporter,
         mqtt: MqttHandle,
-        system: Box<dyn SystemProvider>,
-        sensors: Box<dyn SensorProvider>,
+        (system, sensors): (Box<dyn SystemProvider>, Box<dyn SensorProvider>),
         stats: Arc<AgentStats>,
         intake: TransactionIntake,
     ) -> Self {

@@ -17,9 +17,9 @@
 mod error;
 mod listener;
 mod status;
-mod transactions;
 #[cfg(test)]
 mod tests;
+mod transactions;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -114,12 +114,18 @@ impl Harness {
         tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
             .await
             .unwrap();
-        assert!(!self.socket.exists(), "the socket file is removed at shutdown");
+        assert!(
+            !self.socket.exists(),
+            "the socket file is removed at shutdown"
+        );
     }
 }
 
 /// Sends `request`, reads the whole response, returns the status and the JSON body.
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, request: &[u8]) -> (u16, Value) {
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    request: &[u8],
+) -> (u16, Value) {
     stream.write_all(request).await.unwrap();
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
@@ -151,11 +157,17 @@ async fn stores_repeats_and_conflicts_with_the_right_codes() {
     assert_eq!(mode, 0o660);
 
     let (code, body) = h.post_json(&sale_json("A-1", 1250)).await;
-    assert_eq!((code, &body["seq"], &body["result"]), (201, &json!(1), &json!("stored")));
+    assert_eq!(
+        (code, &body["seq"], &body["result"]),
+        (201, &json!(1), &json!("stored"))
+    );
     let (code, body) = h.post_json(&sale_json("A-2", 990)).await;
     assert_eq!((code, &body["seq"]), (201, &json!(2)));
     let (code, body) = h.post_json(&sale_json("A-1", 1250)).await;
-    assert_eq!((code, &body["seq"], &body["result"]), (200, &json!(1), &json!("duplicate")));
+    assert_eq!(
+        (code, &body["seq"], &body["result"]),
+        (200, &json!(1), &json!("duplicate"))
+    );
     let (code, body) = h.post_json(&sale_json("A-1", 1251)).await;
     assert_eq!((code, &body["error"]), (409, &json!("txn_id_conflict")));
 
@@ -201,7 +213,11 @@ async fn bad_input_gets_400_with_field_problems_and_stores_nothing() {
         .iter()
         .map(|p| p["field"].as_str().unwrap())
         .collect();
-    assert_eq!(fields, ["surprise", "kind", "merchant_id"], "shape problems first");
+    assert_eq!(
+        fields,
+        ["surprise", "kind", "merchant_id"],
+        "shape problems first"
+    );
     let mut v = sale_json("B-1", 100);
     v["amount_minor"] = json!(-100);
     v["currency"] = json!("euro");
@@ -211,7 +227,10 @@ async fn bad_input_gets_400_with_field_problems_and_stores_nothing() {
     assert_eq!(body["problems"][1]["field"], "currency");
 
     let mut items = sale_json("B-2", 100);
-    items["items"] = Value::Array(vec![json!({"sku": "S", "quantity": 1, "unit_price_minor": 1}); 201]);
+    items["items"] = Value::Array(vec![
+        json!({"sku": "S", "quantity": 1, "unit_price_minor": 1});
+        201
+    ]);
     assert_eq!(h.post_json(&items).await.0, 400);
 
     assert_eq!(h.status().await["outbox"]["depth"], 0, "nothing was stored");
@@ -264,20 +283,24 @@ async fn a_pan_is_refused_never_echoed_and_never_logged() {
 
     for (field, body) in cases {
         let (code, answer) = h.post_json(&body).await;
-        assert_eq!((code, &answer["error"]), (400, &json!("card_number_refused")), "{field}");
+        assert_eq!(
+            (code, &answer["error"]),
+            (400, &json!("card_number_refused")),
+            "{field}"
+        );
         assert_eq!(answer["problems"][0]["field"], json!(field));
         let text = answer.to_string();
-        assert!(!text.contains("1111"), "the answer echoes card digits: {text}");
+        assert!(
+            !text.contains("1111"),
+            "the answer echoes card digits: {text}"
+        );
     }
     assert_eq!(h.status().await["outbox"]["depth"], 0, "nothing was stored");
     h.stop().await;
 
     let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(logged.contains("PAN"), "the refusal is logged");
-    assert!(
-        !logged.contains("1111"),
-        "card digits in the log: {logged}"
-    );
+    assert!(!logged.contains("1111"), "card digits in the log: {logged}");
 }
 
 #[tokio::test]

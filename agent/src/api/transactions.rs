@@ -34,11 +34,17 @@ struct AcceptedBody {
     result: &'static str,
 }
 
-pub(crate) async fn post(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn post(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if let Some(kind) = headers.get(header::CONTENT_TYPE) {
-        let json = kind
-            .to_str()
-            .is_ok_and(|k| k.trim().to_ascii_lowercase().starts_with("application/json"));
+        let json = kind.to_str().is_ok_and(|k| {
+            k.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
         if !json {
             return response(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -87,7 +93,11 @@ pub(crate) async fn post(State(state): State<ApiState>, headers: HeaderMap, body
             format!("{conflict}; nothing was stored"),
         ),
         Err(AcceptError::Outbox(full @ OutboxError::Full { .. })) => {
-            let mut r = response(StatusCode::SERVICE_UNAVAILABLE, "outbox_full", full.to_string());
+            let mut r = response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outbox_full",
+                full.to_string(),
+            );
             r.headers_mut()
                 .insert(header::RETRY_AFTER, http::HeaderValue::from_static("30"));
             r

@@ -314,8 +314,12 @@ impl Validator<'_> {
             api.request_timeout,
             (Duration::from_millis(100), Duration::from_secs(300)),
         );
-        api.max_connections =
-            self.count("local_api.max_connections", raw.max_connections, 32, (1, 1024)) as usize;
+        api.max_connections = self.count(
+            "local_api.max_connections",
+            raw.max_connections,
+            32,
+            (1, 1024),
+        ) as usize;
         api
     }
 

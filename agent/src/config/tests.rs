@@ -75,14 +75,23 @@ idempotency_window = 1000
 "#
     );
     let cfg = Config::parse(&text, Path::new("/etc/posfleet")).unwrap();
-    assert_eq!(cfg.local_api.socket, Path::new("/etc/posfleet/run/api.sock"));
+    assert_eq!(
+        cfg.local_api.socket,
+        Path::new("/etc/posfleet/run/api.sock")
+    );
     assert_eq!(cfg.local_api.tcp, Some("127.0.0.1:8484".parse().unwrap()));
     assert_eq!(cfg.local_api.request_timeout, Duration::from_secs(2));
     assert_eq!(cfg.local_api.max_connections, 8);
     let o = cfg.outbox;
     assert_eq!((o.batch_max_transactions, o.max_in_flight), (100, 2));
-    assert_eq!((o.linger, o.resend_timeout), (Duration::from_millis(5), Duration::from_secs(30)));
-    assert_eq!((o.cache_capacity, o.max_pending, o.idempotency_window), (262_144, 5000, 1000));
+    assert_eq!(
+        (o.linger, o.resend_timeout),
+        (Duration::from_millis(5), Duration::from_secs(30))
+    );
+    assert_eq!(
+        (o.cache_capacity, o.max_pending, o.idempotency_window),
+        (262_144, 5000, 1000)
+    );
 
     let bad = format!(
         r#"{MINIMAL}

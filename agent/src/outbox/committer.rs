@@ -56,8 +56,7 @@ pub(crate) fn run(
         };
         ops.clear();
         waiting.clear();
-        for request in std::iter::once(first).chain(std::iter::from_fn(|| queue.try_recv().ok()))
-        {
+        for request in std::iter::once(first).chain(std::iter::from_fn(|| queue.try_recv().ok())) {
             match request {
                 Request::Write { op, device, reply } => {
                     ops.push(op);
@@ -84,9 +83,7 @@ pub(crate) fn run(
         match writer.commit(&ops) {
             Ok(outcomes) => {
                 stats.rounds.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .writes
-                    .fetch_add(ops.len() as u64, Ordering::Relaxed);
+                stats.writes.fetch_add(ops.len() as u64, Ordering::Relaxed);
                 for ((device, reply), outcome) in waiting.drain(..).zip(outcomes) {
                     device.apply(outcome);
                     let _ = reply.send(Ok(outcome));

@@ -118,10 +118,16 @@ fn kill_9_never_loses_an_accepted_transaction() {
             if seen == kill_after {
                 child.kill().unwrap();
             }
-            assert!(Instant::now() < deadline, "the child did not accept in time");
+            assert!(
+                Instant::now() < deadline,
+                "the child did not accept in time"
+            );
         }
         let _ = child.wait();
-        assert!(seen >= kill_after, "the child died on its own after {seen} accepts");
+        assert!(
+            seen >= kill_after,
+            "the child died on its own after {seen} accepts"
+        );
 
         // Reopen in this process: every accepted transaction is there or was acknowledged.
         // The store alone (no committer thread), so that dropping it closes it at once.
@@ -130,7 +136,10 @@ fn kill_9_never_loses_an_accepted_transaction() {
         let entries = store.entries(&id).unwrap();
         let last_seq = store.snapshot(&id).unwrap().last_seq;
         let max_accepted = accepted.keys().next_back().copied().unwrap_or(0);
-        assert!(last_seq >= max_accepted, "last seq {last_seq} < accepted {max_accepted}");
+        assert!(
+            last_seq >= max_accepted,
+            "last seq {last_seq} < accepted {max_accepted}"
+        );
         let stored: BTreeMap<u64, String> = entries
             .iter()
             .map(|e| (e.seq, e.transaction().unwrap().txn_id))

@@ -110,7 +110,9 @@ pub enum OutboxError {
     Failed,
     #[error("the outbox is closed")]
     Closed,
-    #[error("the outbox holds {depth} unacknowledged transactions, its limit; try again once the controller has acknowledged some")]
+    #[error(
+        "the outbox holds {depth} unacknowledged transactions, its limit; try again once the controller has acknowledged some"
+    )]
     Full { depth: u64 },
 }
 
@@ -241,11 +243,7 @@ impl Outbox {
     /// The part of the outbox of terminal `id` (the same shared state for every call with
     /// the same id). Blocking on first use of an id: it counts the terminal's records.
     pub fn device(&self, id: &DeviceId) -> Result<DeviceOutbox, OutboxError> {
-        let mut devices = self
-            .inner
-            .devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut devices = self.inner.devices.lock().unwrap_or_else(|e| e.into_inner());
         let shared = match devices.get(id) {
             Some(shared) => shared.clone(),
             None => {
@@ -332,7 +330,7 @@ impl DeviceOutbox {
         }
         let op = Op::Accept {
             device: self.shared.id.clone(),
-            txn,
+            txn: Box::new(txn),
             accepted_at_ms: now_ms(),
         };
         match self.write(op).await? {

@@ -19,7 +19,11 @@ enum Step {
     /// Txn id from a pool of 8, content variant 0..2 (same id, other content: a conflict).
     Accept { device: usize, id: u8, variant: u8 },
     /// `through` as a fraction of the last seq; rejected picks as fractions too.
-    Ack { device: usize, through: u8, rejected: Vec<u8> },
+    Ack {
+        device: usize,
+        through: u8,
+        rejected: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -123,7 +127,10 @@ fn check(store: &Store, ids: &[DeviceId], model: &[ModelDevice]) -> Result<(), T
                 .map(|e| {
                     let t = e.transaction().unwrap();
                     prop_assert_eq!(t.seq, e.seq);
-                    Ok((e.seq, (t.txn_id, u8::try_from(t.amount_minor - 100).unwrap())))
+                    Ok((
+                        e.seq,
+                        (t.txn_id, u8::try_from(t.amount_minor - 100).unwrap()),
+                    ))
                 })
                 .collect::<Result<_, TestCaseError>>()
                 .unwrap()
@@ -163,7 +170,7 @@ proptest! {
                                 let txn_id = format!("t{id}");
                                 ops.push(Op::Accept {
                                     device: ids[device].clone(),
-                                    txn: content(&txn_id, variant),
+                                    txn: Box::new(content(&txn_id, variant)),
                                     accepted_at_ms: 1,
                                 });
                                 expected.push(model[device].accept(&txn_id, variant));

@@ -285,15 +285,19 @@ impl Sender {
                 self.in_flight.pop_front();
             }
             self.next = self.next.max(through + 1);
-            self.resend_at = (!self.in_flight.is_empty())
-                .then(|| Instant::now() + self.settings.resend_timeout);
+            self.resend_at =
+                (!self.in_flight.is_empty()).then(|| Instant::now() + self.settings.resend_timeout);
         }
     }
 
     async fn send_batch(&mut self, committed: u64, cancel: &CancellationToken) -> Result<(), Stop> {
         let max = self.settings.batch_max_transactions.max(1);
         let max_bytes = Channel::Transactions.max_payload() - FRAMING * max;
-        let entries = match self.outbox.read_run(self.next, committed, max, max_bytes).await {
+        let entries = match self
+            .outbox
+            .read_run(self.next, committed, max, max_bytes)
+            .await
+        {
             Ok(entries) => entries,
             Err(error) => {
                 warn!(%error, "cannot read the outbox");
@@ -332,7 +336,10 @@ impl Sender {
                 Ok(())
             }
             Err(_) => {
-                debug!(first, last, "MQTT request queue full; batch not published yet");
+                debug!(
+                    first,
+                    last, "MQTT request queue full; batch not published yet"
+                );
                 Ok(())
             }
         }

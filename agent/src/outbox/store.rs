@@ -134,7 +134,9 @@ pub(crate) struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -231,7 +233,10 @@ impl Store {
     }
 
     /// The oldest entry of a device (the next to be acknowledged). Blocking.
-    pub(crate) fn first_entry(&self, device: &DeviceId) -> Result<Option<StoredEntry>, OutboxError> {
+    pub(crate) fn first_entry(
+        &self,
+        device: &DeviceId,
+    ) -> Result<Option<StoredEntry>, OutboxError> {
         match self.tree.scan_prefix(prefix(ENTRY, device)).next() {
             None => Ok(None),
             Some(item) => {
@@ -301,7 +306,7 @@ pub(crate) enum Op {
     /// Store a transaction under the device's next seq, unless its txn id is known.
     Accept {
         device: DeviceId,
-        txn: ValidTransaction,
+        txn: Box<ValidTransaction>,
         accepted_at_ms: u64,
     },
     /// Remove entries `<= through`; move `rejected` ones to the dead letters instead.
@@ -316,11 +321,17 @@ pub(crate) enum Op {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
     /// Stored under a new seq.
-    Stored { seq: u64 },
+    Stored {
+        seq: u64,
+    },
     /// The same txn id with the same content was stored before, under `seq`.
-    Repeat { seq: u64 },
+    Repeat {
+        seq: u64,
+    },
     /// The same txn id with different content was stored before, under `seq`.
-    Conflict { seq: u64 },
+    Conflict {
+        seq: u64,
+    },
     Acked(AckOutcome),
 }
 
@@ -386,7 +397,10 @@ impl Writer {
             .filter_map(|d| self.last_seq.get(d).map(|s| (d.clone(), *s)))
             .collect();
         for (device, last) in touched {
-            round.insert(named_key(META, &device, LAST_SEQ), last.to_be_bytes().to_vec());
+            round.insert(
+                named_key(META, &device, LAST_SEQ),
+                last.to_be_bytes().to_vec(),
+            );
         }
         store.tree.apply_batch(round.batch)?;
         // Removals alone need no fsync: if they are lost, the entries are sent again and the

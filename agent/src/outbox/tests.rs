@@ -1,6 +1,5 @@
 //! The outbox through its public handle: durability, idempotency, acks, dead letters, reopen.
 
-
 use posfleet_proto::{DeviceId, decode, pb};
 
 use super::*;
@@ -19,7 +18,13 @@ pub(crate) async fn open(dir: &std::path::Path) -> Outbox {
 }
 
 async fn seqs(outbox: &DeviceOutbox) -> Vec<u64> {
-    outbox.entries().await.unwrap().iter().map(|e| e.seq).collect()
+    outbox
+        .entries()
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect()
 }
 
 #[tokio::test]
@@ -27,19 +32,40 @@ async fn accepts_with_gapless_seqs_and_answers_repeats_and_conflicts() {
     let tmp = tempfile::tempdir().unwrap();
     let outbox = open(tmp.path()).await;
     let t = outbox.device(&dev("T-1")).unwrap();
-    assert_eq!(t.accept(valid("a", 100)).await.unwrap(), AcceptOutcome::Stored { seq: 1 });
-    assert_eq!(t.accept(valid("b", 200)).await.unwrap(), AcceptOutcome::Stored { seq: 2 });
-    assert_eq!(t.accept(valid("a", 100)).await.unwrap(), AcceptOutcome::Repeat { seq: 1 });
-    assert_eq!(t.accept(valid("a", 101)).await.unwrap(), AcceptOutcome::Conflict { seq: 1 });
-    assert_eq!(t.accept(valid("c", 300)).await.unwrap(), AcceptOutcome::Stored { seq: 3 });
+    assert_eq!(
+        t.accept(valid("a", 100)).await.unwrap(),
+        AcceptOutcome::Stored { seq: 1 }
+    );
+    assert_eq!(
+        t.accept(valid("b", 200)).await.unwrap(),
+        AcceptOutcome::Stored { seq: 2 }
+    );
+    assert_eq!(
+        t.accept(valid("a", 100)).await.unwrap(),
+        AcceptOutcome::Repeat { seq: 1 }
+    );
+    assert_eq!(
+        t.accept(valid("a", 101)).await.unwrap(),
+        AcceptOutcome::Conflict { seq: 1 }
+    );
+    assert_eq!(
+        t.accept(valid("c", 300)).await.unwrap(),
+        AcceptOutcome::Stored { seq: 3 }
+    );
     assert_eq!((t.depth(), t.last_seq()), (3, 3));
     let entries = t.entries().await.unwrap();
     let first = entries[0].transaction().unwrap();
-    assert_eq!((first.seq, first.txn_id.as_str(), first.amount_minor), (1, "a", 100));
+    assert_eq!(
+        (first.seq, first.txn_id.as_str(), first.amount_minor),
+        (1, "a", 100)
+    );
 
     // Terminals of one store are independent.
     let other = outbox.device(&dev("T-2")).unwrap();
-    assert_eq!(other.accept(valid("a", 999)).await.unwrap(), AcceptOutcome::Stored { seq: 1 });
+    assert_eq!(
+        other.accept(valid("a", 999)).await.unwrap(),
+        AcceptOutcome::Stored { seq: 1 }
+    );
     assert_eq!(t.depth(), 3);
 }
 
@@ -60,8 +86,14 @@ async fn survives_reopen_and_continues_the_sequence() {
     assert_eq!(t.last_seq(), 5);
     assert_eq!(seqs(&t).await, [3, 4, 5]);
     assert_eq!(t.depth(), 3);
-    assert_eq!(t.accept(valid("x0", 0)).await.unwrap(), AcceptOutcome::Repeat { seq: 1 });
-    assert_eq!(t.accept(valid("y", 1)).await.unwrap(), AcceptOutcome::Stored { seq: 6 });
+    assert_eq!(
+        t.accept(valid("x0", 0)).await.unwrap(),
+        AcceptOutcome::Repeat { seq: 1 }
+    );
+    assert_eq!(
+        t.accept(valid("y", 1)).await.unwrap(),
+        AcceptOutcome::Stored { seq: 6 }
+    );
 }
 
 #[tokio::test]
@@ -73,7 +105,10 @@ async fn acks_remove_covered_entries_and_dead_letter_rejections() {
         t.accept(valid(&format!("x{i}"), i)).await.unwrap();
     }
     let out = t.ack(3, vec![2]).await.unwrap();
-    assert_eq!((out.removed, out.dead_lettered, out.late_rejections), (2, 1, 0));
+    assert_eq!(
+        (out.removed, out.dead_lettered, out.late_rejections),
+        (2, 1, 0)
+    );
     assert_eq!(seqs(&t).await, [4, 5, 6]);
     let dead = t.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 1);
@@ -87,7 +122,10 @@ async fn acks_remove_covered_entries_and_dead_letter_rejections() {
     assert_eq!(out.dead_lettered, 1);
     assert_eq!(seqs(&t).await, [4, 6]);
     let status = t.status().await;
-    assert_eq!((status.depth, status.dead_letters, status.last_seq), (2, 2, 6));
+    assert_eq!(
+        (status.depth, status.dead_letters, status.last_seq),
+        (2, 2, 6)
+    );
     assert!(status.oldest_unsent_age_ms.is_some());
 
     // The dead-letter count survives a reopen.
@@ -119,10 +157,18 @@ async fn reads_runs_of_consecutive_entries_within_limits() {
                 .collect::<Vec<_>>()
         }
     };
-    assert_eq!(run(1, 10, 100, 1 << 20).await, [1, 2, 3], "stops at the gap");
+    assert_eq!(
+        run(1, 10, 100, 1 << 20).await,
+        [1, 2, 3],
+        "stops at the gap"
+    );
     assert_eq!(run(4, 10, 3, 1 << 20).await, [5, 6, 7]);
     assert_eq!(run(9, 20, 100, 1 << 20).await, [9, 10]);
-    assert_eq!(run(5, 6, 100, 1 << 20).await, [5, 6], "never beyond `through`");
+    assert_eq!(
+        run(5, 6, 100, 1 << 20).await,
+        [5, 6],
+        "never beyond `through`"
+    );
     assert_eq!(run(5, 10, 100, 1).await, [5], "always at least one");
     assert!(run(11, 20, 100, 1 << 20).await.is_empty());
 }
@@ -148,7 +194,10 @@ async fn concurrent_accepts_share_commits() {
     }
     let (rounds, writes) = outbox.commit_stats();
     assert_eq!(writes, 400);
-    assert!(rounds < writes, "group commit: {rounds} rounds for {writes} writes");
+    assert!(
+        rounds < writes,
+        "group commit: {rounds} rounds for {writes} writes"
+    );
 }
 
 #[tokio::test]
@@ -199,17 +248,16 @@ async fn removes_partial_snapshots_before_opening() {
 #[test]
 fn batch_payload_is_a_transaction_batch() {
     use prost::Message;
-    let txns: Vec<pb::Transaction> = (1..=3).map(|s| valid(&format!("x{s}"), 5).sequenced(s)).collect();
+    let txns: Vec<pb::Transaction> = (1..=3)
+        .map(|s| valid(&format!("x{s}"), 5).sequenced(s))
+        .collect();
     let encoded: Vec<Vec<u8>> = txns.iter().map(Message::encode_to_vec).collect();
     let payload = sender::batch_payload(encoded.iter().map(Vec::as_slice));
     let batch = decode::<pb::TransactionBatch>(&payload).unwrap();
     assert_eq!(batch.transactions, txns);
     assert_eq!(
         payload,
-        pb::TransactionBatch {
-            transactions: txns
-        }
-        .encode_to_vec()
+        pb::TransactionBatch { transactions: txns }.encode_to_vec()
     );
 }
 
@@ -226,7 +274,11 @@ fn the_inbox_ignores_malformed_and_bogus_acks() {
         .encode_to_vec()
     };
     assert_eq!(inbox.offer(&id, &[0xff, 0xff]), AckVerdict::Malformed);
-    assert_eq!(inbox.offer(&id, &ack(1, vec![])), AckVerdict::Bogus, "nothing sent yet");
+    assert_eq!(
+        inbox.offer(&id, &ack(1, vec![])),
+        AckVerdict::Bogus,
+        "nothing sent yet"
+    );
     inbox.sent_through(10);
     assert_eq!(inbox.offer(&id, &ack(11, vec![])), AckVerdict::Bogus);
     assert_eq!(inbox.offer(&id, &ack(5, vec![11])), AckVerdict::Bogus);
@@ -234,7 +286,11 @@ fn the_inbox_ignores_malformed_and_bogus_acks() {
     assert_eq!(inbox.take(), None);
     assert_eq!(inbox.offer(&id, &ack(7, vec![3])), AckVerdict::Accepted);
     assert_eq!(inbox.offer(&id, &ack(4, vec![9])), AckVerdict::Accepted);
-    assert_eq!(inbox.take(), Some((7, vec![3, 9])), "merged: highest point, all rejections");
+    assert_eq!(
+        inbox.take(),
+        Some((7, vec![3, 9])),
+        "merged: highest point, all rejections"
+    );
     assert_eq!(inbox.take(), None);
     assert_eq!(
         inbox.stats(),

@@ -144,7 +144,10 @@ async fn terminals_make_transactions_through_the_accept_path_into_one_shared_sto
     }
     let deadline = tokio::time::Instant::now() + WAIT;
     while sim.transaction_stats().iter().any(|t| t.accepted < 10) {
-        assert!(tokio::time::Instant::now() < deadline, "too few transactions");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "too few transactions"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cancel.cancel();
@@ -173,7 +176,12 @@ async fn terminals_make_transactions_through_the_accept_path_into_one_shared_sto
     drop(sim);
     let outbox = crate::outbox::tests::open(&data_dir.join("outbox")).await;
     for t in &stats {
-        let stored = outbox.device(&t.device_id).unwrap().entries().await.unwrap();
+        let stored = outbox
+            .device(&t.device_id)
+            .unwrap()
+            .entries()
+            .await
+            .unwrap();
         let ids: Vec<(u64, String)> = stored
             .iter()
             .map(|e| (e.seq, e.transaction().unwrap().txn_id))

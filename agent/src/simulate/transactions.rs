@@ -63,7 +63,11 @@ impl TxnGenerator {
         // The store's shape depends on the index only: the same terminal sells the same things.
         let mut shape = StdRng::seed_from_u64(index as u64 ^ 0x7a11_5eed);
         let store = index / 4;
-        let merchant_id = format!("MER-{}{:03}", letters(&mut shape, 3).to_uppercase(), store % 1000);
+        let merchant_id = format!(
+            "MER-{}{:03}",
+            letters(&mut shape, 3).to_uppercase(),
+            store % 1000
+        );
         let store_id = format!("ST-{:04}", store % 10_000);
         let operators = (0..shape.random_range(2..6))
             .map(|_| format!("OP-{:02}", shape.random_range(1..100)))
@@ -113,7 +117,13 @@ impl TxnGenerator {
         let (amount_minor, items) = match kind {
             Kind::Sale => {
                 let items = self.basket();
-                (items.iter().map(|i| i64::from(i.quantity) * i.unit_price_minor).sum(), items)
+                (
+                    items
+                        .iter()
+                        .map(|i| i64::from(i.quantity) * i.unit_price_minor)
+                        .sum(),
+                    items,
+                )
             }
             Kind::Refund => {
                 let (sku, price) = self.pick();
@@ -134,7 +144,10 @@ impl TxnGenerator {
             }
             Kind::Capture => {
                 let authorised = self.open_preauth.take().unwrap_or(0);
-                (authorised * self.rng.random_range(80..=100) / 100, Vec::new())
+                (
+                    authorised * self.rng.random_range(80..=100) / 100,
+                    Vec::new(),
+                )
             }
         };
         if kind == Kind::Sale && status == Status::Approved {
@@ -198,7 +211,11 @@ impl TxnGenerator {
         (0..lines)
             .map(|_| {
                 let (sku, unit_price_minor) = self.pick();
-                let quantity = if self.rng.random_bool(0.8) { 1 } else { self.rng.random_range(2..=4) };
+                let quantity = if self.rng.random_bool(0.8) {
+                    1
+                } else {
+                    self.rng.random_range(2..=4)
+                };
                 LineItemRequest {
                     sku,
                     quantity,
@@ -213,7 +230,9 @@ impl TxnGenerator {
         let mut token = String::from("tok_");
         for i in 0..24 {
             let alphabet = if i % 4 == 3 { LETTERS } else { TOKEN_CHARS };
-            token.push(char::from(alphabet[self.rng.random_range(0..alphabet.len())]));
+            token.push(char::from(
+                alphabet[self.rng.random_range(0..alphabet.len())],
+            ));
         }
         token
     }
@@ -268,8 +287,17 @@ mod tests {
         }
         let rate = declined as f64 / total as f64;
         assert!((0.04..0.06).contains(&rate), "decline rate {rate}");
-        for kind in [Kind::Sale, Kind::Refund, Kind::Void, Kind::Preauth, Kind::Capture] {
-            assert!(kinds.get(&kind).copied().unwrap_or(0) > 50, "{kind:?}: {kinds:?}");
+        for kind in [
+            Kind::Sale,
+            Kind::Refund,
+            Kind::Void,
+            Kind::Preauth,
+            Kind::Capture,
+        ] {
+            assert!(
+                kinds.get(&kind).copied().unwrap_or(0) > 50,
+                "{kind:?}: {kinds:?}"
+            );
         }
     }
 
@@ -277,10 +305,14 @@ mod tests {
     fn txn_ids_are_unique_per_run_and_differ_between_runs() {
         let mut a = TxnGenerator::new(3, 1);
         let mut b = TxnGenerator::new(3, 2);
-        let ids: std::collections::HashSet<String> =
-            (0..1000).map(|_| a.next_transaction(1_764_242_400_000).txn_id).collect();
+        let ids: std::collections::HashSet<String> = (0..1000)
+            .map(|_| a.next_transaction(1_764_242_400_000).txn_id)
+            .collect();
         assert_eq!(ids.len(), 1000);
         assert!(!ids.contains(&b.next_transaction(1_764_242_400_000).txn_id));
-        assert_eq!(a.merchant_id, b.merchant_id, "the store depends on the index only");
+        assert_eq!(
+            a.merchant_id, b.merchant_id,
+            "the store depends on the index only"
+        );
     }
 }

@@ -85,8 +85,7 @@ fn run_has_pan(run: &[u8]) -> bool {
     if run.len() < MIN_PAN_DIGITS {
         return false;
     }
-    (MIN_PAN_DIGITS..=MAX_PAN_DIGITS.min(run.len()))
-        .any(|len| run.windows(len).any(luhn_valid))
+    (MIN_PAN_DIGITS..=MAX_PAN_DIGITS.min(run.len())).any(|len| run.windows(len).any(luhn_valid))
 }
 
 fn digit_value(c: char) -> Option<u8> {
@@ -133,7 +132,10 @@ mod tests {
             assert!(contains_pan(&spaced), "{spaced}");
             assert!(contains_pan(&spaced.replace(' ', "-")), "{spaced}");
             assert!(contains_pan(&format!("card:{pan};")), "{pan}");
-            assert!(contains_pan(&format!("ref 42{pan}")), "glued to other digits");
+            assert!(
+                contains_pan(&format!("ref 42{pan}")),
+                "glued to other digits"
+            );
             let wide: String = pan
                 .chars()
                 .map(|c| char::from_u32(u32::from(c) - u32::from('0') + 0xFF10).unwrap())
@@ -150,8 +152,8 @@ mod tests {
             "555555XXXXXX4444",
             "41111111****1111",
             "tok_4f9a8b7c6d5e4f3a2b1c",
-            "4111111111112",    // 13 digits, fails Luhn
-            "411111111111",     // 12 digits
+            "4111111111112", // 13 digits, fails Luhn
+            "411111111111",  // 12 digits
             "TX-2024-00042",
             "",
             "2024-01-05 12:30:00",

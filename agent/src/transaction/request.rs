@@ -209,7 +209,10 @@ fn scan_for_pans(value: &Value, path: &mut String, found: &mut Vec<String>) {
 }
 
 fn is_known_field(key: &str) -> bool {
-    FIELDS.iter().chain(ITEM_FIELDS).any(|(name, ..)| *name == key)
+    FIELDS
+        .iter()
+        .chain(ITEM_FIELDS)
+        .any(|(name, ..)| *name == key)
 }
 
 fn display_path(path: &str) -> String {
@@ -238,7 +241,10 @@ fn check_object(
     };
     for key in map.keys() {
         if !fields.iter().any(|(name, ..)| name == key) {
-            problems.push(FieldProblem::new(path(&printable_key(key)), "unknown field"));
+            problems.push(FieldProblem::new(
+                path(&printable_key(key)),
+                "unknown field",
+            ));
         }
     }
     for (name, shape, required) in fields {
@@ -263,7 +269,10 @@ fn check_shape(value: &Value, shape: Shape, path: &str, problems: &mut Vec<Field
         }
         Shape::Int => {
             if value.as_i64().is_none() {
-                problem(problems, "must be a whole number (minor units, at most 19 digits)");
+                problem(
+                    problems,
+                    "must be a whole number (minor units, at most 19 digits)",
+                );
             }
         }
         Shape::UInt => {
@@ -272,7 +281,7 @@ fn check_shape(value: &Value, shape: Shape, path: &str, problems: &mut Vec<Field
             }
         }
         Shape::UInt32 => {
-            if !value.as_u64().is_some_and(|n| u32::try_from(n).is_ok()) {
+            if value.as_u64().is_none_or(|n| u32::try_from(n).is_err()) {
                 problem(problems, "must be a whole number between 0 and 4294967295");
             }
         }

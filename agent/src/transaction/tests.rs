@@ -56,7 +56,10 @@ fn pan_fields(result: Result<ValidTransaction, Refusal>) -> Vec<String> {
     match result {
         Err(refusal @ Refusal::Pan { .. }) => {
             let text = refusal.to_string();
-            assert!(!text.contains("1111111111"), "the message echoes the PAN: {text}");
+            assert!(
+                !text.contains("1111111111"),
+                "the message echoes the PAN: {text}"
+            );
             let Refusal::Pan { fields } = refusal else {
                 unreachable!()
             };
@@ -74,7 +77,10 @@ fn a_complete_transaction_becomes_the_wire_record() {
     assert_eq!(wire.seq, 7);
     assert_eq!(wire.amount_minor, 1250);
     assert_eq!(wire.kind(), posfleet_proto::pb::TransactionKind::Sale);
-    assert_eq!(wire.entry_mode(), posfleet_proto::pb::EntryMode::Contactless);
+    assert_eq!(
+        wire.entry_mode(),
+        posfleet_proto::pb::EntryMode::Contactless
+    );
     assert_eq!(wire.items.len(), 1);
     assert_eq!(wire.items[0].quantity, 2);
 }
@@ -101,7 +107,12 @@ fn optional_fields_may_be_left_out_or_null() {
 
 #[test]
 fn malformed_json_is_refused_without_echo() {
-    for body in [&b"{"[..], b"", b"not json", b"{\"txn_id\": \"4111111111111111"] {
+    for body in [
+        &b"{"[..],
+        b"",
+        b"not json",
+        b"{\"txn_id\": \"4111111111111111",
+    ] {
         match from_json(body) {
             Err(Refusal::Malformed { message }) => assert!(!message.contains("1111")),
             other => panic!("expected malformed, got {other:?}"),
@@ -115,7 +126,10 @@ fn malformed_json_is_refused_without_echo() {
 
 #[test]
 fn a_pan_in_any_field_is_refused_and_never_echoed() {
-    assert_eq!(pan_fields(parse(&with("merchant_id", json!(PAN)))), ["merchant_id"]);
+    assert_eq!(
+        pan_fields(parse(&with("merchant_id", json!(PAN)))),
+        ["merchant_id"]
+    );
     assert_eq!(
         pan_fields(parse(&with("auth_code", json!("4111 1111 1111 1111")))),
         ["auth_code"]
@@ -124,8 +138,14 @@ fn a_pan_in_any_field_is_refused_and_never_echoed() {
         pan_fields(parse(&with("operator_id", json!("op-4111-1111-1111-1111")))),
         ["operator_id"]
     );
-    assert_eq!(pan_fields(parse(&with("masked_card", json!(PAN)))), ["masked_card"]);
-    assert_eq!(pan_fields(parse(&with("card_token", json!(PAN)))), ["card_token"]);
+    assert_eq!(
+        pan_fields(parse(&with("masked_card", json!(PAN)))),
+        ["masked_card"]
+    );
+    assert_eq!(
+        pan_fields(parse(&with("card_token", json!(PAN)))),
+        ["card_token"]
+    );
     let items = json!([
         { "sku": "ok", "quantity": 1, "unit_price_minor": 1 },
         { "sku": format!("x{PAN}"), "quantity": 1, "unit_price_minor": 1 }
@@ -141,7 +161,10 @@ fn a_pan_in_any_field_is_refused_and_never_echoed() {
         ["(unknown field) (the name)"]
     );
     // A PAN in a string where a number belongs is still a PAN.
-    assert_eq!(pan_fields(parse(&with("amount_minor", json!(PAN)))), ["amount_minor"]);
+    assert_eq!(
+        pan_fields(parse(&with("amount_minor", json!(PAN)))),
+        ["amount_minor"]
+    );
 }
 
 #[test]
@@ -256,7 +279,11 @@ fn too_many_items_and_bad_items_are_named() {
     ]);
     assert_eq!(
         invalid_fields(parse(&with("items", bad))),
-        ["items[0].sku", "items[0].quantity", "items[0].unit_price_minor"]
+        [
+            "items[0].sku",
+            "items[0].quantity",
+            "items[0].unit_price_minor"
+        ]
     );
 }
 

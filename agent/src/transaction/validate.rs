@@ -104,7 +104,10 @@ impl TransactionRequest {
                 "must not be negative (a refund is kind \"refund\" with a positive amount)",
             );
         } else if self.amount_minor > MAX_AMOUNT_MINOR {
-            v.problem("amount_minor", format!("must be at most {MAX_AMOUNT_MINOR}"));
+            v.problem(
+                "amount_minor",
+                format!("must be at most {MAX_AMOUNT_MINOR}"),
+            );
         }
         if !(self.currency.len() == 3 && self.currency.bytes().all(|b| b.is_ascii_uppercase())) {
             v.problem(
@@ -127,7 +130,9 @@ impl TransactionRequest {
         v.optional("card_brand", &self.card_brand, 32, |c| {
             c.is_ascii_alphanumeric() || " _-".contains(c)
         });
-        v.optional("auth_code", &self.auth_code, 12, |c| c.is_ascii_alphanumeric());
+        v.optional("auth_code", &self.auth_code, 12, |c| {
+            c.is_ascii_alphanumeric()
+        });
         v.optional("response_code", &self.response_code, 8, |c| {
             c.is_ascii_alphanumeric()
         });
@@ -296,4 +301,3 @@ impl Rules {
         }
     }
 }
-
