@@ -301,3 +301,67 @@ fn the_inbox_ignores_malformed_and_bogus_acks() {
         }
     );
 }
+
+/// Accept throughput with group commit: `POSFLEET_BENCH_TERMINALS` terminals (default 1000)
+/// sharing one store, each accepting one transaction at a time for
+/// `POSFLEET_BENCH_SECONDS` (default 5). Run with
+/// `cargo test --release -p posfleet-agent bench_accept_rate -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_accept_rate() {
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let terminals = env("POSFLEET_BENCH_TERMINALS", 1000);
+    let seconds = env("POSFLEET_BENCH_SECONDS", 5);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let settings = OutboxSettings {
+        cache_capacity: 64 << 20,
+        ..OutboxSettings::default()
+    };
+    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&dir, settings))
+        .await
+        .unwrap()
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = std::time::Instant::now();
+    for t in 0..terminals {
+        let device = outbox.device(&dev(&format!("sim-{t:05}"))).unwrap();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            let mut worst = std::time::Duration::ZERO;
+            while !stop.is_cancelled() {
+                let begun = std::time::Instant::now();
+                device
+                    .accept(valid(&format!("b{t}x{n}"), 100))
+                    .await
+                    .unwrap();
+                worst = worst.max(begun.elapsed());
+                n += 1;
+            }
+            (n, worst)
+        });
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+    stop.cancel();
+    let (mut total, mut worst) = (0, std::time::Duration::ZERO);
+    while let Some(r) = tasks.join_next().await {
+        let (n, w) = r.unwrap();
+        total += n;
+        worst = worst.max(w);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let (rounds, writes) = outbox.commit_stats();
+    println!(
+        "{terminals} terminals: {total} accepts in {elapsed:.1} s = {:.0}/s; {rounds} commits \
+         ({:.0} writes per fsync); slowest accept {worst:?}",
+        total as f64 / elapsed,
+        writes as f64 / rounds.max(1) as f64
+    );
+}
