@@ -31,8 +31,8 @@ use crate::mqtt::{MqttError, MqttHandle, QoS};
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of framing per transaction inside a batch, at most (tag + length varint).
 const FRAMING: usize = 6;
-/// Pause after a failed read of the outbox before trying again.
-const READ_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Pause after a failed outbox read or publish before trying again.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// What the inbox made of one incoming ack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,7 +303,7 @@ impl Sender {
                 warn!(%error, "cannot read the outbox");
                 tokio::select! {
                     () = cancel.cancelled() => return Err(Stop),
-                    () = tokio::time::sleep(READ_ERROR_PAUSE) => return Ok(()),
+                    () = tokio::time::sleep(ERROR_PAUSE) => return Ok(()),
                 }
             }
         };
@@ -333,7 +333,10 @@ impl Sender {
             Ok(Err(MqttError::Closed)) => Err(Stop),
             Ok(Err(error)) => {
                 warn!(%error, first, last, "transaction batch not published");
-                Ok(())
+                tokio::select! {
+                    () = cancel.cancelled() => Err(Stop),
+                    () = tokio::time::sleep(ERROR_PAUSE) => Ok(()),
+                }
             }
             Err(_) => {
                 debug!(

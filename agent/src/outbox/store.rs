@@ -106,12 +106,11 @@ impl StoredEntry {
     }
 }
 
-fn entry_value(accepted_at_ms: u64, txn: &pb::Transaction) -> Vec<u8> {
-    let mut value = Vec::with_capacity(9 + txn.encoded_len());
+fn entry_value(accepted_at_ms: u64, seq: u64, txn: &ValidTransaction) -> Vec<u8> {
+    let mut value = Vec::with_capacity(9 + txn.max_encoded_len());
     value.push(ENTRY_FORMAT);
     value.extend_from_slice(&accepted_at_ms.to_be_bytes());
-    txn.encode(&mut value)
-        .expect("a Vec grows to fit any message");
+    txn.encode_sequenced(seq, &mut value);
     value
 }
 
@@ -438,7 +437,7 @@ impl Writer {
         round.touched.insert(device.clone());
         round.insert(
             seq_key(ENTRY, device, seq),
-            entry_value(accepted_at_ms, &txn.sequenced(seq)),
+            entry_value(accepted_at_ms, seq, txn),
         );
         let mut idem = Vec::with_capacity(40);
         idem.extend_from_slice(&seq.to_be_bytes());
@@ -499,7 +498,7 @@ fn ack(
     for (key, value) in &round.overlay {
         if let (Some(value), true) = (value, key.starts_with(&entry_prefix)) {
             if let Some(seq) = seq_of(key).filter(|s| *s <= through || rejected.contains(s)) {
-                covered.push((seq, IVec::from(value.as_slice())));
+                covered.push((seq, value.clone()));
             }
         }
     }
@@ -512,7 +511,7 @@ fn ack(
         }
         if rejected.contains(&seq) {
             found.insert(seq);
-            round.insert(seq_key(DEAD, device, seq), value.to_vec());
+            round.insert(seq_key(DEAD, device, seq), value);
             outcome.dead_lettered += 1;
         } else {
             outcome.removed += 1;
@@ -528,7 +527,7 @@ fn ack(
 struct Round<'a> {
     tree: &'a sled::Tree,
     batch: sled::Batch,
-    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    overlay: HashMap<Vec<u8>, Option<IVec>>,
     touched: HashSet<DeviceId>,
 }
 
@@ -542,10 +541,10 @@ impl<'a> Round<'a> {
         }
     }
 
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+    fn get(&self, key: &[u8]) -> Result<Option<IVec>, OutboxError> {
         match self.overlay.get(key) {
             Some(value) => Ok(value.clone()),
-            None => Ok(self.tree.get(key)?.map(|v| v.to_vec())),
+            None => Ok(self.tree.get(key)?),
         }
     }
 
@@ -553,7 +552,9 @@ impl<'a> Round<'a> {
         matches!(self.overlay.get(key), Some(None))
     }
 
-    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+    fn insert(&mut self, key: Vec<u8>, value: impl Into<IVec>) {
+        // An IVec clone shares the bytes.
+        let value = value.into();
         self.batch.insert(key.clone(), value.clone());
         self.overlay.insert(key, Some(value));
     }

@@ -329,3 +329,15 @@ fn the_largest_transaction_fits_a_batch_many_times() {
     assert!(len < 32 * 1024, "{len}");
     assert!(len * 7 < posfleet_proto::Channel::Transactions.max_payload());
 }
+
+#[test]
+fn the_stored_encoding_is_the_wire_encoding() {
+    use prost::Message;
+    let valid = parse(&valid_json()).unwrap();
+    for seq in [0, 1, 127, 128, 300, 1 << 40, u64::MAX] {
+        let mut out = Vec::new();
+        valid.encode_sequenced(seq, &mut out);
+        assert_eq!(out, valid.sequenced(seq).encode_to_vec(), "seq {seq}");
+        assert!(out.len() <= valid.max_encoded_len());
+    }
+}

@@ -42,6 +42,9 @@ pub type ContentDigest = [u8; 32];
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidTransaction {
     txn: pb::Transaction,
+    /// The protobuf encoding of `txn` (without seq): hashed for the digest, and the tail of
+    /// the stored record (see [`ValidTransaction::encode_sequenced`]).
+    encoded: Vec<u8>,
     digest: ContentDigest,
 }
 
@@ -62,21 +65,41 @@ impl ValidTransaction {
         }
     }
 
+    /// Appends the protobuf encoding of [`ValidTransaction::sequenced`] to `out` without
+    /// encoding again: `seq` is field 1, which prost writes first, so the encoding is the
+    /// seq field followed by the encoding without it (a test holds this to be exact).
+    pub(crate) fn encode_sequenced(&self, seq: u64, out: &mut Vec<u8>) {
+        if seq != 0 {
+            prost::encoding::uint64::encode(1, &seq, out);
+        }
+        out.extend_from_slice(&self.encoded);
+    }
+
+    /// Length of [`ValidTransaction::encode_sequenced`]'s output, at most.
+    pub(crate) fn max_encoded_len(&self) -> usize {
+        self.encoded.len() + 11
+    }
+
     /// Builds one from a stored wire record.
     #[cfg(test)]
     pub(crate) fn from_wire(txn: &pb::Transaction) -> Self {
-        let txn = pb::Transaction {
+        Self::new(pb::Transaction {
             seq: 0,
             ..txn.clone()
-        };
-        let digest = digest_of(&txn);
-        Self { txn, digest }
+        })
     }
-}
 
-fn digest_of(txn: &pb::Transaction) -> ContentDigest {
-    use prost::Message;
-    Sha256::digest(txn.encode_to_vec()).into()
+    /// `txn` must have `seq = 0`.
+    fn new(txn: pb::Transaction) -> Self {
+        use prost::Message;
+        let encoded = txn.encode_to_vec();
+        let digest = Sha256::digest(&encoded).into();
+        Self {
+            txn,
+            encoded,
+            digest,
+        }
+    }
 }
 
 impl TransactionRequest {
@@ -164,9 +187,7 @@ impl TransactionRequest {
                 problems: v.problems,
             });
         }
-        let txn = self.to_wire();
-        let digest = digest_of(&txn);
-        Ok(ValidTransaction { txn, digest })
+        Ok(ValidTransaction::new(self.to_wire()))
     }
 
     /// Every string field with its path.
