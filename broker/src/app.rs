@@ -29,6 +29,8 @@ use crate::registry::{Registry, RegistryConfig, RegistryError};
 pub const DEFAULT_MQTT_LISTEN: &str = "0.0.0.0:8883";
 /// Default admin API listen address of `serve` and `demo`.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8443";
+/// Longest the embedded edge keeps terminals waiting for the controller's subscription.
+const CONTROLLER_WAIT: Duration = Duration::from_secs(30);
 /// Capacity of the live event bus.
 const EVENT_BUS_CAPACITY: usize = 4096;
 
@@ -130,10 +132,12 @@ pub async fn start(
     let (broker, edge) = match (mqtt, &opts.external_broker) {
         (Some((listener, addr)), _) => {
             let tls = mtls_server_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())?;
+            let mut config = EdgeConfig::new(tls);
+            config.wait_for_controller = Some(CONTROLLER_WAIT);
             let edge = spawn_edge(
                 listener,
                 addr,
-                EdgeConfig::new(tls),
+                config,
                 metrics.clone(),
                 tracker,
                 cancel.child_token(),

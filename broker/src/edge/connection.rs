@@ -19,10 +19,11 @@ use rumqttd::protocol::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Fatal;
 use super::acl;
+use super::gate::DeviceGate;
 use super::pump::{Ledger, inbound, outbound, send_to_router};
 use super::router::RouterHandle;
 use super::sessions::{ClaimError, Sessions};
@@ -56,6 +57,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) limits: ConnectionLimits,
     pub(crate) fatal: Fatal,
+    /// Closed until the controller has subscribed (embedded setup).
+    pub(crate) device_gate: DeviceGate,
 }
 
 /// How a connection ended, which decides the teardown.
@@ -137,6 +140,14 @@ pub(crate) async fn run<S>(
             })
         }
     };
+
+    // Before the rate limit: waiting for the controller must not use up a terminal's connects.
+    if identity.device().is_some() && !shared.device_gate.is_open() {
+        debug!(device = %identity, "controller not subscribed yet; terminal told to retry");
+        shared.metrics.refuse("controller_not_ready");
+        let _ = write_connack(&mut writer, ConnectReturnCode::ServiceUnavailable).await;
+        return;
+    }
 
     let mut slot = match shared.sessions.claim(&client_id).await {
         Ok(slot) => slot,

@@ -61,6 +61,8 @@ pub(super) async fn inbound<R: AsyncRead + Unpin>(
     ledger: &Mutex<Ledger>,
 ) -> End {
     let mut batch = Vec::new();
+    // A controller's uplink subscription opens the device gate once it is in the router.
+    let mut opens_gate = false;
     loop {
         while !buf.is_empty() {
             let byte1 = buf[0];
@@ -79,6 +81,8 @@ pub(super) async fn inbound<R: AsyncRead + Unpin>(
             match check_inbound(packet, byte1, identity, shared, ledger) {
                 Inbound::Forward(packet) => {
                     let unsubscribe = matches!(packet, Packet::Unsubscribe(..));
+                    opens_gate |= matches!(identity, Identity::Controller(_))
+                        && matches!(packet, Packet::Subscribe(..));
                     batch.push(packet);
                     if unsubscribe {
                         batch.push(Packet::PingReq(PingReq));
@@ -96,6 +100,9 @@ pub(super) async fn inbound<R: AsyncRead + Unpin>(
         }
         if !flush(shared, link_tx, &mut batch) {
             return End::RouterGone;
+        }
+        if std::mem::take(&mut opens_gate) {
+            shared.device_gate.open();
         }
         // Release the memory of a large packet once it has been handled.
         if buf.is_empty() && buf.capacity() > 16 * 1024 {

@@ -568,3 +568,34 @@ async fn a_second_connection_of_the_same_device_takes_over() {
     driver.abort();
     fx.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_wait_until_the_controller_has_subscribed() {
+    let fx = Fixture::start_with(|c| c.wait_for_controller = Some(Duration::from_secs(60))).await;
+    let cert = fx.device_cert("T-1");
+    let (_dev, mut dev_loop) = fx.client("T-1", Some(&cert), None);
+    let refused = connack(&mut dev_loop).await.unwrap_err();
+    assert!(refused.contains("ServiceUnavailable"), "{refused}");
+    assert_eq!(fx.metrics.refusals("controller_not_ready"), 1);
+    // Waiting does not use up the terminal's connect budget.
+    assert_eq!(fx.metrics.refusals("rate_limited"), 0);
+
+    let (_ctl, mut from_devices) = controller(&fx).await;
+    let (dev, mut dev_loop) = fx.client("T-1", Some(&cert), None);
+    connack(&mut dev_loop).await.unwrap();
+    let _to_device = drive(dev_loop);
+    dev.publish(
+        topic("T-1", Channel::Presence),
+        QoS::AtLeastOnce,
+        false,
+        b"online".to_vec(),
+    )
+    .await
+    .unwrap();
+    let (t, _) = tokio::time::timeout(WAIT, from_devices.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t, topic("T-1", Channel::Presence));
+    fx.stop().await;
+}
