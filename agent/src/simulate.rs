@@ -18,14 +18,15 @@
 //! `(device, seq, txn_id)` when [`SimulatorConfig::record_accepted`] is set: what the fault
 //! tests compare with what the controller stored.
 
+mod till;
 pub mod transactions;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use posfleet_proto::DeviceId;
 use posfleet_proto::pki::{Ca, CertifiedKey, PkiDir, PkiError};
-use posfleet_proto::{DeviceId, now_ms};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,8 +37,7 @@ use crate::config::BrokerUrl;
 use crate::outbox::{DeviceOutbox, Outbox, OutboxError, OutboxSettings};
 use crate::telemetry::{SimulatedSensors, SimulatedSystem};
 use crate::tls::{self, TlsError};
-use crate::transaction::{AcceptError, TransactionIntake};
-use transactions::TxnGenerator;
+use till::start_till;
 
 /// Default device id prefix: ids are `{prefix}{index:05}`.
 pub const DEFAULT_ID_PREFIX: &str = "sim-";
@@ -51,8 +51,6 @@ pub const DEFAULT_TX_RATE_PER_MINUTE: f64 = 4.0;
 pub const DEFAULT_SIM_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 /// Most transactions per terminal per minute (one terminal accepts one at a time).
 pub const MAX_TX_RATE_PER_MINUTE: f64 = 60_000.0;
-/// Share of transactions the simulated payment application sends twice.
-const REPEAT_PROBABILITY: f64 = 0.01;
 
 /// What to simulate. Build with [`SimulatorConfig::new`] and adjust.
 #[derive(Debug, Clone)]
@@ -386,100 +384,6 @@ fn build_agent(
         Box::new(SimulatedSensors::new(seed)),
         outbox,
     ))
-}
-
-/// Starts terminal `index`'s till, if transactions are enabled.
-fn start_till(
-    cfg: &SimulatorConfig,
-    sim: &SimulatorHandle,
-    index: usize,
-    agent: &AgentHandle,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-) {
-    if cfg.tx_rate_per_minute <= 0.0 {
-        return;
-    }
-    let till = Till {
-        intake: agent.intake().clone(),
-        generator: TxnGenerator::new(index, rand::random()),
-        mean_interval: Duration::from_secs_f64(60.0 / cfg.tx_rate_per_minute),
-        sim: sim.clone(),
-        index,
-    };
-    tracker.spawn(till.run(cancel.child_token()));
-}
-
-/// One terminal's simulated payment application.
-struct Till {
-    intake: TransactionIntake,
-    generator: TxnGenerator,
-    mean_interval: Duration,
-    sim: SimulatorHandle,
-    index: usize,
-}
-
-impl Till {
-    async fn run(mut self, cancel: CancellationToken) {
-        // Random phase, then Poisson arrivals on an absolute schedule (a slow accept does
-        // not lower the rate, but a schedule more than a second behind is reset).
-        let mut due = Instant::now() + self.gap();
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep_until(due) => {}
-            }
-            let txn = self.generator.next_transaction(now_ms());
-            let repeat = rand::random_bool(REPEAT_PROBABILITY).then(|| txn.clone());
-            self.submit(txn).await;
-            if let Some(again) = repeat {
-                self.submit(again).await;
-            }
-            due += self.gap();
-            let now = Instant::now();
-            if now > due + Duration::from_secs(1) {
-                due = now;
-            }
-        }
-    }
-
-    /// An exponentially distributed gap with the configured mean.
-    fn gap(&self) -> Duration {
-        let u: f64 = rand::random_range(f64::EPSILON..1.0);
-        self.mean_interval
-            .mul_f64(-u.ln())
-            .min(self.mean_interval * 20)
-    }
-
-    async fn submit(&self, txn: crate::transaction::TransactionRequest) {
-        let counters = &self.sim.counters[self.index];
-        match self.intake.accept(txn).await {
-            Ok(accepted) if accepted.new => {
-                counters.max_seq.fetch_max(accepted.seq, Ordering::AcqRel);
-                if let Some(records) = &self.sim.records {
-                    records
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(AcceptedRecord {
-                            device_id: self.intake.outbox().device_id().clone(),
-                            seq: accepted.seq,
-                            txn_id: accepted.txn_id,
-                        });
-                }
-                // Counted last: a reader who sees the count also sees the record.
-                counters.accepted.fetch_add(1, Ordering::AcqRel);
-            }
-            Ok(_) => {
-                counters.duplicates.fetch_add(1, Ordering::AcqRel);
-            }
-            Err(error) => {
-                counters.refused.fetch_add(1, Ordering::AcqRel);
-                if !matches!(error, AcceptError::Outbox(OutboxError::Closed)) {
-                    warn!(device_id = %self.intake.outbox().device_id(), %error, "simulated transaction not accepted");
-                }
-            }
-        }
-    }
 }
 
 /// A plausible mix of models and versions, so fleet views and rollouts have something to show.

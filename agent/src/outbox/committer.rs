@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
-use super::store::{Op, Outcome, Writer};
+use super::writer::{Op, Outcome, Writer};
 use super::{DeviceShared, OutboxError};
 
 /// Most requests in one round.

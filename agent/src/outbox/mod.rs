@@ -1,7 +1,7 @@
 //! The durable transaction outbox (DESIGN.md §4, ADR 0005).
 //!
-//! - [`Outbox`]: one sled store (see `store.rs`, the crate's only storage module) and its
-//!   committer thread (`committer.rs`). A real terminal opens one in its data directory; the
+//! - [`Outbox`]: one sled store (`store.rs` opens and reads it, `writer.rs` writes it: the
+//!   crate's only storage module) and its committer thread (`committer.rs`). A real terminal opens one in its data directory; the
 //!   simulator opens **one** for all its terminals.
 //! - [`DeviceOutbox`]: one terminal's part of it. [`DeviceOutbox::accept`] assigns the next
 //!   gapless sequence number and returns only after the record is durable (group commit: one
@@ -14,6 +14,7 @@
 mod committer;
 mod sender;
 mod store;
+mod writer;
 
 #[cfg(test)]
 mod crash_tests;
@@ -34,11 +35,13 @@ use tracing::warn;
 
 pub(crate) use sender::Sender;
 pub use sender::{AckInbox, AckStats, AckVerdict};
-pub use store::{AckOutcome, StoredEntry};
+pub use store::StoredEntry;
+pub use writer::AckOutcome;
 
 use crate::transaction::ValidTransaction;
 use committer::{CommitStats, Request};
-use store::{Op, Outcome, Store, Writer};
+use store::Store;
+use writer::{Op, Outcome, Writer};
 
 /// Defaults of [`OutboxSettings`].
 pub const DEFAULT_BATCH_MAX_TRANSACTIONS: usize = 500;

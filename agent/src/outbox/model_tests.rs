@@ -7,7 +7,8 @@ use std::sync::Arc;
 use posfleet_proto::DeviceId;
 use proptest::prelude::*;
 
-use super::store::{AckOutcome, Op, Outcome, Store, Writer};
+use super::store::Store;
+use super::writer::{AckOutcome, Op, Outcome, Writer};
 use crate::transaction::fixtures::valid;
 
 /// Small, so that pruning of the idempotency index is exercised.
