@@ -1,1 +1,23 @@
+//! posfleet end-to-end suite: the real `posfleet-broker`, `posfleet-agent` and `posctl` (as
+//! this crate's `pf-*` wrapper binaries) as separate processes on loopback, temp dirs, port 0.
+//! Every test asserts what an operator would see: the admin API, `/metrics`, `posctl` output,
+//! and how a (mis)behaving MQTT client is treated.
+//!
+//! # Layout
+//!
+//! - `support`: the binaries, broker/agent start-up shorthands, and the timed waits shared by
+//!   the tests (device online/offline, heartbeats advancing, metric deltas).
+//! - `fleet`: terminals come online with heartbeats and telemetry; API, `posctl devices
+//!   list/show` and `posctl watch`; API authentication.
+//! - `lifecycle`: a SIGKILLed terminal goes offline (`connection_lost`), a SIGTERMed one says
+//!   goodbye (`shutdown`), a restarted one comes back; the broker survives SIGTERM and SIGKILL
+//!   with its registry, and terminals reconnect by themselves.
+//! - `simulate`: `demo` mode and the `simulate` fleet (the benchmark's load generator).
+//! - `bad_input`: every kind of bad client is refused, counted in `/metrics`, changes nothing,
+//!   and does not disturb a well-behaved terminal; idle sockets do not delay a real terminal.
 
+mod bad_input;
+mod fleet;
+mod lifecycle;
+mod simulate;
+mod support;

@@ -1,1 +1,47 @@
-//! placeholder
+//! posfleet-tests: the harness of the end-to-end suite (`tests/e2e`) and of the benchmark
+//! program (`fleet-bench`). Everything here starts the real binaries as separate processes on
+//! loopback (port 0) with temporary directories, and looks at them the way a user would:
+//! through the admin API, `/metrics`, `posctl`, and MQTT connections.
+//!
+//! # Layout
+//!
+//! - [`bins`]: [`Binaries`], where the wrapper binaries `pf-broker`, `pf-agent` and
+//!   `pf-posctl` are (from `CARGO_BIN_EXE_*` in tests, next to the running program in the
+//!   benchmark).
+//! - [`process`]: [`Process`], a spawned child with its output captured to log files, killed on
+//!   drop; SIGKILL / SIGTERM with bounded waits.
+//! - [`broker`]: [`Broker`], a `pf-broker serve` (or `demo`) process on a temp data dir: waits
+//!   for `posctl.json`, exposes the API client and the MQTT address, kill / terminate /
+//!   restart on the same data dir and ports.
+//! - [`api`]: [`Api`], the HTTPS admin API client (trusts the fleet CA, bearer token).
+//! - [`scrape`]: [`Scrape`], a parsed Prometheus text exposition.
+//! - [`agent`]: [`Agent`], a `pf-agent run` process with its own device bundle and config.
+//! - [`posctl`]: [`Posctl`], runs `pf-posctl --data-dir DIR ...` and captures its output.
+//! - [`mqtt`]: hand-made MQTT clients for bad-input tests (any certificate, any client id,
+//!   raw TLS sockets).
+//! - [`eventually`]: [`eventually()`], the timed assertion every wait goes through.
+//! - [`bench`]: the `fleet-bench connect` scenario and its report.
+//! - [`host`]: the open-files limit, a process's resident memory, the machine's description.
+
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod api;
+pub mod bench;
+pub mod bins;
+pub mod broker;
+pub mod eventually;
+pub mod host;
+pub mod mqtt;
+pub mod posctl;
+pub mod process;
+pub mod scrape;
+
+pub use agent::{Agent, AgentOptions};
+pub use api::Api;
+pub use bins::Binaries;
+pub use broker::{Broker, BrokerOptions};
+pub use eventually::eventually;
+pub use posctl::{Posctl, PosctlOutput};
+pub use process::Process;
+pub use scrape::Scrape;

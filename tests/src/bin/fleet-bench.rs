@@ -1,1 +1,105 @@
-fn main() {}
+//! `fleet-bench`: load benchmarks of a real posfleet broker on this machine.
+//!
+//! ```text
+//! cargo run --release -p posfleet-tests --bin fleet-bench -- connect --terminals 1000
+//! ```
+//!
+//! See `posfleet_tests::bench` for what is measured and `docs/benchmarks.md` for results.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use posfleet_agent::config::parse_duration;
+use posfleet_tests::Binaries;
+use posfleet_tests::bench::{ConnectBench, run_connect};
+use posfleet_tests::host::raise_nofile_limit;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fleet-bench",
+    about = "Load benchmarks of a real posfleet broker (loopback only)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// N simulated mTLS terminals: time to connect, broker memory per terminal, ingest rate,
+    /// reconnect after a broker crash.
+    Connect {
+        /// Number of simulated terminals (1..=100000).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        terminals: u32,
+        /// Heartbeat interval of every terminal.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+        heartbeat_interval: Duration,
+        /// Telemetry interval of every terminal.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        telemetry_interval: Duration,
+        /// Length of the ingest-rate measurement window.
+        #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Terminals the simulator starts per second (default: effectively unthrottled).
+        #[arg(long, value_name = "PER_SECOND", default_value_t = 1_000_000)]
+        connect_rate: u32,
+        /// Bound on each wait (all connected, all back after the restart).
+        #[arg(long, value_name = "DURATION", default_value = "180s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // Before any thread or child exists: children inherit the raised limit.
+    let nofile = raise_nofile_limit()?;
+    let bins = Binaries::beside_current_exe()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Connect {
+            terminals,
+            heartbeat_interval,
+            telemetry_interval,
+            duration,
+            connect_rate,
+            timeout,
+        } => {
+            let params = ConnectBench {
+                terminals: terminals as usize,
+                heartbeat_interval,
+                telemetry_interval,
+                duration,
+                connect_rate,
+                timeout,
+            };
+            let report = runtime.block_on(run_connect(&bins, params, nofile, |line| {
+                eprintln!("[fleet-bench] {line}");
+            }))?;
+            println!("{report}");
+        }
+    }
+    Ok(())
+}
