@@ -16,7 +16,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::agent::Agent;
+use crate::agent::{Agent, open_outbox};
+use crate::api::{ApiState, LocalApi};
 use crate::config::{BrokerUrl, Config, parse_duration};
 use crate::simulate::{self, SimulatorConfig};
 
@@ -66,6 +67,13 @@ enum Command {
         /// Terminals started per second.
         #[arg(long, value_name = "PER_SECOND", default_value_t = simulate::DEFAULT_CONNECT_RATE)]
         connect_rate: u32,
+        /// Transactions per terminal per minute, on average (0: none).
+        #[arg(long, value_name = "PER_MINUTE", default_value_t = simulate::DEFAULT_TX_RATE_PER_MINUTE)]
+        tx_rate: f64,
+        /// Where the terminals' shared outbox store lives (default: simulator-data beside
+        /// the PKI directory).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -120,12 +128,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 heartbeat_interval,
                 telemetry_interval,
                 connect_rate,
+                tx_rate,
+                data_dir,
             } => {
                 let mut cfg = SimulatorConfig::new(count, pki_dir, broker);
                 cfg.id_prefix = id_prefix;
                 cfg.agent.heartbeat_interval = heartbeat_interval;
                 cfg.agent.telemetry_interval = telemetry_interval;
                 cfg.connect_rate = connect_rate;
+                cfg.tx_rate_per_minute = tx_rate;
+                if let Some(dir) = data_dir {
+                    cfg.data_dir = dir;
+                }
                 run_simulator(cfg).await
             }
         }
@@ -144,12 +158,26 @@ fn init_tracing(default_filter: &str) {
 
 async fn run_agent(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    let agent = Agent::from_config(&config)
-        .with_context(|| format!("cannot start the agent configured in {}", path.display()))?;
+    // Opening the store and reading the certificate files block: off the runtime.
+    let cfg = config.clone();
+    let (agent, outbox) = tokio::task::spawn_blocking(move || {
+        let outbox = open_outbox(&cfg)?;
+        let agent = Agent::from_config(&cfg, &outbox)?;
+        anyhow::Ok((agent, outbox))
+    })
+    .await
+    .context("starting the agent panicked")?
+    .with_context(|| format!("cannot start the agent configured in {}", path.display()))?;
     info!(device_id = %agent.device_id(), broker = %config.broker, "posfleet-agent starting");
+    let api = LocalApi::bind(&config.local_api).context("cannot start the local API")?;
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let handle = agent.spawn(&tracker, cancel.child_token())?;
+    api.serve(
+        ApiState::new(handle.clone()),
+        &tracker,
+        cancel.child_token(),
+    );
     let outcome = tokio::select! {
         signal = shutdown_signal() => signal,
         () = handle.mqtt().closed() => Err(anyhow::anyhow!(
@@ -157,6 +185,8 @@ async fn run_agent(path: PathBuf) -> anyhow::Result<()> {
         )),
     };
     stop(cancel, tracker).await;
+    // Everything accepted is already durable; this only finishes queued removals.
+    outbox.close().await;
     outcome
 }
 
@@ -176,10 +206,13 @@ async fn run_simulator(cfg: SimulatorConfig) -> anyhow::Result<()> {
         every.tick().await;
         loop {
             every.tick().await;
+            let pending: u64 = sim.agents().iter().map(|a| a.outbox().depth()).sum();
             info!(
                 total,
                 started = sim.started(),
                 connected = sim.connected(),
+                accepted = sim.accepted_total(),
+                pending,
                 "simulator status"
             );
         }
@@ -189,6 +222,7 @@ async fn run_simulator(cfg: SimulatorConfig) -> anyhow::Result<()> {
         () = status => Ok(()),
     };
     stop(cancel, tracker).await;
+    sim.outbox().close().await;
     outcome
 }
 
@@ -257,6 +291,8 @@ mod tests {
             "5s",
             "--connect-rate",
             "50",
+            "--tx-rate",
+            "1200",
         ])
         .unwrap();
         let Command::Simulate {
@@ -266,12 +302,15 @@ mod tests {
             telemetry_interval,
             id_prefix,
             connect_rate,
+            tx_rate,
+            data_dir,
             ..
         } = cli.command
         else {
             panic!("expected simulate");
         };
         assert_eq!((count, broker.port, connect_rate), (100, 18883, 50));
+        assert_eq!((tx_rate, data_dir), (1200.0, None));
         assert_eq!(heartbeat_interval, Duration::from_secs(5));
         assert_eq!(telemetry_interval, Duration::from_secs(30));
         assert_eq!(id_prefix, "sim-");

@@ -10,9 +10,17 @@
 //! - [`tls`]: rustls client configs (ring provider) and the device id from a certificate.
 //! - [`config`]: the agent's TOML config, parsed in two stages (all problems at once).
 //! - [`agent`]: the runtime of one terminal ([`Agent`]): presence, heartbeats, telemetry,
-//!   graceful shutdown.
+//!   the outbox sender, graceful shutdown.
+//! - [`transaction`]: transactions as the payment application submits them: parsing of
+//!   untrusted JSON, field rules, the PAN guard, and [`TransactionIntake::accept`], the one
+//!   accept path (local API and simulator).
+//! - [`outbox`]: the durable sled outbox (the crate's only storage module), its group-commit
+//!   thread, and the per-terminal sender of transaction batches and acks (ADR 0005).
+//! - [`api`]: the local HTTP API over a Unix socket (and loopback TCP) for the payment
+//!   application.
 //! - [`telemetry`]: system metric and sensor providers (real and simulated).
-//! - [`simulate`]: N virtual terminals in one process running the same [`Agent`] code.
+//! - [`simulate`]: N virtual terminals in one process running the same [`Agent`] code, with
+//!   synthetic transactions and one shared outbox store.
 //! - [`cli`]: the `posfleet-agent` command line (`run`, `simulate`); `main.rs` only calls
 //!   [`cli::main`].
 //! - `testing` (unit tests only): an in-memory fleet PKI and a fake MQTT broker over mTLS on
@@ -21,13 +29,16 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod api;
 pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod mqtt;
+pub mod outbox;
 pub mod simulate;
 pub mod telemetry;
 pub mod tls;
+pub mod transaction;
 
 #[cfg(test)]
 mod testing;
@@ -35,4 +46,8 @@ mod testing;
 pub use agent::{Agent, AgentHandle, AgentSettings, DeviceInfo};
 pub use config::Config;
 pub use mqtt::{MqttError, MqttHandle, SessionConfig, SessionEvent, spawn_session};
-pub use simulate::{SimError, SimulatorConfig, SimulatorHandle, run_simulator};
+pub use outbox::{DeviceOutbox, Outbox, OutboxSettings};
+pub use simulate::{
+    AcceptedRecord, SimError, SimulatorConfig, SimulatorHandle, TerminalTxStats, run_simulator,
+};
+pub use transaction::{TransactionIntake, TransactionRequest};

@@ -1,12 +1,27 @@
 //! The fleet simulator: N virtual terminals in one process, each the real [`Agent`] with its
-//! own certificate, MQTT session, heartbeats and telemetry ([`SimulatedSystem`] and
-//! [`SimulatedSensors`] instead of the host's numbers).
+//! own certificate, MQTT session, heartbeats, telemetry ([`SimulatedSystem`] and
+//! [`SimulatedSensors`] instead of the host's numbers) and transactions.
 //!
 //! Certificates are issued in memory from the fleet CA of a PKI directory (loaded once);
 //! the root store and crypto provider are shared by all terminals. Terminals start at
 //! [`SimulatorConfig::connect_rate`] per second so a large fleet does not storm the broker;
 //! [`run_simulator`] returns as soon as the CA is loaded and the ramp has begun.
+//!
+//! Transactions: every terminal's till ([`transactions::TxnGenerator`]) produces
+//! [`SimulatorConfig::tx_rate_per_minute`] transactions per minute on average (Poisson
+//! arrivals) and hands each to the terminal's [`TransactionIntake::accept`], the same call
+//! the local API's `POST /v1/transactions` makes. About 1% are sent twice, as a payment
+//! application retrying after a lost answer would. All terminals share **one** outbox store
+//! in [`SimulatorConfig::data_dir`] (one sled `Db`, keys prefixed by device id), so one
+//! group commit covers many terminals. [`SimulatorHandle::transaction_stats`] counts, per
+//! terminal, what was accepted, and [`SimulatorHandle::accepted_records`] lists every
+//! `(device, seq, txn_id)` when [`SimulatorConfig::record_accepted`] is set: what the fault
+//! tests compare with what the controller stored.
 
+mod till;
+pub mod transactions;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,8 +34,10 @@ use tracing::{info, warn};
 
 use crate::agent::{Agent, AgentError, AgentHandle, AgentSettings, DeviceInfo};
 use crate::config::BrokerUrl;
+use crate::outbox::{DeviceOutbox, Outbox, OutboxError, OutboxSettings};
 use crate::telemetry::{SimulatedSensors, SimulatedSystem};
 use crate::tls::{self, TlsError};
+use till::start_till;
 
 /// Default device id prefix: ids are `{prefix}{index:05}`.
 pub const DEFAULT_ID_PREFIX: &str = "sim-";
@@ -28,6 +45,12 @@ pub const DEFAULT_ID_PREFIX: &str = "sim-";
 pub const DEFAULT_CONNECT_RATE: u32 = 200;
 /// Most terminals one simulator runs.
 pub const MAX_COUNT: usize = 100_000;
+/// Default transactions per terminal per minute.
+pub const DEFAULT_TX_RATE_PER_MINUTE: f64 = 4.0;
+/// Default sled cache of the simulator's shared outbox.
+pub const DEFAULT_SIM_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+/// Most transactions per terminal per minute (one terminal accepts one at a time).
+pub const MAX_TX_RATE_PER_MINUTE: f64 = 60_000.0;
 
 /// What to simulate. Build with [`SimulatorConfig::new`] and adjust.
 #[derive(Debug, Clone)]
@@ -42,16 +65,36 @@ pub struct SimulatorConfig {
     pub id_prefix: String,
     /// Terminals started per second (at least 1).
     pub connect_rate: u32,
+    /// The shared outbox store of all terminals (`DIR/outbox`).
+    pub data_dir: std::path::PathBuf,
+    /// Transactions per terminal per minute, on average (0: none).
+    pub tx_rate_per_minute: f64,
+    /// The shared outbox's settings (its cache is larger than a terminal's by default).
+    pub outbox: OutboxSettings,
+    /// Keep every accepted `(device, seq, txn_id)` in memory for
+    /// [`SimulatorHandle::accepted_records`] (fault tests; ~100 bytes per transaction).
+    pub record_accepted: bool,
 }
 
 impl SimulatorConfig {
+    /// Defaults: ids `sim-NNNNN`, 200 terminals started per second, 4 transactions per
+    /// terminal per minute, outbox in `simulator-data/` beside the PKI directory.
     pub fn new(count: usize, pki_dir: impl Into<std::path::PathBuf>, broker: BrokerUrl) -> Self {
+        let pki_dir = pki_dir.into();
+        let data_dir = pki_dir.with_file_name("simulator-data");
         Self {
             count,
-            pki_dir: pki_dir.into(),
+            pki_dir,
             agent: AgentSettings::new(broker),
             id_prefix: DEFAULT_ID_PREFIX.to_owned(),
             connect_rate: DEFAULT_CONNECT_RATE,
+            data_dir,
+            tx_rate_per_minute: DEFAULT_TX_RATE_PER_MINUTE,
+            outbox: OutboxSettings {
+                cache_capacity: DEFAULT_SIM_CACHE_CAPACITY,
+                ..OutboxSettings::default()
+            },
+            record_accepted: false,
         }
     }
 
@@ -83,6 +126,39 @@ pub enum SimError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error("cannot open the simulator's outbox")]
+    Outbox(#[from] OutboxError),
+}
+
+/// Transaction counters of one simulated terminal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TerminalTxStats {
+    pub device_id: DeviceId,
+    /// Transactions the outbox stored (201 in the local API's terms).
+    pub accepted: u64,
+    /// Deliberate repeats answered as duplicates (200).
+    pub duplicates: u64,
+    /// Transactions not accepted (refused, outbox full or failed).
+    pub refused: u64,
+    /// The highest seq an accept returned (0: none).
+    pub max_seq: u64,
+}
+
+/// One accepted transaction ([`SimulatorConfig::record_accepted`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedRecord {
+    pub device_id: DeviceId,
+    pub seq: u64,
+    pub txn_id: String,
+}
+
+/// One terminal's counters, updated by its transaction task.
+#[derive(Debug, Default)]
+struct TxCounters {
+    accepted: AtomicU64,
+    duplicates: AtomicU64,
+    refused: AtomicU64,
+    max_seq: AtomicU64,
 }
 
 /// The running simulator.
@@ -91,6 +167,12 @@ pub struct SimulatorHandle {
     ids: Arc<[DeviceId]>,
     agents: Arc<Mutex<Vec<AgentHandle>>>,
     ramp_done: CancellationToken,
+    /// The one outbox store of every terminal.
+    outbox: Outbox,
+    /// Per terminal, in index order.
+    counters: Arc<[TxCounters]>,
+    /// Every accept, when recording.
+    records: Option<Arc<Mutex<Vec<AcceptedRecord>>>>,
 }
 
 impl SimulatorHandle {
@@ -123,12 +205,50 @@ impl SimulatorHandle {
         // A poisoned list is still a valid list of handles.
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The outbox store shared by every terminal (close it after the terminals stopped).
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Per-terminal transaction counters, in index order (all terminals, started or not).
+    pub fn transaction_stats(&self) -> Vec<TerminalTxStats> {
+        let get = |a: &AtomicU64| a.load(Ordering::Acquire);
+        self.ids
+            .iter()
+            .zip(self.counters.iter())
+            .map(|(id, c)| TerminalTxStats {
+                device_id: id.clone(),
+                accepted: get(&c.accepted),
+                duplicates: get(&c.duplicates),
+                refused: get(&c.refused),
+                max_seq: get(&c.max_seq),
+            })
+            .collect()
+    }
+
+    /// Transactions accepted by all terminals.
+    pub fn accepted_total(&self) -> u64 {
+        self.counters
+            .iter()
+            .map(|c| c.accepted.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Every accepted `(device, seq, txn_id)` in accept order, if
+    /// [`SimulatorConfig::record_accepted`] was set (otherwise empty).
+    pub fn accepted_records(&self) -> Vec<AcceptedRecord> {
+        self.records.as_ref().map_or_else(Vec::new, |r| {
+            r.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        })
+    }
 }
 
 /// Shared by every terminal.
 struct Fleet {
     ca: Ca,
     roots: Arc<rustls::RootCertStore>,
+    outbox: Outbox,
 }
 
 /// Starts the simulator: loads the CA, checks the settings by issuing the first certificate,
@@ -149,30 +269,49 @@ pub async fn run_simulator(
             reason: "connect rate must be at least 1 per second".into(),
         });
     }
+    if !(0.0..=MAX_TX_RATE_PER_MINUTE).contains(&cfg.tx_rate_per_minute) {
+        return Err(SimError::Config {
+            reason: format!("tx rate must be between 0 and {MAX_TX_RATE_PER_MINUTE} per minute"),
+        });
+    }
     let ids: Arc<[DeviceId]> = (0..cfg.count)
         .map(|i| cfg.device_id(i))
         .collect::<Result<Vec<_>, _>>()?
         .into();
 
-    // File reads and key parsing: off the runtime.
-    let dir = cfg.pki_dir.clone();
-    let fleet = tokio::task::spawn_blocking(move || load_fleet(&dir))
-        .await
-        .map_err(|e| SimError::Config {
-            reason: format!("loading the CA panicked: {e}"),
-        })??;
+    // File reads, key parsing and opening the store: off the runtime.
+    let (dir, data_dir, outbox) = (cfg.pki_dir.clone(), cfg.data_dir.clone(), cfg.outbox);
+    let fleet =
+        tokio::task::spawn_blocking(move || load_fleet(&dir, &data_dir.join("outbox"), outbox))
+            .await
+            .map_err(|e| SimError::Config {
+                reason: format!("loading the CA panicked: {e}"),
+            })??;
     let fleet = Arc::new(fleet);
 
     let handle = SimulatorHandle {
         ids: ids.clone(),
         agents: Arc::new(Mutex::new(Vec::with_capacity(cfg.count))),
         ramp_done: CancellationToken::new(),
+        outbox: fleet.outbox.clone(),
+        counters: (0..cfg.count).map(|_| TxCounters::default()).collect(),
+        records: cfg
+            .record_accepted
+            .then(|| Arc::new(Mutex::new(Vec::new()))),
     };
     // Fail early and clearly if the first terminal cannot be built.
-    let first = build_agent(&fleet, &cfg, 0, &ids[0], issue(&fleet.ca, &ids[0])?)?;
-    handle
-        .lock()
-        .push(first.spawn(tracker, cancel.child_token())?);
+    let (f, id) = (fleet.clone(), ids[0].clone());
+    let (issued, outbox) = tokio::task::spawn_blocking(move || {
+        Ok::<_, SimError>((issue(&f.ca, &id)?, f.outbox.device(&id)?))
+    })
+    .await
+    .map_err(|e| SimError::Config {
+        reason: format!("starting the first terminal panicked: {e}"),
+    })??;
+    let first = build_agent(&fleet, &cfg, 0, &ids[0], issued, outbox)?;
+    let first = first.spawn(tracker, cancel.child_token())?;
+    start_till(&cfg, &handle, 0, &first, tracker, &cancel);
+    handle.lock().push(first);
     info!(count = cfg.count, rate = cfg.connect_rate, broker = %cfg.agent.broker, "simulator starting");
 
     let ramp = Ramp {
@@ -187,7 +326,11 @@ pub async fn run_simulator(
     Ok(handle)
 }
 
-fn load_fleet(dir: &std::path::Path) -> Result<Fleet, SimError> {
+fn load_fleet(
+    dir: &std::path::Path,
+    outbox_dir: &std::path::Path,
+    settings: OutboxSettings,
+) -> Result<Fleet, SimError> {
     let pki = PkiDir::at(dir);
     let ca = pki.load_ca().map_err(|source| SimError::Ca {
         dir: dir.to_owned(),
@@ -201,7 +344,8 @@ fn load_fleet(dir: &std::path::Path) -> Result<Fleet, SimError> {
         },
     })?;
     let roots = tls::root_store_from_pem(&ca_pem)?;
-    Ok(Fleet { ca, roots })
+    let outbox = Outbox::open(outbox_dir, settings)?;
+    Ok(Fleet { ca, roots, outbox })
 }
 
 fn issue(ca: &Ca, id: &DeviceId) -> Result<CertifiedKey, SimError> {
@@ -215,6 +359,7 @@ fn build_agent(
     index: usize,
     id: &DeviceId,
     issued: CertifiedKey,
+    outbox: DeviceOutbox,
 ) -> Result<Agent, SimError> {
     let tls = tls::client_config_with_roots(
         fleet.roots.clone(),
@@ -237,6 +382,7 @@ fn build_agent(
         settings,
         Box::new(SimulatedSystem::new(seed)),
         Box::new(SimulatedSensors::new(seed)),
+        outbox,
     ))
 }
 
@@ -307,13 +453,18 @@ impl Ramp {
         );
     }
 
-    async fn issue_batch(&self, from: usize, to: usize) -> Result<Vec<CertifiedKey>, SimError> {
+    /// Certificates and outbox handles (both blocking to make) for terminals `from..to`.
+    async fn issue_batch(
+        &self,
+        from: usize,
+        to: usize,
+    ) -> Result<Vec<(CertifiedKey, DeviceOutbox)>, SimError> {
         let fleet = self.fleet.clone();
         let ids = self.ids.clone();
         tokio::task::spawn_blocking(move || {
             (from..to)
-                .map(|i| issue(&fleet.ca, &ids[i]))
-                .collect::<Result<Vec<_>, _>>()
+                .map(|i| Ok((issue(&fleet.ca, &ids[i])?, fleet.outbox.device(&ids[i])?)))
+                .collect::<Result<Vec<_>, SimError>>()
         })
         .await
         .map_err(|e| SimError::Config {
@@ -321,9 +472,28 @@ impl Ramp {
         })?
     }
 
-    fn start(&self, index: usize, issued: CertifiedKey) -> Result<(), SimError> {
-        let agent = build_agent(&self.fleet, &self.cfg, index, &self.ids[index], issued)?;
+    fn start(
+        &self,
+        index: usize,
+        (issued, outbox): (CertifiedKey, DeviceOutbox),
+    ) -> Result<(), SimError> {
+        let agent = build_agent(
+            &self.fleet,
+            &self.cfg,
+            index,
+            &self.ids[index],
+            issued,
+            outbox,
+        )?;
         let handle = agent.spawn(&self.tracker, self.cancel.child_token())?;
+        start_till(
+            &self.cfg,
+            &self.handle,
+            index,
+            &handle,
+            &self.tracker,
+            &self.cancel,
+        );
         self.handle.lock().push(handle);
         Ok(())
     }

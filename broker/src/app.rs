@@ -1,8 +1,8 @@
 //! `serve` and `demo`: everything the controller process runs, under one shutdown tree.
 //!
 //! Startup order: data dir and PKI (created on first start), admin token, both listeners bound
-//! (so a port clash fails before anything runs), the edge with its router, the registry, the
-//! controller (an ordinary mTLS MQTT client of the edge), the admin API, and finally
+//! (so a port clash fails before anything runs), the edge with its router, the registry and
+//! the transaction store, the controller (an ordinary mTLS MQTT client of the edge), the admin API, and finally
 //! `posctl.json` so `posctl --data-dir DIR` finds the running server.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -24,11 +24,14 @@ use crate::edge::{EdgeConfig, EdgeHandle, TlsSetupError, mtls_server_config, spa
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig, RegistryError};
+use crate::txstore::{TxStore, TxStoreConfig, TxStoreError};
 
 /// Default MQTT listen address of `serve` and `demo`.
 pub const DEFAULT_MQTT_LISTEN: &str = "0.0.0.0:8883";
 /// Default admin API listen address of `serve` and `demo`.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8443";
+/// Longest the embedded edge keeps terminals waiting for the controller's subscription.
+const CONTROLLER_WAIT: Duration = Duration::from_secs(30);
 /// Capacity of the live event bus.
 const EVENT_BUS_CAPACITY: usize = 4096;
 
@@ -66,6 +69,8 @@ pub enum AppError {
     ApiTls(#[from] ServerTlsError),
     #[error("device registry: {0}")]
     Registry(#[from] RegistryError),
+    #[error("transaction store: {0}")]
+    Transactions(#[from] TxStoreError),
     #[error(transparent)]
     Controller(#[from] ControllerError),
     #[error("startup task failed: {0}")]
@@ -83,6 +88,7 @@ pub struct Running {
     /// The embedded edge; `None` with an external broker.
     pub edge: Option<EdgeHandle>,
     pub registry: Arc<Registry>,
+    pub transactions: Arc<TxStore>,
     pub metrics: Arc<Metrics>,
     /// True if this start created the PKI.
     pub pki_created: bool,
@@ -130,10 +136,12 @@ pub async fn start(
     let (broker, edge) = match (mqtt, &opts.external_broker) {
         (Some((listener, addr)), _) => {
             let tls = mtls_server_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())?;
+            let mut config = EdgeConfig::new(tls);
+            config.wait_for_controller = Some(CONTROLLER_WAIT);
             let edge = spawn_edge(
                 listener,
                 addr,
-                EdgeConfig::new(tls),
+                config,
                 metrics.clone(),
                 tracker,
                 cancel.child_token(),
@@ -151,6 +159,8 @@ pub async fn start(
 
     let registry_cfg = RegistryConfig::new(data.registry_dir());
     let registry = tokio::task::spawn_blocking(move || Registry::open(registry_cfg)).await??;
+    let tx_cfg = TxStoreConfig::new(data.transactions_dir());
+    let transactions = tokio::task::spawn_blocking(move || TxStore::open(tx_cfg)).await??;
     let events = EventBus::new(EVENT_BUS_CAPACITY);
 
     // The controller is an MQTT client of the edge, exactly as of an external broker.
@@ -158,6 +168,7 @@ pub async fn start(
     spawn_controller(
         controller_cfg,
         registry.clone(),
+        transactions.clone(),
         events.clone(),
         metrics.clone(),
         tracker,
@@ -165,7 +176,13 @@ pub async fn start(
     )?;
 
     let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
-    let state = ApiState::new(registry.clone(), events, metrics.clone(), token);
+    let state = ApiState::new(
+        registry.clone(),
+        transactions.clone(),
+        events,
+        metrics.clone(),
+        token,
+    );
     tracker.spawn(api::serve(
         api_listener,
         api_tls,
@@ -187,6 +204,7 @@ pub async fn start(
         client,
         edge,
         registry,
+        transactions,
         metrics,
         pki_created,
         token_created,
@@ -311,7 +329,10 @@ mod tests {
             Some(broker.to_string().as_str())
         );
 
-        let sim = posfleet_agent::SimulatorConfig::new(1, pki.dir(), broker);
+        let mut sim = posfleet_agent::SimulatorConfig::new(1, pki.dir(), broker);
+        // If the terminal's ONLINE presence beats the controller's subscription, its next
+        // heartbeat registers it: keep that short.
+        sim.agent.heartbeat_interval = Duration::from_secs(1);
         posfleet_agent::run_simulator(sim, &tracker, cancel.child_token())
             .await
             .unwrap();

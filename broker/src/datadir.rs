@@ -6,6 +6,7 @@
 //! DATA/admin.token     bootstrap admin API bearer token (0600), generated on first start
 //! DATA/posctl.json     API URL, CA file and token file for posctl (written at every start)
 //! DATA/registry/       sled store of the device registry
+//! DATA/transactions/   sled store of the transactions (ADR 0006)
 //! ```
 
 use std::fs;
@@ -90,6 +91,10 @@ impl DataDir {
 
     pub fn registry_dir(&self) -> PathBuf {
         self.root.join("registry")
+    }
+
+    pub fn transactions_dir(&self) -> PathBuf {
+        self.root.join("transactions")
     }
 
     /// Creates the directory (0700) if needed.

@@ -8,7 +8,10 @@
 //! - [`edge`]: our mTLS MQTT accept loop, identity from certificates, ACL, attached to
 //!   rumqttd's router through its local link API.
 //! - [`controller`]: the controller's MQTT client and ingest (presence, heartbeat, telemetry).
-//! - [`registry`]: the sled store of devices (the only module that touches sled).
+//! - [`registry`]: the sled store of devices.
+//! - [`txstore`]: the sled store of transactions (exactly once by (device, seq), group commit).
+//! - `sledstore`: the sled rules of `notes/storage.md` shared by both stores (the only other
+//!   code that touches sled).
 //! - [`api`]: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
 //! - [`events`]: the in-process live event bus feeding the stream.
 //! - [`metrics`]: Prometheus metrics shared by every subsystem.
@@ -28,4 +31,6 @@ pub mod events;
 pub mod metrics;
 pub mod posctl;
 pub mod registry;
+mod sledstore;
+pub mod txstore;
 pub mod views;

@@ -49,6 +49,28 @@ pub struct Metrics {
     pub devices_registered: Gauge,
     /// Admin API requests refused for missing or bad credentials.
     pub api_auth_failures_total: Counter,
+    /// Transactions stored (first time their (device, seq) was seen).
+    pub tx_stored_total: Counter,
+    /// Transactions received again with identical content (not stored twice).
+    pub tx_duplicates_total: Counter,
+    /// Transactions refused because another record holds their (device, seq).
+    pub tx_conflicts_total: Counter,
+    /// Transactions per group commit.
+    pub tx_commit_batch_size: Histogram,
+    /// Duration of a group commit (apply, flush, fsync), in seconds.
+    pub tx_commit_seconds: Histogram,
+    /// Group commits that failed (nothing in them was acknowledged).
+    pub tx_commit_failures_total: Counter,
+    /// Time from receiving a transaction batch to publishing its acknowledgement, seconds.
+    pub tx_ack_latency_seconds: Histogram,
+    /// TransactionAcks queued for publishing.
+    pub tx_acks_total: Counter,
+    /// TransactionAcks that could not be queued (session closed or slow); terminals resend.
+    pub tx_ack_failures_total: Counter,
+    /// Transaction batches waiting for the committer.
+    pub tx_queue_depth: Gauge,
+    /// Devices with a sequence gap older than the grace period.
+    pub tx_devices_with_gaps: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -78,6 +100,17 @@ impl Metrics {
         let devices_online = Gauge::default();
         let devices_registered = Gauge::default();
         let api_auth_failures_total = Counter::default();
+        let tx_stored_total = Counter::default();
+        let tx_duplicates_total = Counter::default();
+        let tx_conflicts_total = Counter::default();
+        let tx_commit_batch_size = Histogram::new(exponential_buckets(1.0, 4.0, 8));
+        let tx_commit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let tx_commit_failures_total = Counter::default();
+        let tx_ack_latency_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let tx_acks_total = Counter::default();
+        let tx_ack_failures_total = Counter::default();
+        let tx_queue_depth = Gauge::default();
+        let tx_devices_with_gaps = Gauge::default();
 
         registry.register(
             "edge_connections",
@@ -139,6 +172,57 @@ impl Metrics {
             "Admin API requests refused for missing or bad credentials",
             api_auth_failures_total.clone(),
         );
+        registry.register("tx_stored", "Transactions stored", tx_stored_total.clone());
+        registry.register(
+            "tx_duplicates",
+            "Transactions received again with identical content",
+            tx_duplicates_total.clone(),
+        );
+        registry.register(
+            "tx_conflicts",
+            "Transactions refused: another record holds their (device, seq)",
+            tx_conflicts_total.clone(),
+        );
+        registry.register(
+            "tx_commit_batch_size",
+            "Transactions per group commit",
+            tx_commit_batch_size.clone(),
+        );
+        registry.register(
+            "tx_commit_seconds",
+            "Duration of a transaction group commit (apply, flush, fsync)",
+            tx_commit_seconds.clone(),
+        );
+        registry.register(
+            "tx_commit_failures",
+            "Transaction group commits that failed",
+            tx_commit_failures_total.clone(),
+        );
+        registry.register(
+            "tx_ack_latency_seconds",
+            "Receive-to-acknowledgement latency of transaction batches",
+            tx_ack_latency_seconds.clone(),
+        );
+        registry.register(
+            "tx_acks",
+            "TransactionAcks queued for publishing",
+            tx_acks_total.clone(),
+        );
+        registry.register(
+            "tx_ack_failures",
+            "TransactionAcks that could not be queued",
+            tx_ack_failures_total.clone(),
+        );
+        registry.register(
+            "tx_queue_depth",
+            "Transaction batches waiting for the committer",
+            tx_queue_depth.clone(),
+        );
+        registry.register(
+            "tx_devices_with_gaps",
+            "Devices with a sequence gap older than the grace period",
+            tx_devices_with_gaps.clone(),
+        );
         Self {
             registry,
             edge_connections,
@@ -153,6 +237,17 @@ impl Metrics {
             devices_online,
             devices_registered,
             api_auth_failures_total,
+            tx_stored_total,
+            tx_duplicates_total,
+            tx_conflicts_total,
+            tx_commit_batch_size,
+            tx_commit_seconds,
+            tx_commit_failures_total,
+            tx_ack_latency_seconds,
+            tx_acks_total,
+            tx_ack_failures_total,
+            tx_queue_depth,
+            tx_devices_with_gaps,
         }
     }
 

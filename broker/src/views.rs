@@ -115,6 +115,150 @@ pub struct DeviceList {
     pub devices: Vec<DeviceSummary>,
 }
 
+/// One stored transaction: `GET /api/v1/transactions` rows and (without line items) the live
+/// stream's `transaction` events. Card data is only what terminals may send: BIN + last four
+/// (`masked_card`) or a token; never a full PAN.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionView {
+    /// The terminal that sent it (its certificate identity, never a field of the record).
+    pub device: String,
+    /// Per-device sequence number assigned by the terminal (1, 2, 3, ...).
+    pub seq: u64,
+    /// The payment application's transaction id.
+    pub txn_id: String,
+    /// When the transaction happened, Unix ms (terminal clock). `from`/`to` filter on it.
+    pub timestamp_ms: u64,
+    /// When the controller received it, Unix ms (controller clock).
+    pub received_at_ms: u64,
+    /// Amount in minor units of `currency` (cents for EUR).
+    pub amount_minor: i64,
+    /// ISO 4217 code, e.g. "EUR".
+    pub currency: String,
+    /// "sale", "refund", "void", "preauth" or "capture".
+    pub kind: String,
+    /// "approved", "declined" or "error".
+    pub status: String,
+    /// "chip", "contactless", "swipe", "manual", "wallet" or "unspecified".
+    pub entry_mode: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub masked_card: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub card_token: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub card_brand: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub auth_code: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub response_code: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub merchant_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub store_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub operator_id: String,
+    /// Line items (left out of live stream events).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<LineItemView>,
+}
+
+/// One line item of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineItemView {
+    pub sku: String,
+    pub quantity: u32,
+    pub unit_price_minor: i64,
+}
+
+/// `GET /api/v1/transactions`: one page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionPage {
+    pub transactions: Vec<TransactionView>,
+    /// Pass as `cursor=` (with the same filters) for the next page; absent on the last page.
+    /// A page may hold fewer than `limit` rows (even none) and still have a next cursor: each
+    /// request scans a bounded number of records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// An inclusive range of sequence numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqRange {
+    pub first: u64,
+    pub last: u64,
+}
+
+/// A record refused because another one already holds its (device, seq).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictView {
+    pub seq: u64,
+    /// The refused record's transaction id.
+    pub txn_id: String,
+    /// When the controller received the refused record, Unix ms.
+    pub received_at_ms: u64,
+}
+
+/// `GET /api/v1/devices/{id}/transactions/summary`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionSummary {
+    pub device: String,
+    /// Transactions stored.
+    pub count: u64,
+    /// Sum of `amount_minor` of approved transactions (every kind), by currency.
+    #[serde(default)]
+    pub approved_amount_minor: std::collections::BTreeMap<String, i64>,
+    /// Highest sequence number stored (0: none).
+    pub last_seq: u64,
+    /// Every seq 1..=durable_through_seq is durably stored (what acknowledgements carry).
+    pub durable_through_seq: u64,
+    /// Missing sequence numbers between `durable_through_seq` and `last_seq`, lowest first.
+    #[serde(default)]
+    pub gaps: Vec<SeqRange>,
+    /// True if `gaps` was cut short (very many records above a gap).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gaps_truncated: bool,
+    /// Since when (Unix ms, controller clock) records have waited above a missing seq.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap_since_ms: Option<u64>,
+    /// Conflicting records refused so far (a different record for a stored (device, seq)).
+    pub conflicts: u64,
+    /// The most recent conflicts (bounded), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_conflicts: Vec<ConflictView>,
+    /// First and last time a transaction was stored, Unix ms (controller clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_received_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_received_ms: Option<u64>,
+}
+
+/// What an alert on the live stream is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// A terminal sent a different record for a (device, seq) already stored.
+    TransactionConflict,
+    /// Records have waited above a missing seq for longer than the grace period.
+    SequenceGap,
+    /// A gap reported earlier has been filled.
+    SequenceGapClosed,
+    /// A terminal's transaction batch was refused as invalid (its outbox cannot progress).
+    InvalidTransactions,
+    /// A kind this version does not know (sent by a newer controller).
+    #[serde(other)]
+    Other,
+}
+
+/// How urgent an alert is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+    #[serde(other)]
+    Other,
+}
+
 /// One event of the live stream (`GET /api/v1/stream`): the SSE `event:` field is the
 /// `type` tag, the `data:` field is this value as JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +279,24 @@ pub enum FleetEvent {
         device: String,
         telemetry: TelemetryView,
     },
+    /// A transaction was stored durably (and acknowledged to the terminal).
+    Transaction {
+        device: String,
+        /// Boxed: by far the largest variant (the JSON is the same).
+        transaction: Box<TransactionView>,
+    },
+    /// Something needs an operator's attention.
+    Alert {
+        device: String,
+        alert: AlertKind,
+        severity: Severity,
+        /// The sequence number concerned (conflicting seq, first missing seq).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        /// What happened, for people.
+        message: String,
+        at_ms: u64,
+    },
     /// The subscriber fell behind and `missed` events were skipped.
     Lagged { missed: u64 },
 }
@@ -145,7 +307,9 @@ impl FleetEvent {
         match self {
             FleetEvent::Presence { device, .. }
             | FleetEvent::Heartbeat { device, .. }
-            | FleetEvent::Telemetry { device, .. } => Some(device),
+            | FleetEvent::Telemetry { device, .. }
+            | FleetEvent::Transaction { device, .. }
+            | FleetEvent::Alert { device, .. } => Some(device),
             FleetEvent::Lagged { .. } => None,
         }
     }
@@ -156,6 +320,8 @@ impl FleetEvent {
             FleetEvent::Presence { .. } => "presence",
             FleetEvent::Heartbeat { .. } => "heartbeat",
             FleetEvent::Telemetry { .. } => "telemetry",
+            FleetEvent::Transaction { .. } => "transaction",
+            FleetEvent::Alert { .. } => "alert",
             FleetEvent::Lagged { .. } => "lagged",
         }
     }
@@ -188,5 +354,32 @@ mod tests {
         assert_eq!(ev.device(), Some("T-1"));
         let back: FleetEvent = serde_json::from_value(json).unwrap();
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn alerts_round_trip_and_unknown_kinds_are_tolerated() {
+        let ev = FleetEvent::Alert {
+            device: "T-1".into(),
+            alert: AlertKind::SequenceGap,
+            severity: Severity::Warning,
+            seq: Some(4),
+            message: "gap".into(),
+            at_ms: 9,
+        };
+        let json = serde_json::to_value(&ev).unwrap();
+        assert_eq!(json["type"], "alert");
+        assert_eq!(json["alert"], "sequence_gap");
+        assert_eq!(serde_json::from_value::<FleetEvent>(json).unwrap(), ev);
+        let newer = serde_json::json!({
+            "type": "alert", "device": "T-1", "alert": "tamper_storm",
+            "severity": "apocalyptic", "message": "m", "at_ms": 1
+        });
+        let FleetEvent::Alert {
+            alert, severity, ..
+        } = serde_json::from_value(newer).unwrap()
+        else {
+            panic!("not an alert");
+        };
+        assert_eq!((alert, severity), (AlertKind::Other, Severity::Other));
     }
 }

@@ -1,13 +1,16 @@
 //! The agent runtime: one terminal's MQTT session, presence, heartbeats and telemetry.
 //!
-//! [`Agent::spawn`] starts three tracked tasks:
+//! [`Agent::spawn`] starts four tracked tasks:
 //!
 //! - the [MQTT session](crate::mqtt) (subscribed to the device's downlink filter, with the
 //!   last will `Presence{OFFLINE, "connection_lost"}`);
-//! - an event consumer: it wakes the runtime on every connect and logs downlink messages
+//! - an event consumer: it wakes the runtime and the outbox sender on every connect, hands
+//!   `txack` messages to the sender's [`AckInbox`] and logs other downlink messages
 //!   (commands are not implemented yet; they are ignored at debug level). It never waits on
-//!   a publish, so the session can always deliver events (see the session's back-pressure
-//!   rules);
+//!   a publish or on the sender, so the session can always deliver events (see the
+//!   session's back-pressure rules);
+//! - the [outbox sender](crate::outbox): publishes the terminal's transactions in batches
+//!   and applies the controller's acks;
 //! - the runtime: after every connect it publishes `Presence{ONLINE}` and a
 //!   `ReportedState`; every heartbeat interval a `Heartbeat` (skipped while disconnected);
 //!   every telemetry interval a `Telemetry`, with `try_publish`: a sample that cannot be
@@ -35,8 +38,10 @@ pub use report::{AGENT_VERSION, REASON_CONNECTION_LOST, REASON_SHUTDOWN};
 use crate::backoff::Backoff;
 use crate::config::{BrokerUrl, Config, SensorSource};
 use crate::mqtt::{self, MqttError, MqttHandle, SessionConfig};
+use crate::outbox::{AckInbox, AckStats, DeviceOutbox, Outbox, OutboxError, Sender};
 use crate::telemetry::{NoSensors, OsSystem, SensorProvider, SimulatedSensors, SystemProvider};
 use crate::tls::{self, TlsError};
+use crate::transaction::{LockState, TransactionIntake};
 
 /// What the terminal says about itself (from the config file, or made up by the simulator).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,6 +108,8 @@ pub enum AgentError {
     Session(#[from] MqttError),
     #[error("cannot encode the last will")]
     Encode(#[from] posfleet_proto::CodecError),
+    #[error("cannot open the transaction outbox")]
+    Outbox(#[from] OutboxError),
 }
 
 /// One terminal, ready to run.
@@ -116,6 +123,10 @@ pub struct Agent {
     system: Box<dyn SystemProvider>,
     /// Source of telemetry sensor readings.
     sensors: Box<dyn SensorProvider>,
+    /// This terminal's part of the transaction outbox.
+    outbox: DeviceOutbox,
+    /// Whether the terminal refuses transactions.
+    lock: LockState,
 }
 
 impl std::fmt::Debug for Agent {
@@ -129,13 +140,14 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     /// An agent for an identity held in memory (the simulator's way). `tls` must present the
-    /// certificate of `id`.
+    /// certificate of `id`; `outbox` must be the outbox of `id`.
     pub fn new(
         id: DeviceId,
         tls: Arc<rustls::ClientConfig>,
         settings: AgentSettings,
         system: Box<dyn SystemProvider>,
         sensors: Box<dyn SensorProvider>,
+        outbox: DeviceOutbox,
     ) -> Self {
         Self {
             id,
@@ -143,14 +155,17 @@ impl Agent {
             settings,
             system,
             sensors,
+            outbox,
+            lock: LockState::default(),
         }
     }
 
     /// The agent of a real terminal: identity from the certificate files, OS metrics, the
-    /// configured sensor provider. Creates the data directory (0700) if it is missing.
-    pub fn from_config(cfg: &Config) -> Result<Self, AgentError> {
+    /// configured sensor provider, its part of `outbox` (see [`open_outbox`]). Blocking (it
+    /// reads files and counts the outbox).
+    pub fn from_config(cfg: &Config, outbox: &Outbox) -> Result<Self, AgentError> {
         let (id, tls) = tls::load_device_identity(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
-        create_data_dir(&cfg.data_dir)?;
+        let outbox = outbox.device(&id)?;
         let sensors: Box<dyn SensorProvider> = match cfg.sensors {
             SensorSource::Simulated => Box::new(SimulatedSensors::new(seed_of(&id))),
             SensorSource::None => Box::new(NoSensors),
@@ -166,7 +181,7 @@ impl Agent {
             shutdown_grace: Duration::from_secs(2),
         };
         let system = Box::new(OsSystem::new(cfg.data_dir.clone()));
-        Ok(Self::new(id, tls, settings, system, sensors))
+        Ok(Self::new(id, tls, settings, system, sensors, outbox))
     }
 
     pub fn device_id(&self) -> &DeviceId {
@@ -205,27 +220,40 @@ impl Agent {
         let (mqtt, events) = mqtt::spawn_session(session, tracker, session_cancel.clone())?;
 
         let stats = Arc::new(AgentStats::default());
+        let inbox = Arc::new(AckInbox::default());
         let (online_tx, online_rx) = tokio::sync::watch::channel(0u64);
         tracker.spawn(run::consume_events(
             self.id.clone(),
             events,
             online_tx,
             stats.clone(),
+            inbox.clone(),
         ));
+        let sender = Sender::new(
+            self.outbox.clone(),
+            mqtt.clone(),
+            inbox.clone(),
+            *self.outbox.settings(),
+            online_rx.clone(),
+        );
+        tracker.spawn(sender.run(cancel.clone()));
+        let intake = TransactionIntake::new(self.outbox, self.lock);
         let runtime = run::Runtime::new(
             self.id.clone(),
             self.settings,
             reporter,
             mqtt.clone(),
-            self.system,
-            self.sensors,
+            (self.system, self.sensors),
             stats.clone(),
+            intake.clone(),
         );
         tracker.spawn(runtime.run(online_rx, cancel, session_cancel));
         Ok(AgentHandle {
             id: self.id,
             mqtt,
             stats,
+            intake,
+            inbox,
         })
     }
 }
@@ -264,6 +292,10 @@ pub struct AgentHandle {
     mqtt: MqttHandle,
     /// Shared with the agent's tasks, which update it.
     stats: Arc<AgentStats>,
+    /// The accept path for transactions (local API, simulator), with the outbox and lock.
+    intake: TransactionIntake,
+    /// Acks received, for their counters.
+    inbox: Arc<AckInbox>,
 }
 
 impl AgentHandle {
@@ -278,6 +310,21 @@ impl AgentHandle {
 
     pub fn is_connected(&self) -> bool {
         self.mqtt.is_connected()
+    }
+
+    /// The accept path for this terminal's transactions.
+    pub fn intake(&self) -> &TransactionIntake {
+        &self.intake
+    }
+
+    /// This terminal's outbox.
+    pub fn outbox(&self) -> &DeviceOutbox {
+        self.intake.outbox()
+    }
+
+    /// Counters of the transaction acks received.
+    pub fn ack_stats(&self) -> AckStats {
+        self.inbox.stats()
     }
 
     pub fn stats(&self) -> AgentStatsSnapshot {
@@ -300,6 +347,13 @@ pub(crate) fn seed_of(id: &DeviceId) -> u64 {
     h.finish()
 }
 
+/// Opens the outbox of a real terminal in `DATA_DIR/outbox` (creating the data directory,
+/// 0700, if it is missing). Blocking.
+pub fn open_outbox(cfg: &Config) -> Result<Outbox, AgentError> {
+    create_data_dir(&cfg.data_dir)?;
+    Ok(Outbox::open(&cfg.data_dir.join("outbox"), cfg.outbox)?)
+}
+
 fn create_data_dir(path: &std::path::Path) -> Result<(), AgentError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -312,5 +366,7 @@ fn create_data_dir(path: &std::path::Path) -> Result<(), AgentError> {
         })
 }
 
+#[cfg(test)]
+mod delivery_tests;
 #[cfg(test)]
 mod tests;

@@ -71,13 +71,13 @@ impl Reporter {
         }
     }
 
-    /// What the terminal is. Configuration pushes and locking are not implemented yet, so the
-    /// config version is 0 and the terminal is never locked.
-    pub(crate) fn reported_state(&self) -> pb::ReportedState {
+    /// What the terminal is. Configuration pushes are not implemented yet, so the config
+    /// version is 0.
+    pub(crate) fn reported_state(&self, locked: bool) -> pb::ReportedState {
         pb::ReportedState {
             at_ms: now_ms(),
             config_version: 0,
-            locked: false,
+            locked,
             lock_reason: String::new(),
             versions: Some(self.versions()),
             model: self.device.model.clone(),
@@ -85,15 +85,15 @@ impl Reporter {
         }
     }
 
-    pub(crate) fn heartbeat(&self, seq: u64) -> pb::Heartbeat {
+    /// `outbox_depth`: transactions accepted and not yet acknowledged by the controller.
+    pub(crate) fn heartbeat(&self, seq: u64, outbox_depth: u32) -> pb::Heartbeat {
         pb::Heartbeat {
             seq,
             sent_at_ms: now_ms(),
             interval_s: self.heartbeat_interval_s,
             uptime_s: self.started.elapsed().as_secs(),
             versions: Some(self.versions()),
-            // No transaction outbox yet.
-            outbox_depth: 0,
+            outbox_depth,
             boot_id: self.boot_id,
         }
     }
@@ -135,8 +135,8 @@ mod tests {
         encode(&r.online()).unwrap();
         encode(&r.shutdown()).unwrap();
         encode(&r.last_will()).unwrap();
-        encode(&r.reported_state()).unwrap();
-        let hb = r.heartbeat(u64::MAX);
+        encode(&r.reported_state(true)).unwrap();
+        let hb = r.heartbeat(u64::MAX, u32::MAX);
         assert_eq!(decode::<pb::Heartbeat>(&encode(&hb).unwrap()).unwrap(), hb);
         let mut sensors = SimulatedSensors::new(1).reading();
         sensors.tamper = true;
@@ -160,8 +160,8 @@ mod tests {
     #[test]
     fn heartbeat_carries_sequence_interval_and_boot_id() {
         let r = Reporter::new(DeviceInfo::default(), 10);
-        let hb = r.heartbeat(1);
-        assert_eq!((hb.seq, hb.interval_s, hb.outbox_depth), (1, 10, 0));
+        let hb = r.heartbeat(1, 3);
+        assert_eq!((hb.seq, hb.interval_s, hb.outbox_depth), (1, 10, 3));
         assert_eq!(hb.boot_id, r.boot_id());
         assert_ne!(hb.boot_id, 0);
         assert_ne!(

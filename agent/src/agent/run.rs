@@ -13,7 +13,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::report::{self, Reporter};
 use super::{AgentSettings, AgentStats};
 use crate::mqtt::{MqttError, MqttHandle, QoS, SessionEvent};
+use crate::outbox::AckInbox;
 use crate::telemetry::{SensorProvider, SystemProvider};
+use crate::transaction::TransactionIntake;
 
 /// Longest wait for room in the request queue for a heartbeat or presence; after it the
 /// message is skipped (the loop must keep its rhythm and notice cancellation).
@@ -21,12 +23,14 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Extra time for the DISCONNECT after the shutdown grace.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Reads session events; never publishes (see the session's back-pressure rules).
+/// Reads session events; never publishes and never waits on anyone (see the session's
+/// back-pressure rules): acks go to the sender's inbox, which merges them.
 pub(super) async fn consume_events(
     id: DeviceId,
     mut events: mpsc::Receiver<SessionEvent>,
     online: watch::Sender<u64>,
     stats: Arc<AgentStats>,
+    inbox: Arc<AckInbox>,
 ) {
     let span = info_span!("agent_events", device_id = %id);
     async move {
@@ -40,6 +44,8 @@ pub(super) async fn consume_events(
                             channel = topic.channel().name(),
                             "downlink message for another device ignored"
                         );
+                    } else if topic.channel() == Channel::TransactionAck {
+                        inbox.offer(&id, &payload);
                     } else {
                         debug!(
                             channel = topic.channel().name(),
@@ -68,6 +74,8 @@ pub(super) struct Runtime {
     system: Option<Box<dyn SystemProvider>>,
     sensors: Box<dyn SensorProvider>,
     stats: Arc<AgentStats>,
+    /// Outbox depth for heartbeats; lock state for the reported state.
+    intake: TransactionIntake,
     /// Sequence number of the next heartbeat (starts at 1).
     next_seq: u64,
     /// Telemetry samples dropped since the last one queued.
@@ -80,9 +88,9 @@ impl Runtime {
         settings: AgentSettings,
         reporter: Reporter,
         mqtt: MqttHandle,
-        system: Box<dyn SystemProvider>,
-        sensors: Box<dyn SensorProvider>,
+        (system, sensors): (Box<dyn SystemProvider>, Box<dyn SensorProvider>),
         stats: Arc<AgentStats>,
+        intake: TransactionIntake,
     ) -> Self {
         Self {
             id,
@@ -92,6 +100,7 @@ impl Runtime {
             system: Some(system),
             sensors,
             stats,
+            intake,
             next_seq: 1,
             dropped: 0,
         }
@@ -149,7 +158,9 @@ impl Runtime {
     /// After each connect: who and what we are.
     async fn announce(&mut self) {
         let online = self.reporter.online();
-        let state = self.reporter.reported_state();
+        let state = self
+            .reporter
+            .reported_state(self.intake.lock_state().is_locked());
         if publish(&self.mqtt, &self.id, &online).await
             && publish(&self.mqtt, &self.id, &state).await
         {
@@ -165,7 +176,8 @@ impl Runtime {
             debug!("heartbeat skipped: not connected");
             return;
         }
-        let hb = self.reporter.heartbeat(self.next_seq);
+        let depth = u32::try_from(self.intake.outbox().depth()).unwrap_or(u32::MAX);
+        let hb = self.reporter.heartbeat(self.next_seq, depth);
         if publish(&self.mqtt, &self.id, &hb).await {
             self.next_seq += 1;
             self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);

@@ -10,9 +10,15 @@ use super::*;
 use crate::telemetry::SimulatedSystem;
 use crate::testing::{FakeBroker, Seen, TestPki};
 
-const WAIT: Duration = Duration::from_secs(10);
+pub(super) const WAIT: Duration = Duration::from_secs(10);
 
-fn agent(pki: &TestPki, broker: &FakeBroker, heartbeat: Duration, telemetry: Duration) -> Agent {
+pub(super) fn agent(
+    pki: &TestPki,
+    broker: &FakeBroker,
+    heartbeat: Duration,
+    telemetry: Duration,
+    outbox: &Outbox,
+) -> Agent {
     let id = DeviceId::new("T-7").unwrap();
     let mut settings = AgentSettings::new(BrokerUrl {
         host: "127.0.0.1".into(),
@@ -36,11 +42,19 @@ fn agent(pki: &TestPki, broker: &FakeBroker, heartbeat: Duration, telemetry: Dur
         settings,
         Box::new(SimulatedSystem::new(1)),
         Box::new(SimulatedSensors::new(1)),
+        outbox.device(&id).unwrap(),
     )
 }
 
+/// An outbox in a temp dir (kept alive by the returned guard).
+pub(super) async fn outbox() -> (tempfile::TempDir, Outbox) {
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = crate::outbox::tests::open(tmp.path()).await;
+    (tmp, outbox)
+}
+
 /// The next publish on `channel` (skipping everything else).
-async fn next_on(broker: &mut FakeBroker, channel: &str) -> bytes::Bytes {
+pub(super) async fn next_on(broker: &mut FakeBroker, channel: &str) -> bytes::Bytes {
     let suffix = format!("/{channel}");
     match broker
         .next_matching(|s| matches!(s, Seen::Publish { topic, .. } if topic.ends_with(&suffix)))
@@ -51,7 +65,7 @@ async fn next_on(broker: &mut FakeBroker, channel: &str) -> bytes::Bytes {
     }
 }
 
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
+pub(super) async fn eventually(what: &str, cond: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
         assert!(
@@ -65,6 +79,7 @@ async fn eventually(what: &str, cond: impl Fn() -> bool) {
 #[tokio::test]
 async fn announces_itself_reports_and_says_goodbye() {
     let pki = TestPki::new();
+    let (_tmp, outbox) = outbox().await;
     let mut broker = FakeBroker::start(&pki).await;
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
@@ -73,6 +88,7 @@ async fn announces_itself_reports_and_says_goodbye() {
         &broker,
         Duration::from_millis(100),
         Duration::from_millis(150),
+        &outbox,
     );
     let handle = a.spawn(&tracker, cancel.clone()).unwrap();
     assert_eq!(handle.device_id().as_str(), "T-7");
@@ -139,6 +155,7 @@ async fn announces_itself_reports_and_says_goodbye() {
 #[tokio::test]
 async fn announces_again_after_every_reconnect() {
     let pki = TestPki::new();
+    let (_tmp, outbox) = outbox().await;
     let mut broker = FakeBroker::start(&pki).await;
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
@@ -147,6 +164,7 @@ async fn announces_again_after_every_reconnect() {
         &broker,
         Duration::from_secs(3600),
         Duration::from_secs(3600),
+        &outbox,
     );
     let _handle = a.spawn(&tracker, cancel.clone()).unwrap();
     next_on(&mut broker, "presence").await;
@@ -168,6 +186,7 @@ async fn announces_again_after_every_reconnect() {
 #[tokio::test]
 async fn counts_telemetry_dropped_while_offline_in_the_next_sample() {
     let pki = TestPki::new();
+    let (_tmp, outbox) = outbox().await;
     let mut broker = FakeBroker::start(&pki).await;
     broker.set_refuse(true);
     let tracker = TaskTracker::new();
@@ -177,6 +196,7 @@ async fn counts_telemetry_dropped_while_offline_in_the_next_sample() {
         &broker,
         Duration::from_secs(3600),
         Duration::from_millis(50),
+        &outbox,
     );
     let handle = a.spawn(&tracker, cancel.clone()).unwrap();
     eventually("dropped samples", || handle.stats().telemetry_dropped >= 3).await;
@@ -196,6 +216,7 @@ async fn counts_telemetry_dropped_while_offline_in_the_next_sample() {
 #[tokio::test]
 async fn stops_promptly_when_never_connected() {
     let pki = TestPki::new();
+    let (_tmp, outbox) = outbox().await;
     let broker = FakeBroker::start(&pki).await;
     broker.set_refuse(true);
     let tracker = TaskTracker::new();
@@ -205,6 +226,7 @@ async fn stops_promptly_when_never_connected() {
         &broker,
         Duration::from_millis(50),
         Duration::from_millis(50),
+        &outbox,
     );
     let handle = a.spawn(&tracker, cancel.clone()).unwrap();
     eventually("a skipped heartbeat", || {
@@ -222,6 +244,7 @@ async fn stops_promptly_when_never_connected() {
 #[tokio::test]
 async fn shutdown_does_not_wait_for_an_ack_on_a_dead_connection() {
     let pki = TestPki::new();
+    let (_tmp, outbox) = outbox().await;
     let mut broker = FakeBroker::start(&pki).await;
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
@@ -230,6 +253,7 @@ async fn shutdown_does_not_wait_for_an_ack_on_a_dead_connection() {
         &broker,
         Duration::from_secs(3600),
         Duration::from_secs(3600),
+        &outbox,
     );
     a.settings.shutdown_grace = Duration::from_secs(60);
     let _handle = a.spawn(&tracker, cancel.clone()).unwrap();

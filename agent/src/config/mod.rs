@@ -17,8 +17,10 @@ use std::time::Duration;
 pub use value::{BrokerUrl, parse_duration};
 
 use crate::agent::DeviceInfo;
+use crate::api::{DEFAULT_SOCKET, LocalApiSettings, MAX_SOCKET_PATH};
 use crate::backoff::Backoff;
-use raw::RawConfig;
+use crate::outbox::OutboxSettings;
+use raw::{RawConfig, RawLocalApi, RawOutbox};
 
 /// Longest model, serial or version string accepted (they travel in every Presence).
 pub const MAX_DEVICE_TEXT: usize = 64;
@@ -53,6 +55,10 @@ pub struct Config {
     pub device: DeviceInfo,
     /// Where terminal sensor readings come from.
     pub sensors: SensorSource,
+    /// The payment application's API.
+    pub local_api: LocalApiSettings,
+    /// The transaction outbox (in `data_dir/outbox`).
+    pub outbox: OutboxSettings,
 }
 
 /// Paths of the CA bundle, the device certificate and its private key (PEM).
@@ -257,6 +263,9 @@ impl Validator<'_> {
             }
         };
 
+        let local_api = self.local_api(raw.local_api);
+        let outbox = self.outbox(raw.outbox);
+
         Some(Config {
             broker: broker?,
             keep_alive,
@@ -272,7 +281,112 @@ impl Validator<'_> {
             telemetry_interval,
             device,
             sensors,
+            local_api,
+            outbox,
         })
+    }
+
+    fn local_api(&mut self, raw: RawLocalApi) -> LocalApiSettings {
+        let socket = self.resolve(raw.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)));
+        let mut api = LocalApiSettings::new(socket);
+        if api.socket.as_os_str().len() > MAX_SOCKET_PATH {
+            self.problem(
+                "local_api.socket",
+                format!("longer than {MAX_SOCKET_PATH} bytes (a Unix socket path limit)"),
+            );
+        }
+        if let Some(text) = raw.tcp {
+            match text.parse::<std::net::SocketAddr>() {
+                Ok(addr) if addr.ip().is_loopback() => api.tcp = Some(addr),
+                Ok(_) => self.problem(
+                    "local_api.tcp",
+                    format!("{text:?} is not a loopback address; use 127.0.0.1:PORT or [::1]:PORT"),
+                ),
+                Err(_) => self.problem(
+                    "local_api.tcp",
+                    format!("{text:?} is not an address; e.g. \"127.0.0.1:8484\""),
+                ),
+            }
+        }
+        api.request_timeout = self.duration(
+            "local_api.request_timeout",
+            raw.request_timeout,
+            api.request_timeout,
+            (Duration::from_millis(100), Duration::from_secs(300)),
+        );
+        api.max_connections = self.count(
+            "local_api.max_connections",
+            raw.max_connections,
+            32,
+            (1, 1024),
+        ) as usize;
+        api
+    }
+
+    fn outbox(&mut self, raw: RawOutbox) -> OutboxSettings {
+        let d = OutboxSettings::default();
+        OutboxSettings {
+            batch_max_transactions: self.count(
+                "outbox.batch_max_transactions",
+                raw.batch_max_transactions,
+                d.batch_max_transactions as u64,
+                (1, 2000),
+            ) as usize,
+            linger: self.duration(
+                "outbox.linger",
+                raw.linger,
+                d.linger,
+                (Duration::ZERO, Duration::from_secs(10)),
+            ),
+            resend_timeout: self.duration(
+                "outbox.resend_timeout",
+                raw.resend_timeout,
+                d.resend_timeout,
+                (Duration::from_secs(1), Duration::from_secs(3600)),
+            ),
+            max_in_flight: self.count(
+                "outbox.max_in_flight_batches",
+                raw.max_in_flight_batches,
+                d.max_in_flight as u64,
+                (1, 64),
+            ) as usize,
+            cache_capacity: self.count(
+                "outbox.cache_capacity_bytes",
+                raw.cache_capacity_bytes,
+                d.cache_capacity,
+                (64 * 1024, 4 << 30),
+            ),
+            max_pending: self.count(
+                "outbox.max_pending",
+                raw.max_pending,
+                d.max_pending,
+                (100, 10_000_000),
+            ),
+            idempotency_window: self.count(
+                "outbox.idempotency_window",
+                raw.idempotency_window,
+                d.idempotency_window,
+                (100, 10_000_000),
+            ),
+            queue_capacity: d.queue_capacity,
+        }
+    }
+
+    fn count(
+        &mut self,
+        field: &'static str,
+        value: Option<u64>,
+        default: u64,
+        (min, max): (u64, u64),
+    ) -> u64 {
+        match value {
+            None => default,
+            Some(n) if n < min || n > max => {
+                self.problem(field, format!("{n} is outside {min}..={max}"));
+                default
+            }
+            Some(n) => n,
+        }
     }
 
     fn duration(

@@ -16,6 +16,10 @@ pub(super) struct RawConfig {
     pub(super) device: RawDevice,
     #[serde(default)]
     pub(super) sensors: RawSensors,
+    #[serde(default)]
+    pub(super) local_api: RawLocalApi,
+    #[serde(default)]
+    pub(super) outbox: RawOutbox,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,4 +61,25 @@ pub(super) struct RawDevice {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSensors {
     pub(super) provider: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLocalApi {
+    pub(super) socket: Option<PathBuf>,
+    pub(super) tcp: Option<String>,
+    pub(super) request_timeout: Option<String>,
+    pub(super) max_connections: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOutbox {
+    pub(super) batch_max_transactions: Option<u64>,
+    pub(super) linger: Option<String>,
+    pub(super) resend_timeout: Option<String>,
+    pub(super) max_in_flight_batches: Option<u64>,
+    pub(super) cache_capacity_bytes: Option<u64>,
+    pub(super) max_pending: Option<u64>,
+    pub(super) idempotency_window: Option<u64>,
 }

@@ -29,6 +29,9 @@ fn the_shipped_example_is_valid() {
     assert_eq!(cfg.heartbeat_interval, Duration::from_secs(10));
     assert_eq!(cfg.telemetry_interval, Duration::from_secs(30));
     assert!(cfg.tls.key.is_absolute());
+    assert_eq!(cfg.local_api.socket, Path::new(crate::api::DEFAULT_SOCKET));
+    assert_eq!(cfg.local_api.tcp, None);
+    assert_eq!(cfg.outbox, crate::outbox::OutboxSettings::default());
 }
 
 #[test]
@@ -44,6 +47,90 @@ fn minimal_file_gets_defaults_and_resolves_relative_paths() {
     assert_eq!(cfg.backoff, Backoff::default());
     assert_eq!(cfg.sensors, SensorSource::None);
     assert_eq!(cfg.device, DeviceInfo::default());
+    assert_eq!(
+        cfg.local_api,
+        crate::api::LocalApiSettings::new(crate::api::DEFAULT_SOCKET)
+    );
+    assert_eq!(cfg.outbox, crate::outbox::OutboxSettings::default());
+}
+
+#[test]
+fn local_api_and_outbox_sections_are_read_and_checked() {
+    let text = format!(
+        r#"{MINIMAL}
+[local_api]
+socket = "run/api.sock"
+tcp = "127.0.0.1:8484"
+request_timeout = "2s"
+max_connections = 8
+
+[outbox]
+batch_max_transactions = 100
+linger = "5ms"
+resend_timeout = "30s"
+max_in_flight_batches = 2
+cache_capacity_bytes = 262144
+max_pending = 5000
+idempotency_window = 1000
+"#
+    );
+    let cfg = Config::parse(&text, Path::new("/etc/posfleet")).unwrap();
+    assert_eq!(
+        cfg.local_api.socket,
+        Path::new("/etc/posfleet/run/api.sock")
+    );
+    assert_eq!(cfg.local_api.tcp, Some("127.0.0.1:8484".parse().unwrap()));
+    assert_eq!(cfg.local_api.request_timeout, Duration::from_secs(2));
+    assert_eq!(cfg.local_api.max_connections, 8);
+    let o = cfg.outbox;
+    assert_eq!((o.batch_max_transactions, o.max_in_flight), (100, 2));
+    assert_eq!(
+        (o.linger, o.resend_timeout),
+        (Duration::from_millis(5), Duration::from_secs(30))
+    );
+    assert_eq!(
+        (o.cache_capacity, o.max_pending, o.idempotency_window),
+        (262_144, 5000, 1000)
+    );
+
+    let bad = format!(
+        r#"{MINIMAL}
+[local_api]
+socket = "/{long}"
+tcp = "0.0.0.0:8484"
+request_timeout = "1h"
+max_connections = 0
+
+[outbox]
+batch_max_transactions = 0
+linger = "1m"
+resend_timeout = "10ms"
+max_in_flight_batches = 1000
+cache_capacity_bytes = 10
+max_pending = 1
+idempotency_window = 0
+"#,
+        long = "s".repeat(120)
+    );
+    let fields: Vec<&str> = problems(&bad).iter().map(|p| p.field).collect();
+    assert_eq!(
+        fields,
+        [
+            "local_api.socket",
+            "local_api.tcp",
+            "local_api.request_timeout",
+            "local_api.max_connections",
+            "outbox.batch_max_transactions",
+            "outbox.linger",
+            "outbox.resend_timeout",
+            "outbox.max_in_flight_batches",
+            "outbox.cache_capacity_bytes",
+            "outbox.max_pending",
+            "outbox.idempotency_window",
+        ]
+    );
+    let not_an_address = format!("{MINIMAL}\n[local_api]\ntcp = \"localhost:80\"\n");
+    assert_eq!(problems(&not_an_address)[0].field, "local_api.tcp");
 }
 
 #[test]

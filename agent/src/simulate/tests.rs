@@ -114,3 +114,84 @@ async fn refuses_bad_settings_before_starting_anything() {
     assert!(err.to_string().contains("no-pki"), "{err}");
     assert!(tracker.is_empty());
 }
+
+#[tokio::test]
+async fn terminals_make_transactions_through_the_accept_path_into_one_shared_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki_dir = tmp.path().join("pki");
+    let ca = PkiDir::at(&pki_dir).init(&[]).unwrap();
+    let mut broker = FakeBroker::start(&TestPki::with_ca(ca)).await;
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let mut cfg = config(&pki_dir, broker.addr.port(), 3);
+    cfg.agent.heartbeat_interval = Duration::from_secs(3600);
+    cfg.tx_rate_per_minute = 1200.0;
+    cfg.record_accepted = true;
+    let data_dir = cfg.data_dir.clone();
+    assert_eq!(data_dir, tmp.path().join("simulator-data"));
+    let sim = run_simulator(cfg, &tracker, cancel.clone()).await.unwrap();
+
+    // Every terminal publishes batches of its own transactions.
+    let mut publishing = BTreeSet::new();
+    while publishing.len() < 3 {
+        if let Seen::Publish { topic, payload, .. } = broker.next().await {
+            if topic.ends_with("/up/tx") {
+                let batch = decode::<pb::TransactionBatch>(&payload).unwrap();
+                assert!(!batch.transactions.is_empty());
+                publishing.insert(topic);
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sim.transaction_stats().iter().any(|t| t.accepted < 10) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "too few transactions"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cancel.cancel();
+    tracker.close();
+    tokio::time::timeout(WAIT, tracker.wait()).await.unwrap();
+
+    let stats = sim.transaction_stats();
+    let records = sim.accepted_records();
+    assert_eq!(records.len() as u64, sim.accepted_total());
+    for t in &stats {
+        // A fresh store: seqs 1..=accepted, nothing refused.
+        assert_eq!(t.max_seq, t.accepted, "{t:?}");
+        assert_eq!(t.refused, 0, "{t:?}");
+        let mut seqs: Vec<u64> = records
+            .iter()
+            .filter(|r| r.device_id == t.device_id)
+            .map(|r| r.seq)
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=t.accepted).collect::<Vec<_>>());
+    }
+    // Everything accepted is in the one store (nothing was acknowledged by the fake broker).
+    let agents = sim.agents();
+    sim.outbox().close().await;
+    drop(agents);
+    drop(sim);
+    let outbox = crate::outbox::tests::open(&data_dir.join("outbox")).await;
+    for t in &stats {
+        let stored = outbox
+            .device(&t.device_id)
+            .unwrap()
+            .entries()
+            .await
+            .unwrap();
+        let ids: Vec<(u64, String)> = stored
+            .iter()
+            .map(|e| (e.seq, e.transaction().unwrap().txn_id))
+            .collect();
+        let mut expected: Vec<(u64, String)> = records
+            .iter()
+            .filter(|r| r.device_id == t.device_id)
+            .map(|r| (r.seq, r.txn_id.clone()))
+            .collect();
+        expected.sort();
+        assert_eq!(ids, expected);
+    }
+}

@@ -64,7 +64,8 @@ impl IntoResponse for ApiError {
 pub(crate) async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(
         format!("no route for {}", uri.path()),
-        "the API lives under /api/v1: GET /api/v1/devices, /api/v1/devices/{id}, /api/v1/stream",
+        "the API lives under /api/v1: GET /api/v1/devices, /api/v1/devices/{id}, \
+         /api/v1/devices/{id}/transactions/summary, /api/v1/transactions, /api/v1/stream",
     )
 }
 

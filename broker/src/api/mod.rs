@@ -8,7 +8,9 @@
 //! - `auth.rs`: bearer-token check (constant time) for every route except `/healthz`.
 //! - `error.rs`: [`ApiError`] (JSON `ErrorBody` responses) and [`ServerTlsError`].
 //! - one file per resource: `health.rs` (`GET /healthz`), `devices.rs`
-//!   (`GET /api/v1/devices[/{id}]`), `stream.rs` (`GET /api/v1/stream`, server-sent events),
+//!   (`GET /api/v1/devices[/{id}]`), `transactions.rs` (`GET /api/v1/transactions`,
+//!   `GET /api/v1/devices/{id}/transactions/summary`), `stream.rs` (`GET /api/v1/stream`,
+//!   server-sent events),
 //!   `metrics.rs` (`GET /metrics`).
 //! - `tests/`: tests against a real TLS server on 127.0.0.1:0 with reqwest.
 
@@ -21,6 +23,7 @@ mod server;
 mod stream;
 #[cfg(test)]
 mod tests;
+mod transactions;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +38,7 @@ pub use server::{serve, server_tls_config};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::txstore::TxStore;
 
 /// Resource limits of the API server.
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +82,8 @@ impl std::fmt::Debug for AdminToken {
 pub struct ApiState {
     /// Device state.
     pub(crate) registry: Arc<Registry>,
+    /// Stored transactions.
+    pub(crate) transactions: Arc<TxStore>,
     /// Live events for `/api/v1/stream`.
     pub(crate) events: EventBus,
     /// Rendered by `/metrics`; counts auth failures.
@@ -95,12 +101,14 @@ impl ApiState {
     /// (`DataDir::ensure_admin_token`); an empty token refuses every request.
     pub fn new(
         registry: Arc<Registry>,
+        transactions: Arc<TxStore>,
         events: EventBus,
         metrics: Arc<Metrics>,
         admin_token: String,
     ) -> Self {
         Self {
             registry,
+            transactions,
             events,
             metrics,
             token: AdminToken(admin_token.into()),
@@ -122,6 +130,11 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
     vec![
         ("/api/v1/devices", get(devices::list)),
         ("/api/v1/devices/{id}", get(devices::detail)),
+        (
+            "/api/v1/devices/{id}/transactions/summary",
+            get(transactions::summary),
+        ),
+        ("/api/v1/transactions", get(transactions::list)),
         ("/api/v1/stream", get(stream::stream)),
         ("/metrics", get(metrics::render)),
     ]

@@ -20,6 +20,13 @@ pub enum IngestError {
         channel: Channel,
         detail: String,
     },
+    #[error(
+        "device {device}: transaction batch refused, the committer is behind; the terminal \
+         resends it"
+    )]
+    Overloaded { device: DeviceId },
+    #[error("device {device}: transaction batch refused, the controller is stopping")]
+    ShuttingDown { device: DeviceId },
 }
 
 impl IngestError {
@@ -36,6 +43,8 @@ impl IngestError {
                 ..
             } => "malformed",
             IngestError::Invalid { .. } => "invalid",
+            IngestError::Overloaded { .. } => "overloaded",
+            IngestError::ShuttingDown { .. } => "shutting_down",
         }
     }
 
@@ -44,7 +53,9 @@ impl IngestError {
         match self {
             IngestError::Unsupported { device, .. }
             | IngestError::Decode { device, .. }
-            | IngestError::Invalid { device, .. } => device,
+            | IngestError::Invalid { device, .. }
+            | IngestError::Overloaded { device }
+            | IngestError::ShuttingDown { device } => device,
         }
     }
 }

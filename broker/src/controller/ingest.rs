@@ -12,10 +12,12 @@ use tracing::{debug, info, warn};
 
 use super::convert::{self, Invalid, PresenceUpdate};
 use super::error::IngestError;
+use super::txqueue::{QueueError, TxQueue};
 use crate::events::EventBus;
 use crate::metrics::{ChannelLabel, Metrics, ReasonLabel};
 use crate::registry::{Change, PresenceChange, Registry};
-use crate::views::FleetEvent;
+use crate::txstore::{MAX_BATCH_RECORDS, Submission, ValidTx};
+use crate::views::{AlertKind, FleetEvent, Severity};
 
 /// The controller's ingest logic. Cheap to share (`Arc`); `handle` takes `&self`.
 #[derive(Debug)]
@@ -26,6 +28,9 @@ pub struct Ingest {
     events: EventBus,
     /// Message, rejection, latency and fleet gauges.
     metrics: Arc<Metrics>,
+    /// Where validated transaction batches go (the committer's queue); without it
+    /// transactions are counted as unsupported.
+    transactions: Option<TxQueue>,
 }
 
 impl Ingest {
@@ -34,15 +39,24 @@ impl Ingest {
             registry,
             events,
             metrics,
+            transactions: None,
         };
         ingest.update_gauges();
         ingest
     }
 
+    /// The same ingest, handing transaction batches to `queue`.
+    pub(crate) fn with_transactions(mut self, queue: TxQueue) -> Self {
+        self.transactions = Some(queue);
+        self
+    }
+
     /// Ingests one uplink message received at `received_at_ms` (controller clock).
     ///
-    /// Presence, Heartbeat and Telemetry are handled; other channels are counted as
-    /// `unsupported` and ignored. Errors are already counted and logged when returned.
+    /// Presence, Heartbeat, Telemetry and (with a queue) TransactionBatch are handled; other
+    /// channels are counted as `unsupported` and ignored. Errors are already counted and
+    /// logged when returned. A transaction batch is only validated and queued here: its
+    /// acknowledgement comes from the committer once it is durable.
     pub fn handle(
         &self,
         topic: &Topic,
@@ -56,6 +70,9 @@ impl Ingest {
             Channel::Presence => self.presence(device, payload, received_at_ms),
             Channel::Heartbeat => self.heartbeat(device, payload, received_at_ms),
             Channel::Telemetry => self.telemetry(device, payload, received_at_ms),
+            Channel::Transactions if self.transactions.is_some() => {
+                self.transactions(device, payload, received_at_ms)
+            }
             _ => Err(IngestError::Unsupported {
                 device: device.clone(),
                 channel,
@@ -163,6 +180,79 @@ impl Ingest {
             telemetry: sample.view(),
         });
         Ok(())
+    }
+
+    /// Validates a whole batch and queues it for the committer. One invalid record refuses
+    /// the batch (the terminal's outbox cannot pass it: an alert says so).
+    fn transactions(
+        &self,
+        device: &DeviceId,
+        payload: &[u8],
+        at_ms: u64,
+    ) -> Result<(), IngestError> {
+        let Some(queue) = &self.transactions else {
+            return Err(IngestError::Unsupported {
+                device: device.clone(),
+                channel: Channel::Transactions,
+            });
+        };
+        let batch = decode::<pb::TransactionBatch>(payload)
+            .map_err(|source| decode_error(device, source))?;
+        if batch.transactions.len() > MAX_BATCH_RECORDS {
+            return Err(self.invalid_batch(
+                device,
+                at_ms,
+                None,
+                format!(
+                    "{} transactions in one batch; the limit is {MAX_BATCH_RECORDS}",
+                    batch.transactions.len()
+                ),
+            ));
+        }
+        let records = batch
+            .transactions
+            .into_iter()
+            .map(ValidTx::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.invalid_batch(device, at_ms, Some(e.seq), e.to_string()))?;
+        let sub = Submission {
+            device: device.clone(),
+            received_at_ms: at_ms,
+            records,
+        };
+        let queued = queue.try_submit(sub, payload.len());
+        self.metrics
+            .tx_queue_depth
+            .set(i64::try_from(queue.depth()).unwrap_or(i64::MAX));
+        queued.map_err(|e| match e {
+            QueueError::Full => IngestError::Overloaded {
+                device: device.clone(),
+            },
+            QueueError::Closed => IngestError::ShuttingDown {
+                device: device.clone(),
+            },
+        })
+    }
+
+    /// Alerts about a refused transaction batch and returns the error.
+    fn invalid_batch(
+        &self,
+        device: &DeviceId,
+        at_ms: u64,
+        seq: Option<u64>,
+        detail: String,
+    ) -> IngestError {
+        self.events.publish(FleetEvent::Alert {
+            device: device.to_string(),
+            alert: AlertKind::InvalidTransactions,
+            severity: Severity::Critical,
+            seq,
+            message: format!(
+                "transaction batch refused: {detail}; the terminal's outbox cannot move past it"
+            ),
+            at_ms,
+        });
+        invalid(device, Channel::Transactions, Invalid(detail))
     }
 
     /// Logs a registration and announces a presence transition.

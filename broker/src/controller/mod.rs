@@ -4,25 +4,40 @@
 //! # Layout
 //!
 //! - `ingest.rs`: [`Ingest`], the pure ingest logic (`handle(topic, payload, received_at)`)
-//!   for Presence, Heartbeat and Telemetry; other channels are counted as unsupported.
+//!   for Presence, Heartbeat, Telemetry and TransactionBatch (validated and queued); other
+//!   channels are counted as unsupported.
 //! - `convert.rs`: validating conversions from wire messages to registry values.
+//! - `txqueue.rs`: the bounded, never-waiting hand-off of validated transaction batches from
+//!   ingest to the committer, and [`TxConfig`].
+//! - `txcommit.rs`: the transaction committer: group commit, then one `TransactionAck` per
+//!   device (only after the fsync), then live events.
+//! - `gapwatch.rs`: alerts for sequence gaps older than the grace period, and their closing.
 //! - `sweeper.rs`: the liveness sweeper (offline after missed heartbeats), injectable clock.
 //! - `service.rs`: [`spawn_controller`]: the MQTT session (`posfleet_agent::mqtt`, client id
 //!   `controller:<name>`, subscribed to `posfleet/v1/d/+/up/+`), the ingest loop, the sweeper
-//!   and the registry committer, with [`ControllerConfig`].
+//!   the registry committer, the transaction committer and the gap watcher, with
+//!   [`ControllerConfig`].
 //! - `error.rs`: [`IngestError`].
 //! - `tests.rs`: ingest and sweeper tests driven with encoded protobufs and malformed bytes.
 
 mod convert;
 mod error;
+mod gapwatch;
 mod ingest;
 mod service;
 mod sweeper;
 #[cfg(test)]
 mod tests;
+mod txcommit;
+#[cfg(test)]
+mod txe2e;
+mod txqueue;
+#[cfg(test)]
+mod txtests;
 
 pub use convert::{MAX_HEARTBEAT_INTERVAL_S, MIN_HEARTBEAT_INTERVAL_S};
 pub use error::IngestError;
 pub use ingest::Ingest;
 pub use service::{Controller, ControllerConfig, ControllerError, spawn_controller};
 pub use sweeper::{Clock, system_clock};
+pub use txqueue::TxConfig;

@@ -2,9 +2,13 @@
 //! that feeds it to [`Ingest`], the liveness sweeper and the registry committer, all under one
 //! cancellation token.
 //!
-//! Shutdown order matters for durability: when `cancel` fires, the ingest loop stops and
-//! disconnects gracefully, the sweeper stops, and only after both have ended is the registry
-//! committer told to stop, so its final commit holds every change they made.
+//! Shutdown order matters for durability: when `cancel` fires, the ingest loop stops taking
+//! uplinks and tells the transaction committer to finish: it commits what is queued and
+//! publishes those acknowledgements while the ingest loop keeps the MQTT session flowing
+//! (discarding further uplinks, which terminals resend); then the loop disconnects
+//! gracefully, so the last acknowledgements go out before the DISCONNECT. The sweeper stops,
+//! and only after both have ended is the registry committer told to stop, so its final commit
+//! holds every change they made.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,13 +25,20 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Ingest;
+use super::gapwatch::GapWatch;
 use super::sweeper::{Clock, spawn_sweeper, system_clock};
+use super::txcommit::Committer;
+use super::txqueue::{TxConfig, TxQueue};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::txstore::TxStore;
 
 /// Longest a graceful MQTT disconnect may take at shutdown before the session is cut.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(3);
+/// Longest the transaction committer may take at shutdown to commit and acknowledge what was
+/// queued (a commit takes milliseconds; acks are bounded by `TxConfig::ack_timeout`).
+const TX_FINISH_GRACE: Duration = Duration::from_secs(10);
 
 /// Why the controller could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +77,8 @@ pub struct ControllerConfig {
     pub sweep_interval: Duration,
     /// Wall clock for receive times and the sweeper (tests inject their own).
     pub clock: Clock,
+    /// Transaction queue, commit, acknowledgement and gap settings.
+    pub tx: TxConfig,
 }
 
 impl std::fmt::Debug for ControllerConfig {
@@ -73,6 +86,7 @@ impl std::fmt::Debug for ControllerConfig {
         f.debug_struct("ControllerConfig")
             .field("session", &self.session)
             .field("sweep_interval", &self.sweep_interval)
+            .field("tx", &self.tx)
             .finish_non_exhaustive()
     }
 }
@@ -87,10 +101,13 @@ impl ControllerConfig {
     ) -> Self {
         let mut session = SessionConfig::new(host, port, client_id, tls);
         session.incoming_capacity = 1024;
+        // Room for one TransactionAck per device of a large group commit.
+        session.request_capacity = 1024;
         Self {
             session,
             sweep_interval: Duration::from_secs(2),
             clock: system_clock(),
+            tx: TxConfig::default(),
         }
     }
 
@@ -138,11 +155,14 @@ pub struct Controller {
 }
 
 /// Starts the controller on `tracker`: the MQTT session subscribed to every device uplink,
-/// the ingest loop, the liveness sweeper and the registry committer. Everything stops when
-/// `cancel` is cancelled; wait for `tracker` to see the final registry commit done.
+/// the ingest loop, the liveness sweeper, the registry committer, the transaction committer
+/// (storing into `transactions`, acknowledging through the session) and the gap watcher.
+/// Everything stops when `cancel` is cancelled; wait for `tracker` to see the final commits
+/// done.
 pub fn spawn_controller(
     cfg: ControllerConfig,
     registry: Arc<Registry>,
+    transactions: Arc<TxStore>,
     events: EventBus,
     metrics: Arc<Metrics>,
     tracker: &TaskTracker,
@@ -153,7 +173,27 @@ pub fn spawn_controller(
     let session_cancel = cancel.child_token();
     let (mqtt, inbox) = spawn_session(session, tracker, session_cancel.clone())?;
 
-    let ingest = Arc::new(Ingest::new(Arc::clone(&registry), events, metrics));
+    let (queue, queued) = TxQueue::new(&cfg.tx);
+    let ingest = Arc::new(
+        Ingest::new(Arc::clone(&registry), events.clone(), Arc::clone(&metrics))
+            .with_transactions(queue),
+    );
+    // Stopped by the ingest loop once it takes no more uplinks.
+    let tx_stop = CancellationToken::new();
+    let tx_done = Committer {
+        store: Arc::clone(&transactions),
+        acks: mqtt.clone(),
+        events: events.clone(),
+        metrics: Arc::clone(&metrics),
+        cfg: cfg.tx.clone(),
+    }
+    .spawn(queued, tracker, tx_stop.clone());
+    GapWatch::new(transactions, events, metrics, cfg.tx.gap_grace).spawn(
+        cfg.tx.gap_check_interval,
+        Arc::clone(&cfg.clock),
+        tracker,
+        cancel.clone(),
+    );
     // Not a child of `cancel`: it stops after the tasks that mutate the registry.
     let commit_stop = CancellationToken::new();
     registry.spawn_committer(tracker, commit_stop.clone());
@@ -172,6 +212,10 @@ pub fn spawn_controller(
             cfg.clock,
             cancel,
             session_cancel,
+            TxFinish {
+                stop: tx_stop,
+                done: tx_done,
+            },
         )
         .instrument(info_span!("controller", client_id = %mqtt.client_id())),
     );
@@ -179,7 +223,17 @@ pub fn spawn_controller(
     Ok(Controller { mqtt, ingest })
 }
 
-/// Feeds every uplink to `ingest` until `cancel`, then disconnects gracefully.
+/// How the ingest loop ends the transaction committer at shutdown.
+#[derive(Debug)]
+pub(crate) struct TxFinish {
+    /// Tells the committer to commit what is queued and stop.
+    pub stop: CancellationToken,
+    /// Cancelled by the committer when it has stopped.
+    pub done: CancellationToken,
+}
+
+/// Feeds every uplink to `ingest` until `cancel`, lets the transaction committer finish,
+/// then disconnects gracefully.
 pub(crate) async fn ingest_loop(
     ingest: Arc<Ingest>,
     mut inbox: mpsc::Receiver<SessionEvent>,
@@ -187,6 +241,7 @@ pub(crate) async fn ingest_loop(
     clock: Clock,
     cancel: CancellationToken,
     session_cancel: CancellationToken,
+    tx: TxFinish,
 ) {
     loop {
         let event = tokio::select! {
@@ -210,6 +265,23 @@ pub(crate) async fn ingest_loop(
                 break;
             }
         }
+    }
+    // The committer publishes its last acknowledgements on the session, whose task waits
+    // while our inbox is full: keep reading (and dropping) uplinks until it is done.
+    tx.stop.cancel();
+    let keep_reading = async {
+        while inbox.recv().await.is_some() {}
+        std::future::pending::<()>().await;
+    };
+    let finished = tokio::time::timeout(TX_FINISH_GRACE, async {
+        tokio::select! {
+            () = tx.done.cancelled() => {}
+            () = keep_reading => {}
+        }
+    })
+    .await;
+    if finished.is_err() {
+        warn!("the transaction committer did not finish in time; disconnecting anyway");
     }
     // The session drops events for a consumer that is going away, so this cannot deadlock
     // on a full inbox; the timeout covers a DISCONNECT stuck behind unacknowledged publishes.
@@ -260,6 +332,14 @@ mod tests {
             ..RegistryConfig::new(dir.join("registry"))
         };
         Registry::open(cfg).unwrap()
+    }
+
+    fn txstore(dir: &std::path::Path) -> Arc<TxStore> {
+        TxStore::open(crate::txstore::TxStoreConfig {
+            cache_capacity: 1 << 20,
+            ..crate::txstore::TxStoreConfig::new(dir.join("transactions"))
+        })
+        .unwrap()
     }
 
     fn heartbeat() -> bytes::Bytes {
@@ -317,6 +397,8 @@ mod tests {
             spawn_session(session, &tracker, session_cancel.clone()).unwrap();
         let (tx, inbox) = mpsc::channel(4);
         let clock: Clock = Arc::new(|| 5_000);
+        let done = CancellationToken::new();
+        done.cancel();
         tracker.spawn(ingest_loop(
             ingest,
             inbox,
@@ -324,6 +406,10 @@ mod tests {
             clock,
             cancel.clone(),
             session_cancel,
+            TxFinish {
+                stop: CancellationToken::new(),
+                done,
+            },
         ));
         let device = DeviceId::new("T-7").unwrap();
         tx.send(SessionEvent::Connected {
@@ -363,6 +449,7 @@ mod tests {
         let controller = spawn_controller(
             cfg,
             Arc::clone(&registry),
+            txstore(tmp.path()),
             EventBus::new(8),
             Arc::clone(&metrics),
             &tracker,

@@ -1,22 +1,16 @@
 //! One MQTT connection after its TLS handshake: CONNECT, identity check, router link, the
-//! validated packet pump in both directions, and teardown.
+//! packet pump (`pump.rs`) and teardown.
 //!
-//! Every packet from the client is checked here before the router sees it, because the router
-//! disconnects (and, on a later stale wake, panics) on protocol errors it detects itself
-//! (notes/rumqttd-router.md): QoS 2, unsolicited or out-of-order acks, non-UTF-8 topics and
-//! `$` filters never reach it. Reads and writes run concurrently so a client that is slow to
-//! read cannot stall the intake of its PUBACKs.
+//! Reads and writes run concurrently so a client that is slow to read cannot stall the intake
+//! of its PUBACKs.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
 use posfleet_proto::MAX_PACKET_SIZE;
 use posfleet_proto::pki::Identity;
-use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
@@ -29,7 +23,9 @@ use tracing::{debug, info, warn};
 
 use super::Fatal;
 use super::acl;
-use super::router::{LinkFailure, RouterHandle};
+use super::gate::DeviceGate;
+use super::pump::{Ledger, inbound, outbound, send_to_router};
+use super::router::RouterHandle;
 use super::sessions::{ClaimError, Sessions};
 use crate::metrics::Metrics;
 
@@ -61,11 +57,13 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) limits: ConnectionLimits,
     pub(crate) fatal: Fatal,
+    /// Closed until the controller has subscribed (embedded setup).
+    pub(crate) device_gate: DeviceGate,
 }
 
 /// How a connection ended, which decides the teardown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
+pub(super) enum End {
     /// The client sent DISCONNECT: no will.
     Graceful,
     /// The connection broke (EOF, I/O error, keep-alive expired): publish the will.
@@ -104,6 +102,13 @@ pub(crate) async fn run<S>(
     .await;
     let packet = match connect {
         Err(_) => return refuse_silently(&shared, &identity, peer, "connect_timeout"),
+        Ok(Err(UNSUPPORTED_LEVEL)) => {
+            // MQTT-3.1.2-2: answer CONNACK 0x01 so the client can tell why.
+            info!(device = %identity, %peer, "CONNECT with an unsupported protocol level; refused");
+            shared.metrics.refuse(UNSUPPORTED_LEVEL);
+            let _ = write_connack(&mut writer, ConnectReturnCode::RefusedProtocolVersion).await;
+            return;
+        }
         Ok(Err(reason)) => return refuse_silently(&shared, &identity, peer, reason),
         Ok(Ok(packet)) => packet,
     };
@@ -136,6 +141,14 @@ pub(crate) async fn run<S>(
         }
     };
 
+    // Before the rate limit: waiting for the controller must not use up a terminal's connects.
+    if identity.device().is_some() && !shared.device_gate.is_open() {
+        debug!(device = %identity, "controller not subscribed yet; terminal told to retry");
+        shared.metrics.refuse("controller_not_ready");
+        let _ = write_connack(&mut writer, ConnectReturnCode::ServiceUnavailable).await;
+        return;
+    }
+
     let mut slot = match shared.sessions.claim(&client_id).await {
         Ok(slot) => slot,
         Err(ClaimError::RateLimited) => {
@@ -165,6 +178,7 @@ pub(crate) async fn run<S>(
             if !shared.router.is_alive() {
                 shared.fatal.raise("router thread is gone");
             }
+            slot.detached();
             shared.sessions.release(&slot);
             return;
         }
@@ -172,6 +186,7 @@ pub(crate) async fn run<S>(
             shared
                 .fatal
                 .raise(format!("router link task failed: {join}"));
+            slot.detached();
             shared.sessions.release(&slot);
             return;
         }
@@ -238,8 +253,7 @@ impl Attached<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        // PUBLISH ids written to the client at QoS 1, in order; its PUBACKs must match.
-        let inflight = Mutex::new(VecDeque::new());
+        let ledger = Mutex::new(Ledger::default());
         let idle = if keep_alive == 0 {
             self.shared.limits.max_idle
         } else {
@@ -254,9 +268,9 @@ impl Attached<'_> {
                 &mut self.link_tx,
                 self.identity,
                 self.shared,
-                &inflight,
+                &ledger,
             );
-            let outbound = outbound(writer, &mut self.link_rx, self.shared, &inflight);
+            let outbound = outbound(writer, &mut self.link_rx, self.shared, &ledger);
             tokio::select! {
                 end = inbound => end,
                 end = outbound => end,
@@ -298,299 +312,8 @@ impl Attached<'_> {
     }
 }
 
-/// Client → router: parse, validate, forward in batches.
-async fn inbound<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    mut buf: BytesMut,
-    idle: Duration,
-    link_tx: &mut LinkTx,
-    identity: &Identity,
-    shared: &Shared,
-    inflight: &Mutex<VecDeque<u16>>,
-) -> End {
-    let mut batch = Vec::new();
-    loop {
-        while !buf.is_empty() {
-            let byte1 = buf[0];
-            let packet = match V4.read_mut(&mut buf, MAX_PACKET_SIZE) {
-                Ok(packet) => packet,
-                Err(ProtocolError::InsufficientBytes(_)) => break,
-                Err(ProtocolError::PayloadSizeLimitExceeded(size)) => {
-                    warn!(device = %identity, size, "packet larger than the edge allows; closing");
-                    return violation(shared, identity, "oversized_packet");
-                }
-                Err(error) => {
-                    warn!(device = %identity, %error, "malformed MQTT packet; closing");
-                    return violation(shared, identity, "malformed_packet");
-                }
-            };
-            match check_inbound(packet, byte1, identity, shared, inflight) {
-                Inbound::Forward(packet) => batch.push(packet),
-                Inbound::Graceful => {
-                    flush(shared, link_tx, &mut batch);
-                    return End::Graceful;
-                }
-                Inbound::Refuse(reason) => {
-                    flush(shared, link_tx, &mut batch);
-                    return violation(shared, identity, reason);
-                }
-            }
-        }
-        if !flush(shared, link_tx, &mut batch) {
-            return End::RouterGone;
-        }
-        // Release the memory of a large packet once it has been handled.
-        if buf.is_empty() && buf.capacity() > 16 * 1024 {
-            buf = BytesMut::with_capacity(1024);
-        }
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(1024);
-        }
-        match tokio::time::timeout(idle, reader.read_buf(&mut buf)).await {
-            Err(_) => return End::Lost("keep_alive_expired"),
-            Ok(Ok(0)) => return End::Lost("eof"),
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                debug!(device = %identity, %error, "read failed");
-                return End::Lost("io_error");
-            }
-        }
-    }
-}
-
-/// Sends a batch to the router; false (after raising fatal) if the router is gone.
-fn flush(shared: &Shared, link_tx: &mut LinkTx, batch: &mut Vec<Packet>) -> bool {
-    if batch.is_empty() {
-        return true;
-    }
-    match send_to_router(&shared.router, link_tx, std::mem::take(batch)) {
-        Ok(()) => true,
-        Err(error) => {
-            shared
-                .fatal
-                .raise(format!("router channel closed: {error}"));
-            false
-        }
-    }
-}
-
-// Short-lived and moved once per packet; boxing would cost an allocation per packet.
-#[allow(clippy::large_enum_variant)]
-enum Inbound {
-    Forward(Packet),
-    Graceful,
-    Refuse(&'static str),
-}
-
-/// Decides what happens to one client packet.
-fn check_inbound(
-    packet: Packet,
-    byte1: u8,
-    identity: &Identity,
-    shared: &Shared,
-    inflight: &Mutex<VecDeque<u16>>,
-) -> Inbound {
-    match packet {
-        Packet::Publish(mut publish, _) => {
-            if (byte1 >> 1) & 0b11 == 2 {
-                return Inbound::Refuse("qos2_not_supported");
-            }
-            match acl::check_publish(identity, &publish.topic, publish.payload.len()) {
-                Ok(topic) => {
-                    // posfleet keeps state in the registry, not in retained messages.
-                    publish.retain = false;
-                    shared
-                        .metrics
-                        .edge_publishes_total
-                        .get_or_create(&crate::metrics::ChannelLabel {
-                            channel: topic.channel().name(),
-                        })
-                        .inc();
-                    Inbound::Forward(Packet::Publish(publish, None))
-                }
-                Err(denial) => {
-                    warn!(device = %identity, reason = denial.reason(), topic = %String::from_utf8_lossy(&publish.topic), "publish refused");
-                    Inbound::Refuse(denial.reason())
-                }
-            }
-        }
-        Packet::Subscribe(mut subscribe, _) => {
-            for filter in &mut subscribe.filters {
-                if let Err(denial) = acl::check_subscribe(identity, &filter.path) {
-                    warn!(device = %identity, reason = denial.reason(), filter = %filter.path, "subscribe refused");
-                    return Inbound::Refuse(denial.reason());
-                }
-                if filter.qos == QoS::ExactlyOnce {
-                    filter.qos = QoS::AtLeastOnce;
-                }
-            }
-            Inbound::Forward(Packet::Subscribe(subscribe, None))
-        }
-        Packet::Unsubscribe(unsubscribe, _) => {
-            Inbound::Forward(Packet::Unsubscribe(unsubscribe, None))
-        }
-        Packet::PubAck(puback, _) => {
-            let mut pending = inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if pending.front() == Some(&puback.pkid) {
-                pending.pop_front();
-                Inbound::Forward(Packet::PubAck(puback, None))
-            } else {
-                Inbound::Refuse("unexpected_puback")
-            }
-        }
-        Packet::PingReq(ping) => Inbound::Forward(Packet::PingReq(ping)),
-        Packet::Disconnect(..) => Inbound::Graceful,
-        Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..) => {
-            Inbound::Refuse("qos2_not_supported")
-        }
-        Packet::Connect(..) => Inbound::Refuse("second_connect"),
-        Packet::ConnAck(..) | Packet::SubAck(..) | Packet::UnsubAck(..) | Packet::PingResp(..) => {
-            Inbound::Refuse("server_packet_from_client")
-        }
-    }
-}
-
-/// Router → client: write notifications in batches, answer `Unschedule` with a wake.
-async fn outbound<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    link_rx: &mut LinkRx,
-    shared: &Shared,
-    inflight: &Mutex<VecDeque<u16>>,
-) -> End {
-    /// Notifications written per socket write.
-    const BATCH: usize = 256;
-    let mut out = BytesMut::with_capacity(256);
-    loop {
-        let first = match link_rx.next().await {
-            Ok(Some(notification)) => notification,
-            Ok(None) => continue,
-            Err(_) => return End::RouterGone,
-        };
-        let mut unscheduled = false;
-        let mut gone = false;
-        let mut next = Some(first);
-        let mut count = 0;
-        while let Some(notification) = next.take() {
-            count += 1;
-            match notification {
-                Notification::Unschedule => unscheduled = true,
-                Notification::Disconnect(..) => gone = true,
-                other => {
-                    if let Some(packet) = Option::<Packet>::from(other) {
-                        let start = out.len();
-                        if V4.write(strip_properties(packet), &mut out).is_err() {
-                            continue;
-                        }
-                        if let Some(pkid) = qos1_pkid(&out[start..]) {
-                            inflight
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push_back(pkid);
-                        }
-                    }
-                }
-            }
-            if count < BATCH && !gone {
-                next = match link_rx.next().now_or_never() {
-                    Some(Ok(n)) => n,
-                    Some(Err(_)) => {
-                        gone = true;
-                        None
-                    }
-                    None => None,
-                };
-            }
-        }
-        if !out.is_empty() {
-            let written =
-                tokio::time::timeout(shared.limits.write_timeout, writer.write_all(&out)).await;
-            if !matches!(written, Ok(Ok(()))) {
-                return End::Lost("write_failed");
-            }
-            out.clear();
-            if out.capacity() > 64 * 1024 {
-                out = BytesMut::with_capacity(256);
-            }
-        }
-        if gone {
-            return End::RouterGone;
-        }
-        if unscheduled && link_rx.wake().await.is_err() {
-            shared.fatal.raise("router channel closed on wake");
-            return End::RouterGone;
-        }
-    }
-}
-
-/// `V4::write` panics on non-CONNACK packets that carry (MQTT 5) properties.
-fn strip_properties(packet: Packet) -> Packet {
-    match packet {
-        Packet::Publish(p, _) => Packet::Publish(p, None),
-        Packet::PubAck(p, _) => Packet::PubAck(p, None),
-        Packet::SubAck(p, _) => Packet::SubAck(p, None),
-        Packet::UnsubAck(p, _) => Packet::UnsubAck(p, None),
-        Packet::PubRec(p, _) => Packet::PubRec(p, None),
-        Packet::PubRel(p, _) => Packet::PubRel(p, None),
-        Packet::PubComp(p, _) => Packet::PubComp(p, None),
-        Packet::Disconnect(p, _) => Packet::Disconnect(p, None),
-        Packet::ConnAck(p, _) => Packet::ConnAck(p, None),
-        other => other,
-    }
-}
-
-/// The packet id of an encoded QoS 1 PUBLISH (`Publish.pkid` is private in rumqttd).
-fn qos1_pkid(frame: &[u8]) -> Option<u16> {
-    let byte1 = *frame.first()?;
-    if byte1 >> 4 != 3 || (byte1 >> 1) & 0b11 != 1 {
-        return None;
-    }
-    let mut i = 1;
-    loop {
-        let b = *frame.get(i)?;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        if i > 4 {
-            return None;
-        }
-    }
-    let topic_len = usize::from(u16::from_be_bytes([*frame.get(i)?, *frame.get(i + 1)?]));
-    let at = i + 2 + topic_len;
-    Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
-}
-
-/// Pushes packets into the link's buffer and notifies the router once.
-///
-/// `LinkTx::send` does a blocking send on the router's bounded channel (its async notify is
-/// crate-private). It only blocks when that channel is nearly full, so it runs inline unless
-/// the router is congested, and then under `block_in_place` so the runtime keeps going.
-fn send_to_router(
-    router: &RouterHandle,
-    link_tx: &mut LinkTx,
-    mut packets: Vec<Packet>,
-) -> Result<(), LinkFailure> {
-    let Some(last) = packets.pop() else {
-        return Ok(());
-    };
-    link_tx.buffer().extend(packets);
-    let multi_thread = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    // `send` has no await point: the first poll completes it.
-    let send = || {
-        link_tx
-            .send(last)
-            .now_or_never()
-            .unwrap_or(Err(rumqttd::local::LinkError::NotConnectionAck))
-            .map(|_| ())
-            .map_err(LinkFailure::from)
-    };
-    if multi_thread && router.congested() {
-        tokio::task::block_in_place(send)
-    } else {
-        send()
-    }
-}
+/// Refusal reason of a CONNECT whose protocol level is not 4 (MQTT 3.1.1).
+const UNSUPPORTED_LEVEL: &str = "unsupported_protocol_level";
 
 /// Reads until one complete packet (the CONNECT) is buffered.
 async fn read_connect<R: AsyncRead + Unpin>(
@@ -602,6 +325,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
             match V4.read_mut(buf, MAX_PACKET_SIZE) {
                 Ok(packet) => return Ok(packet),
                 Err(ProtocolError::InsufficientBytes(_)) => {}
+                Err(ProtocolError::InvalidProtocolLevel(_)) => return Err(UNSUPPORTED_LEVEL),
                 Err(_) => return Err("malformed_connect"),
             }
         }
@@ -649,12 +373,6 @@ async fn refuse_with<W: AsyncWrite + Unpin>(
     let _ = write_connack(writer, ConnectReturnCode::NotAuthorized).await;
 }
 
-fn violation(shared: &Shared, identity: &Identity, reason: &'static str) -> End {
-    warn!(device = %identity, reason, "protocol or ACL violation; closing connection");
-    shared.metrics.acl_refuse(reason);
-    End::Violation(reason)
-}
-
 async fn finish<W: AsyncWrite + Unpin>(
     writer: &mut W,
     shared: &Shared,
@@ -668,20 +386,4 @@ async fn finish<W: AsyncWrite + Unpin>(
         writer.shutdown(),
     )
     .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pkid_is_read_from_encoded_qos1_publish() {
-        // PUBLISH QoS 1, remaining length 9: topic "a/b" (2+3), pkid 0x1234, payload "hi".
-        let frame = [0x32, 9, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'h', b'i'];
-        assert_eq!(qos1_pkid(&frame), Some(0x1234));
-        let qos0 = [0x30, 7, 0, 3, b'a', b'/', b'b', b'h', b'i'];
-        assert_eq!(qos1_pkid(&qos0), None);
-        assert_eq!(qos1_pkid(&[0x32]), None);
-        assert_eq!(qos1_pkid(&[0x32, 0x80, 0x80, 0x80, 0x80, 0x01]), None);
-    }
 }

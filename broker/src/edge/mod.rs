@@ -5,8 +5,10 @@
 //! - this file: [`EdgeConfig`], [`spawn_edge`] and the accept loop (connection cap before
 //!   `accept`, each TLS handshake in its own task under a timeout and a handshake cap);
 //! - `tls`: server config with mandatory client certificates from the fleet CA bundle;
-//! - `connection`: one connection after TLS: CONNECT, identity, ACL, the packet pump;
+//! - `connection`: one connection after TLS: CONNECT, identity, router link, teardown;
+//! - `pump`: the validated packet pump of an attached connection, both directions;
 //! - `acl`: the topic ACL on typed topics and filters;
+//! - `gate`: terminals wait until the embedded controller has subscribed;
 //! - `sessions`: one live session per identity, connect rate limits, kicking a session;
 //! - `router`: the embedded rumqttd router behind nameable closures.
 //!
@@ -14,6 +16,8 @@
 
 mod acl;
 mod connection;
+mod gate;
+mod pump;
 mod router;
 mod sessions;
 mod tls;
@@ -51,6 +55,10 @@ pub struct EdgeConfig {
     pub limits: ConnectionLimits,
     pub rate_limit: ConnectRateLimit,
     pub router: RouterSettings,
+    /// Refuse terminals (CONNACK "server unavailable", they retry) until a controller has
+    /// subscribed, at most this long after start. `None` admits them at once. `serve` sets
+    /// it so no ONLINE presence is lost in the reconnect storm after a restart.
+    pub wait_for_controller: Option<Duration>,
 }
 
 impl EdgeConfig {
@@ -63,6 +71,7 @@ impl EdgeConfig {
             limits: ConnectionLimits::default(),
             rate_limit: ConnectRateLimit::default(),
             router: RouterSettings::default(),
+            wait_for_controller: None,
         }
     }
 }
@@ -148,7 +157,23 @@ pub fn spawn_edge(
         metrics,
         limits: config.limits,
         fatal: Fatal::default(),
+        device_gate: gate::DeviceGate::new(config.wait_for_controller.is_none()),
     });
+    if let Some(deadline) = config.wait_for_controller {
+        let shared = shared.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(deadline) => {
+                    if !shared.device_gate.is_open() {
+                        warn!(?deadline, "no controller subscribed in time; admitting terminals anyway");
+                        shared.device_gate.open();
+                    }
+                }
+            }
+        });
+    }
     tracker.spawn(watch_router(shared.clone(), cancel.clone()));
     tracker.spawn(accept_loop(
         listener,
@@ -261,5 +286,7 @@ async fn accept_loop(
     }
 }
 
+#[cfg(test)]
+mod adversarial;
 #[cfg(test)]
 mod tests;

@@ -4,14 +4,18 @@
 //! The edge resolves a takeover itself (the old connection is told to end and detaches from
 //! the router before the new one attaches), so the router never sees two links with the same
 //! client id. That avoids the router's own takeover path, which reuses connection ids under
-//! the old link's feet (notes/rumqttd-router.md).
+//! the old link's feet (notes/rumqttd-router.md). A per-client-id lock, held from claim until
+//! the connection detached, makes that hold even when a takeover gives up waiting.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
+
+/// Held by the one connection of a client id that may be attached to the router.
+type AttachLock = tokio::sync::Mutex<()>;
 
 /// Connect rate limit per client id.
 #[derive(Debug, Clone, Copy)]
@@ -38,35 +42,28 @@ pub(crate) struct SessionSlot {
     pub(crate) generation: u64,
     /// Cancelled when the session must end (takeover, revocation).
     pub(crate) cancel: CancellationToken,
-    /// Completed when the connection has detached from the router.
-    detached: Option<oneshot::Sender<()>>,
+    /// The client id's attach lock, released once the connection detached from the router
+    /// (or when the slot is dropped).
+    attached: Option<OwnedMutexGuard<()>>,
 }
 
 impl SessionSlot {
-    /// Tells a waiting successor that this connection is gone from the router.
+    /// Lets a waiting successor attach: this connection is gone from the router.
     pub(crate) fn detached(&mut self) {
-        if let Some(tx) = self.detached.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-impl Drop for SessionSlot {
-    fn drop(&mut self) {
-        self.detached();
+        self.attached = None;
     }
 }
 
 struct Entry {
     generation: u64,
     cancel: CancellationToken,
-    /// Resolves when the current holder has detached; taken by the successor.
-    detached: Option<oneshot::Receiver<()>>,
 }
 
 #[derive(Default)]
 struct State {
     live: HashMap<String, Entry>,
+    /// Attach lock per client id, alive while a connection holds or waits for it.
+    locks: HashMap<String, Weak<AttachLock>>,
     connects: HashMap<String, VecDeque<Instant>>,
     next_generation: u64,
 }
@@ -104,10 +101,10 @@ impl Sessions {
     }
 
     /// Claims the slot of `client_id`: applies the connect rate limit, ends a live session
-    /// of the same id and waits until it has detached from the router.
+    /// of the same id and waits until no connection of that id is attached to the router.
     pub(crate) async fn claim(&self, client_id: &str) -> Result<SessionSlot, ClaimError> {
         let now = Instant::now();
-        let (slot, previous) = {
+        let (generation, cancel, lock, previous) = {
             let mut state = self.lock();
             if !self.admit(&mut state, client_id, now) {
                 return Err(ClaimError::RateLimited);
@@ -115,37 +112,48 @@ impl Sessions {
             state.next_generation += 1;
             let generation = state.next_generation;
             let cancel = CancellationToken::new();
-            let (tx, rx) = oneshot::channel();
             let previous = state.live.insert(
                 client_id.to_owned(),
                 Entry {
                     generation,
                     cancel: cancel.clone(),
-                    detached: Some(rx),
                 },
             );
-            let slot = SessionSlot {
-                client_id: client_id.to_owned(),
-                generation,
-                cancel,
-                detached: Some(tx),
-            };
-            (slot, previous)
-        };
-        if let Some(mut previous) = previous {
-            previous.cancel.cancel();
-            if let Some(rx) = previous.detached.take() {
-                // Err means the previous holder dropped its slot: detached as well.
-                if tokio::time::timeout(self.takeover_timeout, rx)
-                    .await
-                    .is_err()
-                {
-                    self.release(&slot);
-                    return Err(ClaimError::TakeoverTimeout);
+            if state.locks.len() >= RATE_TABLE_PURGE_AT {
+                state.locks.retain(|_, lock| lock.strong_count() > 0);
+            }
+            let lock = match state.locks.get(client_id).and_then(Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(AttachLock::new(()));
+                    state
+                        .locks
+                        .insert(client_id.to_owned(), Arc::downgrade(&lock));
+                    lock
                 }
+            };
+            (generation, cancel, lock, previous)
+        };
+        if let Some(previous) = previous {
+            previous.cancel.cancel();
+        }
+        let slot = SessionSlot {
+            client_id: client_id.to_owned(),
+            generation,
+            cancel,
+            attached: None,
+        };
+        match tokio::time::timeout(self.takeover_timeout, lock.lock_owned()).await {
+            Ok(guard) => Ok(SessionSlot {
+                attached: Some(guard),
+                ..slot
+            }),
+            Err(_) => {
+                // Whoever holds the lock keeps it: a later claim still waits for it.
+                self.release(&slot);
+                Err(ClaimError::TakeoverTimeout)
             }
         }
-        Ok(slot)
     }
 
     /// Sliding-window rate limit per client id.
@@ -176,6 +184,13 @@ impl Sessions {
             .is_some_and(|e| e.generation == slot.generation)
         {
             state.live.remove(&slot.client_id);
+        }
+        if state
+            .locks
+            .get(&slot.client_id)
+            .is_some_and(|lock| lock.strong_count() == 0)
+        {
+            state.locks.remove(&slot.client_id);
         }
     }
 
@@ -248,12 +263,44 @@ mod tests {
             client_id: "dev".into(),
             generation: 1,
             cancel: CancellationToken::new(),
-            detached: None,
+            attached: None,
         };
         sessions.release(&stale);
         assert_eq!(sessions.len(), 1);
         sessions.release(&second);
         assert_eq!(sessions.len(), 0);
         assert!(sessions.kick("nobody").eq(&false));
+    }
+
+    /// A claim that gives up waiting (takeover timeout) must not let anyone else attach while
+    /// the connection it was waiting for is still attached: the router would then see two
+    /// links for one client id and run its own takeover (notes/rumqttd-router.md).
+    #[tokio::test(start_paused = true)]
+    async fn a_takeover_that_gives_up_lets_nobody_in_early() {
+        let mut sessions = Sessions::new(ConnectRateLimit::default());
+        sessions.takeover_timeout = Duration::from_secs(1);
+        let sessions = std::sync::Arc::new(sessions);
+        let claim = |sessions: &std::sync::Arc<Sessions>| {
+            let sessions = sessions.clone();
+            tokio::spawn(async move { sessions.claim("dev").await.map(|s| s.generation) })
+        };
+        // A is attached and does not detach in time.
+        let mut a = sessions.claim("dev").await.unwrap();
+
+        // B waits for A; C arrives while B waits. B gives up: C must not attach.
+        let b = claim(&sessions);
+        tokio::task::yield_now().await;
+        let c = claim(&sessions);
+        assert_eq!(b.await.unwrap(), Err(ClaimError::TakeoverTimeout));
+        let c = c.await.unwrap();
+        assert!(c.is_err(), "attached while A still is: {c:?}");
+
+        // D arrives after everyone gave up: it must still wait for A.
+        let d = claim(&sessions);
+        tokio::task::yield_now().await;
+        assert!(!d.is_finished());
+        a.detached();
+        sessions.release(&a);
+        assert!(d.await.unwrap().is_ok(), "attaches once A detached");
     }
 }

@@ -17,23 +17,29 @@ use tokio_util::task::TaskTracker;
 
 use super::*;
 
-const WAIT: Duration = Duration::from_secs(10);
+pub(super) const WAIT: Duration = Duration::from_secs(10);
 
-struct Fixture {
+pub(super) struct Fixture {
     _dir: tempfile::TempDir,
-    pki: PkiDir,
-    edge: EdgeHandle,
-    metrics: Arc<Metrics>,
+    pub(super) pki: PkiDir,
+    pub(super) edge: EdgeHandle,
+    pub(super) metrics: Arc<Metrics>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Fixture {
-    async fn start() -> Self {
+    pub(super) async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
 
-    async fn start_with(tweak: impl FnOnce(&mut EdgeConfig)) -> Self {
+    pub(super) async fn start_with(tweak: impl FnOnce(&mut EdgeConfig)) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, tweak)
+    }
+
+    /// Starts the edge on a listener the test prepared (socket options).
+    pub(super) fn start_on(listener: TcpListener, tweak: impl FnOnce(&mut EdgeConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = PkiDir::at(dir.path().join("pki"));
         pki.init(&[]).unwrap();
@@ -43,7 +49,6 @@ impl Fixture {
         config.router.controller_segment_size = 1024 * 1024;
         config.router.max_connections = 256;
         tweak(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::new());
         let tracker = TaskTracker::new();
@@ -66,19 +71,19 @@ impl Fixture {
         }
     }
 
-    fn device_cert(&self, id: &str) -> CertifiedKey {
+    pub(super) fn device_cert(&self, id: &str) -> CertifiedKey {
         let ca = self.pki.load_ca().unwrap();
         ca.issue_device(&DeviceId::new(id).unwrap()).unwrap()
     }
 
-    fn controller_cert(&self) -> CertifiedKey {
+    pub(super) fn controller_cert(&self) -> CertifiedKey {
         CertifiedKey {
             cert_pem: std::fs::read_to_string(self.pki.controller_cert()).unwrap(),
             key_pem: std::fs::read_to_string(self.pki.controller_key()).unwrap(),
         }
     }
 
-    fn client(
+    pub(super) fn client(
         &self,
         client_id: &str,
         cert: Option<&CertifiedKey>,
@@ -88,7 +93,26 @@ impl Fixture {
         client(self.edge.local_addr().port(), &ca, client_id, cert, will)
     }
 
-    async fn stop(self) {
+    /// A TLS connector presenting `cert`, trusting the fleet CA (for raw MQTT sessions).
+    pub(super) fn tls_connector(&self, cert: &CertifiedKey) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(self.pki.ca_cert()).unwrap();
+        for c in parse_pem_certs(&ca).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                parse_pem_certs(cert.cert_pem.as_bytes()).unwrap(),
+                PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    pub(super) async fn stop(self) {
         self.cancel.cancel();
         self.tracker.close();
         tokio::time::timeout(WAIT, self.tracker.wait())
@@ -136,12 +160,12 @@ fn client(
     AsyncClient::new(options, 64)
 }
 
-fn topic(id: &str, channel: Channel) -> String {
+pub(super) fn topic(id: &str, channel: Channel) -> String {
     Topic::for_device(&DeviceId::new(id).unwrap(), channel).to_string()
 }
 
 /// Polls until the connection is accepted (Ok) or fails (Err with the error text).
-async fn connack(eventloop: &mut EventLoop) -> Result<(), String> {
+pub(super) async fn connack(eventloop: &mut EventLoop) -> Result<(), String> {
     tokio::time::timeout(WAIT, async {
         loop {
             match eventloop.poll().await {
@@ -162,7 +186,7 @@ async fn connack(eventloop: &mut EventLoop) -> Result<(), String> {
 }
 
 /// Polls until the connection breaks; returns the error text.
-async fn closed(eventloop: &mut EventLoop) -> String {
+pub(super) async fn closed(eventloop: &mut EventLoop) -> String {
     tokio::time::timeout(WAIT, async {
         loop {
             if let Err(error) = eventloop.poll().await {
@@ -175,7 +199,7 @@ async fn closed(eventloop: &mut EventLoop) -> String {
 }
 
 /// Polls until SUBACK.
-async fn suback(eventloop: &mut EventLoop) {
+pub(super) async fn suback(eventloop: &mut EventLoop) {
     tokio::time::timeout(WAIT, async {
         loop {
             if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.expect("poll") {
@@ -189,7 +213,9 @@ async fn suback(eventloop: &mut EventLoop) {
 
 /// A controller subscribed to every uplink, with its event loop driven in a task; received
 /// publishes come out of the returned channel.
-async fn controller(fx: &Fixture) -> (AsyncClient, tokio::sync::mpsc::Receiver<(String, Vec<u8>)>) {
+pub(super) async fn controller(
+    fx: &Fixture,
+) -> (AsyncClient, tokio::sync::mpsc::Receiver<(String, Vec<u8>)>) {
     let (client, mut eventloop) = fx.client("controller:main", Some(&fx.controller_cert()), None);
     connack(&mut eventloop).await.unwrap();
     client
@@ -204,7 +230,7 @@ async fn controller(fx: &Fixture) -> (AsyncClient, tokio::sync::mpsc::Receiver<(
 }
 
 /// Drives an event loop in a task; received publishes come out of the channel.
-fn drive(mut eventloop: EventLoop) -> tokio::sync::mpsc::Receiver<(String, Vec<u8>)> {
+pub(super) fn drive(mut eventloop: EventLoop) -> tokio::sync::mpsc::Receiver<(String, Vec<u8>)> {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move {
         loop {
@@ -222,7 +248,7 @@ fn drive(mut eventloop: EventLoop) -> tokio::sync::mpsc::Receiver<(String, Vec<u
     rx
 }
 
-async fn expect_nothing_from(
+pub(super) async fn expect_nothing_from(
     rx: &mut tokio::sync::mpsc::Receiver<(String, Vec<u8>)>,
     device: &str,
 ) {
@@ -467,23 +493,8 @@ async fn idle_sockets_do_not_block_a_real_terminal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_that_never_arrives_times_out() {
     let fx = Fixture::start_with(|c| c.limits.connect_timeout = Duration::from_millis(300)).await;
-    let ca = std::fs::read(fx.pki.ca_cert()).unwrap();
-    let cert = fx.device_cert("T-1");
     // A TLS session that never sends CONNECT.
-    let mut roots = rustls::RootCertStore::empty();
-    for c in parse_pem_certs(&ca).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            parse_pem_certs(cert.cert_pem.as_bytes()).unwrap(),
-            PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = fx.tls_connector(&fx.device_cert("T-1"));
     let tcp = TcpStream::connect(fx.edge.local_addr()).await.unwrap();
     let mut tls = connector
         .connect(
@@ -555,5 +566,36 @@ async fn a_second_connection_of_the_same_device_takes_over() {
     assert_eq!(payload, b"new");
     assert_eq!(fx.edge.live_sessions(), 2);
     driver.abort();
+    fx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_wait_until_the_controller_has_subscribed() {
+    let fx = Fixture::start_with(|c| c.wait_for_controller = Some(Duration::from_secs(60))).await;
+    let cert = fx.device_cert("T-1");
+    let (_dev, mut dev_loop) = fx.client("T-1", Some(&cert), None);
+    let refused = connack(&mut dev_loop).await.unwrap_err();
+    assert!(refused.contains("ServiceUnavailable"), "{refused}");
+    assert_eq!(fx.metrics.refusals("controller_not_ready"), 1);
+    // Waiting does not use up the terminal's connect budget.
+    assert_eq!(fx.metrics.refusals("rate_limited"), 0);
+
+    let (_ctl, mut from_devices) = controller(&fx).await;
+    let (dev, mut dev_loop) = fx.client("T-1", Some(&cert), None);
+    connack(&mut dev_loop).await.unwrap();
+    let _to_device = drive(dev_loop);
+    dev.publish(
+        topic("T-1", Channel::Presence),
+        QoS::AtLeastOnce,
+        false,
+        b"online".to_vec(),
+    )
+    .await
+    .unwrap();
+    let (t, _) = tokio::time::timeout(WAIT, from_devices.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t, topic("T-1", Channel::Presence));
     fx.stop().await;
 }

@@ -63,7 +63,7 @@ pub(crate) async fn show(
 }
 
 /// Checks that the API's JSON has the expected shape.
-fn typed<T: DeserializeOwned>(url: &Url, value: Value) -> Result<T, ApiError> {
+pub(crate) fn typed<T: DeserializeOwned>(url: &Url, value: Value) -> Result<T, ApiError> {
     serde_json::from_value(value).map_err(|e| ApiError::Unexpected {
         url: url.to_string(),
         cause: format!("the JSON does not have the expected shape ({e})"),
@@ -72,7 +72,7 @@ fn typed<T: DeserializeOwned>(url: &Url, value: Value) -> Result<T, ApiError> {
 
 /// Pretty JSON as the API sent it, not run through the typed views, so fields and values this
 /// posctl does not know yet reach scripts unchanged.
-fn print_json(out: &mut dyn Write, value: &Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(out: &mut dyn Write, value: &Value) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut *out, value)?;
     writeln!(out)?;
     Ok(())

@@ -8,6 +8,7 @@
 //!   say what to do next.
 //! - `pki`: `pki init` and `pki issue-device` (local files only, no server needed).
 //! - `devices`: `devices list` and `devices show`.
+//! - `transactions`: `tx list` and `tx summary`.
 //! - `watch`: `watch`, rendering the live stream, over the bounded parser in `sse`.
 //! - `output`: tables, times and sizes, and neutralising control characters in strings that
 //!   terminals reported.
@@ -21,6 +22,7 @@ mod pki;
 mod sse;
 #[cfg(test)]
 mod tests;
+mod transactions;
 mod watch;
 
 use std::future::Future;
@@ -40,8 +42,9 @@ use crate::datadir::DEFAULT_DATA_DIR;
 #[command(
     name = "posctl",
     version,
-    about = "Administer a posfleet controller: fleet PKI, devices, live telemetry",
-    long_about = "Administer a posfleet controller: fleet PKI, devices, live telemetry.\n\n\
+    about = "Administer a posfleet controller: fleet PKI, devices, transactions, live events",
+    long_about = "Administer a posfleet controller: fleet PKI, devices, transactions, live \
+        events.\n\n\
         posctl finds the admin API through DATA_DIR/posctl.json, which `posfleet-broker serve` \
         and `demo` write at start; --server, --ca and --token-file override it.",
     arg_required_else_help = true
@@ -114,8 +117,50 @@ enum ApiCommand {
     /// List and inspect devices.
     #[command(subcommand)]
     Devices(DevicesCommand),
-    /// Follow the live event stream (presence, heartbeats, telemetry) until Ctrl-C.
+    /// List transactions and summarise a device's transactions.
+    #[command(subcommand)]
+    Tx(TxCommand),
+    /// Follow the live event stream (presence, heartbeats, telemetry, transactions, alerts)
+    /// until Ctrl-C.
     Watch(WatchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TxCommand {
+    /// One page of transactions, newest first (filters combine).
+    List(TxListArgs),
+    /// Count, approved amounts, sequence watermark, gaps and conflicts of one device.
+    Summary {
+        /// Device id.
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+    },
+}
+
+/// Arguments of `posctl tx list`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct TxListArgs {
+    /// Only this device's transactions.
+    #[arg(long, value_parser = parse_device_id)]
+    pub(crate) device: Option<DeviceId>,
+    /// Transactions at or after this time: Unix ms or RFC 3339 (2024-02-29T13:05:09Z).
+    #[arg(long, value_name = "TIME")]
+    pub(crate) from: Option<String>,
+    /// Transactions before this time: Unix ms or RFC 3339.
+    #[arg(long, value_name = "TIME")]
+    pub(crate) to: Option<String>,
+    /// Only this status.
+    #[arg(long, value_parser = ["approved", "declined", "error"])]
+    pub(crate) status: Option<String>,
+    /// Rows per page (1-1000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub(crate) limit: u16,
+    /// Oldest first.
+    #[arg(long)]
+    pub(crate) asc: bool,
+    /// Continue after a previous page (the cursor it printed), with the same filters.
+    #[arg(long)]
+    pub(crate) cursor: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -272,6 +317,12 @@ async fn run_api(
         ApiCommand::Devices(DevicesCommand::List) => devices::list(&api, format, out).await?,
         ApiCommand::Devices(DevicesCommand::Show { id }) => {
             devices::show(&api, &id, format, out).await?;
+        }
+        ApiCommand::Tx(TxCommand::List(args)) => {
+            transactions::list(&api, &args, format, out).await?;
+        }
+        ApiCommand::Tx(TxCommand::Summary { id }) => {
+            transactions::summary(&api, &id, format, out).await?;
         }
         ApiCommand::Watch(args) => watch::run(&api, &args, format, out, stop).await?,
     }

@@ -166,6 +166,18 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     )
 }
 
+/// An amount in minor units with its currency, two decimals assumed: "12.50 EUR".
+pub(crate) fn money(amount_minor: i64, currency: &str) -> String {
+    let sign = if amount_minor < 0 { "-" } else { "" };
+    let abs = amount_minor.unsigned_abs();
+    format!(
+        "{sign}{}.{:02} {}",
+        abs / 100,
+        abs % 100,
+        printable(currency)
+    )
+}
+
 /// Bytes as MiB, no decimals.
 pub(crate) fn mib(bytes: u64) -> String {
     format!("{}", bytes / (1024 * 1024))
@@ -242,6 +254,13 @@ mod tests {
         assert_eq!(clock(ms), "13:05:09");
         assert_eq!(datetime(ms), "2024-02-29 13:05:09 UTC");
         assert_eq!(datetime(0), "1970-01-01 00:00:00 UTC");
+    }
+
+    #[test]
+    fn money_has_two_decimals() {
+        assert_eq!(money(1250, "EUR"), "12.50 EUR");
+        assert_eq!(money(5, "USD"), "0.05 USD");
+        assert_eq!(money(-199, "GBP"), "-1.99 GBP");
     }
 
     #[test]

@@ -10,10 +10,10 @@ use posfleet_proto::now_ms;
 use serde_json::Value;
 
 use super::client::ApiClient;
-use super::output::{clock, mib, printable, span};
+use super::output::{clock, mib, money, printable, span};
 use super::sse::{SseEvent, SseParser};
 use super::{OutputFormat, WatchArgs};
-use crate::views::FleetEvent;
+use crate::views::{FleetEvent, Severity};
 
 /// With nothing at all from the server for this long (the server sends keep-alive comments far
 /// more often), the connection is taken for dead.
@@ -187,6 +187,41 @@ pub(crate) fn line(sse_kind: &str, value: Value, now_ms: u64) -> String {
             }
             (t.received_at_ms, parts.join("  "))
         }
+        FleetEvent::Transaction { transaction: t, .. } => {
+            let mut parts = vec![
+                format!("seq {}", t.seq),
+                format!("{} {}", printable(&t.kind), printable(&t.status)),
+                money(t.amount_minor, &t.currency),
+            ];
+            if !t.masked_card.is_empty() {
+                parts.push(printable(&t.masked_card).into_owned());
+            }
+            parts.push(format!("txn {}", printable(&t.txn_id)));
+            (t.received_at_ms, parts.join("  "))
+        }
+        FleetEvent::Alert {
+            alert,
+            severity,
+            seq,
+            message,
+            at_ms,
+            ..
+        } => {
+            let name = serde_json::to_value(alert)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let level = match severity {
+                Severity::Critical => "CRITICAL",
+                Severity::Warning => "WARNING",
+                Severity::Info | Severity::Other => "info",
+            };
+            let seq = seq.map(|s| format!(" (seq {s})")).unwrap_or_default();
+            (
+                *at_ms,
+                format!("{level} {name}{seq}: {}", printable(message)),
+            )
+        }
         FleetEvent::Lagged { missed } => (
             now_ms,
             format!("{missed} events skipped: posctl fell behind the stream"),
@@ -260,6 +295,31 @@ mod tests {
             line("telemetry", json(&tm), NOW),
             "13:05:03  T-1           telemetry  cpu 12%  mem 512/2048 MiB  bat 87%+  \
              temp 41.2°C  wifi -67 dBm  paper low  TAMPER!"
+        );
+    }
+
+    #[test]
+    fn transaction_and_alert_lines() {
+        let tx = FleetEvent::Transaction {
+            device: "T-1".into(),
+            transaction: Box::new(crate::posctl::tests::transactions::canned_tx("T-1", 7)),
+        };
+        assert_eq!(
+            line("transaction", json(&tx), NOW),
+            "13:05:09  T-1           transaction seq 7  sale approved  12.50 EUR  \
+             411111******1111  txn txn-7"
+        );
+        let alert = FleetEvent::Alert {
+            device: "T-1".into(),
+            alert: crate::views::AlertKind::SequenceGap,
+            severity: Severity::Warning,
+            seq: Some(4),
+            message: "seq 4 missing".into(),
+            at_ms: NOW,
+        };
+        assert_eq!(
+            line("alert", json(&alert), NOW),
+            "13:05:09  T-1           alert      WARNING sequence_gap (seq 4): seq 4 missing"
         );
     }
 

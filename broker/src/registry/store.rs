@@ -3,13 +3,11 @@
 //! `apply_batch` + `flush` + fsync of the `db` file. Every call here blocks; callers run it on
 //! a blocking thread (or at startup, before serving).
 
-use std::fs;
 use std::path::{Path, PathBuf};
-
-use tracing::{info, warn};
 
 use super::device::{DeviceRecord, RECORD_VERSION};
 use super::error::RegistryError;
+use crate::sledstore::{self, DurableError, OpenError};
 
 /// Name of the sled tree holding one record per device.
 const DEVICES_TREE: &str = "devices";
@@ -29,16 +27,10 @@ impl Store {
     /// Opens (creating if needed) the store in `dir` with a page cache of `cache_capacity`
     /// bytes.
     pub(crate) fn open(dir: &Path, cache_capacity: u64) -> Result<Self, RegistryError> {
-        create_private_dir(dir)?;
-        remove_partial_snapshots(dir)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_capacity)
-            .open()
-            .map_err(|source| RegistryError::Open {
-                path: dir.to_owned(),
-                source,
-            })?;
+        let db = sledstore::open(dir, cache_capacity).map_err(|e| match e {
+            OpenError::Io { path, source } => RegistryError::Io { path, source },
+            OpenError::Sled { path, source } => RegistryError::Open { path, source },
+        })?;
         let devices = db
             .open_tree(DEVICES_TREE)
             .map_err(|source| RegistryError::Open {
@@ -100,60 +92,17 @@ impl Store {
             source,
         };
         self.devices.apply_batch(batch).map_err(write)?;
-        self.devices.flush().map_err(write)?;
-        // sled's flush uses sync_file_range, which survives a process kill but not a power
-        // cut; fsync the db file through a second handle (notes/storage.md rule 2).
-        let db_file = self.dir.join("db");
-        fs::File::open(&db_file)
-            .and_then(|f| f.sync_all())
-            .map_err(|source| RegistryError::Io {
-                path: db_file,
-                source,
-            })
-    }
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), RegistryError> {
-    use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| RegistryError::Io {
-            path: dir.to_owned(),
-            source,
+        sledstore::make_durable(&self.devices, &self.dir).map_err(|e| match e {
+            DurableError::Flush(source) => write(source),
+            DurableError::Fsync { path, source } => RegistryError::Io { path, source },
         })
-}
-
-/// Deletes `snap.*.generating` files: a kill while sled writes a snapshot can leave a
-/// truncated one that sled would take as the newest and refuse to open
-/// (notes/storage.md rule 3).
-fn remove_partial_snapshots(dir: &Path) -> Result<(), RegistryError> {
-    let io = |source| RegistryError::Io {
-        path: dir.to_owned(),
-        source,
-    };
-    for entry in fs::read_dir(dir).map_err(io)? {
-        let path = entry.map_err(io)?.path();
-        let partial = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating"));
-        if partial {
-            warn!(path = %path.display(), "removing a partial sled snapshot left by a crash");
-            fs::remove_file(&path).map_err(|source| RegistryError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            info!(path = %path.display(), "partial snapshot removed");
-        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn records_survive_reopen_and_partial_snapshots_are_removed() {

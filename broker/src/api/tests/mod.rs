@@ -4,11 +4,13 @@
 //! - `devices.rs`: list/detail after ingest, 400/404, health and metrics.
 //! - `stream.rs`: server-sent events, device filter, lag, end at shutdown.
 //! - `server.rs`: idle TCP clients, handshake timeout, connection cap.
+//! - `transactions.rs`: transaction list (pagination, filters, cursors) and summary.
 
 mod auth;
 mod devices;
 mod server;
 mod stream;
+mod transactions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use crate::controller::Ingest;
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig};
+use crate::txstore::{TxStore, TxStoreConfig};
 
 pub(super) const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
@@ -36,6 +39,7 @@ pub(super) struct TestServer {
     pub tls: Arc<rustls::ClientConfig>,
     pub metrics: Arc<Metrics>,
     pub ingest: Ingest,
+    pub transactions: Arc<TxStore>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
     _tmp: tempfile::TempDir,
@@ -56,11 +60,17 @@ impl TestServer {
             ..RegistryConfig::new(tmp.path().join("registry"))
         })
         .unwrap();
+        let transactions = TxStore::open(TxStoreConfig {
+            cache_capacity: 1 << 20,
+            ..TxStoreConfig::new(tmp.path().join("transactions"))
+        })
+        .unwrap();
         let events = EventBus::new(event_capacity);
         let metrics = Arc::new(Metrics::new());
         let ingest = Ingest::new(Arc::clone(&registry), events.clone(), Arc::clone(&metrics));
         let state = ApiState::new(
             Arc::clone(&registry),
+            Arc::clone(&transactions),
             events.clone(),
             Arc::clone(&metrics),
             TOKEN.to_owned(),
@@ -82,6 +92,7 @@ impl TestServer {
             tls: client_tls,
             metrics,
             ingest,
+            transactions,
             cancel,
             tracker,
             _tmp: tmp,

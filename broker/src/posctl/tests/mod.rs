@@ -1,4 +1,4 @@
-//! posctl against a real HTTPS server (`devices`, `watch`): a tiny axum app on 127.0.0.1:0 behind tokio-rustls,
+//! posctl against a real HTTPS server (`devices`, `tx`, `watch`): a tiny axum app on 127.0.0.1:0 behind tokio-rustls,
 //! with certificates from `PkiDir::init` in a temp dir, returning canned `views` JSON.
 
 use std::collections::HashMap;
@@ -26,6 +26,7 @@ use super::devices::tests::{NOW, detail, summary, telemetry};
 use super::{Cli, Command, run_api};
 
 mod devices;
+pub(crate) mod transactions;
 mod watch;
 use crate::datadir::DataDir;
 use crate::views::{DeviceDetail, DeviceList, ErrorBody, FleetEvent, HeartbeatView};
@@ -145,6 +146,11 @@ fn app(shared: Shared) -> Router {
         .route("/api/v1/devices", get(list))
         .route("/api/v1/devices/{id}", get(show))
         .route("/api/v1/stream", get(stream))
+        .route("/api/v1/transactions", get(transactions::list))
+        .route(
+            "/api/v1/devices/{id}/transactions/summary",
+            get(transactions::summary),
+        )
         .with_state(shared)
 }
 

@@ -1,0 +1,283 @@
+//! The transaction committer (storage rule 4): the one task that writes the transaction
+//! store. It drains everything queued (up to `max_commit_records`) into one group commit on a
+//! blocking thread, and only after the commit returned (flush + fsync done) publishes one
+//! `TransactionAck` per device in it, then announces what was stored.
+//!
+//! At stop it closes the queue, commits and acknowledges what was already queued, then ends;
+//! nothing is ever acknowledged that the store did not make durable first.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use posfleet_agent::mqtt::{MqttHandle, QoS};
+use posfleet_proto::{Channel, DeviceId, Topic, encode, pb};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use super::txqueue::{Job, Queued, TxConfig};
+use crate::events::EventBus;
+use crate::metrics::Metrics;
+use crate::txstore::{CommitOutcome, DeviceOutcome, TxStore};
+use crate::views::{AlertKind, FleetEvent, Severity};
+
+/// Most rejected seqs in one acknowledgement (10 bytes each at worst: far below the
+/// channel's 64 KiB).
+const MAX_REJECTED_PER_ACK: usize = 4096;
+
+/// Where acknowledgements go: the controller's MQTT session, or a test double.
+pub(crate) trait AckSink: Send + Sync + 'static {
+    /// Queues `ack` for `device` (QoS 1).
+    fn publish_ack(
+        &self,
+        device: &DeviceId,
+        ack: &pb::TransactionAck,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+impl AckSink for MqttHandle {
+    async fn publish_ack(&self, device: &DeviceId, ack: &pb::TransactionAck) -> Result<(), String> {
+        let payload = encode(ack).map_err(|e| e.to_string())?;
+        self.publish(
+            &Topic::for_device(device, Channel::TransactionAck),
+            payload,
+            QoS::AtLeastOnce,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// What the committer needs.
+pub(crate) struct Committer<A> {
+    pub store: Arc<TxStore>,
+    pub acks: A,
+    pub events: EventBus,
+    pub metrics: Arc<Metrics>,
+    pub cfg: TxConfig,
+}
+
+impl<A: AckSink> Committer<A> {
+    /// Starts the committer on `tracker`. Cancelling `stop` makes it close the queue, commit
+    /// and acknowledge what is queued, and end; the returned token is cancelled then.
+    pub(crate) fn spawn(
+        self,
+        rx: mpsc::Receiver<Job>,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> CancellationToken {
+        let done = CancellationToken::new();
+        let finished = done.clone();
+        let blocking = tracker.clone();
+        tracker.spawn(async move {
+            self.run(rx, &blocking, stop).await;
+            finished.cancel();
+        });
+        done
+    }
+
+    async fn run(
+        self,
+        mut rx: mpsc::Receiver<Job>,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let first = tokio::select! {
+                biased;
+                job = rx.recv() => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+                () = stop.cancelled() => break,
+            };
+            let jobs = self.drain(first, &mut rx);
+            self.commit_and_ack(jobs, tracker).await;
+        }
+        // Refuse new batches, then finish what was already queued.
+        rx.close();
+        let mut finished = 0;
+        while let Some(first) = rx.recv().await {
+            let jobs = self.drain(first, &mut rx);
+            finished += jobs.len();
+            self.commit_and_ack(jobs, tracker).await;
+        }
+        info!(finished, "transaction committer stopped");
+    }
+
+    /// `first` plus whatever else is queued, up to `max_commit_records` transactions.
+    fn drain(&self, first: Job, rx: &mut mpsc::Receiver<Job>) -> Vec<Job> {
+        let mut records = first.sub.records.len();
+        let mut jobs = vec![first];
+        while records < self.cfg.max_commit_records {
+            match rx.try_recv() {
+                Ok(job) => {
+                    records += job.sub.records.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        self.metrics
+            .tx_queue_depth
+            .set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
+        jobs
+    }
+
+    async fn commit_and_ack(&self, jobs: Vec<Job>, tracker: &TaskTracker) {
+        let records: usize = jobs.iter().map(|j| j.sub.records.len()).sum();
+        let batches = jobs.len();
+        // The submissions move to the blocking thread; what stays (device, queue time, byte
+        // permit) is released after the acknowledgements.
+        let (subs, waiting): (Vec<_>, Vec<_>) = jobs.into_iter().map(Job::split).unzip();
+        let store = Arc::clone(&self.store);
+        let started = Instant::now();
+        // sled's flush and the fsync block for milliseconds: off the runtime.
+        let result = tracker.spawn_blocking(move || store.commit(subs)).await;
+        let elapsed = started.elapsed();
+        #[allow(clippy::cast_precision_loss)] // a histogram sample
+        self.metrics.tx_commit_batch_size.observe(records as f64);
+        self.metrics
+            .tx_commit_seconds
+            .observe(elapsed.as_secs_f64());
+        let outcome = match result {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => {
+                self.metrics.tx_commit_failures_total.inc();
+                error!(error = %e, batches, records, "transaction commit failed; nothing acknowledged, terminals will resend");
+                return;
+            }
+            Err(e) => {
+                self.metrics.tx_commit_failures_total.inc();
+                error!(error = %e, "transaction commit task failed; nothing acknowledged");
+                return;
+            }
+        };
+        debug!(
+            batches,
+            records,
+            stored = outcome.stored(),
+            ms = elapsed.as_millis(),
+            "transactions committed"
+        );
+        self.count(&outcome);
+        self.acknowledge(&outcome, &waiting).await;
+        drop(waiting);
+        self.announce(outcome);
+    }
+
+    fn count(&self, outcome: &CommitOutcome) {
+        self.metrics
+            .tx_stored_total
+            .inc_by(u64::try_from(outcome.stored()).unwrap_or(u64::MAX));
+        self.metrics
+            .tx_duplicates_total
+            .inc_by(outcome.duplicates());
+        self.metrics
+            .tx_conflicts_total
+            .inc_by(u64::try_from(outcome.conflicts()).unwrap_or(u64::MAX));
+    }
+
+    /// One acknowledgement per device (more if it rejects very many seqs), all queued within
+    /// `ack_timeout`. Failures are counted and logged once per commit.
+    async fn acknowledge(&self, outcome: &CommitOutcome, waiting: &[Queued]) {
+        let deadline = tokio::time::Instant::now() + self.cfg.ack_timeout;
+        let mut failed = 0usize;
+        let mut last_error = String::new();
+        for device in &outcome.devices {
+            let mut sent = true;
+            for ack in acks_for(device) {
+                let publish = self.acks.publish_ack(&device.device, &ack);
+                let result = match tokio::time::timeout_at(deadline, publish).await {
+                    Ok(result) => result,
+                    Err(_) => Err("timed out".to_owned()),
+                };
+                match result {
+                    Ok(()) => {
+                        self.metrics.tx_acks_total.inc();
+                    }
+                    Err(e) => {
+                        sent = false;
+                        failed += 1;
+                        last_error = e;
+                        self.metrics.tx_ack_failures_total.inc();
+                    }
+                }
+            }
+            if sent {
+                for queued in waiting.iter().filter(|q| q.device == device.device) {
+                    self.metrics
+                        .tx_ack_latency_seconds
+                        .observe(queued.at.elapsed().as_secs_f64());
+                }
+            }
+        }
+        if failed > 0 {
+            warn!(
+                failed,
+                devices = outcome.devices.len(),
+                error = %last_error,
+                "transaction acks not sent; those terminals will resend and be acknowledged then"
+            );
+        }
+    }
+
+    /// Live events: every stored transaction (without line items) and every new conflict.
+    fn announce(&self, outcome: CommitOutcome) {
+        let now = posfleet_proto::now_ms();
+        for device in outcome.devices {
+            for (seq, txn_id) in &device.new_conflicts {
+                warn!(device_id = %device.device, seq, "conflicting transaction refused: another record holds this seq");
+                self.events.publish(FleetEvent::Alert {
+                    device: device.device.to_string(),
+                    alert: AlertKind::TransactionConflict,
+                    severity: Severity::Critical,
+                    seq: Some(*seq),
+                    message: format!(
+                        "terminal sent transaction {txn_id} as seq {seq}, which already holds \
+                         another transaction; it was kept as a conflict, not stored"
+                    ),
+                    at_ms: now,
+                });
+            }
+            for mut transaction in device.stored {
+                transaction.items.clear();
+                self.events.publish(FleetEvent::Transaction {
+                    device: device.device.to_string(),
+                    transaction: Box::new(transaction),
+                });
+            }
+        }
+    }
+}
+
+/// The acknowledgements for one device's part of a commit. Usually one; with more than
+/// [`MAX_REJECTED_PER_ACK`] rejected seqs, several, each claiming no more than it lists
+/// rejections for (ADR 0005: the terminal drops everything up to `durable_through_seq`
+/// except the rejected seqs, so an ack must list every rejection at or below its watermark).
+pub(crate) fn acks_for(device: &DeviceOutcome) -> Vec<pb::TransactionAck> {
+    let dts = device.durable_through_seq;
+    let chunks: Vec<&[u64]> = device.rejected_seqs.chunks(MAX_REJECTED_PER_ACK).collect();
+    if chunks.len() <= 1 {
+        return vec![pb::TransactionAck {
+            durable_through_seq: dts,
+            rejected_seqs: device.rejected_seqs.clone(),
+        }];
+    }
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let limit = chunks
+                .get(i + 1)
+                .and_then(|next| next.first())
+                .map_or(dts, |first| dts.min(first - 1));
+            pb::TransactionAck {
+                durable_through_seq: limit,
+                rejected_seqs: chunk.to_vec(),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,311 @@
+//! [`ValidTx`]: a wire `Transaction` checked against the limits the controller accepts
+//! (ADR 0006). A batch holding one invalid record is refused whole by ingest.
+//!
+//! Everything ends up in API responses, reports and on admins' terminals, so text is bounded
+//! and free of control characters, amounts and times are in range, enums are known, and no
+//! field may hold a full card number (PCI DSS: a 13–19 digit Luhn-valid run, digits possibly
+//! separated by single spaces or dashes).
+
+use posfleet_proto::pb;
+
+/// Longest `txn_id`, in bytes.
+pub const MAX_TXN_ID_LEN: usize = 64;
+/// Longest other text field (codes, ids, brand, SKU), in bytes.
+pub const MAX_TEXT_LEN: usize = 64;
+/// Longest `masked_card` / `card_token`, in bytes.
+pub const MAX_CARD_FIELD_LEN: usize = 128;
+/// Most line items in one transaction.
+pub const MAX_ITEMS: usize = 256;
+/// Largest amount or unit price in minor units (10^12: ten billion in a 2-decimal currency).
+pub const MAX_AMOUNT_MINOR: i64 = 1_000_000_000_000;
+/// Latest transaction time accepted (9999-12-31T23:59:59.999Z).
+pub const MAX_TIMESTAMP_MS: u64 = 253_402_300_799_999;
+/// Most transactions in one `TransactionBatch`.
+pub const MAX_BATCH_RECORDS: usize = 4096;
+/// Largest line-item quantity.
+pub const MAX_QUANTITY: u32 = 1_000_000;
+
+/// A transaction that passed validation; the only kind the store accepts.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ValidTx(pb::Transaction);
+
+/// Why a transaction is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("transaction seq {seq}: {detail}")]
+pub(crate) struct InvalidTx {
+    pub seq: u64,
+    pub detail: String,
+}
+
+impl ValidTx {
+    pub(crate) fn get(&self) -> &pb::Transaction {
+        &self.0
+    }
+
+    pub(crate) fn seq(&self) -> u64 {
+        self.0.seq
+    }
+
+    /// The canonical encoding stored and compared for duplicates (prost encodes fields in
+    /// tag order and drops unknown fields, so equal content gives equal bytes).
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        prost::Message::encode_to_vec(&self.0)
+    }
+
+    /// A record read back from the store (validated when it was stored).
+    pub(crate) fn trusted(tx: pb::Transaction) -> Self {
+        Self(tx)
+    }
+}
+
+impl TryFrom<pb::Transaction> for ValidTx {
+    type Error = InvalidTx;
+
+    fn try_from(tx: pb::Transaction) -> Result<Self, InvalidTx> {
+        check(&tx).map_err(|detail| InvalidTx {
+            seq: tx.seq,
+            detail,
+        })?;
+        Ok(Self(tx))
+    }
+}
+
+fn check(tx: &pb::Transaction) -> Result<(), String> {
+    if tx.seq == 0 {
+        return Err("seq must be at least 1".into());
+    }
+    if tx.txn_id.is_empty() {
+        return Err("txn_id is empty".into());
+    }
+    text("txn_id", &tx.txn_id, MAX_TXN_ID_LEN)?;
+    if !(1..=MAX_TIMESTAMP_MS).contains(&tx.timestamp_ms) {
+        return Err(format!(
+            "timestamp_ms {} is outside 1..={MAX_TIMESTAMP_MS}",
+            tx.timestamp_ms
+        ));
+    }
+    amount("amount_minor", tx.amount_minor)?;
+    if !(tx.currency.len() == 3 && tx.currency.bytes().all(|b| b.is_ascii_uppercase())) {
+        return Err("currency must be an ISO 4217 code (three capital letters)".into());
+    }
+    match pb::TransactionKind::try_from(tx.kind) {
+        Ok(pb::TransactionKind::Unspecified) | Err(_) => {
+            return Err(format!("kind {} is not a known transaction kind", tx.kind));
+        }
+        Ok(_) => {}
+    }
+    match pb::TransactionStatus::try_from(tx.status) {
+        Ok(pb::TransactionStatus::Unspecified) | Err(_) => {
+            return Err(format!("status {} is not a known status", tx.status));
+        }
+        Ok(_) => {}
+    }
+    if pb::EntryMode::try_from(tx.entry_mode).is_err() {
+        return Err(format!("entry_mode {} is not a known mode", tx.entry_mode));
+    }
+    text("masked_card", &tx.masked_card, MAX_CARD_FIELD_LEN)?;
+    let masked_ok = tx
+        .masked_card
+        .bytes()
+        .all(|b| b.is_ascii_digit() || matches!(b, b'*' | b'X' | b'x' | b'#' | b' ' | b'-'));
+    if !masked_ok {
+        return Err("masked_card may hold only digits, mask characters, spaces and dashes".into());
+    }
+    text("card_token", &tx.card_token, MAX_CARD_FIELD_LEN)?;
+    for (field, value) in [
+        ("card_brand", &tx.card_brand),
+        ("auth_code", &tx.auth_code),
+        ("response_code", &tx.response_code),
+        ("merchant_id", &tx.merchant_id),
+        ("store_id", &tx.store_id),
+        ("operator_id", &tx.operator_id),
+    ] {
+        text(field, value, MAX_TEXT_LEN)?;
+    }
+    if tx.items.len() > MAX_ITEMS {
+        return Err(format!(
+            "{} line items; the limit is {MAX_ITEMS}",
+            tx.items.len()
+        ));
+    }
+    for (i, item) in tx.items.iter().enumerate() {
+        text("items.sku", &item.sku, MAX_TEXT_LEN).map_err(|e| format!("item {i}: {e}"))?;
+        if !(1..=MAX_QUANTITY).contains(&item.quantity) {
+            return Err(format!(
+                "item {i}: quantity {} is outside 1..={MAX_QUANTITY}",
+                item.quantity
+            ));
+        }
+        amount("items.unit_price_minor", item.unit_price_minor)
+            .map_err(|e| format!("item {i}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Bounded text without control characters or a card number.
+fn text(field: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!(
+            "{field} is {} bytes long; the limit is {max}",
+            value.len()
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("{field} contains control characters"));
+    }
+    if contains_pan(value) {
+        // Never echo the value: it may be a card number.
+        return Err(format!(
+            "{field} holds what looks like a full card number (PAN); only BIN + last four or \
+             a token may be sent"
+        ));
+    }
+    Ok(())
+}
+
+fn amount(field: &str, value: i64) -> Result<(), String> {
+    if (0..=MAX_AMOUNT_MINOR).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{field} {value} is outside 0..={MAX_AMOUNT_MINOR}"))
+    }
+}
+
+/// True if `s` holds a run of 13–19 digits (single spaces or dashes between digits allowed)
+/// that passes the Luhn check.
+pub(crate) fn contains_pan(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    let mut digits: Vec<u8> = Vec::with_capacity(19);
+    let mut i = 0;
+    while i <= bytes.len() {
+        let b = bytes.get(i).copied();
+        match b {
+            Some(d) if d.is_ascii_digit() => digits.push(d - b'0'),
+            // A single separator between two digits continues the run.
+            Some(b' ' | b'-')
+                if !digits.is_empty() && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => {}
+            _ => {
+                if (13..=19).contains(&digits.len()) && luhn(&digits) {
+                    return true;
+                }
+                digits.clear();
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
+fn luhn(digits: &[u8]) -> bool {
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            let d = u32::from(d);
+            if i % 2 == 1 {
+                let twice = d * 2;
+                if twice > 9 { twice - 9 } else { twice }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum % 10 == 0
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A valid approved sale.
+    pub(crate) fn sale(seq: u64, amount_minor: i64) -> pb::Transaction {
+        pb::Transaction {
+            seq,
+            txn_id: format!("txn-{seq}"),
+            timestamp_ms: 1_700_000_000_000 + seq * 1000,
+            amount_minor,
+            currency: "EUR".into(),
+            kind: pb::TransactionKind::Sale as i32,
+            status: pb::TransactionStatus::Approved as i32,
+            masked_card: "411111******1111".into(),
+            card_brand: "VISA".into(),
+            entry_mode: pb::EntryMode::Contactless as i32,
+            auth_code: "A1B2C3".into(),
+            response_code: "00".into(),
+            ..Default::default()
+        }
+    }
+
+    fn refused(tx: pb::Transaction) -> String {
+        ValidTx::try_from(tx).unwrap_err().detail
+    }
+
+    #[test]
+    fn a_normal_sale_is_valid() {
+        let mut tx = sale(1, 1250);
+        tx.items.push(pb::LineItem {
+            sku: "COFFEE".into(),
+            quantity: 2,
+            unit_price_minor: 625,
+        });
+        assert!(ValidTx::try_from(tx).is_ok());
+    }
+
+    #[test]
+    fn bad_fields_are_refused_with_their_name() {
+        type Mutate = fn(&mut pb::Transaction);
+        let cases: Vec<(Mutate, &str)> = vec![
+            (|t| t.seq = 0, "seq"),
+            (|t| t.txn_id.clear(), "txn_id"),
+            (|t| t.txn_id = "x".repeat(65), "txn_id"),
+            (|t| t.timestamp_ms = 0, "timestamp_ms"),
+            (|t| t.amount_minor = -1, "amount_minor"),
+            (|t| t.amount_minor = MAX_AMOUNT_MINOR + 1, "amount_minor"),
+            (|t| t.currency = "eur".into(), "currency"),
+            (|t| t.kind = 0, "kind"),
+            (|t| t.kind = 42, "kind"),
+            (|t| t.status = 0, "status"),
+            (|t| t.entry_mode = 9, "entry_mode"),
+            (|t| t.store_id = "a\u{1b}[2J".into(), "store_id"),
+            (|t| t.masked_card = "4111 11AB".into(), "masked_card"),
+        ];
+        for (mutate, field) in cases {
+            let mut tx = sale(1, 100);
+            mutate(&mut tx);
+            let detail = refused(tx);
+            assert!(detail.contains(field), "{field}: {detail}");
+        }
+    }
+
+    #[test]
+    fn full_card_numbers_are_refused_anywhere_without_being_echoed() {
+        for pan in [
+            "4111111111111111",
+            "4111 1111 1111 1111",
+            "4111-1111-1111-1111",
+            "ref 5555555555554444 x",
+        ] {
+            for field in ["masked_card", "operator_id", "txn_id"] {
+                let mut tx = sale(1, 100);
+                match field {
+                    "masked_card" => tx.masked_card = pan.into(),
+                    "operator_id" => tx.operator_id = pan.into(),
+                    _ => tx.txn_id = pan.into(),
+                }
+                if field == "masked_card" && pan.contains("ref") {
+                    continue; // letters are refused for another reason
+                }
+                let detail = refused(tx);
+                assert!(detail.contains("card number"), "{field} {pan}: {detail}");
+                assert!(!detail.contains("1111"), "{detail}");
+            }
+        }
+        // Not Luhn-valid, too short, too long, or masked: fine.
+        assert!(!contains_pan("4111111111111112"));
+        assert!(!contains_pan("411111111111"));
+        assert!(!contains_pan("41111111111111111111"));
+        assert!(!contains_pan("411111******1111"));
+        assert!(!contains_pan("4111  1111 1111 1111"));
+    }
+}
