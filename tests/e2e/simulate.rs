@@ -54,6 +54,8 @@ async fn a_simulated_fleet_connects_and_leaves_with_a_goodbye() {
     let api = broker.api();
     let pki = broker.pki().dir().display().to_string();
     let url = broker.mqtt_url();
+    let state = broker.scratch_dir("simulator").expect("scratch dir");
+    let state = state.display().to_string();
     let mut simulator = Process::spawn(
         "pf-agent simulate",
         &broker.bins().agent,
@@ -73,6 +75,8 @@ async fn a_simulated_fleet_connects_and_leaves_with_a_goodbye() {
             "1s",
             "--connect-rate",
             "1000",
+            "--data-dir",
+            state.as_str(),
         ],
         &broker.log_dir(),
         "simulate",

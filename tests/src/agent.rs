@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! BROKER_TMP/scratch/agent-ID/bundle/   device.crt, device.key, ca.crt
-//! BROKER_TMP/scratch/agent-ID/state/    agent.data_dir
+//! BROKER_TMP/scratch/agent-ID/state/    agent.data_dir (outbox, ...)
+//! BROKER_TMP/scratch/agent-ID/api.sock  local API for the payment application
 //! BROKER_TMP/scratch/agent-ID/agent.toml
 //! BROKER_TMP/logs/agent-ID.stderr.log
 //! ```
@@ -103,6 +104,9 @@ payment_app_version = "3.2.0"
 
 [sensors]
 provider = "{sensors}"
+
+[local_api]
+socket = "{socket}"
 "#,
             url = broker.mqtt_url(),
             keep_alive = opts.keep_alive.as_millis(),
@@ -116,6 +120,7 @@ provider = "{sensors}"
             tm = opts.telemetry_interval.as_millis(),
             model = opts.model,
             sensors = opts.sensors,
+            socket = dir.join("api.sock").display(),
         );
         std::fs::write(&config, text)
             .with_context(|| format!("cannot write {}", config.display()))?;

@@ -45,6 +45,8 @@ pub struct ConnectBench {
     pub duration: Duration,
     /// Terminals the simulator starts per second.
     pub connect_rate: u32,
+    /// Transactions per terminal per minute (0: idle terminals, heartbeats and telemetry only).
+    pub tx_rate: f64,
     /// Bound on each wait (all connected, all back).
     pub timeout: Duration,
 }
@@ -223,6 +225,8 @@ fn start_simulator(broker: &Broker, params: &ConnectBench) -> anyhow::Result<Pro
     let hb = format!("{}ms", params.heartbeat_interval.as_millis());
     let tm = format!("{}ms", params.telemetry_interval.as_millis());
     let url = broker.mqtt_url();
+    let tx_rate = params.tx_rate.to_string();
+    let data_dir = broker.scratch_dir("simulator")?.display().to_string();
     Process::spawn_with_env(
         "pf-agent simulate",
         &broker.bins().agent,
@@ -242,6 +246,10 @@ fn start_simulator(broker: &Broker, params: &ConnectBench) -> anyhow::Result<Pro
             &tm,
             "--connect-rate",
             &rate,
+            "--tx-rate",
+            &tx_rate,
+            "--data-dir",
+            &data_dir,
         ],
         &broker.log_dir(),
         "simulate",
@@ -468,8 +476,8 @@ impl fmt::Display for ConnectReport {
         let rate = |channel: &str| self.ingest.get(channel).copied().unwrap_or(0.0);
         writeln!(
             f,
-            "fleet-bench connect: {} terminals, heartbeat {:?}, telemetry {:?}, connect rate {}/s",
-            p.terminals, p.heartbeat_interval, p.telemetry_interval, p.connect_rate
+            "fleet-bench connect: {} terminals, heartbeat {:?}, telemetry {:?}, {} transactions/min each, connect rate {}/s",
+            p.terminals, p.heartbeat_interval, p.telemetry_interval, p.tx_rate, p.connect_rate
         )?;
         writeln!(f, "machine: {}", self.machine)?;
         writeln!(
@@ -557,7 +565,7 @@ impl fmt::Display for ConnectReport {
                 ),
             ),
             (
-                "uplink messages accepted by the edge, by channel".to_owned(),
+                "PUBLISH accepted by the edge (terminals and controller), by channel".to_owned(),
                 format!(
                     "{:.1} /s ({})",
                     self.edge_publishes.values().sum::<f64>(),

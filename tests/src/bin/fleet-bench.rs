@@ -46,6 +46,9 @@ enum Command {
         /// Terminals the simulator starts per second (default: effectively unthrottled).
         #[arg(long, value_name = "PER_SECOND", default_value_t = 1_000_000)]
         connect_rate: u32,
+        /// Transactions per terminal per minute (0: idle terminals).
+        #[arg(long, value_name = "PER_MINUTE", default_value_t = 0.0)]
+        tx_rate: f64,
         /// Bound on each wait (all connected, all back after the restart).
         #[arg(long, value_name = "DURATION", default_value = "180s", value_parser = parse_duration)]
         timeout: Duration,
@@ -85,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             telemetry_interval,
             duration,
             connect_rate,
+            tx_rate,
             timeout,
         } => {
             let params = ConnectBench {
@@ -93,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 telemetry_interval,
                 duration,
                 connect_rate,
+                tx_rate,
                 timeout,
             };
             let report = runtime.block_on(run_connect(&bins, params, nofile, |line| {
