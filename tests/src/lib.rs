@@ -24,6 +24,8 @@
 //! - [`host`]: the open-files limit, a process's resident memory, the machine's description.
 //! - [`localapi`]: [`LocalApiClient`], a terminal's local API (HTTP over its Unix socket) as
 //!   the payment application uses it.
+//! - [`payapp`]: [`PaymentApp`], a payment application submitting to a real terminal's local
+//!   API, retrying until answered, recording every answer.
 //! - [`proxy`]: [`Proxy`], a loopback TCP relay between terminals and the broker that a test
 //!   can sever (reset everything) or stall (relay nothing, close nothing).
 //! - [`txledger`]: what terminals accepted vs what the controller stored, and [`reconcile`].
@@ -43,6 +45,7 @@ pub mod host;
 pub mod localapi;
 pub mod mqtt;
 pub mod panscan;
+pub mod payapp;
 pub mod posctl;
 pub mod process;
 pub mod proxy;
@@ -56,6 +59,7 @@ pub use bins::Binaries;
 pub use broker::{Broker, BrokerOptions};
 pub use eventually::eventually;
 pub use localapi::LocalApiClient;
+pub use payapp::PaymentApp;
 pub use posctl::{Posctl, PosctlOutput};
 pub use process::Process;
 pub use proxy::Proxy;
