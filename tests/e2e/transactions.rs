@@ -24,7 +24,7 @@ use crate::support::{WAIT, broker, online};
 const DRAIN: Duration = Duration::from_secs(60);
 /// Transactions the store must gain after each fault before the next one: the pipeline
 /// flows again end to end.
-const PROGRESS: f64 = 40.0;
+const PROGRESS: f64 = 150.0;
 
 fn txdriver_bin() -> PathBuf {
     env!("CARGO_BIN_EXE_pf-txdriver").into()
@@ -343,23 +343,24 @@ async fn accepted_transactions_are_stored_exactly_once_through_crashes_and_cuts(
         "too little load to mean much: {result}"
     );
 
-    // No card number anywhere: data directories of the controller and the terminals, logs.
+    // No card number anywhere the run left something: the controller's data directory
+    // (transaction store, registry, PKI), the terminals' (outboxes, bundles, configs), the
+    // simulated terminals' outbox, the driver's journal, every log.
     driver.terminate().await.expect("stop the driver");
     for agent in &mut agents {
         agent.terminate().await.expect("stop the agent");
     }
     broker.terminate().await.expect("stop the broker");
-    let mut roots = vec![
-        broker.data_dir().to_owned(),
-        broker.log_dir(),
-        driver.data_dir(),
-    ];
-    roots.extend(agents.iter().map(Agent::state_dir));
-    let report = scan_for_pans(&roots, started_ms, &planted);
+    let everything = broker
+        .data_dir()
+        .parent()
+        .expect("the data dir is in the test's temp dir")
+        .to_owned();
+    let report = scan_for_pans(&[everything], started_ms, &planted);
     eprintln!("PAN scan: {report}");
     assert!(report.is_clean(), "{report}");
     assert!(
-        report.files >= 20 && report.bytes > 1 << 20,
+        report.files >= 30 && report.bytes > 1 << 20,
         "the scan saw too little: {report}"
     );
     scan_self_check(&broker, started_ms, &planted);
