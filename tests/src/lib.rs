@@ -30,6 +30,8 @@
 //!   can sever (reset everything) or stall (relay nothing, close nothing).
 //! - [`txledger`]: what terminals accepted vs what the controller stored, and [`reconcile`].
 //! - [`panscan`]: the scan of data directories and logs for card numbers.
+//! - [`txbench`]: `fleet-bench faults` (exactly-once at fleet scale under repeated faults)
+//!   and `fleet-bench ingest` (sustained durable ingest, accept → ack latency).
 //! - [`txdriver`]: `pf-txdriver`, payment applications for N simulated terminals with a
 //!   crash-proof journal, and [`TxDriver`], its process handle.
 
@@ -50,6 +52,7 @@ pub mod posctl;
 pub mod process;
 pub mod proxy;
 pub mod scrape;
+pub mod txbench;
 pub mod txdriver;
 pub mod txledger;
 
