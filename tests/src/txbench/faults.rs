@@ -305,6 +305,11 @@ impl fmt::Display for FaultsReport {
             p.terminals, p.tx_rate, p.kills, p.outage, p.progress
         )?;
         writeln!(f, "machine: {}", self.machine)?;
+        writeln!(
+            f,
+            "recovery: from the fault until the controller has stored {} more transactions",
+            p.progress
+        )?;
         writeln!(f)?;
         writeln!(f, "| measurement | value |")?;
         writeln!(f, "| --- | --- |")?;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::bail;
 use tokio::time::Instant;
 
-use super::{ms, prom_mean, prom_quantile, start_broker};
+use super::{PromQuantile, ms, prom_mean, prom_quantile, quantile_ms, start_broker};
 use crate::bench::CpuSpan;
 use crate::bins::Binaries;
 use crate::host::{Machine, cpu_seconds};
@@ -73,8 +73,8 @@ pub struct IngestReport {
     /// The terminals' shared outbox: commit rounds and writes per second.
     pub outbox_rounds: f64,
     pub outbox_writes: f64,
-    pub controller_ack_p50: Option<f64>,
-    pub controller_ack_p99: Option<f64>,
+    pub controller_ack_p50: Option<PromQuantile>,
+    pub controller_ack_p99: Option<PromQuantile>,
     pub commit_size_mean: Option<f64>,
     pub commit_seconds_mean: Option<f64>,
     pub commits: f64,
@@ -284,8 +284,8 @@ impl fmt::Display for IngestReport {
                 "controller: receive → ack published, p50 / p99".to_owned(),
                 format!(
                     "{} / {}",
-                    ms(self.controller_ack_p50),
-                    ms(self.controller_ack_p99)
+                    quantile_ms(self.controller_ack_p50),
+                    quantile_ms(self.controller_ack_p99)
                 ),
             ),
             (

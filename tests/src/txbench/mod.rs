@@ -49,9 +49,17 @@ pub(crate) async fn start_broker(bins: &Binaries, timeout: Duration) -> anyhow::
     .await
 }
 
-/// The `q` quantile (seconds) of a Prometheus histogram over what was observed between two
-/// scrapes, interpolated linearly within the bucket (`None` if nothing was observed).
-pub fn prom_quantile(before: &Scrape, after: &Scrape, name: &str, q: f64) -> Option<f64> {
+/// A quantile read from a Prometheus histogram.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PromQuantile {
+    pub seconds: f64,
+    /// It lies above the highest finite bucket; `seconds` is that bucket's bound.
+    pub beyond_top: bool,
+}
+
+/// The `q` quantile of a Prometheus histogram over what was observed between two scrapes,
+/// interpolated linearly within the bucket (`None` if nothing was observed).
+pub fn prom_quantile(before: &Scrape, after: &Scrape, name: &str, q: f64) -> Option<PromQuantile> {
     let bucket = format!("{name}_bucket");
     let earlier = before.by_label(&bucket, "le");
     let mut buckets: Vec<(f64, f64)> = after
@@ -76,14 +84,20 @@ pub fn prom_quantile(before: &Scrape, after: &Scrape, name: &str, q: f64) -> Opt
     for (bound, cumulative) in buckets {
         if cumulative >= rank {
             if bound.is_infinite() {
-                return Some(lower);
+                return Some(PromQuantile {
+                    seconds: lower,
+                    beyond_top: true,
+                });
             }
             let share = if cumulative > below {
                 (rank - below) / (cumulative - below)
             } else {
                 0.0
             };
-            return Some(lower + (bound - lower) * share);
+            return Some(PromQuantile {
+                seconds: lower + (bound - lower) * share,
+                beyond_top: false,
+            });
         }
         (lower, below) = (bound, cumulative);
     }
@@ -104,6 +118,15 @@ fn ms(seconds: Option<f64>) -> String {
     seconds.map_or_else(|| "-".to_owned(), |s| format!("{:.1} ms", s * 1e3))
 }
 
+/// `12.3 ms`, or `> 4096.0 ms` beyond the histogram's top bucket.
+fn quantile_ms(q: Option<PromQuantile>) -> String {
+    match q {
+        None => "-".to_owned(),
+        Some(q) if q.beyond_top => format!("> {:.1} ms", q.seconds * 1e3),
+        Some(q) => format!("{:.1} ms", q.seconds * 1e3),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,7 +140,12 @@ mod tests {
             "h_bucket{le=\"0.001\"} 10\nh_bucket{le=\"0.01\"} 110\nh_bucket{le=\"+Inf\"} 110\nh_sum 0.505\nh_count 110\n",
         );
         let p50 = prom_quantile(&before, &after, "h", 0.5).expect("p50");
-        assert!((p50 - 0.0055).abs() < 1e-9, "{p50}");
+        assert!(
+            (p50.seconds - 0.0055).abs() < 1e-9 && !p50.beyond_top,
+            "{p50:?}"
+        );
+        let top = prom_quantile(&Scrape::default(), &after, "h", 1.0).expect("max");
+        assert_eq!((top.seconds, top.beyond_top), (0.01, false));
         assert_eq!(prom_quantile(&after, &after, "h", 0.5), None);
         assert_eq!(prom_mean(&before, &after, "h"), Some(0.005));
     }

@@ -38,7 +38,7 @@ pub enum Entry {
         /// Device id.
         d: String,
         /// The request as submitted.
-        r: TransactionRequest,
+        r: Box<TransactionRequest>,
     },
     Accepted {
         d: String,
@@ -133,7 +133,7 @@ impl JournalReplay {
             match entry {
                 Entry::Intent { d, r } => {
                     replay.intents += 1;
-                    open.insert((d, r.txn_id.clone()), (replay.intents, r));
+                    open.insert((d, r.txn_id.clone()), (replay.intents, *r));
                 }
                 Entry::Accepted { d, t, s, .. } => {
                     replay.accepted.record(&d, &t, s);
@@ -180,7 +180,7 @@ mod tests {
                 journal
                     .write(&Entry::Intent {
                         d: "T-1".into(),
-                        r: r.clone(),
+                        r: Box::new(r.clone()),
                     })
                     .expect("intent");
                 if let Some(s) = seq {
