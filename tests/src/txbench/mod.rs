@@ -145,7 +145,10 @@ mod tests {
             "{p50:?}"
         );
         let top = prom_quantile(&Scrape::default(), &after, "h", 1.0).expect("max");
-        assert_eq!((top.seconds, top.beyond_top), (0.01, false));
+        assert!((top.seconds - 0.01).abs() < 1e-12 && !top.beyond_top, "{top:?}");
+        let open = Scrape::parse("h_bucket{le=\"0.01\"} 1\nh_bucket{le=\"+Inf\"} 2\n");
+        let beyond = prom_quantile(&Scrape::default(), &open, "h", 0.99).expect("p99");
+        assert!(beyond.beyond_top && beyond.seconds == 0.01, "{beyond:?}");
         assert_eq!(prom_quantile(&after, &after, "h", 0.5), None);
         assert_eq!(prom_mean(&before, &after, "h"), Some(0.005));
     }
