@@ -14,6 +14,8 @@
 //! - [`transaction`]: transactions as the payment application submits them: parsing of
 //!   untrusted JSON, field rules, the PAN guard, and [`TransactionIntake::accept`], the one
 //!   accept path (local API and simulator).
+//! - [`sledstore`]: the sled rules of notes/storage.md (open, durability), shared with the
+//!   controller's stores.
 //! - [`outbox`]: the durable sled outbox (the crate's only storage module), its group-commit
 //!   thread, and the per-terminal sender of transaction batches and acks (ADR 0005).
 //! - [`api`]: the local HTTP API over a Unix socket (and loopback TCP) for the payment
@@ -36,6 +38,7 @@ pub mod config;
 pub mod mqtt;
 pub mod outbox;
 pub mod simulate;
+pub mod sledstore;
 pub mod telemetry;
 pub mod tls;
 pub mod transaction;

@@ -8,10 +8,8 @@
 //! - [`edge`]: our mTLS MQTT accept loop, identity from certificates, ACL, attached to
 //!   rumqttd's router through its local link API.
 //! - [`controller`]: the controller's MQTT client and ingest (presence, heartbeat, telemetry).
-//! - [`registry`]: the sled store of devices.
+//! - [`registry`]: the sled store of devices (sled rules: `posfleet_agent::sledstore`).
 //! - [`txstore`]: the sled store of transactions (exactly once by (device, seq), group commit).
-//! - `sledstore`: the sled rules of `notes/storage.md` shared by both stores (the only other
-//!   code that touches sled).
 //! - [`api`]: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
 //! - [`events`]: the in-process live event bus feeding the stream.
 //! - [`metrics`]: Prometheus metrics shared by every subsystem.
@@ -31,6 +29,5 @@ pub mod events;
 pub mod metrics;
 pub mod posctl;
 pub mod registry;
-mod sledstore;
 pub mod txstore;
 pub mod views;

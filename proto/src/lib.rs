@@ -8,6 +8,8 @@
 //!   place that formats or parses topics.
 //! - [`device_id`]: [`DeviceId`], the validated id used at every boundary.
 //! - [`codec`]: size-checked encode/decode per channel ([`ChannelMessage`]).
+//! - [`pan`]: the PAN guard (13–19 digit Luhn-valid runs), shared by the agent's local API
+//!   and the controller's transaction validation.
 //! - `pki` (feature `pki`): certificate profiles (device, controller, broker server), the
 //!   fleet CA on disk, and reading an [`pki::Identity`] out of a certificate.
 
@@ -15,6 +17,7 @@
 
 pub mod codec;
 pub mod device_id;
+pub mod pan;
 #[cfg(feature = "pki")]
 pub mod pki;
 pub mod topic;

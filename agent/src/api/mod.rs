@@ -37,8 +37,8 @@ pub use listener::LocalApi;
 
 use crate::agent::AgentHandle;
 
-/// Default socket path (systemd `RuntimeDirectory=posfleet-agent`).
-pub const DEFAULT_SOCKET: &str = "/run/posfleet-agent/api.sock";
+/// File name of the default socket, in the agent's data directory.
+pub const DEFAULT_SOCKET_NAME: &str = "api.sock";
 /// Largest request body; larger ones get 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Longest socket path the kernel accepts (`sun_path` is 108 bytes with its NUL).

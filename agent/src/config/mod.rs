@@ -17,7 +17,7 @@ use std::time::Duration;
 pub use value::{BrokerUrl, parse_duration};
 
 use crate::agent::DeviceInfo;
-use crate::api::{DEFAULT_SOCKET, LocalApiSettings, MAX_SOCKET_PATH};
+use crate::api::{DEFAULT_SOCKET_NAME, LocalApiSettings, MAX_SOCKET_PATH};
 use crate::backoff::Backoff;
 use crate::outbox::OutboxSettings;
 use raw::{RawConfig, RawLocalApi, RawOutbox};
@@ -263,7 +263,7 @@ impl Validator<'_> {
             }
         };
 
-        let local_api = self.local_api(raw.local_api);
+        let local_api = self.local_api(raw.local_api, &data_dir);
         let outbox = self.outbox(raw.outbox);
 
         Some(Config {
@@ -286,8 +286,14 @@ impl Validator<'_> {
         })
     }
 
-    fn local_api(&mut self, raw: RawLocalApi) -> LocalApiSettings {
-        let socket = self.resolve(raw.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)));
+    /// `data_dir` is the resolved state directory: the default socket lives in it, so two
+    /// agents on one machine (benches, tests) never share a socket by accident. Production
+    /// installs set `/run/posfleet-agent/api.sock` (see the example config and systemd unit).
+    fn local_api(&mut self, raw: RawLocalApi, data_dir: &Path) -> LocalApiSettings {
+        let socket = match raw.socket {
+            Some(path) => self.resolve(path),
+            None => data_dir.join(DEFAULT_SOCKET_NAME),
+        };
         let mut api = LocalApiSettings::new(socket);
         if api.socket.as_os_str().len() > MAX_SOCKET_PATH {
             self.problem(

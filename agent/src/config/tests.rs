@@ -29,7 +29,10 @@ fn the_shipped_example_is_valid() {
     assert_eq!(cfg.heartbeat_interval, Duration::from_secs(10));
     assert_eq!(cfg.telemetry_interval, Duration::from_secs(30));
     assert!(cfg.tls.key.is_absolute());
-    assert_eq!(cfg.local_api.socket, Path::new(crate::api::DEFAULT_SOCKET));
+    assert_eq!(
+        cfg.local_api.socket,
+        Path::new("/run/posfleet-agent/api.sock")
+    );
     assert_eq!(cfg.local_api.tcp, None);
     assert_eq!(cfg.outbox, crate::outbox::OutboxSettings::default());
 }
@@ -49,7 +52,7 @@ fn minimal_file_gets_defaults_and_resolves_relative_paths() {
     assert_eq!(cfg.device, DeviceInfo::default());
     assert_eq!(
         cfg.local_api,
-        crate::api::LocalApiSettings::new(crate::api::DEFAULT_SOCKET)
+        crate::api::LocalApiSettings::new(Path::new(DEFAULT_DATA_DIR).join("api.sock"))
     );
     assert_eq!(cfg.outbox, crate::outbox::OutboxSettings::default());
 }

@@ -138,23 +138,11 @@ impl Store {
             path: dir.to_owned(),
             source: Box::new(source),
         };
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io)?;
-        }
-        remove_partial_snapshots(dir).map_err(io)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_capacity)
-            .open()
-            .map_err(|e| OutboxError::Open {
-                path: dir.to_owned(),
-                source: Box::new(e),
-            })?;
+        // Private dir, partial snapshots removed, explicit cache, lock retry (storage rules).
+        let db = crate::sledstore::open(dir, cache_capacity).map_err(|e| OutboxError::Open {
+            path: dir.to_owned(),
+            source: Box::new(e),
+        })?;
         let tree = db.open_tree(TREE)?;
         let db_file = File::open(dir.join("db")).map_err(io)?;
         Ok(Self {
@@ -278,19 +266,6 @@ pub(super) fn parse_idem(value: &[u8]) -> Option<(u64, ContentDigest)> {
 
 /// Deletes `snap.*.generating` files (notes/storage.md rule 3): a kill while sled writes a
 /// snapshot can leave a truncated one that sled would then refuse to open.
-fn remove_partial_snapshots(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("snap.") && name.ends_with(".generating") {
-            tracing::warn!(file = %name, "removing a partial sled snapshot left by a crash");
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(())
-}
-
 impl Store {
     pub(super) fn snapshot_last_seq(&self, device: &DeviceId) -> Result<u64, OutboxError> {
         Ok(self

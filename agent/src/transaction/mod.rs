@@ -16,7 +16,7 @@
 //! a place that expects a string is refused as the wrong type.
 
 pub mod intake;
-pub mod pan;
+pub use posfleet_proto::pan;
 pub mod request;
 pub mod validate;
 

@@ -55,9 +55,9 @@ pub use validate::{
     MAX_TIMESTAMP_MS, MAX_TXN_ID_LEN,
 };
 
-use crate::sledstore::{self, DurableError, OpenError};
 use cursor::CursorKey;
 use ledger::Ledger;
+use posfleet_agent::sledstore::{self, DurableError, OpenError};
 
 /// Name of the one sled tree (see `keys.rs` for its namespaces).
 const TREE: &str = "transactions";

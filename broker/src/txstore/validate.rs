@@ -6,6 +6,7 @@
 //! field may hold a full card number (PCI DSS: a 13–19 digit Luhn-valid run, digits possibly
 //! separated by single spaces or dashes).
 
+use posfleet_proto::pan::contains_pan;
 use posfleet_proto::pb;
 
 /// Longest `txn_id`, in bytes.
@@ -136,8 +137,14 @@ fn check(tx: &pb::Transaction) -> Result<(), String> {
                 item.quantity
             ));
         }
-        amount("items.unit_price_minor", item.unit_price_minor)
-            .map_err(|e| format!("item {i}: {e}"))?;
+        // Discount lines are negative; the agent accepts ±MAX_AMOUNT_MINOR, and anything the
+        // agent accepts must be storable here, or that terminal's outbox would stall.
+        if item.unit_price_minor.unsigned_abs() > MAX_AMOUNT_MINOR.unsigned_abs() {
+            return Err(format!(
+                "item {i}: items.unit_price_minor {} is outside ±{MAX_AMOUNT_MINOR}",
+                item.unit_price_minor
+            ));
+        }
     }
     Ok(())
 }
@@ -169,49 +176,6 @@ fn amount(field: &str, value: i64) -> Result<(), String> {
     } else {
         Err(format!("{field} {value} is outside 0..={MAX_AMOUNT_MINOR}"))
     }
-}
-
-/// True if `s` holds a run of 13–19 digits (single spaces or dashes between digits allowed)
-/// that passes the Luhn check.
-pub(crate) fn contains_pan(s: &str) -> bool {
-    let bytes = s.as_bytes();
-    let mut digits: Vec<u8> = Vec::with_capacity(19);
-    let mut i = 0;
-    while i <= bytes.len() {
-        let b = bytes.get(i).copied();
-        match b {
-            Some(d) if d.is_ascii_digit() => digits.push(d - b'0'),
-            // A single separator between two digits continues the run.
-            Some(b' ' | b'-')
-                if !digits.is_empty() && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => {}
-            _ => {
-                if (13..=19).contains(&digits.len()) && luhn(&digits) {
-                    return true;
-                }
-                digits.clear();
-            }
-        }
-        i += 1;
-    }
-    false
-}
-
-fn luhn(digits: &[u8]) -> bool {
-    let sum: u32 = digits
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &d)| {
-            let d = u32::from(d);
-            if i % 2 == 1 {
-                let twice = d * 2;
-                if twice > 9 { twice - 9 } else { twice }
-            } else {
-                d
-            }
-        })
-        .sum();
-    sum % 10 == 0
 }
 
 #[cfg(test)]
@@ -301,11 +265,63 @@ pub(crate) mod tests {
                 assert!(!detail.contains("1111"), "{detail}");
             }
         }
-        // Not Luhn-valid, too short, too long, or masked: fine.
-        assert!(!contains_pan("4111111111111112"));
-        assert!(!contains_pan("411111111111"));
-        assert!(!contains_pan("41111111111111111111"));
+        // The guard itself is tested in posfleet_proto::pan; masked cards pass it.
         assert!(!contains_pan("411111******1111"));
-        assert!(!contains_pan("4111  1111 1111 1111"));
+    }
+
+    /// Whatever the agent's local API accepts, the controller must store: a record refused
+    /// here would stall that terminal's outbox for good. Every agent limit at its extreme.
+    #[test]
+    fn everything_the_agent_accepts_is_storable() {
+        use posfleet_agent::transaction::validate::{
+            MAX_AMOUNT_MINOR as AGENT_MAX_AMOUNT, MAX_ITEMS as AGENT_MAX_ITEMS,
+            MAX_QUANTITY as AGENT_MAX_QUANTITY, MAX_TIMESTAMP_MS as AGENT_MAX_TS,
+            MIN_TIMESTAMP_MS as AGENT_MIN_TS,
+        };
+        use posfleet_agent::transaction::{
+            EntryMode, Kind, LineItemRequest, Status, TransactionRequest,
+        };
+
+        let id64 = "A._:/-".repeat(11)[..64].to_owned();
+        let printable: String = (0x20u8..0x7f).map(char::from).collect();
+        let extremes = |timestamp_ms, amount_minor, unit_price_minor| TransactionRequest {
+            txn_id: id64.clone(),
+            timestamp_ms,
+            amount_minor,
+            currency: "EUR".into(),
+            kind: Kind::Refund,
+            status: Status::Error,
+            masked_card: Some("12345678*******1234".to_owned()),
+            card_token: Some("aZ09._:+/=-".repeat(12)[..128].to_owned()),
+            card_brand: Some("Visa Electron_-".repeat(3)[..32].to_owned()),
+            entry_mode: Some(EntryMode::Wallet),
+            auth_code: Some("A".repeat(12)),
+            response_code: Some("9".repeat(8)),
+            merchant_id: id64.clone(),
+            store_id: Some(id64.clone()),
+            operator_id: Some(id64.clone()),
+            items: (0..AGENT_MAX_ITEMS)
+                .map(|i| LineItemRequest {
+                    sku: printable[i % 32..i % 32 + 64].to_owned(),
+                    quantity: AGENT_MAX_QUANTITY,
+                    unit_price_minor,
+                })
+                .collect(),
+        };
+        for request in [
+            extremes(AGENT_MIN_TS, 0, -AGENT_MAX_AMOUNT),
+            extremes(AGENT_MAX_TS, AGENT_MAX_AMOUNT, AGENT_MAX_AMOUNT),
+        ] {
+            let valid = request
+                .validate()
+                .expect("the agent accepts its own extremes");
+            let wire = valid.sequenced(u64::MAX);
+            if let Err(e) = ValidTx::try_from(wire) {
+                panic!(
+                    "the controller refuses what the agent accepted: {}",
+                    e.detail
+                );
+            }
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! The sled rules of `notes/storage.md`, shared by the crate's two stores (`registry`,
-//! `txstore`): open with partial snapshots removed and an explicit page cache, and make a
+//! The sled rules of `notes/storage.md`, shared by every sled store of the project (the
+//! agent's outbox; the controller's `registry` and `txstore`): open with partial snapshots removed and an explicit page cache, and make a
 //! commit durable with `flush` plus an fsync of the `db` file. Every function here blocks.
 
 use std::fs;
@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 /// Why a sled directory could not be opened.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum OpenError {
+pub enum OpenError {
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -37,7 +37,7 @@ const LOCK_RETRY: Duration = Duration::from_millis(20);
 /// sled's background threads keep the database's file lock for a moment after the last
 /// `Db` handle is dropped, so a reopen right after a close (a restart within the process)
 /// waits up to [`LOCK_WAIT`] for it. A lock held by another process fails after that wait.
-pub(crate) fn open(dir: &Path, cache_capacity: u64) -> Result<sled::Db, OpenError> {
+pub fn open(dir: &Path, cache_capacity: u64) -> Result<sled::Db, OpenError> {
     create_private_dir(dir)?;
     remove_partial_snapshots(dir)?;
     let started = Instant::now();
@@ -71,7 +71,7 @@ fn is_lock_busy(e: &sled::Error) -> bool {
 /// Makes everything applied to the database in `dir` durable: `flush` (which on Linux uses
 /// `sync_file_range`: survives a process kill, not a power cut, sled issue 1452), then an
 /// fsync of the `db` file through a second handle (storage rule 2).
-pub(crate) fn make_durable(db: &sled::Tree, dir: &Path) -> Result<(), DurableError> {
+pub fn make_durable(db: &sled::Tree, dir: &Path) -> Result<(), DurableError> {
     db.flush().map_err(DurableError::Flush)?;
     let db_file = dir.join("db");
     fs::File::open(&db_file)
@@ -84,7 +84,7 @@ pub(crate) fn make_durable(db: &sled::Tree, dir: &Path) -> Result<(), DurableErr
 
 /// Why a commit could not be made durable.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum DurableError {
+pub enum DurableError {
     #[error("sled flush failed: {0}")]
     Flush(#[source] sled::Error),
     #[error("fsync of {path} failed: {source}")]
