@@ -13,6 +13,9 @@
 //!   goodbye (`shutdown`), a restarted one comes back; the broker survives SIGTERM and SIGKILL
 //!   with its registry, and terminals reconnect by themselves.
 //! - `simulate`: `demo` mode and the `simulate` fleet (the benchmark's load generator).
+//! - `transactions`: what a terminal's local API accepted is stored exactly once through
+//!   kill -9 of controller, agents and simulated terminals, network cuts and stalls; repeats,
+//!   conflicts, the status endpoint; no card number in any data directory or log.
 //! - `bad_input`: every kind of bad client is refused, counted in `/metrics`, changes nothing,
 //!   and does not disturb a well-behaved terminal; idle sockets do not delay a real terminal.
 
@@ -21,3 +24,4 @@ mod fleet;
 mod lifecycle;
 mod simulate;
 mod support;
+mod transactions;

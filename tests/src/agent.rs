@@ -18,6 +18,7 @@ use posfleet_proto::DeviceId;
 
 use crate::bins::Binaries;
 use crate::broker::Broker;
+use crate::localapi::LocalApiClient;
 use crate::process::{Process, TAIL_LINES};
 
 /// How the agent runs. The defaults are fast for tests: 1 s heartbeats and telemetry,
@@ -58,6 +59,8 @@ impl Default for AgentOptions {
 pub struct Agent {
     /// The device id its certificate proves.
     id: DeviceId,
+    /// `BROKER_TMP/scratch/agent-ID`: bundle, state, socket, config.
+    dir: PathBuf,
     bins: Binaries,
     /// `agent.toml`, reused by [`Agent::restart`].
     config: PathBuf,
@@ -72,6 +75,19 @@ impl Agent {
     /// Issues a bundle for `id` from the broker's CA, writes the config and starts
     /// `pf-agent run`. Returns at once; wait for the device through the API.
     pub fn start(broker: &Broker, id: &str, opts: &AgentOptions) -> anyhow::Result<Self> {
+        Self::start_with(broker, id, opts, &broker.mqtt_url(), "")
+    }
+
+    /// [`Agent::start`], connecting to `url` instead of the broker's address (a proxy in
+    /// front of it), with `extra_config` (more TOML, e.g. an `[outbox]` table) appended to
+    /// the config file.
+    pub fn start_with(
+        broker: &Broker,
+        id: &str,
+        opts: &AgentOptions,
+        url: &str,
+        extra_config: &str,
+    ) -> anyhow::Result<Self> {
         let id = DeviceId::new(id).with_context(|| format!("invalid device id {id:?}"))?;
         let dir = broker.scratch_dir(&format!("agent-{id}"))?;
         let pki = broker.pki();
@@ -107,8 +123,7 @@ provider = "{sensors}"
 
 [local_api]
 socket = "{socket}"
-"#,
-            url = broker.mqtt_url(),
+{extra_config}"#,
             keep_alive = opts.keep_alive.as_millis(),
             backoff_initial = opts.backoff_initial.as_millis(),
             backoff_max = opts.backoff_max.as_millis(),
@@ -126,6 +141,7 @@ socket = "{socket}"
             .with_context(|| format!("cannot write {}", config.display()))?;
         let mut agent = Self {
             id,
+            dir,
             bins: broker.bins().clone(),
             config,
             log_dir: broker.log_dir(),
@@ -138,6 +154,16 @@ socket = "{socket}"
 
     pub fn id(&self) -> &str {
         self.id.as_str()
+    }
+
+    /// The agent's state directory (`agent.data_dir`: outbox, ...).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// A client of its local API (the payment application's view).
+    pub fn local_api(&self) -> LocalApiClient {
+        LocalApiClient::new(self.dir.join("api.sock"))
     }
 
     /// Starts the agent again with the same identity and config (after a stop).

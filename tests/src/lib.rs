@@ -22,6 +22,18 @@
 //! - [`eventually`]: [`eventually()`], the timed assertion every wait goes through.
 //! - [`bench`]: the `fleet-bench connect` scenario and its report.
 //! - [`host`]: the open-files limit, a process's resident memory, the machine's description.
+//! - [`localapi`]: [`LocalApiClient`], a terminal's local API (HTTP over its Unix socket) as
+//!   the payment application uses it.
+//! - [`payapp`]: [`PaymentApp`], a payment application submitting to a real terminal's local
+//!   API, retrying until answered, recording every answer.
+//! - [`proxy`]: [`Proxy`], a loopback TCP relay between terminals and the broker that a test
+//!   can sever (reset everything) or stall (relay nothing, close nothing).
+//! - [`txledger`]: what terminals accepted vs what the controller stored, and [`reconcile`].
+//! - [`panscan`]: the scan of data directories and logs for card numbers.
+//! - [`txbench`]: `fleet-bench faults` (exactly-once at fleet scale under repeated faults)
+//!   and `fleet-bench ingest` (sustained durable ingest, accept → ack latency).
+//! - [`txdriver`]: `pf-txdriver`, payment applications for N simulated terminals with a
+//!   crash-proof journal, and [`TxDriver`], its process handle.
 
 #![forbid(unsafe_code)]
 
@@ -32,16 +44,28 @@ pub mod bins;
 pub mod broker;
 pub mod eventually;
 pub mod host;
+pub mod localapi;
 pub mod mqtt;
+pub mod panscan;
+pub mod payapp;
 pub mod posctl;
 pub mod process;
+pub mod proxy;
 pub mod scrape;
+pub mod txbench;
+pub mod txdriver;
+pub mod txledger;
 
 pub use agent::{Agent, AgentOptions};
 pub use api::Api;
 pub use bins::Binaries;
 pub use broker::{Broker, BrokerOptions};
 pub use eventually::eventually;
+pub use localapi::LocalApiClient;
+pub use payapp::PaymentApp;
 pub use posctl::{Posctl, PosctlOutput};
 pub use process::Process;
+pub use proxy::Proxy;
 pub use scrape::Scrape;
+pub use txdriver::{TxDriver, TxDriverOptions};
+pub use txledger::{AcceptedLedger, StoredLedger, reconcile};

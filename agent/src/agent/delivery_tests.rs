@@ -274,3 +274,44 @@ async fn heartbeats_report_the_outbox_depth() {
     tracker.close();
     tokio::time::timeout(WAIT, tracker.wait()).await.unwrap();
 }
+
+/// The first transaction of a terminal whose outbox was empty at start is sent even when it is
+/// committed while the sender is still reading the outbox. The interleaving is forced: one
+/// blocking thread, so a marker task queued after the sender's read runs once the read is
+/// done; meanwhile the runtime's only thread is held, so the sender cannot resume before the
+/// transaction is committed (from another thread).
+#[test]
+fn a_transaction_committed_while_the_sender_starts_is_sent() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let pki = TestPki::new();
+        let mut broker = FakeBroker::start(&pki).await;
+        let tmp = tempfile::tempdir().unwrap();
+        let outbox = open(tmp.path(), HOUR).await;
+        let a = Running::start(&pki, &broker, &outbox);
+        // Every agent task runs up to its first wait: the sender has queued its outbox read.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let (done, read_finished) = std::sync::mpsc::channel();
+        drop(tokio::task::spawn_blocking(move || done.send(()).unwrap()));
+        read_finished.recv_timeout(WAIT).unwrap();
+        let intake = a.handle.intake().clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(intake.accept(sale("race-1", 100)))
+                .unwrap()
+        })
+        .join()
+        .unwrap();
+        let sent = tokio::time::timeout(WAIT, collect(&mut broker, 1)).await;
+        assert_eq!(sent.expect("seq 1 is published"), ids("race-", 1));
+        a.stop().await;
+    });
+}

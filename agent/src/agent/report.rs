@@ -1,5 +1,6 @@
 //! The messages a terminal reports about itself: Presence, ReportedState, Heartbeat, Telemetry.
 
+use posfleet_proto::pan::contains_pan;
 use posfleet_proto::{now_ms, pb};
 use tokio::time::Instant;
 
@@ -24,11 +25,29 @@ pub(crate) struct Reporter {
     heartbeat_interval_s: u32,
 }
 
+/// How a boot id is written in logs: 16 hex digits, as `posctl devices show` shows it.
+pub(crate) fn boot_id_text(boot_id: u64) -> String {
+    format!("{boot_id:016x}")
+}
+
+/// A random boot id (never 0) whose [`boot_id_text`] holds no run the PAN guard would take for
+/// a card number. Written in decimal, 96% of random u64s hold a 13–19-digit Luhn-valid run and
+/// in hex 0.1% do: a log scanner (ours, or a PCI DLP tool) would report the agent's start line
+/// as card data.
+fn new_boot_id() -> u64 {
+    loop {
+        let id = rand::random::<u64>().max(1);
+        if !contains_pan(&boot_id_text(id)) {
+            return id;
+        }
+    }
+}
+
 impl Reporter {
     pub(crate) fn new(device: DeviceInfo, heartbeat_interval_s: u32) -> Self {
         Self {
             device,
-            boot_id: rand::random::<u64>().max(1),
+            boot_id: new_boot_id(),
             started: Instant::now(),
             heartbeat_interval_s,
         }
@@ -169,5 +188,15 @@ mod tests {
             r.boot_id(),
             "each agent draws its own boot id"
         );
+    }
+
+    #[test]
+    fn boot_ids_as_logged_never_look_like_card_numbers() {
+        assert_eq!(boot_id_text(0xabc), "0000000000000abc");
+        // One random id in a thousand would; twenty thousand draws see about twenty.
+        for _ in 0..20_000 {
+            let id = new_boot_id();
+            assert!(id != 0 && !contains_pan(&boot_id_text(id)), "{id:016x}");
+        }
     }
 }

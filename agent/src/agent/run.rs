@@ -123,7 +123,11 @@ impl Runtime {
     }
 
     async fn run_inner(mut self, mut online: watch::Receiver<u64>, cancel: CancellationToken) {
-        info!(boot_id = self.reporter.boot_id(), broker = %self.settings.broker, "agent starting");
+        info!(
+            boot_id = %report::boot_id_text(self.reporter.boot_id()),
+            broker = %self.settings.broker,
+            "agent starting"
+        );
         // The first heartbeat and sample are due one period after start, by when the first
         // connection is normally up (a sample due before it would count as dropped).
         let start = Instant::now();

@@ -195,9 +195,13 @@ impl Sender {
     }
 
     async fn run_inner(mut self, cancel: CancellationToken) {
+        // The committed seq is read *before* the outbox: were it read after finding the outbox
+        // empty, a transaction committed in between would count as acknowledged and never be
+        // sent (and, the controller never getting that seq, no later one would be acked).
+        let committed = *self.committed.borrow();
         match self.outbox.first_pending().await {
             Ok(Some(first)) => self.acked = first - 1,
-            Ok(None) => self.acked = *self.committed.borrow(),
+            Ok(None) => self.acked = committed,
             Err(error) => warn!(%error, "cannot read the outbox; sending from seq 1"),
         }
         self.next = self.acked + 1;

@@ -15,6 +15,9 @@ use posfleet_agent::config::parse_duration;
 use posfleet_tests::Binaries;
 use posfleet_tests::bench::{ConnectBench, run_connect};
 use posfleet_tests::host::raise_nofile_limit;
+use posfleet_tests::txbench::driver_beside_current_exe;
+use posfleet_tests::txbench::faults::{FaultsBench, run_faults};
+use posfleet_tests::txbench::ingest::{IngestBench, run_ingest};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +56,17 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "180s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// N simulated terminals submitting transactions while the broker and the terminals are
+    /// SIGKILLed and the link is cut again and again; then accepted vs stored vs duplicates vs
+    /// missing.
+    Faults(FaultsBench),
+    /// Sustained durable transaction ingest: accepted, stored and acknowledged per second,
+    /// accept → ack latency.
+    Ingest(IngestBench),
+}
+
+fn progress(line: &str) {
+    eprintln!("[fleet-bench] {line}");
 }
 
 fn main() -> ExitCode {
@@ -103,6 +117,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = runtime.block_on(run_connect(&bins, params, nofile, |line| {
                 eprintln!("[fleet-bench] {line}");
             }))?;
+            println!("{report}");
+        }
+        Command::Faults(params) => {
+            let driver = driver_beside_current_exe()?;
+            let report = runtime.block_on(run_faults(&bins, &driver, params, progress))?;
+            println!("{report}");
+            if !report.result.is_exact() {
+                anyhow::bail!("the store does not hold exactly what was accepted");
+            }
+        }
+        Command::Ingest(params) => {
+            let driver = driver_beside_current_exe()?;
+            let report = runtime.block_on(run_ingest(&bins, &driver, params, progress))?;
             println!("{report}");
         }
     }
