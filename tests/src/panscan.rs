@@ -411,7 +411,7 @@ mod tests {
         let mut binary = vec![0xff, 0x00, 0x9c, 0x12];
         binary.extend_from_slice(pan.as_bytes());
         binary.extend_from_slice(&[0x80, 0xfe, 0x01]);
-        let report = scan(&binary, &[pan.clone()]);
+        let report = scan(&binary, std::slice::from_ref(&pan));
         assert_eq!(report.findings.len(), 1, "{report}");
         assert_eq!(report.findings[0].offset, 4);
         assert_eq!(report.exact_hits.len(), 1);

@@ -30,7 +30,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::txledger::AcceptedLedger;
 
-/// One journal line.
+/// One journal line. Lines are built, written and dropped one at a time, so the size
+/// difference between variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "k", rename_all = "snake_case")]
 pub enum Entry {
