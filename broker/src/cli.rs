@@ -172,12 +172,14 @@ async fn demo(
         println!();
         println!("Try, in another terminal:");
         let dd = shell_path(&args.data_dir);
-        println!("  cargo run -q -p posfleet-broker --bin posctl -- --data-dir {dd} devices list");
         println!(
-            "  cargo run -q -p posfleet-broker --bin posctl -- --data-dir {dd} devices show {first}"
+            "  cargo run --release -q -p posfleet-broker --bin posctl -- --data-dir {dd} devices list"
         );
         println!(
-            "  cargo run -q -p posfleet-broker --bin posctl -- --data-dir {dd} watch --device {first}"
+            "  cargo run --release -q -p posfleet-broker --bin posctl -- --data-dir {dd} devices show {first}"
+        );
+        println!(
+            "  cargo run --release -q -p posfleet-broker --bin posctl -- --data-dir {dd} watch --device {first}"
         );
         println!();
         println!("Press Ctrl-C to stop.");

@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use posfleet_proto::DeviceId;
 use tokio::task::JoinHandle;
-use tokio::time::{MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::sweeper::Clock;
+use super::sweeper::{Clock, spawn_every};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::txstore::TxStore;
@@ -123,17 +122,8 @@ impl GapWatch {
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> JoinHandle<()> {
-        tracker.spawn(async move {
-            let mut tick = interval(every);
-            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = cancel.cancelled() => break,
-                    _ = tick.tick() => {
-                        self.check(clock());
-                    }
-                }
-            }
+        spawn_every(every, tracker, cancel, move || {
+            self.check(clock());
         })
     }
 }

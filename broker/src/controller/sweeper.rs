@@ -28,18 +28,29 @@ pub(crate) fn spawn_sweeper(
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> JoinHandle<()> {
+    spawn_every(every, tracker, cancel, move || {
+        let swept = ingest.sweep(clock());
+        if swept > 0 {
+            debug!(swept, "devices marked offline for missed heartbeats");
+        }
+    })
+}
+
+/// Runs `work` every `every` (late ticks delayed, never bunched) until `cancel`: the one
+/// periodic loop of the controller (liveness sweep, sequence-gap watch).
+pub(crate) fn spawn_every(
+    every: Duration,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+    mut work: impl FnMut() + Send + 'static,
+) -> JoinHandle<()> {
     tracker.spawn(async move {
         let mut tick = interval(every);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
-                _ = tick.tick() => {
-                    let swept = ingest.sweep(clock());
-                    if swept > 0 {
-                        debug!(swept, "devices marked offline for missed heartbeats");
-                    }
-                }
+                _ = tick.tick() => work(),
             }
         }
     })

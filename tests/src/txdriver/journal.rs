@@ -30,7 +30,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::txledger::AcceptedLedger;
 
-/// One journal line.
+/// One journal line. Lines are built, written and dropped one at a time, so the size
+/// difference between variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "k", rename_all = "snake_case")]
 pub enum Entry {
@@ -38,7 +40,7 @@ pub enum Entry {
         /// Device id.
         d: String,
         /// The request as submitted.
-        r: Box<TransactionRequest>,
+        r: TransactionRequest,
     },
     Accepted {
         d: String,
@@ -133,7 +135,7 @@ impl JournalReplay {
             match entry {
                 Entry::Intent { d, r } => {
                     replay.intents += 1;
-                    open.insert((d, r.txn_id.clone()), (replay.intents, *r));
+                    open.insert((d, r.txn_id.clone()), (replay.intents, r));
                 }
                 Entry::Accepted { d, t, s, .. } => {
                     replay.accepted.record(&d, &t, s);
@@ -180,7 +182,7 @@ mod tests {
                 journal
                     .write(&Entry::Intent {
                         d: "T-1".into(),
-                        r: Box::new(r.clone()),
+                        r: r.clone(),
                     })
                     .expect("intent");
                 if let Some(s) = seq {

@@ -294,7 +294,7 @@ async fn submit(
             shared,
             &Entry::Intent {
                 d: device.clone(),
-                r: Box::new(request.clone()),
+                r: request.clone(),
             },
         );
     }
