@@ -327,7 +327,7 @@ impl fmt::Display for FaultsReport {
                 let max = times.iter().copied().fold(0.0, f64::max);
                 let mean = times.iter().sum::<f64>() / times.len() as f64;
                 format!(
-                    "{} × , recovery mean {mean:.1} s, max {max:.1} s",
+                    "{} ×, recovery mean {mean:.1} s, max {max:.1} s",
                     times.len()
                 )
             }
@@ -343,7 +343,7 @@ impl fmt::Display for FaultsReport {
                 recovery(Fault::BrokerKill),
             ),
             (
-                format!("{}", Fault::LinkSevered),
+                format!("{} for {:?}", Fault::LinkSevered, p.outage),
                 recovery(Fault::LinkSevered),
             ),
             (
@@ -351,7 +351,7 @@ impl fmt::Display for FaultsReport {
                 recovery(Fault::TerminalsKill),
             ),
             (
-                format!("{}", Fault::LinkStalled),
+                format!("{} for {:?}", Fault::LinkStalled, p.outage),
                 recovery(Fault::LinkStalled),
             ),
             (
