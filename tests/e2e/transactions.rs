@@ -324,8 +324,9 @@ async fn accepted_transactions_are_stored_exactly_once_through_crashes_and_cuts(
         .expect("read the store back");
     let result = reconcile(&accepted, &stored);
     eprintln!(
-        "transactions: {result}payment apps: {app_stats:?}\ndriver: accepted {} repeats {} \
-         in doubt after kill -9: {} stored before, {} not; torn journal lines {}",
+        "transactions: {result}payment apps: {app_stats:?}\nlast driver process: accepted {} \
+         repeats {}, in doubt after its predecessor's kill -9: {} stored before, {} not; \
+         torn journal lines {}",
         status.accepted_new,
         status.repeats,
         status.resolved_stored,
