@@ -145,7 +145,10 @@ mod tests {
             "{p50:?}"
         );
         let top = prom_quantile(&Scrape::default(), &after, "h", 1.0).expect("max");
-        assert!((top.seconds - 0.01).abs() < 1e-12 && !top.beyond_top, "{top:?}");
+        assert!(
+            (top.seconds - 0.01).abs() < 1e-12 && !top.beyond_top,
+            "{top:?}"
+        );
         let open = Scrape::parse("h_bucket{le=\"0.01\"} 1\nh_bucket{le=\"+Inf\"} 2\n");
         let beyond = prom_quantile(&Scrape::default(), &open, "h", 0.99).expect("p99");
         assert!(beyond.beyond_top && beyond.seconds == 0.01, "{beyond:?}");
