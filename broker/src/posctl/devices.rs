@@ -35,6 +35,23 @@ pub(crate) async fn list(
     }
 }
 
+/// GETs a resource of one device, turning the API's "no such device" into a hint.
+pub(crate) async fn get_device_json(
+    api: &ApiClient,
+    url: Url,
+    id: &DeviceId,
+) -> anyhow::Result<Value> {
+    match api.get_json(url).await {
+        Ok(value) => Ok(value),
+        // A 404 with an API error body is the API saying "no such device"; without one it is
+        // more likely the wrong server, which the generic message covers.
+        Err(ApiError::NotFound { body: Some(_), .. }) => Err(anyhow!(
+            "no device {id}; `posctl devices list` shows known devices"
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub(crate) async fn show(
     api: &ApiClient,
     id: &DeviceId,
@@ -42,17 +59,7 @@ pub(crate) async fn show(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let url = api.url(&["api", "v1", "devices", id.as_str()]);
-    let value = match api.get_json(url.clone()).await {
-        Ok(value) => value,
-        // A 404 with an API error body is the API saying "no such device"; without one it is
-        // more likely the wrong server, which the generic message covers.
-        Err(ApiError::NotFound { body: Some(_), .. }) => {
-            return Err(anyhow!(
-                "no device {id}; `posctl devices list` shows known devices"
-            ));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let value = get_device_json(api, url.clone(), id).await?;
     match format {
         OutputFormat::Json => print_json(out, &value),
         OutputFormat::Table => {

@@ -3,11 +3,10 @@
 use std::fmt::Write as _;
 use std::io::Write;
 
-use anyhow::anyhow;
 use posfleet_proto::{DeviceId, now_ms};
 
-use super::client::{ApiClient, ApiError};
-use super::devices::{print_json, typed};
+use super::client::ApiClient;
+use super::devices::{get_device_json, print_json, typed};
 use super::output::{Table, datetime, money, or_dash, printable, relative};
 use super::{OutputFormat, TxListArgs};
 use crate::views::{TransactionPage, TransactionSummary};
@@ -63,15 +62,7 @@ pub(crate) async fn summary(
         "transactions",
         "summary",
     ]);
-    let value = match api.get_json(url.clone()).await {
-        Ok(value) => value,
-        Err(ApiError::NotFound { body: Some(_), .. }) => {
-            return Err(anyhow!(
-                "no device {id}; `posctl devices list` shows known devices"
-            ));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let value = get_device_json(api, url.clone(), id).await?;
     match format {
         OutputFormat::Json => print_json(out, &value),
         OutputFormat::Table => {
