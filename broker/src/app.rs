@@ -48,6 +48,20 @@ pub struct ServeOptions {
     pub external_broker: Option<BrokerUrl>,
 }
 
+#[cfg(test)]
+impl ServeOptions {
+    /// Loopback listeners on port 0, embedded edge: what tests start.
+    pub(crate) fn loopback(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            mqtt_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            hosts: vec![],
+            external_broker: None,
+        }
+    }
+}
+
 /// Why the controller process could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -259,13 +273,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn first_start_creates_pki_token_and_client_file_then_reuses_them() {
         let tmp = tempfile::tempdir().unwrap();
-        let opts = ServeOptions {
-            data_dir: tmp.path().join("data"),
-            mqtt_listen: "127.0.0.1:0".parse().unwrap(),
-            api_listen: "127.0.0.1:0".parse().unwrap(),
-            hosts: vec![],
-            external_broker: None,
-        };
+        let opts = ServeOptions::loopback(tmp.path().join("data"));
         for first in [true, false] {
             let tracker = TaskTracker::new();
             let cancel = CancellationToken::new();
@@ -315,11 +323,8 @@ mod tests {
             port: external_addr.port(),
         };
         let opts = ServeOptions {
-            data_dir: data.root().to_owned(),
-            mqtt_listen: "127.0.0.1:0".parse().unwrap(),
-            api_listen: "127.0.0.1:0".parse().unwrap(),
-            hosts: vec![],
             external_broker: Some(broker.clone()),
+            ..ServeOptions::loopback(data.root().to_owned())
         };
         let running = start(&opts, &tracker, cancel.child_token()).await.unwrap();
         assert!(running.edge.is_none());

@@ -17,13 +17,7 @@ use crate::txstore::test_sale;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminal_gets_its_ack_over_mqtt_after_the_commit() {
     let tmp = tempfile::tempdir().unwrap();
-    let opts = ServeOptions {
-        data_dir: tmp.path().join("data"),
-        mqtt_listen: "127.0.0.1:0".parse().unwrap(),
-        api_listen: "127.0.0.1:0".parse().unwrap(),
-        hosts: vec![],
-        external_broker: None,
-    };
+    let opts = ServeOptions::loopback(tmp.path().join("data"));
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let running = start(&opts, &tracker, cancel.clone()).await.unwrap();
