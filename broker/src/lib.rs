@@ -11,6 +11,7 @@
 //! - [`registry`]: the sled store of devices (sled rules: `posfleet_agent::sledstore`).
 //! - [`txstore`]: the sled store of transactions (exactly once by (device, seq), group commit).
 //! - [`api`]: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
+//! - [`fleetconfig`]: layered, versioned configuration (fleet → group → device).
 //! - [`events`]: the in-process live event bus feeding the stream.
 //! - [`metrics`]: Prometheus metrics shared by every subsystem.
 //! - [`datadir`]: the data directory layout shared by `serve` and `posctl`.
@@ -26,6 +27,7 @@ pub mod controller;
 pub mod datadir;
 pub mod edge;
 pub mod events;
+pub mod fleetconfig;
 pub mod metrics;
 pub mod posctl;
 pub mod registry;

@@ -29,6 +29,7 @@ channel_messages! {
     CommandResult => CommandResult,
     ReportedState => ReportedState,
     Presence => Presence,
+    LogChunk => LogChunk,
     SignedCommand => Command,
     TransactionAck => TransactionAck,
 }

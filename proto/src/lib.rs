@@ -10,6 +10,8 @@
 //! - [`codec`]: size-checked encode/decode per channel ([`ChannelMessage`]).
 //! - [`pan`]: the PAN guard (13–19 digit Luhn-valid runs), shared by the agent's local API
 //!   and the controller's transaction validation.
+//! - [`signing`]: Ed25519 command signatures: the controller's [`signing::CommandKey`], the
+//!   agent's [`signing::KeyRing`] and the reasons a command is refused.
 //! - `pki` (feature `pki`): certificate profiles (device, controller, broker server), the
 //!   fleet CA on disk, and reading an [`pki::Identity`] out of a certificate.
 
@@ -20,6 +22,7 @@ pub mod device_id;
 pub mod pan;
 #[cfg(feature = "pki")]
 pub mod pki;
+pub mod signing;
 pub mod topic;
 
 /// Generated protobuf types of package `posfleet.v1`.
@@ -30,7 +33,9 @@ pub mod pb {
 
 pub use codec::{ChannelMessage, CodecError, decode, encode};
 pub use device_id::{DeviceId, DeviceIdError};
-pub use topic::{Channel, Direction, Filter, MAX_PACKET_SIZE, Topic, TopicError};
+pub use topic::{
+    Channel, Direction, Filter, LOG_CHUNK_MAX_DATA, MAX_PACKET_SIZE, Topic, TopicError,
+};
 
 /// Milliseconds since the Unix epoch from the system clock (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {

@@ -66,12 +66,13 @@ pub enum Channel {
     CommandResult,
     ReportedState,
     Presence,
+    LogChunk,
     Command,
     TransactionAck,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 9] = [
+    pub const ALL: [Channel; 10] = [
         Channel::Heartbeat,
         Channel::Telemetry,
         Channel::Transactions,
@@ -79,6 +80,7 @@ impl Channel {
         Channel::CommandResult,
         Channel::ReportedState,
         Channel::Presence,
+        Channel::LogChunk,
         Channel::Command,
         Channel::TransactionAck,
     ];
@@ -100,6 +102,7 @@ impl Channel {
             Channel::CommandResult => "res",
             Channel::ReportedState => "st",
             Channel::Presence => "presence",
+            Channel::LogChunk => "log",
             Channel::Command => "cmd",
             Channel::TransactionAck => "txack",
         }
@@ -113,6 +116,7 @@ impl Channel {
             Channel::Telemetry => 4 * 1024,
             Channel::Event | Channel::ReportedState => 16 * 1024,
             Channel::CommandResult | Channel::TransactionAck => 64 * 1024,
+            Channel::LogChunk => LOG_CHUNK_MAX_DATA + 1024,
             Channel::Transactions | Channel::Command => 256 * 1024,
         }
     }
@@ -123,6 +127,9 @@ impl Channel {
             .find(|c| c.direction() == direction && c.name() == name)
     }
 }
+
+/// Most log bytes in one [`Channel::LogChunk`] message.
+pub const LOG_CHUNK_MAX_DATA: usize = 64 * 1024;
 
 /// Largest MQTT packet either side needs: the largest payload plus room for the topic and
 /// headers. Clients and the edge use it as their packet size limit.

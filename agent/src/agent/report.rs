@@ -101,6 +101,7 @@ impl Reporter {
             versions: Some(self.versions()),
             model: self.device.model.clone(),
             serial: self.device.serial.clone(),
+            lock_generation: 0,
         }
     }
 
@@ -114,6 +115,9 @@ impl Reporter {
             versions: Some(self.versions()),
             outbox_depth,
             boot_id: self.boot_id,
+            config_version: 0,
+            locked: false,
+            lock_generation: 0,
         }
     }
 }

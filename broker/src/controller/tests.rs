@@ -114,6 +114,7 @@ fn heartbeat(seq: u64, interval_s: u32) -> Vec<u8> {
         versions: None,
         outbox_depth: 2,
         boot_id: 42,
+        ..Default::default()
     })
     .unwrap()
 }

@@ -5,8 +5,10 @@
 //! DIR/ca.key          fleet CA key (0600)
 //! DIR/server.crt/.key broker server certificate (0600 key)
 //! DIR/controller.crt/.key  controller client certificate (0600 key)
+//! DIR/command.key     controller command-signing key, Ed25519 PKCS#8 (0600)
+//! DIR/command.pub     its public key (SPKI PEM), pinned by every agent
 //!
-//! OUT/device.crt, OUT/device.key (0600), OUT/ca.crt   a device bundle
+//! OUT/device.crt, OUT/device.key (0600), OUT/ca.crt, OUT/command.pub   a device bundle
 //! ```
 
 use std::fs;
@@ -35,6 +37,8 @@ pub struct DeviceBundle {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
+    /// The controller's command-verification key(s), for the agent to pin.
+    pub command_pub: PathBuf,
 }
 
 impl PkiDir {
@@ -70,8 +74,34 @@ impl PkiDir {
         write_public_file(&self.ca_cert(), ca.cert_pem())?;
         write_pair(&self.server_cert(), &self.server_key(), &server)?;
         write_pair(&self.controller_cert(), &self.controller_key(), &controller)?;
+        self.ensure_command_key()?;
         write_secret_file(&self.ca_key(), ca.key_pem())?;
         Ok(ca)
+    }
+
+    /// Loads the command-signing key, creating it (and `command.pub`) if this directory has
+    /// none yet (a PKI made before commands existed). `command.pub` is rewritten from the
+    /// private key when it is missing.
+    pub fn ensure_command_key(&self) -> Result<crate::signing::CommandKey, PkiError> {
+        use crate::signing::CommandKey;
+        let path = self.command_key();
+        let key = if path.exists() {
+            CommandKey::from_pem(&read(&path)?).map_err(|e| PkiError::Parse(e.to_string()))?
+        } else {
+            create_private_dir(&self.dir)?;
+            let key = CommandKey::generate();
+            write_secret_file(&path, &key.to_pem())?;
+            key
+        };
+        if !self.command_public_key().exists() {
+            write_public_file(&self.command_public_key(), &key.public_key().to_pem())?;
+        }
+        Ok(key)
+    }
+
+    /// The command-verification key(s) agents should pin (`command.pub`).
+    pub fn load_command_public_keys(&self) -> Result<Vec<crate::signing::PublicKey>, PkiError> {
+        read_public_keys(&self.command_public_key())
     }
 
     /// Loads the fleet CA (the first certificate of `ca.crt` with `ca.key`).
@@ -100,9 +130,12 @@ impl PkiDir {
             cert: out.join("device.crt"),
             key: out.join("device.key"),
             ca: out.join("ca.crt"),
+            command_pub: out.join("command.pub"),
         };
         write_pair(&bundle.cert, &bundle.key, &issued)?;
         write_public_file(&bundle.ca, &read(&self.ca_cert())?)?;
+        self.ensure_command_key()?;
+        write_public_file(&bundle.command_pub, &read(&self.command_public_key())?)?;
         Ok(bundle)
     }
 
@@ -127,6 +160,38 @@ impl PkiDir {
     pub fn controller_key(&self) -> PathBuf {
         self.dir.join("controller.key")
     }
+    pub fn command_key(&self) -> PathBuf {
+        self.dir.join("command.key")
+    }
+    pub fn command_public_key(&self) -> PathBuf {
+        self.dir.join("command.pub")
+    }
+}
+
+/// Every Ed25519 public key in a PEM file (one per `PUBLIC KEY` block; several during a key
+/// rotation).
+pub fn read_public_keys(path: &Path) -> Result<Vec<crate::signing::PublicKey>, PkiError> {
+    let text = read(path)?;
+    let mut keys = Vec::new();
+    let mut block = String::new();
+    for line in text.lines() {
+        block.push_str(line);
+        block.push('\n');
+        if line.starts_with("-----END") {
+            keys.push(
+                crate::signing::PublicKey::from_pem(&block)
+                    .map_err(|e| PkiError::Parse(format!("{}: {e}", path.display())))?,
+            );
+            block.clear();
+        }
+    }
+    if keys.is_empty() {
+        return Err(PkiError::Parse(format!(
+            "{}: no public key found",
+            path.display()
+        )));
+    }
+    Ok(keys)
 }
 
 /// Every certificate in a PEM text (a CA bundle may hold several).
