@@ -1,8 +1,8 @@
 //! `serve` and `demo`: everything the controller process runs, under one shutdown tree.
 //!
 //! Startup order: data dir and PKI (created on first start), admin token, both listeners bound
-//! (so a port clash fails before anything runs), the edge with its router, the registry and
-//! the transaction store, the controller (an ordinary mTLS MQTT client of the edge), the admin API, and finally
+//! (so a port clash fails before anything runs), the edge with its router, the registry,
+//! the transaction store and the configuration store, the controller (an ordinary mTLS MQTT client of the edge), the admin API, and finally
 //! `posctl.json` so `posctl --data-dir DIR` finds the running server.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -22,6 +22,7 @@ use crate::controller::{ControllerConfig, ControllerError, spawn_controller};
 use crate::datadir::{ClientFile, DataDir, DataDirError};
 use crate::edge::{EdgeConfig, EdgeHandle, TlsSetupError, mtls_server_config, spawn_edge};
 use crate::events::EventBus;
+use crate::fleetconfig::{ConfigError, ConfigStore, ConfigStoreConfig};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig, RegistryError};
 use crate::txstore::{TxStore, TxStoreConfig, TxStoreError};
@@ -85,6 +86,8 @@ pub enum AppError {
     Registry(#[from] RegistryError),
     #[error("transaction store: {0}")]
     Transactions(#[from] TxStoreError),
+    #[error("configuration store: {0}")]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Controller(#[from] ControllerError),
     #[error("startup task failed: {0}")]
@@ -103,6 +106,8 @@ pub struct Running {
     pub edge: Option<EdgeHandle>,
     pub registry: Arc<Registry>,
     pub transactions: Arc<TxStore>,
+    /// Fleet configuration; the command dispatcher gets it as `Arc<dyn ConfigSource>`.
+    pub config: Arc<ConfigStore>,
     pub metrics: Arc<Metrics>,
     /// True if this start created the PKI.
     pub pki_created: bool,
@@ -175,6 +180,9 @@ pub async fn start(
     let registry = tokio::task::spawn_blocking(move || Registry::open(registry_cfg)).await??;
     let tx_cfg = TxStoreConfig::new(data.transactions_dir());
     let transactions = tokio::task::spawn_blocking(move || TxStore::open(tx_cfg)).await??;
+    let config_cfg = ConfigStoreConfig::new(data.config_dir());
+    let config =
+        Arc::new(tokio::task::spawn_blocking(move || ConfigStore::open(config_cfg)).await??);
     let events = EventBus::new(EVENT_BUS_CAPACITY);
 
     // The controller is an MQTT client of the edge, exactly as of an external broker.
@@ -190,9 +198,11 @@ pub async fn start(
     )?;
 
     let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
+    // Device groups live in the registry; until they are wired in, no device is in a group.
     let state = ApiState::new(
         registry.clone(),
         transactions.clone(),
+        config.clone(),
         events,
         metrics.clone(),
         token,
@@ -219,6 +229,7 @@ pub async fn start(
         edge,
         registry,
         transactions,
+        config,
         metrics,
         pki_created,
         token_created,

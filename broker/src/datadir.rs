@@ -7,6 +7,7 @@
 //! DATA/posctl.json     API URL, CA file and token file for posctl (written at every start)
 //! DATA/registry/       sled store of the device registry
 //! DATA/transactions/   sled store of the transactions (ADR 0006)
+//! DATA/config/         sled store of the fleet configuration layers and history (ADR 0007)
 //! ```
 
 use std::fs;
@@ -95,6 +96,10 @@ impl DataDir {
 
     pub fn transactions_dir(&self) -> PathBuf {
         self.root.join("transactions")
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.root.join("config")
     }
 
     /// Creates the directory (0700) if needed.

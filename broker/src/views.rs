@@ -5,6 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod config;
+pub use config::*;
+
 /// Lifecycle of a device in the registry (DESIGN.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -335,6 +338,18 @@ pub struct ErrorBody {
     /// What to do next, when there is something to do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
+    /// One message per invalid field (configuration keys), when the request had several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldMessage>,
+}
+
+/// What is wrong with one field of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldMessage {
+    /// The field (a configuration key; `(document)` for the whole layer).
+    pub key: String,
+    /// What is wrong with it (never the value itself).
+    pub message: String,
 }
 
 #[cfg(test)]

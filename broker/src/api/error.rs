@@ -22,6 +22,7 @@ impl ApiError {
             body: ErrorBody {
                 error: error.into(),
                 hint: hint.map(str::to_owned),
+                fields: Vec::new(),
             },
         }
     }
@@ -32,6 +33,17 @@ impl ApiError {
 
     pub(crate) fn not_found(error: impl Into<String>, hint: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, error, Some(hint))
+    }
+
+    /// 422 with one message per invalid field.
+    pub(crate) fn invalid_fields(
+        error: impl Into<String>,
+        hint: &str,
+        fields: Vec<crate::views::FieldMessage>,
+    ) -> Self {
+        let mut e = Self::new(StatusCode::UNPROCESSABLE_ENTITY, error, Some(hint));
+        e.body.fields = fields;
+        e
     }
 
     pub(crate) fn unauthorized() -> Self {
@@ -65,7 +77,9 @@ pub(crate) async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(
         format!("no route for {}", uri.path()),
         "the API lives under /api/v1: GET /api/v1/devices, /api/v1/devices/{id}, \
-         /api/v1/devices/{id}/transactions/summary, /api/v1/transactions, /api/v1/stream",
+         /api/v1/devices/{id}/transactions/summary, /api/v1/devices/{id}/config, \
+         /api/v1/transactions, /api/v1/stream, /api/v1/config/{layers,fleet,groups/{name},\
+         devices/{id},history,diff,schema}",
     )
 }
 
@@ -74,7 +88,10 @@ pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method not allowed on this route",
-        Some("every route of this API version is read-only: use GET"),
+        Some(
+            "configuration layers (/api/v1/config/fleet, /groups/{name}, /devices/{id}) take \
+             GET, PATCH, PUT and DELETE; every other route is read-only: use GET",
+        ),
     )
 }
 

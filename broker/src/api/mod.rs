@@ -11,10 +11,12 @@
 //!   (`GET /api/v1/devices[/{id}]`), `transactions.rs` (`GET /api/v1/transactions`,
 //!   `GET /api/v1/devices/{id}/transactions/summary`), `stream.rs` (`GET /api/v1/stream`,
 //!   server-sent events),
-//!   `metrics.rs` (`GET /metrics`).
+//!   `metrics.rs` (`GET /metrics`), `config.rs` (`/api/v1/config/...` layers, history, diff,
+//!   schema; `GET /api/v1/devices/{id}/config`).
 //! - `tests/`: tests against a real TLS server on 127.0.0.1:0 with reqwest.
 
 mod auth;
+mod config;
 mod devices;
 mod error;
 mod health;
@@ -25,17 +27,21 @@ mod stream;
 mod tests;
 mod transactions;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{MethodRouter, get};
+use posfleet_proto::DeviceId;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{ApiError, ServerTlsError};
 pub use server::{serve, server_tls_config};
 
 use crate::events::EventBus;
+use crate::fleetconfig::ConfigStore;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::txstore::TxStore;
@@ -77,6 +83,34 @@ impl std::fmt::Debug for AdminToken {
     }
 }
 
+/// A function from a device to its groups.
+type GroupsFn = dyn Fn(&DeviceId) -> BTreeSet<String> + Send + Sync;
+
+/// The groups of a device, as the registry knows them (used for its effective configuration).
+#[derive(Clone)]
+pub struct DeviceGroups(Arc<GroupsFn>);
+
+impl DeviceGroups {
+    pub fn new(f: impl Fn(&DeviceId) -> BTreeSet<String> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// No device is in any group (until the registry's groups are wired in).
+    pub fn none() -> Self {
+        Self::new(|_| BTreeSet::new())
+    }
+
+    pub(crate) fn groups(&self, device: &DeviceId) -> BTreeSet<String> {
+        (self.0)(device)
+    }
+}
+
+impl std::fmt::Debug for DeviceGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceGroups(..)")
+    }
+}
+
 /// Everything the handlers need. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ApiState {
@@ -84,6 +118,10 @@ pub struct ApiState {
     pub(crate) registry: Arc<Registry>,
     /// Stored transactions.
     pub(crate) transactions: Arc<TxStore>,
+    /// Fleet configuration layers.
+    pub(crate) config: Arc<ConfigStore>,
+    /// A device's groups, for `GET /api/v1/devices/{id}/config`.
+    pub(crate) device_groups: DeviceGroups,
     /// Live events for `/api/v1/stream`.
     pub(crate) events: EventBus,
     /// Rendered by `/metrics`; counts auth failures.
@@ -102,6 +140,7 @@ impl ApiState {
     pub fn new(
         registry: Arc<Registry>,
         transactions: Arc<TxStore>,
+        config: Arc<ConfigStore>,
         events: EventBus,
         metrics: Arc<Metrics>,
         admin_token: String,
@@ -109,12 +148,20 @@ impl ApiState {
         Self {
             registry,
             transactions,
+            config,
+            device_groups: DeviceGroups::none(),
             events,
             metrics,
             token: AdminToken(admin_token.into()),
             limits: ApiLimits::default(),
             shutdown: CancellationToken::new(),
         }
+    }
+
+    /// The same state with the registry's device groups.
+    pub fn with_device_groups(mut self, groups: DeviceGroups) -> Self {
+        self.device_groups = groups;
+        self
     }
 
     /// The same state with other limits.
@@ -134,7 +181,36 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
             "/api/v1/devices/{id}/transactions/summary",
             get(transactions::summary),
         ),
+        ("/api/v1/devices/{id}/config", get(config::device_config)),
         ("/api/v1/transactions", get(transactions::list)),
+        ("/api/v1/config/layers", get(config::list_layers)),
+        (
+            "/api/v1/config/fleet",
+            get(config::get_fleet)
+                .patch(config::patch_fleet)
+                .put(config::put_fleet)
+                .delete(config::delete_fleet)
+                .layer(DefaultBodyLimit::max(config::MAX_BODY_BYTES)),
+        ),
+        (
+            "/api/v1/config/groups/{name}",
+            get(config::get_group)
+                .patch(config::patch_group)
+                .put(config::put_group)
+                .delete(config::delete_group)
+                .layer(DefaultBodyLimit::max(config::MAX_BODY_BYTES)),
+        ),
+        (
+            "/api/v1/config/devices/{id}",
+            get(config::get_device)
+                .patch(config::patch_device)
+                .put(config::put_device)
+                .delete(config::delete_device)
+                .layer(DefaultBodyLimit::max(config::MAX_BODY_BYTES)),
+        ),
+        ("/api/v1/config/history", get(config::history)),
+        ("/api/v1/config/diff", get(config::diff)),
+        ("/api/v1/config/schema", get(config::schema)),
         ("/api/v1/stream", get(stream::stream)),
         ("/metrics", get(metrics::render)),
     ]

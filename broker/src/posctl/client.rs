@@ -301,16 +301,25 @@ pub(crate) enum ApiError {
     Unexpected { url: String, cause: String },
 }
 
-/// The server's error text and hint, made safe to print.
+/// The server's error text, field messages and hint, made safe to print.
 fn detail(body: Option<&ErrorBody>) -> String {
-    match body {
-        Some(ErrorBody {
-            error,
-            hint: Some(hint),
-        }) => format!("{}; {}", printable(error), printable(hint)),
-        Some(ErrorBody { error, hint: None }) => printable(error).into_owned(),
-        None => "no details in the response".to_owned(),
+    let Some(body) = body else {
+        return "no details in the response".to_owned();
+    };
+    let mut text = printable(&body.error).into_owned();
+    for field in &body.fields {
+        text.push_str(&format!(
+            "\n  {}: {}",
+            printable(&field.key),
+            printable(&field.message)
+        ));
     }
+    if let Some(hint) = &body.hint {
+        let sep = if body.fields.is_empty() { "; " } else { "\n" };
+        text.push_str(sep);
+        text.push_str(&printable(hint));
+    }
+    text
 }
 
 /// The rustls error somewhere in the chain. tokio-rustls wraps it in an `io::Error` (possibly

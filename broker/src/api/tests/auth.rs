@@ -6,9 +6,31 @@ use super::super::protected_routes;
 use super::{TOKEN, TestServer};
 use crate::views::ErrorBody;
 
-/// A concrete path for a route template.
+/// A concrete path for a route template (with the parameters a GET requires).
 fn concrete(template: &str) -> String {
-    template.replace("{id}", "T-1")
+    let path = template.replace("{id}", "T-1").replace("{name}", "north");
+    if path.ends_with("/config/diff") {
+        format!("{path}?from=0")
+    } else {
+        path
+    }
+}
+
+/// Layers for the concrete paths, so that their GET answers 200.
+fn seed_config(server: &TestServer) {
+    use crate::fleetconfig::Scope;
+    for scope in ["group/north", "device/T-1"] {
+        server
+            .config
+            .set(
+                &Scope::parse(scope).unwrap(),
+                Default::default(),
+                &[],
+                "test",
+                "",
+            )
+            .unwrap();
+    }
 }
 
 async fn assert_unauthorized(response: reqwest::Response, what: &str) {
@@ -55,8 +77,24 @@ async fn every_protected_route_refuses_without_the_token() {
         assert_unauthorized(basic, &format!("{template} with basic auth")).await;
         let write = server.client.post(&url).send().await.unwrap();
         assert_unauthorized(write, &format!("POST {template} without a token")).await;
-        refused += 4;
+        for method in [
+            reqwest::Method::PATCH,
+            reqwest::Method::PUT,
+            reqwest::Method::DELETE,
+        ] {
+            let write = server
+                .client
+                .request(method.clone(), &url)
+                .json(&serde_json::json!({"set": {"display.brightness": 1}}))
+                .send()
+                .await
+                .unwrap();
+            assert_unauthorized(write, &format!("{method} {template} without a token")).await;
+        }
+        refused += 7;
     }
+    // Nothing was changed by the refused writes.
+    assert_eq!(server.config.version(), 0);
     // Unknown routes do not reveal whether they exist.
     let unknown = server.client.get(server.url("/nope")).send().await.unwrap();
     assert_unauthorized(unknown, "unknown route").await;
@@ -69,6 +107,7 @@ async fn every_protected_route_refuses_without_the_token() {
 async fn the_right_token_is_accepted_and_healthz_needs_none() {
     let server = TestServer::start().await;
     server.heartbeat("T-1", 1000);
+    seed_config(&server);
     for (template, _) in protected_routes() {
         if template.ends_with("/stream") {
             continue; // never ends; covered in stream.rs

@@ -1,12 +1,14 @@
 //! API tests against a real TLS server on 127.0.0.1:0, with reqwest as the client.
 //!
 //! - `auth.rs`: the token on every route, 401 shape, failure counting.
+//! - `config.rs`: configuration layers, history, diff, schema, effective configuration.
 //! - `devices.rs`: list/detail after ingest, 400/404, health and metrics.
 //! - `stream.rs`: server-sent events, device filter, lag, end at shutdown.
 //! - `server.rs`: idle TCP clients, handshake timeout, connection cap.
 //! - `transactions.rs`: transaction list (pagination, filters, cursors) and summary.
 
 mod auth;
+mod config;
 mod devices;
 mod server;
 mod stream;
@@ -25,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use super::{ApiLimits, ApiState, serve, server_tls_config};
 use crate::controller::Ingest;
 use crate::events::EventBus;
+use crate::fleetconfig::{ConfigStore, ConfigStoreConfig};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig};
 use crate::txstore::{TxStore, TxStoreConfig};
@@ -40,6 +43,7 @@ pub(super) struct TestServer {
     pub metrics: Arc<Metrics>,
     pub ingest: Ingest,
     pub transactions: Arc<TxStore>,
+    pub config: Arc<ConfigStore>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
     _tmp: tempfile::TempDir,
@@ -65,17 +69,26 @@ impl TestServer {
             ..TxStoreConfig::new(tmp.path().join("transactions"))
         })
         .unwrap();
+        let config = Arc::new(
+            ConfigStore::open(ConfigStoreConfig {
+                cache_capacity: 1 << 20,
+                ..ConfigStoreConfig::new(tmp.path().join("config"))
+            })
+            .unwrap(),
+        );
         let events = EventBus::new(event_capacity);
         let metrics = Arc::new(Metrics::new());
         let ingest = Ingest::new(Arc::clone(&registry), events.clone(), Arc::clone(&metrics));
         let state = ApiState::new(
             Arc::clone(&registry),
             Arc::clone(&transactions),
+            Arc::clone(&config),
             events.clone(),
             Arc::clone(&metrics),
             TOKEN.to_owned(),
         )
-        .with_limits(limits);
+        .with_limits(limits)
+        .with_device_groups(super::DeviceGroups::new(test_groups));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
@@ -93,6 +106,7 @@ impl TestServer {
             metrics,
             ingest,
             transactions,
+            config,
             cancel,
             tracker,
             _tmp: tmp,
@@ -154,6 +168,15 @@ impl TestServer {
         tokio::time::timeout(Duration::from_secs(15), self.tracker.wait())
             .await
             .expect("the API server stops after cancel");
+    }
+}
+
+/// Test devices' groups: `G-<anything>` devices are in `north` and `south`, the rest in none.
+fn test_groups(device: &DeviceId) -> std::collections::BTreeSet<String> {
+    if device.as_str().starts_with("G-") {
+        ["north", "south"].into_iter().map(str::to_owned).collect()
+    } else {
+        Default::default()
     }
 }
 

@@ -172,6 +172,7 @@ fn error_response(status: StatusCode, error: &str, hint: Option<&str>) -> Respon
     let body = ErrorBody {
         error: error.into(),
         hint: hint.map(Into::into),
+        fields: Vec::new(),
     };
     (status, axum::Json(body)).into_response()
 }
