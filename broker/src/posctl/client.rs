@@ -83,11 +83,25 @@ impl ApiClient {
 
     /// GET a JSON document.
     pub(crate) async fn get_json(&self, url: Url) -> Result<Value, ApiError> {
-        let request = self
+        self.send_json(reqwest::Method::GET, url, None).await
+    }
+
+    /// Sends `method` with an optional JSON body and reads a JSON answer (configuration
+    /// changes).
+    pub(crate) async fn send_json(
+        &self,
+        method: reqwest::Method,
+        url: Url,
+        body: Option<&Value>,
+    ) -> Result<Value, ApiError> {
+        let mut request = self
             .http
-            .get(url.clone())
+            .request(method, url.clone())
             .header(reqwest::header::ACCEPT, "application/json")
             .timeout(REQUEST_TIMEOUT);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
         let response = self.send(request, &url).await?;
         let body = read_capped(response, MAX_JSON_BYTES)
             .await
@@ -167,6 +181,10 @@ impl ApiClient {
             },
             StatusCode::NOT_FOUND => ApiError::NotFound { url, body },
             StatusCode::BAD_REQUEST => ApiError::BadRequest {
+                detail: detail(body.as_ref()),
+            },
+            StatusCode::UNPROCESSABLE_ENTITY | StatusCode::PAYLOAD_TOO_LARGE => ApiError::Invalid {
+                status,
                 detail: detail(body.as_ref()),
             },
             status => ApiError::Status {
@@ -286,6 +304,8 @@ pub(crate) enum ApiError {
     },
     #[error("the API refused the request (400 Bad Request): {detail}")]
     BadRequest { detail: String },
+    #[error("the API refused the values ({status}); nothing was changed: {detail}")]
+    Invalid { status: StatusCode, detail: String },
     #[error("the API at {url} failed with {status}: {detail}; check the server's log")]
     Status {
         url: String,

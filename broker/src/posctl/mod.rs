@@ -9,12 +9,14 @@
 //! - `pki`: `pki init` and `pki issue-device` (local files only, no server needed).
 //! - `devices`: `devices list` and `devices show`.
 //! - `transactions`: `tx list` and `tx summary`.
+//! - `config`: `config set|get|history|diff|schema` (fleet configuration layers).
 //! - `watch`: `watch`, rendering the live stream, over the bounded parser in `sse`.
 //! - `output`: tables, times and sizes, and neutralising control characters in strings that
 //!   terminals reported.
 //! - `tests`: the commands against a TLS axum server serving canned API views.
 
 mod client;
+mod config;
 mod devices;
 mod endpoint;
 mod output;
@@ -42,9 +44,10 @@ use crate::datadir::DEFAULT_DATA_DIR;
 #[command(
     name = "posctl",
     version,
-    about = "Administer a posfleet controller: fleet PKI, devices, transactions, live events",
+    about = "Administer a posfleet controller: fleet PKI, devices, transactions, live events, \
+        configuration",
     long_about = "Administer a posfleet controller: fleet PKI, devices, transactions, live \
-        events.\n\n\
+        events, configuration.\n\n\
         posctl finds the admin API through DATA_DIR/posctl.json, which `posfleet-broker serve` \
         and `demo` write at start; --server, --ca and --token-file override it.",
     arg_required_else_help = true
@@ -123,6 +126,96 @@ enum ApiCommand {
     /// Follow the live event stream (presence, heartbeats, telemetry, transactions, alerts)
     /// until Ctrl-C.
     Watch(WatchArgs),
+    /// Fleet configuration: layers (fleet, group, device), history, diff, schema.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Set and/or remove keys of one layer (created if needed); prints the layer.
+    Set(ConfigSetArgs),
+    /// Show one layer, or with --effective a device's merged configuration.
+    Get(ConfigGetArgs),
+    /// Changes, newest first.
+    History(ConfigHistoryArgs),
+    /// Keys that differ between two versions.
+    Diff(ConfigDiffArgs),
+    /// The keys a layer may hold and their rules.
+    Schema,
+}
+
+/// Which layer: exactly one of --fleet, --group, --device.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub(crate) struct ScopeArgs {
+    /// The fleet-wide layer.
+    #[arg(long)]
+    pub(crate) fleet: bool,
+    /// A group's layer.
+    #[arg(long, value_name = "NAME", value_parser = parse_group)]
+    pub(crate) group: Option<String>,
+    /// A device's layer.
+    #[arg(long, value_name = "ID", value_parser = parse_device_id)]
+    pub(crate) device: Option<DeviceId>,
+}
+
+/// Arguments of `posctl config set`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ConfigSetArgs {
+    #[command(flatten)]
+    pub(crate) scope: ScopeArgs,
+    /// KEY=VALUE pairs: integers and true/false are sent as such, anything else as a string.
+    #[arg(value_name = "KEY=VALUE", value_parser = config::parse_assignment)]
+    pub(crate) assignments: Vec<(String, String)>,
+    /// Remove this key from the layer; repeat for several.
+    #[arg(long, value_name = "KEY")]
+    pub(crate) unset: Vec<String>,
+    /// Why (kept in the history).
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) comment: Option<String>,
+    /// Send every value as a string (e.g. a store name of "123").
+    #[arg(long)]
+    pub(crate) string: bool,
+}
+
+/// Arguments of `posctl config get`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ConfigGetArgs {
+    #[command(flatten)]
+    pub(crate) scope: ScopeArgs,
+    /// With --device: the merged configuration (fleet, groups, device) and where each key
+    /// comes from.
+    #[arg(long)]
+    pub(crate) effective: bool,
+}
+
+/// Arguments of `posctl config history`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ConfigHistoryArgs {
+    /// Only this layer: fleet, group/NAME or device/ID.
+    #[arg(long, value_parser = parse_scope)]
+    pub(crate) scope: Option<crate::fleetconfig::Scope>,
+    /// Changes per page (1-1000).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub(crate) limit: u16,
+    /// Only changes older than this version (the hint a previous page printed).
+    #[arg(long, value_name = "VERSION")]
+    pub(crate) before: Option<u64>,
+}
+
+/// Arguments of `posctl config diff`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ConfigDiffArgs {
+    /// From this version (0: the empty configuration).
+    #[arg(long, value_name = "VERSION")]
+    pub(crate) from: u64,
+    /// To this version. [default: the latest]
+    #[arg(long, value_name = "VERSION")]
+    pub(crate) to: Option<u64>,
+    /// Only this layer: fleet, group/NAME or device/ID. [default: every layer]
+    #[arg(long, value_parser = parse_scope)]
+    pub(crate) scope: Option<crate::fleetconfig::Scope>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,6 +321,18 @@ fn parse_device_id(s: &str) -> Result<DeviceId, String> {
     })
 }
 
+/// Clap value parser: a group name.
+fn parse_group(s: &str) -> Result<String, String> {
+    crate::fleetconfig::validate_group_name(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| format!("{e}; a group name is 1 to 64 letters, digits, '.', '_' or '-'"))
+}
+
+/// Clap value parser: `fleet`, `group/NAME` or `device/ID`.
+fn parse_scope(s: &str) -> Result<crate::fleetconfig::Scope, String> {
+    crate::fleetconfig::Scope::parse(s).map_err(|e| e.to_string())
+}
+
 /// Entry point of the `posctl` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -325,6 +430,13 @@ async fn run_api(
             transactions::summary(&api, &id, format, out).await?;
         }
         ApiCommand::Watch(args) => watch::run(&api, &args, format, out, stop).await?,
+        ApiCommand::Config(cmd) => match cmd {
+            ConfigCommand::Set(args) => config::set(&api, &args, format, out).await?,
+            ConfigCommand::Get(args) => config::get(&api, &args, format, out).await?,
+            ConfigCommand::History(args) => config::history(&api, &args, format, out).await?,
+            ConfigCommand::Diff(args) => config::diff(&api, &args, format, out).await?,
+            ConfigCommand::Schema => config::schema(&api, format, out).await?,
+        },
     }
     Ok(ExitCode::SUCCESS)
 }
