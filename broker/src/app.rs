@@ -18,10 +18,14 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::api::{self, ApiState, ServerTlsError};
+use crate::commands::{
+    CommandPlane, CommandStore, CommandStoreError, CommandsConfig, CommandsHandle,
+};
 use crate::controller::{ControllerConfig, ControllerError, spawn_controller};
 use crate::datadir::{ClientFile, DataDir, DataDirError};
 use crate::edge::{EdgeConfig, EdgeHandle, TlsSetupError, mtls_server_config, spawn_edge};
 use crate::events::EventBus;
+use crate::fleetconfig::{ConfigSource, ConfigSourceError, EffectiveConfig};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig, RegistryError};
 use crate::txstore::{TxStore, TxStoreConfig, TxStoreError};
@@ -46,6 +50,10 @@ pub struct ServeOptions {
     /// Use this MQTT broker (Mosquitto, EMQX, ...) instead of the embedded edge; the
     /// controller connects to it with `DATA/pki/controller.crt`, trusting `DATA/pki/ca.crt`.
     pub external_broker: Option<BrokerUrl>,
+    /// A heartbeating terminal gets a new lease when its last one is older than this.
+    pub lease_interval: Duration,
+    /// Commands not final yet are published again this often.
+    pub command_resend_interval: Duration,
 }
 
 #[cfg(test)]
@@ -58,6 +66,8 @@ impl ServeOptions {
             api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             hosts: vec![],
             external_broker: None,
+            lease_interval: Duration::from_secs(300),
+            command_resend_interval: Duration::from_secs(30),
         }
     }
 }
@@ -85,6 +95,8 @@ pub enum AppError {
     Registry(#[from] RegistryError),
     #[error("transaction store: {0}")]
     Transactions(#[from] TxStoreError),
+    #[error("command store: {0}")]
+    Commands(#[from] CommandStoreError),
     #[error(transparent)]
     Controller(#[from] ControllerError),
     #[error("startup task failed: {0}")]
@@ -103,6 +115,8 @@ pub struct Running {
     pub edge: Option<EdgeHandle>,
     pub registry: Arc<Registry>,
     pub transactions: Arc<TxStore>,
+    /// The command plane.
+    pub commands: CommandsHandle,
     pub metrics: Arc<Metrics>,
     /// True if this start created the PKI.
     pub pki_created: bool,
@@ -176,13 +190,30 @@ pub async fn start(
     let tx_cfg = TxStoreConfig::new(data.transactions_dir());
     let transactions = tokio::task::spawn_blocking(move || TxStore::open(tx_cfg)).await??;
     let events = EventBus::new(EVENT_BUS_CAPACITY);
+    let plane = {
+        let mut cfg = CommandsConfig::new(data.logs_dir());
+        cfg.lease_interval = opts.lease_interval;
+        cfg.resend_interval = opts.command_resend_interval;
+        let dir = data.commands_dir();
+        let pki = pki.clone();
+        // Key file and store open: off the runtime.
+        tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+            let key = Arc::new(pki.ensure_command_key()?);
+            let store = Arc::new(CommandStore::open(&dir, COMMANDS_CACHE)?);
+            // Until the configuration store is merged: no configuration (version 0).
+            let config: Arc<dyn ConfigSource> = Arc::new(NoConfig::default());
+            Ok(CommandPlane::load(cfg, store, key, config)?)
+        })
+        .await??
+    };
 
     // The controller is an MQTT client of the edge, exactly as of an external broker.
     let controller_cfg = ControllerConfig::from_pki(broker.host.clone(), broker.port, &pki)?;
-    spawn_controller(
+    let controller = spawn_controller(
         controller_cfg,
         registry.clone(),
         transactions.clone(),
+        plane,
         events.clone(),
         metrics.clone(),
         tracker,
@@ -193,6 +224,7 @@ pub async fn start(
     let state = ApiState::new(
         registry.clone(),
         transactions.clone(),
+        controller.commands.clone(),
         events,
         metrics.clone(),
         token,
@@ -219,6 +251,7 @@ pub async fn start(
         edge,
         registry,
         transactions,
+        commands: controller.commands,
         metrics,
         pki_created,
         token_created,
@@ -251,6 +284,49 @@ pub fn loopback_for(addr: SocketAddr) -> SocketAddr {
         ip => ip,
     };
     SocketAddr::new(ip, addr.port())
+}
+
+/// sled page cache of the command store.
+const COMMANDS_CACHE: u64 = 32 * 1024 * 1024;
+
+/// The configuration source until the layered configuration store is wired in: every
+/// device's effective configuration is version 0, empty, and never changes.
+#[derive(Debug)]
+struct NoConfig {
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for NoConfig {
+    fn default() -> Self {
+        Self {
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl ConfigSource for NoConfig {
+    fn effective(
+        &self,
+        _device: &posfleet_proto::DeviceId,
+        _groups: &std::collections::BTreeSet<String>,
+    ) -> EffectiveConfig {
+        EffectiveConfig {
+            version: 0,
+            document: serde_json::Map::new(),
+        }
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn touch_membership(
+        &self,
+        _device: &posfleet_proto::DeviceId,
+        _author: &str,
+    ) -> Result<u64, ConfigSourceError> {
+        Ok(0)
+    }
 }
 
 /// Grace period for tasks to stop after SIGTERM.

@@ -7,6 +7,8 @@
 //! DATA/posctl.json     API URL, CA file and token file for posctl (written at every start)
 //! DATA/registry/       sled store of the device registry
 //! DATA/transactions/   sled store of the transactions (ADR 0006)
+//! DATA/commands/       sled store of commands and desired lock state (ADR 0007)
+//! DATA/logs/           log uploads of collect_logs commands, one file per command id
 //! ```
 
 use std::fs;
@@ -95,6 +97,14 @@ impl DataDir {
 
     pub fn transactions_dir(&self) -> PathBuf {
         self.root.join("transactions")
+    }
+
+    pub fn commands_dir(&self) -> PathBuf {
+        self.root.join("commands")
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.root.join("logs")
     }
 
     /// Creates the directory (0700) if needed.

@@ -21,9 +21,36 @@ impl ApiError {
             status,
             body: ErrorBody {
                 error: error.into(),
+                field: None,
                 hint: hint.map(str::to_owned),
             },
         }
+    }
+
+    /// A 400 about one field of the request: `error` says what is wrong with `field`.
+    pub(crate) fn field(field: impl Into<String>, error: impl Into<String>, hint: &str) -> Self {
+        let field = field.into();
+        let mut e = Self::bad_request(format!("{field}: {}", error.into()), hint);
+        e.body.field = Some(field);
+        e
+    }
+
+    /// The same error with another status.
+    pub(crate) fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    pub(crate) fn conflict(error: impl Into<String>, hint: &str) -> Self {
+        Self::new(StatusCode::CONFLICT, error, Some(hint))
+    }
+
+    pub(crate) fn internal(what: &str, detail: &str) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what} failed: {detail}"),
+            Some("check the controller's log; retry later"),
+        )
     }
 
     pub(crate) fn bad_request(error: impl Into<String>, hint: &str) -> Self {
@@ -74,7 +101,10 @@ pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method not allowed on this route",
-        Some("every route of this API version is read-only: use GET"),
+        Some(
+            "see the route table in the README: reads are GET; commands are POST; groups and \
+             labels are PUT",
+        ),
     )
 }
 

@@ -8,13 +8,16 @@
 //! - `auth.rs`: bearer-token check (constant time) for every route except `/healthz`.
 //! - `error.rs`: [`ApiError`] (JSON `ErrorBody` responses) and [`ServerTlsError`].
 //! - one file per resource: `health.rs` (`GET /healthz`), `devices.rs`
-//!   (`GET /api/v1/devices[/{id}]`), `transactions.rs` (`GET /api/v1/transactions`,
+//!   (`GET /api/v1/devices[/{id}]`, `.../desired`, `PUT .../groups`, `PUT .../labels`),
+//!   `commands.rs` (`POST|GET /api/v1/commands`, `GET /api/v1/commands/{id}`,
+//!   `POST .../cancel`, `GET .../logs`), `transactions.rs` (`GET /api/v1/transactions`,
 //!   `GET /api/v1/devices/{id}/transactions/summary`), `stream.rs` (`GET /api/v1/stream`,
 //!   server-sent events),
 //!   `metrics.rs` (`GET /metrics`).
 //! - `tests/`: tests against a real TLS server on 127.0.0.1:0 with reqwest.
 
 mod auth;
+mod commands;
 mod devices;
 mod error;
 mod health;
@@ -29,12 +32,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{MethodRouter, get};
+use axum::routing::{MethodRouter, get, post, put};
 use tokio_util::sync::CancellationToken;
 
 pub use error::{ApiError, ServerTlsError};
 pub use server::{serve, server_tls_config};
 
+use crate::commands::CommandsHandle;
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -84,6 +88,8 @@ pub struct ApiState {
     pub(crate) registry: Arc<Registry>,
     /// Stored transactions.
     pub(crate) transactions: Arc<TxStore>,
+    /// Commands, desired state, log uploads.
+    pub(crate) commands: CommandsHandle,
     /// Live events for `/api/v1/stream`.
     pub(crate) events: EventBus,
     /// Rendered by `/metrics`; counts auth failures.
@@ -102,6 +108,7 @@ impl ApiState {
     pub fn new(
         registry: Arc<Registry>,
         transactions: Arc<TxStore>,
+        commands: CommandsHandle,
         events: EventBus,
         metrics: Arc<Metrics>,
         admin_token: String,
@@ -109,6 +116,7 @@ impl ApiState {
         Self {
             registry,
             transactions,
+            commands,
             events,
             metrics,
             token: AdminToken(admin_token.into()),
@@ -130,6 +138,16 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
     vec![
         ("/api/v1/devices", get(devices::list)),
         ("/api/v1/devices/{id}", get(devices::detail)),
+        ("/api/v1/devices/{id}/desired", get(devices::desired)),
+        ("/api/v1/devices/{id}/groups", put(devices::set_groups)),
+        ("/api/v1/devices/{id}/labels", put(devices::set_labels)),
+        (
+            "/api/v1/commands",
+            get(commands::list).post(commands::create),
+        ),
+        ("/api/v1/commands/{id}", get(commands::detail)),
+        ("/api/v1/commands/{id}/cancel", post(commands::cancel)),
+        ("/api/v1/commands/{id}/logs", get(commands::logs)),
         (
             "/api/v1/devices/{id}/transactions/summary",
             get(transactions::summary),

@@ -307,8 +307,11 @@ fn detail(body: Option<&ErrorBody>) -> String {
         Some(ErrorBody {
             error,
             hint: Some(hint),
+            ..
         }) => format!("{}; {}", printable(error), printable(hint)),
-        Some(ErrorBody { error, hint: None }) => printable(error).into_owned(),
+        Some(ErrorBody {
+            error, hint: None, ..
+        }) => printable(error).into_owned(),
         None => "no details in the response".to_owned(),
     }
 }

@@ -7,6 +7,7 @@
 //! - `transactions.rs`: transaction list (pagination, filters, cursors) and summary.
 
 mod auth;
+mod commands;
 mod devices;
 mod server;
 mod stream;
@@ -40,6 +41,7 @@ pub(super) struct TestServer {
     pub metrics: Arc<Metrics>,
     pub ingest: Ingest,
     pub transactions: Arc<TxStore>,
+    pub registry: Arc<Registry>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
     _tmp: tempfile::TempDir,
@@ -67,10 +69,25 @@ impl TestServer {
         .unwrap();
         let events = EventBus::new(event_capacity);
         let metrics = Arc::new(Metrics::new());
-        let ingest = Ingest::new(Arc::clone(&registry), events.clone(), Arc::clone(&metrics));
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        registry.spawn_committer(&tracker, cancel.child_token());
+        let downlink = Arc::new(crate::commands::tests::Recorder::default());
+        let (commands, inbox) = crate::commands::tests::plane(tmp.path()).spawn(
+            downlink,
+            Arc::clone(&registry),
+            events.clone(),
+            Arc::clone(&metrics),
+            crate::controller::system_clock(),
+            &tracker,
+            cancel.child_token(),
+        );
+        let ingest = Ingest::new(Arc::clone(&registry), events.clone(), Arc::clone(&metrics))
+            .with_commands(inbox);
         let state = ApiState::new(
             Arc::clone(&registry),
             Arc::clone(&transactions),
+            commands.clone(),
             events.clone(),
             Arc::clone(&metrics),
             TOKEN.to_owned(),
@@ -78,8 +95,6 @@ impl TestServer {
         .with_limits(limits);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));
         let client_tls = client_tls(&pki);
         Self {
@@ -93,6 +108,7 @@ impl TestServer {
             metrics,
             ingest,
             transactions,
+            registry,
             cancel,
             tracker,
             _tmp: tmp,

@@ -171,6 +171,7 @@ fn unauthorized(headers: &HeaderMap) -> Option<Response> {
 fn error_response(status: StatusCode, error: &str, hint: Option<&str>) -> Response {
     let body = ErrorBody {
         error: error.into(),
+        field: None,
         hint: hint.map(Into::into),
     };
     (status, axum::Json(body)).into_response()
@@ -225,6 +226,9 @@ pub(super) fn canned_events() -> Vec<FleetEvent> {
                 uptime_s: 42,
                 outbox_depth: 0,
                 boot_id: 3,
+                config_version: 0,
+                locked: false,
+                lock_generation: 0,
             },
         },
         FleetEvent::Telemetry {
