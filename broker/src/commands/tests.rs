@@ -686,3 +686,34 @@ async fn a_busy_session_delays_sends_to_later_ticks() {
     eventually("sent on a later tick", || h.sent_commands().len() == 1).await;
     assert_eq!(h.sent_commands()[0].id, c[0].id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_wide_change_reaches_ten_thousand_devices_quickly() {
+    let h = Harness::start();
+    for i in 0..10_000 {
+        h.heartbeat(&format!("T-{i:05}"), 0, false, 0);
+    }
+    let queued = || {
+        h.metrics
+            .commands_status_total
+            .get_or_create(&crate::metrics::StatusLabel { status: "queued" })
+            .get()
+    };
+    let started = std::time::Instant::now();
+    h.config.set("fleet", 1);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while queued() < 10_000 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("10,000 pushes created");
+    let took = started.elapsed();
+    assert_eq!(queued(), 10_000, "exactly one push per device");
+    // Unoptimised test build on a shared 2-core machine: generous, but it catches
+    // anything quadratic.
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    // Sends are spread over ticks, never more than the budget per tick.
+    let sent = h.sent_commands().len();
+    assert!(sent <= 10_000);
+}

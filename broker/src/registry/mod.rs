@@ -279,7 +279,7 @@ impl Registry {
     }
 
     /// True if the device is known and online.
-    pub(crate) fn is_online(&self, id: &DeviceId) -> bool {
+    pub fn is_online(&self, id: &DeviceId) -> bool {
         self.read().devices.get(id).is_some_and(|d| d.record.online)
     }
 
