@@ -35,8 +35,10 @@ use axum::Router;
 use axum::routing::{MethodRouter, get, post, put};
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use devices::parse_label;
 pub use error::{ApiError, ServerTlsError};
 pub use server::{serve, server_tls_config};
+pub(crate) use transactions::parse_time;
 
 use crate::commands::CommandsHandle;
 use crate::events::EventBus;

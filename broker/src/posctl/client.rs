@@ -102,6 +102,46 @@ impl ApiClient {
         })
     }
 
+    /// Sends `body` as JSON with `method` (POST, PUT) and reads the JSON answer.
+    pub(crate) async fn send_json(
+        &self,
+        method: reqwest::Method,
+        url: Url,
+        body: &Value,
+    ) -> Result<Value, ApiError> {
+        let request = self
+            .http
+            .request(method, url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .json(body)
+            .timeout(REQUEST_TIMEOUT);
+        let response = self.send(request, &url).await?;
+        let body = read_capped(response, MAX_JSON_BYTES)
+            .await
+            .map_err(|e| self.transport_error(&url, e))?
+            .ok_or_else(|| ApiError::TooLarge {
+                url: url.to_string(),
+                limit: MAX_JSON_BYTES,
+            })?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::Unexpected {
+            url: url.to_string(),
+            cause: format!("the body is not JSON ({e})"),
+        })
+    }
+
+    /// GET raw bytes (at most `limit`).
+    pub(crate) async fn get_bytes(&self, url: Url, limit: usize) -> Result<Vec<u8>, ApiError> {
+        let request = self.http.get(url.clone()).timeout(REQUEST_TIMEOUT);
+        let response = self.send(request, &url).await?;
+        read_capped(response, limit)
+            .await
+            .map_err(|e| self.transport_error(&url, e))?
+            .ok_or_else(|| ApiError::TooLarge {
+                url: url.to_string(),
+                limit,
+            })
+    }
+
     /// Opens the live event stream (optionally for one device); the caller reads the body.
     pub(crate) async fn open_stream(
         &self,
