@@ -92,7 +92,10 @@ pub(crate) async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(
         format!("no route for {}", uri.path()),
         "the API lives under /api/v1: GET /api/v1/devices, /api/v1/devices/{id}, \
-         /api/v1/devices/{id}/transactions/summary, /api/v1/transactions, /api/v1/stream",
+         /api/v1/devices/{id}/desired, /api/v1/devices/{id}/transactions/summary, \
+         /api/v1/transactions, /api/v1/commands, /api/v1/commands/{id}, \
+         /api/v1/commands/{id}/logs, /api/v1/stream; POST /api/v1/commands, \
+         /api/v1/commands/{id}/cancel; PUT /api/v1/devices/{id}/groups, .../labels",
     )
 }
 
