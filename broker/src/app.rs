@@ -18,10 +18,14 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::api::{self, ApiState, ServerTlsError};
+use crate::commands::{
+    CommandPlane, CommandStore, CommandStoreError, CommandsConfig, CommandsHandle,
+};
 use crate::controller::{ControllerConfig, ControllerError, spawn_controller};
 use crate::datadir::{ClientFile, DataDir, DataDirError};
 use crate::edge::{EdgeConfig, EdgeHandle, TlsSetupError, mtls_server_config, spawn_edge};
 use crate::events::EventBus;
+use crate::fleetconfig::ConfigSource;
 use crate::fleetconfig::{ConfigError, ConfigStore, ConfigStoreConfig};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig, RegistryError};
@@ -47,6 +51,10 @@ pub struct ServeOptions {
     /// Use this MQTT broker (Mosquitto, EMQX, ...) instead of the embedded edge; the
     /// controller connects to it with `DATA/pki/controller.crt`, trusting `DATA/pki/ca.crt`.
     pub external_broker: Option<BrokerUrl>,
+    /// A heartbeating terminal gets a new lease when its last one is older than this.
+    pub lease_interval: Duration,
+    /// Commands not final yet are published again this often.
+    pub command_resend_interval: Duration,
 }
 
 #[cfg(test)]
@@ -59,6 +67,8 @@ impl ServeOptions {
             api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             hosts: vec![],
             external_broker: None,
+            lease_interval: Duration::from_secs(300),
+            command_resend_interval: Duration::from_secs(30),
         }
     }
 }
@@ -88,6 +98,8 @@ pub enum AppError {
     Transactions(#[from] TxStoreError),
     #[error("configuration store: {0}")]
     Config(#[from] ConfigError),
+    #[error("command store: {0}")]
+    Commands(#[from] CommandStoreError),
     #[error(transparent)]
     Controller(#[from] ControllerError),
     #[error("startup task failed: {0}")]
@@ -108,6 +120,8 @@ pub struct Running {
     pub transactions: Arc<TxStore>,
     /// Fleet configuration; the command dispatcher gets it as `Arc<dyn ConfigSource>`.
     pub config: Arc<ConfigStore>,
+    /// The command plane.
+    pub commands: CommandsHandle,
     pub metrics: Arc<Metrics>,
     /// True if this start created the PKI.
     pub pki_created: bool,
@@ -184,13 +198,29 @@ pub async fn start(
     let config =
         Arc::new(tokio::task::spawn_blocking(move || ConfigStore::open(config_cfg)).await??);
     let events = EventBus::new(EVENT_BUS_CAPACITY);
+    let plane = {
+        let mut cfg = CommandsConfig::new(data.logs_dir());
+        cfg.lease_interval = opts.lease_interval;
+        cfg.resend_interval = opts.command_resend_interval;
+        let dir = data.commands_dir();
+        let pki = pki.clone();
+        let config: Arc<dyn ConfigSource> = config.clone();
+        // Key file and store open: off the runtime.
+        tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+            let key = Arc::new(pki.ensure_command_key()?);
+            let store = Arc::new(CommandStore::open(&dir, COMMANDS_CACHE)?);
+            Ok(CommandPlane::load(cfg, store, key, config)?)
+        })
+        .await??
+    };
 
     // The controller is an MQTT client of the edge, exactly as of an external broker.
     let controller_cfg = ControllerConfig::from_pki(broker.host.clone(), broker.port, &pki)?;
-    spawn_controller(
+    let controller = spawn_controller(
         controller_cfg,
         registry.clone(),
         transactions.clone(),
+        plane,
         events.clone(),
         metrics.clone(),
         tracker,
@@ -203,6 +233,7 @@ pub async fn start(
         registry.clone(),
         transactions.clone(),
         config.clone(),
+        controller.commands.clone(),
         events,
         metrics.clone(),
         token,
@@ -230,6 +261,7 @@ pub async fn start(
         registry,
         transactions,
         config,
+        commands: controller.commands,
         metrics,
         pki_created,
         token_created,
@@ -263,6 +295,9 @@ pub fn loopback_for(addr: SocketAddr) -> SocketAddr {
     };
     SocketAddr::new(ip, addr.port())
 }
+
+/// sled page cache of the command store.
+const COMMANDS_CACHE: u64 = 32 * 1024 * 1024;
 
 /// Grace period for tasks to stop after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

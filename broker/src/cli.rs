@@ -66,6 +66,12 @@ struct ServeArgs {
     /// embedded edge; see deploy/external-brokers/ for its ACLs. --mqtt-listen is then unused.
     #[arg(long, value_name = "URL")]
     external_broker: Option<BrokerUrl>,
+    /// How often a terminal that heartbeats gets a fresh signed lease (ADR 0007).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    lease_interval: Duration,
+    /// How often a command not final yet is published again to its online terminal.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    command_resend_interval: Duration,
 }
 
 impl ServeArgs {
@@ -76,6 +82,8 @@ impl ServeArgs {
             api_listen: self.api_listen,
             hosts: self.hosts.clone(),
             external_broker: self.external_broker.clone(),
+            lease_interval: self.lease_interval,
+            command_resend_interval: self.command_resend_interval,
         }
     }
 }

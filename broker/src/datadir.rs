@@ -8,6 +8,8 @@
 //! DATA/registry/       sled store of the device registry
 //! DATA/transactions/   sled store of the transactions (ADR 0006)
 //! DATA/config/         sled store of the fleet configuration layers and history (ADR 0007)
+//! DATA/commands/       sled store of commands and desired lock state (ADR 0007)
+//! DATA/logs/           log uploads of collect_logs commands, one file per command id
 //! ```
 
 use std::fs;
@@ -100,6 +102,14 @@ impl DataDir {
 
     pub fn config_dir(&self) -> PathBuf {
         self.root.join("config")
+    }
+
+    pub fn commands_dir(&self) -> PathBuf {
+        self.root.join("commands")
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.root.join("logs")
     }
 
     /// Creates the directory (0700) if needed.

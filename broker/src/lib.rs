@@ -11,6 +11,8 @@
 //! - [`registry`]: the sled store of devices (sled rules: `posfleet_agent::sledstore`).
 //! - [`txstore`]: the sled store of transactions (exactly once by (device, seq), group commit).
 //! - [`api`]: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
+//! - [`commands`]: the signed command plane (store, dispatch, results, reconciliation,
+//!   lease, log uploads).
 //! - [`fleetconfig`]: layered, versioned configuration (fleet → group → device).
 //! - [`events`]: the in-process live event bus feeding the stream.
 //! - [`metrics`]: Prometheus metrics shared by every subsystem.
@@ -23,6 +25,7 @@
 pub mod api;
 pub mod app;
 pub mod cli;
+pub mod commands;
 pub mod controller;
 pub mod datadir;
 pub mod edge;

@@ -22,6 +22,12 @@ pub struct ChannelLabel {
     pub channel: &'static str,
 }
 
+/// Label set keyed by a command status (`queued`, `succeeded`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
+}
+
 /// Every metric family of the broker process.
 pub struct Metrics {
     registry: Registry,
@@ -71,6 +77,18 @@ pub struct Metrics {
     pub tx_queue_depth: Gauge,
     /// Devices with a sequence gap older than the grace period.
     pub tx_devices_with_gaps: Gauge,
+    /// Commands that entered each status (`queued` counts creations).
+    pub commands_status_total: Family<StatusLabel, Counter>,
+    /// Commands not final yet.
+    pub commands_live: Gauge,
+    /// Signed commands queued for publishing (first sends and re-sends).
+    pub commands_sent_total: Counter,
+    /// Command results dropped, by reason (unknown_or_final, wrong_device, backwards, ...).
+    pub command_results_dropped_total: Family<ReasonLabel, Counter>,
+    /// Log chunks refused, by reason.
+    pub command_log_chunks_refused_total: Family<ReasonLabel, Counter>,
+    /// Signed leases queued for publishing.
+    pub command_leases_sent_total: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -111,6 +129,12 @@ impl Metrics {
         let tx_ack_failures_total = Counter::default();
         let tx_queue_depth = Gauge::default();
         let tx_devices_with_gaps = Gauge::default();
+        let commands_status_total = Family::default();
+        let commands_live = Gauge::default();
+        let commands_sent_total = Counter::default();
+        let command_results_dropped_total = Family::default();
+        let command_log_chunks_refused_total = Family::default();
+        let command_leases_sent_total = Counter::default();
 
         registry.register(
             "edge_connections",
@@ -223,6 +247,36 @@ impl Metrics {
             "Devices with a sequence gap older than the grace period",
             tx_devices_with_gaps.clone(),
         );
+        registry.register(
+            "commands_status",
+            "Commands that entered each status",
+            commands_status_total.clone(),
+        );
+        registry.register(
+            "commands_live",
+            "Commands not final yet",
+            commands_live.clone(),
+        );
+        registry.register(
+            "commands_sent",
+            "Signed commands queued for publishing",
+            commands_sent_total.clone(),
+        );
+        registry.register(
+            "command_results_dropped",
+            "Command results dropped, by reason",
+            command_results_dropped_total.clone(),
+        );
+        registry.register(
+            "command_log_chunks_refused",
+            "Log chunks refused, by reason",
+            command_log_chunks_refused_total.clone(),
+        );
+        registry.register(
+            "command_leases_sent",
+            "Signed leases queued for publishing",
+            command_leases_sent_total.clone(),
+        );
         Self {
             registry,
             edge_connections,
@@ -248,6 +302,12 @@ impl Metrics {
             tx_ack_failures_total,
             tx_queue_depth,
             tx_devices_with_gaps,
+            commands_status_total,
+            commands_live,
+            commands_sent_total,
+            command_results_dropped_total,
+            command_log_chunks_refused_total,
+            command_leases_sent_total,
         }
     }
 

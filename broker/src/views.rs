@@ -3,6 +3,8 @@
 //! These are the public contract of `/api/v1`: add optional fields freely; renaming or
 //! removing one breaks every script that uses `posctl --output json` or the API.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 
 mod config;
@@ -50,6 +52,13 @@ pub struct DeviceSummary {
     pub model: String,
     #[serde(default)]
     pub serial: String,
+    /// Groups the device belongs to (set through the API; configuration layers and
+    /// command targets).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub groups: BTreeSet<String>,
+    /// Labels (key → value) set through the API; command targets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The last heartbeat of a device.
@@ -64,6 +73,15 @@ pub struct HeartbeatView {
     pub uptime_s: u64,
     pub outbox_depth: u32,
     pub boot_id: u64,
+    /// Configuration version the terminal runs (0: none applied).
+    #[serde(default)]
+    pub config_version: u64,
+    /// Whether the terminal refuses transactions.
+    #[serde(default)]
+    pub locked: bool,
+    /// Generation of the last Lock/Unlock applied (0: none).
+    #[serde(default)]
+    pub lock_generation: u64,
 }
 
 /// One telemetry sample.
@@ -110,6 +128,13 @@ pub struct DeviceDetail {
     /// Recent samples, oldest first (bounded per device).
     #[serde(default)]
     pub telemetry_history: Vec<TelemetryView>,
+    /// What the controller wants the device to be (lock, configuration version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<DesiredView>,
+    /// What the device last said it is (heartbeat or ReportedState), since the controller
+    /// started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<ReportedView>,
 }
 
 /// `GET /api/v1/devices`.
@@ -300,6 +325,16 @@ pub enum FleetEvent {
         message: String,
         at_ms: u64,
     },
+    /// A command changed status (or reported progress).
+    Command {
+        id: String,
+        device_id: String,
+        kind: String,
+        status: CommandState,
+        progress_percent: u32,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        message: String,
+    },
     /// The subscriber fell behind and `missed` events were skipped.
     Lagged { missed: u64 },
 }
@@ -312,7 +347,10 @@ impl FleetEvent {
             | FleetEvent::Heartbeat { device, .. }
             | FleetEvent::Telemetry { device, .. }
             | FleetEvent::Transaction { device, .. }
-            | FleetEvent::Alert { device, .. } => Some(device),
+            | FleetEvent::Alert { device, .. }
+            | FleetEvent::Command {
+                device_id: device, ..
+            } => Some(device),
             FleetEvent::Lagged { .. } => None,
         }
     }
@@ -325,6 +363,7 @@ impl FleetEvent {
             FleetEvent::Telemetry { .. } => "telemetry",
             FleetEvent::Transaction { .. } => "transaction",
             FleetEvent::Alert { .. } => "alert",
+            FleetEvent::Command { .. } => "command",
             FleetEvent::Lagged { .. } => "lagged",
         }
     }
@@ -338,7 +377,8 @@ pub struct ErrorBody {
     /// What to do next, when there is something to do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
-    /// One message per invalid field (configuration keys), when the request had several.
+    /// One message per invalid field (`kind`, `target.devices[2]`, a configuration key, ...),
+    /// when the error is about fields of the request.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<FieldMessage>,
 }
@@ -346,15 +386,271 @@ pub struct ErrorBody {
 /// What is wrong with one field of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldMessage {
-    /// The field (a configuration key; `(document)` for the whole layer).
+    /// The field: a request field (`reason`, `target.devices[2]`), a configuration key, or
+    /// `(document)` for a whole configuration layer.
     pub key: String,
     /// What is wrong with it (never the value itself).
     pub message: String,
 }
 
+/// Status of a command (ADR 0007): `queued` → `delivered` → `in_progress` → one final status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandState {
+    /// Persisted, not yet acknowledged by the terminal.
+    Queued,
+    /// The terminal's first result arrived.
+    Delivered,
+    InProgress,
+    Succeeded,
+    Failed,
+    /// The terminal refused it (`rejection_reason` says why).
+    Rejected,
+    /// Its validity ended before a final result.
+    Expired,
+    /// Cancelled through the API, or superseded by a newer configuration push.
+    Cancelled,
+}
+
+impl CommandState {
+    pub const ALL: [CommandState; 8] = [
+        CommandState::Queued,
+        CommandState::Delivered,
+        CommandState::InProgress,
+        CommandState::Succeeded,
+        CommandState::Failed,
+        CommandState::Rejected,
+        CommandState::Expired,
+        CommandState::Cancelled,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CommandState::Queued => "queued",
+            CommandState::Delivered => "delivered",
+            CommandState::InProgress => "in_progress",
+            CommandState::Succeeded => "succeeded",
+            CommandState::Failed => "failed",
+            CommandState::Rejected => "rejected",
+            CommandState::Expired => "expired",
+            CommandState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == s)
+    }
+
+    /// True for the states that never change again.
+    pub fn is_final(self) -> bool {
+        self.rank() == 3
+    }
+
+    /// Order of the lifecycle: a transition never goes to a lower rank.
+    pub fn rank(self) -> u8 {
+        match self {
+            CommandState::Queued => 0,
+            CommandState::Delivered => 1,
+            CommandState::InProgress => 2,
+            _ => 3,
+        }
+    }
+}
+
+/// What a command does, with its parameters. JSON: `"kind": "lock", "parameters": {...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "parameters", rename_all = "snake_case")]
+pub enum CommandBody {
+    Lock {
+        reason: String,
+        generation: u64,
+    },
+    Unlock {
+        reason: String,
+        generation: u64,
+    },
+    ConfigPush {
+        version: u64,
+        /// The effective configuration (flat object of dotted keys).
+        document: serde_json::Map<String, serde_json::Value>,
+    },
+    Reboot {},
+    Wipe {
+        force: bool,
+    },
+    CollectLogs {
+        since_ms: u64,
+        max_bytes: u32,
+    },
+}
+
+impl CommandBody {
+    /// The `kind` name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CommandBody::Lock { .. } => "lock",
+            CommandBody::Unlock { .. } => "unlock",
+            CommandBody::ConfigPush { .. } => "config_push",
+            CommandBody::Reboot {} => "reboot",
+            CommandBody::Wipe { .. } => "wipe",
+            CommandBody::CollectLogs { .. } => "collect_logs",
+        }
+    }
+}
+
+/// One status change of a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusChange {
+    pub status: CommandState,
+    /// Controller clock, Unix ms.
+    pub at_ms: u64,
+}
+
+/// One command: `GET /api/v1/commands/{id}`, rows of the list, and what `POST` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandView {
+    /// Globally unique (32 hex digits); the terminal never runs an id twice.
+    pub id: String,
+    pub device_id: String,
+    #[serde(flatten)]
+    pub body: CommandBody,
+    pub status: CommandState,
+    /// Who asked for it ("admin", or "reconciler" for commands the controller issued itself).
+    pub author: String,
+    pub created_at_ms: u64,
+    /// After this the command is `expired` (and terminals refuse it).
+    pub not_after_ms: u64,
+    /// Every status it went through, oldest first.
+    pub history: Vec<StatusChange>,
+    /// How often it was published to the terminal.
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sent_at_ms: Option<u64>,
+    /// 0-100 while in progress (as the terminal reports it).
+    pub progress_percent: u32,
+    /// The terminal's (or the controller's) last word about it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Machine-readable outcome data from the terminal.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, String>,
+    /// For `rejected`: the terminal's reason code (`stale`, `expired`, `bad_signature`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection_reason: Option<String>,
+    /// For `collect_logs`: bytes uploaded so far, and whether the upload is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logs_complete: bool,
+}
+
+/// `POST /api/v1/commands`: the commands created, one per targeted device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandsCreated {
+    pub commands: Vec<CommandView>,
+}
+
+/// `GET /api/v1/commands`: one page, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandPage {
+    pub items: Vec<CommandView>,
+    /// Pass as `cursor=` (with the same filters) for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// The lock state the controller wants a device in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredLockView {
+    pub locked: bool,
+    pub reason: String,
+    /// Raised by every lock/unlock request; the terminal applies only newer generations.
+    pub generation: u64,
+    pub author: String,
+    pub changed_at_ms: u64,
+}
+
+/// `GET /api/v1/devices/{id}/desired`, and the `desired` section of the device detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredView {
+    pub device_id: String,
+    /// Absent until the device was first locked or unlocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<DesiredLockView>,
+    /// The device's effective configuration version (0: none).
+    pub config_version: u64,
+}
+
+/// What a device last reported about its state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedView {
+    /// Controller clock, Unix ms.
+    pub at_ms: u64,
+    /// "heartbeat" or "state" (a ReportedState message).
+    pub source: String,
+    pub config_version: u64,
+    pub locked: bool,
+    pub lock_generation: u64,
+    /// Only ReportedState carries it ("offline_lease" for a self-lock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_reason: Option<String>,
+}
+
+/// `PUT /api/v1/devices/{id}/groups` body and answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupsBody {
+    pub groups: BTreeSet<String>,
+}
+
+/// `PUT /api/v1/devices/{id}/labels` body and answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabelsBody {
+    pub labels: BTreeMap<String, String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_views_round_trip_with_kind_and_parameters() {
+        let view = CommandView {
+            id: "c1".into(),
+            device_id: "T-1".into(),
+            body: CommandBody::Lock {
+                reason: "stolen".into(),
+                generation: 3,
+            },
+            status: CommandState::InProgress,
+            author: "admin".into(),
+            created_at_ms: 1,
+            not_after_ms: 2,
+            history: vec![StatusChange {
+                status: CommandState::Queued,
+                at_ms: 1,
+            }],
+            attempts: 1,
+            last_sent_at_ms: Some(1),
+            progress_percent: 50,
+            message: String::new(),
+            details: BTreeMap::new(),
+            rejection_reason: None,
+            log_bytes: None,
+            logs_complete: false,
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["kind"], "lock");
+        assert_eq!(json["parameters"]["generation"], 3);
+        assert_eq!(json["status"], "in_progress");
+        assert_eq!(serde_json::from_value::<CommandView>(json).unwrap(), view);
+        let reboot = CommandView {
+            body: CommandBody::Reboot {},
+            ..view
+        };
+        let json = serde_json::to_value(&reboot).unwrap();
+        assert_eq!(json["kind"], "reboot");
+        assert_eq!(serde_json::from_value::<CommandView>(json).unwrap(), reboot);
+    }
 
     #[test]
     fn event_tag_matches_kind() {

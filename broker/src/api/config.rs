@@ -250,7 +250,7 @@ pub(crate) async fn device_config(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<EffectiveConfigView>, ApiError> {
     let id = device_id(id)?;
-    let groups: BTreeSet<String> = state.device_groups.groups(&id);
+    let groups: BTreeSet<String> = state.registry.groups(&id).unwrap_or_default();
     let (effective, sources) = state.config.effective_with_sources(&id, &groups);
     Ok(Json(EffectiveConfigView {
         device: id.to_string(),

@@ -6,7 +6,7 @@ use axum::Json;
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::views::ErrorBody;
+use crate::views::{ErrorBody, FieldMessage};
 
 /// An error answered to an API client: a status and an [`ErrorBody`].
 #[derive(Debug, Clone)]
@@ -25,6 +25,36 @@ impl ApiError {
                 fields: Vec::new(),
             },
         }
+    }
+
+    /// A 400 about one field of the request: `error` says what is wrong with `field`.
+    pub(crate) fn field(field: impl Into<String>, error: impl Into<String>, hint: &str) -> Self {
+        let field = field.into();
+        let message = error.into();
+        let mut e = Self::bad_request(format!("{field}: {message}"), hint);
+        e.body.fields = vec![FieldMessage {
+            key: field,
+            message,
+        }];
+        e
+    }
+
+    /// The same error with another status.
+    pub(crate) fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    pub(crate) fn conflict(error: impl Into<String>, hint: &str) -> Self {
+        Self::new(StatusCode::CONFLICT, error, Some(hint))
+    }
+
+    pub(crate) fn internal(what: &str, detail: &str) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what} failed: {detail}"),
+            Some("check the controller's log; retry later"),
+        )
     }
 
     pub(crate) fn bad_request(error: impl Into<String>, hint: &str) -> Self {
@@ -76,10 +106,8 @@ impl IntoResponse for ApiError {
 pub(crate) async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(
         format!("no route for {}", uri.path()),
-        "the API lives under /api/v1: GET /api/v1/devices, /api/v1/devices/{id}, \
-         /api/v1/devices/{id}/transactions/summary, /api/v1/devices/{id}/config, \
-         /api/v1/transactions, /api/v1/stream, /api/v1/config/{layers,fleet,groups/{name},\
-         devices/{id},history,diff,schema}",
+        "the API lives under /api/v1 (devices, commands, config, transactions, stream); \
+         the README's route table lists every route",
     )
 }
 
@@ -89,8 +117,8 @@ pub(crate) async fn method_not_allowed() -> ApiError {
         StatusCode::METHOD_NOT_ALLOWED,
         "method not allowed on this route",
         Some(
-            "configuration layers (/api/v1/config/fleet, /groups/{name}, /devices/{id}) take \
-             GET, PATCH, PUT and DELETE; every other route is read-only: use GET",
+            "reads are GET; commands are POST; groups and labels are PUT; configuration \
+             layers take GET, PATCH, PUT and DELETE (see the README's route table)",
         ),
     )
 }

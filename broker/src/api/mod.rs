@@ -8,7 +8,9 @@
 //! - `auth.rs`: bearer-token check (constant time) for every route except `/healthz`.
 //! - `error.rs`: [`ApiError`] (JSON `ErrorBody` responses) and [`ServerTlsError`].
 //! - one file per resource: `health.rs` (`GET /healthz`), `devices.rs`
-//!   (`GET /api/v1/devices[/{id}]`), `transactions.rs` (`GET /api/v1/transactions`,
+//!   (`GET /api/v1/devices[/{id}]`, `.../desired`, `PUT .../groups`, `PUT .../labels`),
+//!   `commands.rs` (`POST|GET /api/v1/commands`, `GET /api/v1/commands/{id}`,
+//!   `POST .../cancel`, `GET .../logs`), `transactions.rs` (`GET /api/v1/transactions`,
 //!   `GET /api/v1/devices/{id}/transactions/summary`), `stream.rs` (`GET /api/v1/stream`,
 //!   server-sent events),
 //!   `metrics.rs` (`GET /metrics`), `config.rs` (`/api/v1/config/...` layers, history, diff,
@@ -16,6 +18,7 @@
 //! - `tests/`: tests against a real TLS server on 127.0.0.1:0 with reqwest.
 
 mod auth;
+mod commands;
 mod config;
 mod devices;
 mod error;
@@ -27,19 +30,20 @@ mod stream;
 mod tests;
 mod transactions;
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{MethodRouter, get};
-use posfleet_proto::DeviceId;
+use axum::routing::{MethodRouter, get, post, put};
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use devices::parse_label;
 pub use error::{ApiError, ServerTlsError};
 pub use server::{serve, server_tls_config};
+pub(crate) use transactions::parse_time;
 
+use crate::commands::CommandsHandle;
 use crate::events::EventBus;
 use crate::fleetconfig::ConfigStore;
 use crate::metrics::Metrics;
@@ -83,34 +87,6 @@ impl std::fmt::Debug for AdminToken {
     }
 }
 
-/// A function from a device to its groups.
-type GroupsFn = dyn Fn(&DeviceId) -> BTreeSet<String> + Send + Sync;
-
-/// The groups of a device, as the registry knows them (used for its effective configuration).
-#[derive(Clone)]
-pub struct DeviceGroups(Arc<GroupsFn>);
-
-impl DeviceGroups {
-    pub fn new(f: impl Fn(&DeviceId) -> BTreeSet<String> + Send + Sync + 'static) -> Self {
-        Self(Arc::new(f))
-    }
-
-    /// No device is in any group (until the registry's groups are wired in).
-    pub fn none() -> Self {
-        Self::new(|_| BTreeSet::new())
-    }
-
-    pub(crate) fn groups(&self, device: &DeviceId) -> BTreeSet<String> {
-        (self.0)(device)
-    }
-}
-
-impl std::fmt::Debug for DeviceGroups {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DeviceGroups(..)")
-    }
-}
-
 /// Everything the handlers need. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ApiState {
@@ -120,8 +96,8 @@ pub struct ApiState {
     pub(crate) transactions: Arc<TxStore>,
     /// Fleet configuration layers.
     pub(crate) config: Arc<ConfigStore>,
-    /// A device's groups, for `GET /api/v1/devices/{id}/config`.
-    pub(crate) device_groups: DeviceGroups,
+    /// Commands, desired state, log uploads.
+    pub(crate) commands: CommandsHandle,
     /// Live events for `/api/v1/stream`.
     pub(crate) events: EventBus,
     /// Rendered by `/metrics`; counts auth failures.
@@ -141,6 +117,7 @@ impl ApiState {
         registry: Arc<Registry>,
         transactions: Arc<TxStore>,
         config: Arc<ConfigStore>,
+        commands: CommandsHandle,
         events: EventBus,
         metrics: Arc<Metrics>,
         admin_token: String,
@@ -149,19 +126,13 @@ impl ApiState {
             registry,
             transactions,
             config,
-            device_groups: DeviceGroups::none(),
+            commands,
             events,
             metrics,
             token: AdminToken(admin_token.into()),
             limits: ApiLimits::default(),
             shutdown: CancellationToken::new(),
         }
-    }
-
-    /// The same state with the registry's device groups.
-    pub fn with_device_groups(mut self, groups: DeviceGroups) -> Self {
-        self.device_groups = groups;
-        self
     }
 
     /// The same state with other limits.
@@ -177,6 +148,16 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
     vec![
         ("/api/v1/devices", get(devices::list)),
         ("/api/v1/devices/{id}", get(devices::detail)),
+        ("/api/v1/devices/{id}/desired", get(devices::desired)),
+        ("/api/v1/devices/{id}/groups", put(devices::set_groups)),
+        ("/api/v1/devices/{id}/labels", put(devices::set_labels)),
+        (
+            "/api/v1/commands",
+            get(commands::list).post(commands::create),
+        ),
+        ("/api/v1/commands/{id}", get(commands::detail)),
+        ("/api/v1/commands/{id}/cancel", post(commands::cancel)),
+        ("/api/v1/commands/{id}/logs", get(commands::logs)),
         (
             "/api/v1/devices/{id}/transactions/summary",
             get(transactions::summary),

@@ -7,7 +7,7 @@
 use posfleet_proto::pb;
 
 use crate::registry::{DeviceInfo, TelemetrySample};
-use crate::views::{HeartbeatView, VersionsView};
+use crate::views::{HeartbeatView, ReportedView, VersionsView};
 
 /// Shortest heartbeat interval a device may promise, in seconds.
 pub const MIN_HEARTBEAT_INTERVAL_S: u32 = 1;
@@ -72,8 +72,24 @@ pub(crate) fn heartbeat(
         uptime_s: msg.uptime_s,
         outbox_depth: msg.outbox_depth,
         boot_id: msg.boot_id,
+        config_version: msg.config_version,
+        locked: msg.locked,
+        lock_generation: msg.lock_generation,
     };
     Ok((view, versions))
+}
+
+/// A ReportedState as the API shows it.
+pub(crate) fn reported_state(msg: pb::ReportedState, at_ms: u64) -> Result<ReportedView, Invalid> {
+    let reason = text("lock_reason", msg.lock_reason)?;
+    Ok(ReportedView {
+        at_ms,
+        source: "state".to_owned(),
+        config_version: msg.config_version,
+        locked: msg.locked,
+        lock_generation: msg.lock_generation,
+        lock_reason: (!reason.is_empty()).then_some(reason),
+    })
 }
 
 pub(crate) fn telemetry(

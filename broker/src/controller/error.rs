@@ -21,8 +21,8 @@ pub enum IngestError {
         detail: String,
     },
     #[error(
-        "device {device}: transaction batch refused, the committer is behind; the terminal \
-         resends it"
+        "device {device}: message refused, the controller is behind (transaction committer or \
+         command plane); the terminal resends it"
     )]
     Overloaded { device: DeviceId },
     #[error("device {device}: transaction batch refused, the controller is stopping")]

@@ -13,11 +13,12 @@ use tracing::{debug, info, warn};
 use super::convert::{self, Invalid, PresenceUpdate};
 use super::error::IngestError;
 use super::txqueue::{QueueError, TxQueue};
+use crate::commands::CommandInbox;
 use crate::events::EventBus;
 use crate::metrics::{ChannelLabel, Metrics, ReasonLabel};
 use crate::registry::{Change, PresenceChange, Registry};
 use crate::txstore::{MAX_BATCH_RECORDS, Submission, ValidTx};
-use crate::views::{AlertKind, FleetEvent, Severity};
+use crate::views::{AlertKind, FleetEvent, ReportedView, Severity};
 
 /// The controller's ingest logic. Cheap to share (`Arc`); `handle` takes `&self`.
 #[derive(Debug)]
@@ -31,6 +32,9 @@ pub struct Ingest {
     /// Where validated transaction batches go (the committer's queue); without it
     /// transactions are counted as unsupported.
     transactions: Option<TxQueue>,
+    /// The command plane's queue (results, reported state, presence, log chunks); without
+    /// it command results, reported state and log chunks are counted as unsupported.
+    commands: Option<CommandInbox>,
 }
 
 impl Ingest {
@@ -40,6 +44,7 @@ impl Ingest {
             events,
             metrics,
             transactions: None,
+            commands: None,
         };
         ingest.update_gauges();
         ingest
@@ -48,6 +53,12 @@ impl Ingest {
     /// The same ingest, handing transaction batches to `queue`.
     pub(crate) fn with_transactions(mut self, queue: TxQueue) -> Self {
         self.transactions = Some(queue);
+        self
+    }
+
+    /// The same ingest, handing command traffic to the command plane.
+    pub(crate) fn with_commands(mut self, inbox: CommandInbox) -> Self {
+        self.commands = Some(inbox);
         self
     }
 
@@ -72,6 +83,11 @@ impl Ingest {
             Channel::Telemetry => self.telemetry(device, payload, received_at_ms),
             Channel::Transactions if self.transactions.is_some() => {
                 self.transactions(device, payload, received_at_ms)
+            }
+            Channel::CommandResult | Channel::ReportedState | Channel::LogChunk
+                if self.commands.is_some() =>
+            {
+                self.command_traffic(device, channel, payload, received_at_ms)
             }
             _ => Err(IngestError::Unsupported {
                 device: device.clone(),
@@ -131,8 +147,15 @@ impl Ingest {
         let update = convert::presence(msg).map_err(|e| invalid(device, Channel::Presence, e))?;
         let change = match update {
             PresenceUpdate::Online { device_at_ms, info } => {
-                self.registry
-                    .presence_online(device, at_ms, device_at_ms, info)
+                let change = self
+                    .registry
+                    .presence_online(device, at_ms, device_at_ms, info);
+                if let Some(inbox) = &self.commands {
+                    if inbox.online(device).is_err() {
+                        warn!(device_id = %device, "command plane busy: pending commands go out on the next re-send");
+                    }
+                }
+                change
             }
             PresenceUpdate::Offline {
                 device_at_ms,
@@ -161,6 +184,19 @@ impl Ingest {
             .registry
             .heartbeat(device, at_ms, heartbeat.clone(), versions);
         self.apply(device, &change);
+        let reported = ReportedView {
+            at_ms,
+            source: "heartbeat".to_owned(),
+            config_version: heartbeat.config_version,
+            locked: heartbeat.locked,
+            lock_generation: heartbeat.lock_generation,
+            lock_reason: None,
+        };
+        self.registry.set_reported(device, reported.clone());
+        if let Some(inbox) = &self.commands {
+            // Reconciliation runs again on the next heartbeat if the plane is busy now.
+            let _ = inbox.observed(device, reported, true);
+        }
         self.events.publish(FleetEvent::Heartbeat {
             device: device.to_string(),
             heartbeat,
@@ -180,6 +216,43 @@ impl Ingest {
             telemetry: sample.view(),
         });
         Ok(())
+    }
+
+    /// CommandResult, ReportedState and LogChunk: decoded here, handled by the command plane.
+    fn command_traffic(
+        &self,
+        device: &DeviceId,
+        channel: Channel,
+        payload: &[u8],
+        at_ms: u64,
+    ) -> Result<(), IngestError> {
+        let Some(inbox) = &self.commands else {
+            return Err(IngestError::Unsupported {
+                device: device.clone(),
+                channel,
+            });
+        };
+        let decode_err = |source| decode_error(device, source);
+        let offered = match channel {
+            Channel::CommandResult => {
+                let result = decode::<pb::CommandResult>(payload).map_err(decode_err)?;
+                inbox.result(device, result, at_ms)
+            }
+            Channel::ReportedState => {
+                let st = decode::<pb::ReportedState>(payload).map_err(decode_err)?;
+                let reported =
+                    convert::reported_state(st, at_ms).map_err(|e| invalid(device, channel, e))?;
+                self.registry.set_reported(device, reported.clone());
+                inbox.observed(device, reported, false)
+            }
+            _ => {
+                let chunk = decode::<pb::LogChunk>(payload).map_err(decode_err)?;
+                inbox.log(device, chunk)
+            }
+        };
+        offered.map_err(|_| IngestError::Overloaded {
+            device: device.clone(),
+        })
     }
 
     /// Validates a whole batch and queues it for the committer. One invalid record refuses

@@ -4,8 +4,8 @@
 //! # Layout
 //!
 //! - `ingest.rs`: [`Ingest`], the pure ingest logic (`handle(topic, payload, received_at)`)
-//!   for Presence, Heartbeat, Telemetry and TransactionBatch (validated and queued); other
-//!   channels are counted as unsupported.
+//!   for Presence, Heartbeat, Telemetry and TransactionBatch (validated and queued), and
+//!   CommandResult, ReportedState and LogChunk (handed to the command plane, `crate::commands`).
 //! - `convert.rs`: validating conversions from wire messages to registry values.
 //! - `txqueue.rs`: the bounded, never-waiting hand-off of validated transaction batches from
 //!   ingest to the committer, and [`TxConfig`].
@@ -18,8 +18,11 @@
 //!   the registry committer, the transaction committer and the gap watcher, with
 //!   [`ControllerConfig`].
 //! - `error.rs`: [`IngestError`].
+//! - `cmde2e.rs`: a signed command end to end through `app::start` and a terminal session.
 //! - `tests.rs`: ingest and sweeper tests driven with encoded protobufs and malformed bytes.
 
+#[cfg(test)]
+mod cmde2e;
 mod convert;
 mod error;
 mod gapwatch;

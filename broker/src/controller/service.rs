@@ -29,6 +29,7 @@ use super::gapwatch::GapWatch;
 use super::sweeper::{Clock, spawn_sweeper, system_clock};
 use super::txcommit::Committer;
 use super::txqueue::{TxConfig, TxQueue};
+use crate::commands::{CommandPlane, CommandsHandle, Downlink};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -152,6 +153,8 @@ pub struct Controller {
     pub mqtt: MqttHandle,
     /// The ingest logic the session feeds.
     pub ingest: Arc<Ingest>,
+    /// The command plane (for the admin API).
+    pub commands: CommandsHandle,
 }
 
 /// Starts the controller on `tracker`: the MQTT session subscribed to every device uplink,
@@ -159,10 +162,12 @@ pub struct Controller {
 /// (storing into `transactions`, acknowledging through the session) and the gap watcher.
 /// Everything stops when `cancel` is cancelled; wait for `tracker` to see the final commits
 /// done.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_controller(
     cfg: ControllerConfig,
     registry: Arc<Registry>,
     transactions: Arc<TxStore>,
+    commands: CommandPlane,
     events: EventBus,
     metrics: Arc<Metrics>,
     tracker: &TaskTracker,
@@ -174,9 +179,21 @@ pub fn spawn_controller(
     let (mqtt, inbox) = spawn_session(session, tracker, session_cancel.clone())?;
 
     let (queue, queued) = TxQueue::new(&cfg.tx);
+    // The plane publishes signed commands on the same session.
+    let downlink: Arc<dyn Downlink> = Arc::new(mqtt.clone());
+    let (commands, command_inbox) = commands.spawn(
+        downlink,
+        Arc::clone(&registry),
+        events.clone(),
+        Arc::clone(&metrics),
+        Arc::clone(&cfg.clock),
+        tracker,
+        cancel.child_token(),
+    );
     let ingest = Arc::new(
         Ingest::new(Arc::clone(&registry), events.clone(), Arc::clone(&metrics))
-            .with_transactions(queue),
+            .with_transactions(queue)
+            .with_commands(command_inbox),
     );
     // Stopped by the ingest loop once it takes no more uplinks.
     let tx_stop = CancellationToken::new();
@@ -220,7 +237,11 @@ pub fn spawn_controller(
         .instrument(info_span!("controller", client_id = %mqtt.client_id())),
     );
     tracker.spawn(stop_committer_after(ingest_loop, sweeper, commit_stop));
-    Ok(Controller { mqtt, ingest })
+    Ok(Controller {
+        mqtt,
+        ingest,
+        commands,
+    })
 }
 
 /// How the ingest loop ends the transaction committer at shutdown.
@@ -450,6 +471,7 @@ mod tests {
             cfg,
             Arc::clone(&registry),
             txstore(tmp.path()),
+            crate::commands::tests::plane(tmp.path()),
             EventBus::new(8),
             Arc::clone(&metrics),
             &tracker,

@@ -86,8 +86,7 @@ impl ApiClient {
         self.send_json(reqwest::Method::GET, url, None).await
     }
 
-    /// Sends `method` with an optional JSON body and reads a JSON answer (configuration
-    /// changes).
+    /// Sends `method` with an optional JSON body and reads a JSON answer.
     pub(crate) async fn send_json(
         &self,
         method: reqwest::Method,
@@ -114,6 +113,19 @@ impl ApiClient {
             url: url.to_string(),
             cause: format!("the body is not JSON ({e})"),
         })
+    }
+
+    /// GET raw bytes (at most `limit`).
+    pub(crate) async fn get_bytes(&self, url: Url, limit: usize) -> Result<Vec<u8>, ApiError> {
+        let request = self.http.get(url.clone()).timeout(REQUEST_TIMEOUT);
+        let response = self.send(request, &url).await?;
+        read_capped(response, limit)
+            .await
+            .map_err(|e| self.transport_error(&url, e))?
+            .ok_or_else(|| ApiError::TooLarge {
+                url: url.to_string(),
+                limit,
+            })
     }
 
     /// Opens the live event stream (optionally for one device); the caller reads the body.

@@ -335,6 +335,8 @@ pub(crate) mod tests {
             },
             model: "PAX A920".into(),
             serial: "SN-42".into(),
+            groups: Default::default(),
+            labels: Default::default(),
         }
     }
 
@@ -372,9 +374,14 @@ pub(crate) mod tests {
                 uptime_s: 3720,
                 outbox_depth: 0,
                 boot_id: 0xabc,
+                config_version: 0,
+                locked: false,
+                lock_generation: 0,
             }),
             latest_telemetry: Some(telemetry(tamper)),
             telemetry_history: vec![telemetry(false), telemetry(tamper)],
+            desired: None,
+            reported: None,
         }
     }
 

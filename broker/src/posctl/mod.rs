@@ -8,6 +8,8 @@
 //!   say what to do next.
 //! - `pki`: `pki init` and `pki issue-device` (local files only, no server needed).
 //! - `devices`: `devices list` and `devices show`.
+//! - `commands`: `lock`, `unlock`, `reboot`, `wipe`, `logs collect|get`,
+//!   `commands list|show|cancel`, `devices set-groups|set-labels`.
 //! - `transactions`: `tx list` and `tx summary`.
 //! - `config`: `config set|get|history|diff|schema` (fleet configuration layers).
 //! - `watch`: `watch`, rendering the live stream, over the bounded parser in `sse`.
@@ -16,6 +18,7 @@
 //! - `tests`: the commands against a TLS axum server serving canned API views.
 
 mod client;
+mod commands;
 mod config;
 mod devices;
 mod endpoint;
@@ -123,12 +126,114 @@ enum ApiCommand {
     /// List transactions and summarise a device's transactions.
     #[command(subcommand)]
     Tx(TxCommand),
-    /// Follow the live event stream (presence, heartbeats, telemetry, transactions, alerts)
-    /// until Ctrl-C.
+    /// Follow the live event stream (presence, heartbeats, telemetry, transactions, alerts,
+    /// command progress) until Ctrl-C.
     Watch(WatchArgs),
     /// Fleet configuration: layers (fleet, group, device), history, diff, schema.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Lock terminals (they refuse transactions) until unlocked; desired state, so a
+    /// terminal that is offline now is locked when it returns.
+    Lock {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Why (shown to operators; at most 200 characters).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Unlock terminals (raises the lock generation, like lock).
+    Unlock {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Why (at most 200 characters).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Reboot terminals.
+    Reboot {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Wipe a terminal (keys, configuration, local data) once its outbox is drained.
+    Wipe {
+        /// Device id.
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+        /// Wipe even with transactions not yet delivered (they are lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Collect a terminal's logs and download them.
+    #[command(subcommand)]
+    Logs(LogsCommand),
+    /// List, inspect and cancel commands.
+    #[command(subcommand)]
+    Commands(CommandsCommand),
+}
+
+/// Which terminals a command targets: one device, a group, or labels (all must match;
+/// `model` and `firmware` also match what terminals report).
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["id", "group", "label"])))]
+pub(crate) struct TargetArgs {
+    /// Device id.
+    #[arg(value_parser = parse_device_id)]
+    pub(crate) id: Option<DeviceId>,
+    /// Every member of this group.
+    #[arg(long)]
+    pub(crate) group: Option<String>,
+    /// key=value; repeat for several (all must match).
+    #[arg(long, value_parser = parse_label)]
+    pub(crate) label: Vec<(String, String)>,
+}
+
+#[derive(Debug, Subcommand)]
+enum LogsCommand {
+    /// Ask a terminal for its logs (a collect_logs command).
+    Collect {
+        /// Device id.
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+        /// Only log lines since this time (Unix ms or RFC 3339).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Upload at most this many bytes (default 1 MiB).
+        #[arg(long, value_name = "BYTES")]
+        max_bytes: Option<u32>,
+    },
+    /// Download what a collect_logs command uploaded.
+    Get {
+        /// The command id `logs collect` printed.
+        command_id: String,
+        /// Write to this file instead of stdout (`-o` is the global output format).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CommandsCommand {
+    /// One page of commands, newest first.
+    List(CommandsListArgs),
+    /// Everything about one command, with its status history.
+    Show { id: String },
+    /// Cancel a command that is not final yet (not lock/unlock: change the desired state).
+    Cancel { id: String },
+}
+
+/// Arguments of `posctl commands list`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct CommandsListArgs {
+    #[arg(long, value_parser = parse_device_id)]
+    pub(crate) device: Option<DeviceId>,
+    #[arg(long, value_parser = ["queued", "delivered", "in_progress", "succeeded", "failed", "rejected", "expired", "cancelled"])]
+    pub(crate) status: Option<String>,
+    #[arg(long, value_parser = ["lock", "unlock", "config_push", "reboot", "wipe", "collect_logs"])]
+    pub(crate) kind: Option<String>,
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub(crate) limit: u16,
+    #[arg(long)]
+    pub(crate) cursor: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -295,6 +400,30 @@ enum DevicesCommand {
         #[arg(value_parser = parse_device_id)]
         id: DeviceId,
     },
+    /// Replace a device's groups (none: leave every group).
+    SetGroups {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+        groups: Vec<String>,
+    },
+    /// Replace a device's labels (key=value ...; none: remove all).
+    SetLabels {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+        #[arg(value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+}
+
+fn reason_param(reason: String) -> serde_json::Map<String, serde_json::Value> {
+    let mut params = serde_json::Map::new();
+    params.insert("reason".into(), reason.into());
+    params
+}
+
+/// Clap value parser: `key=value`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    crate::api::parse_label(s)
 }
 
 /// Arguments of `posctl watch`.
@@ -437,6 +566,66 @@ async fn run_api(
             ConfigCommand::Diff(args) => config::diff(&api, &args, format, out).await?,
             ConfigCommand::Schema => config::schema(&api, format, out).await?,
         },
+        ApiCommand::Devices(DevicesCommand::SetGroups { id, groups }) => {
+            commands::set_groups(&api, &id, &groups, format, out).await?;
+        }
+        ApiCommand::Devices(DevicesCommand::SetLabels { id, labels }) => {
+            commands::set_labels(&api, &id, &labels, format, out).await?;
+        }
+        ApiCommand::Lock { target, reason } => {
+            commands::create(&api, "lock", &target, reason_param(reason), format, out).await?;
+        }
+        ApiCommand::Unlock { target, reason } => {
+            commands::create(&api, "unlock", &target, reason_param(reason), format, out).await?;
+        }
+        ApiCommand::Reboot { target } => {
+            commands::create(&api, "reboot", &target, serde_json::Map::new(), format, out).await?;
+        }
+        ApiCommand::Wipe { id, force } => {
+            let mut params = serde_json::Map::new();
+            params.insert("force".into(), force.into());
+            let target = TargetArgs {
+                id: Some(id),
+                group: None,
+                label: vec![],
+            };
+            commands::create(&api, "wipe", &target, params, format, out).await?;
+        }
+        ApiCommand::Logs(LogsCommand::Collect {
+            id,
+            since,
+            max_bytes,
+        }) => {
+            let mut params = serde_json::Map::new();
+            if let Some(since) = since {
+                let ms = crate::api::parse_time("since", &since).map_err(anyhow::Error::msg)?;
+                params.insert("since_ms".into(), ms.into());
+            }
+            if let Some(max) = max_bytes {
+                params.insert("max_bytes".into(), max.into());
+            }
+            let target = TargetArgs {
+                id: Some(id),
+                group: None,
+                label: vec![],
+            };
+            commands::create(&api, "collect_logs", &target, params, format, out).await?;
+        }
+        ApiCommand::Logs(LogsCommand::Get {
+            command_id,
+            out: file,
+        }) => {
+            commands::logs_get(&api, &command_id, file.as_deref(), out).await?;
+        }
+        ApiCommand::Commands(CommandsCommand::List(args)) => {
+            commands::list(&api, &args, format, out).await?;
+        }
+        ApiCommand::Commands(CommandsCommand::Show { id }) => {
+            commands::show(&api, &id, format, out).await?;
+        }
+        ApiCommand::Commands(CommandsCommand::Cancel { id }) => {
+            commands::cancel(&api, &id, format, out).await?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -222,6 +222,23 @@ pub(crate) fn line(sse_kind: &str, value: Value, now_ms: u64) -> String {
                 format!("{level} {name}{seq}: {}", printable(message)),
             )
         }
+        FleetEvent::Command {
+            id,
+            kind,
+            status,
+            progress_percent,
+            message,
+            ..
+        } => {
+            let mut text = format!("{} {} {}", printable(kind), status.name(), printable(id));
+            if *status == crate::views::CommandState::InProgress {
+                text.push_str(&format!(" {progress_percent}%"));
+            }
+            if !message.is_empty() {
+                text.push_str(&format!(": {}", printable(message)));
+            }
+            (now_ms, text)
+        }
         FleetEvent::Lagged { missed } => (
             now_ms,
             format!("{missed} events skipped: posctl fell behind the stream"),
@@ -281,6 +298,9 @@ mod tests {
                 uptime_s: 303,
                 outbox_depth: 2,
                 boot_id: 1,
+                config_version: 0,
+                locked: false,
+                lock_generation: 0,
             },
         };
         assert_eq!(

@@ -2,12 +2,13 @@
 //! state ([`HotState`]: last heartbeat, telemetry ring, liveness deadline), and the
 //! conversions to the API's views.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
 use crate::views::{
-    DeviceDetail, DeviceSummary, HeartbeatView, Lifecycle, TelemetryView, VersionsView,
+    DeviceDetail, DeviceSummary, HeartbeatView, Lifecycle, ReportedView, TelemetryView,
+    VersionsView,
 };
 
 /// Version of the stored record format; bump on an incompatible change.
@@ -42,6 +43,12 @@ pub(crate) struct DeviceRecord {
     pub model: String,
     #[serde(default)]
     pub serial: String,
+    /// Groups set through the API (configuration layers, command targets).
+    #[serde(default)]
+    pub groups: BTreeSet<String>,
+    /// Labels set through the API (command targets).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl DeviceRecord {
@@ -62,6 +69,8 @@ impl DeviceRecord {
             versions: VersionsView::default(),
             model: String::new(),
             serial: String::new(),
+            groups: BTreeSet::new(),
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -125,6 +134,8 @@ pub(crate) struct HotState {
     /// Device clock of the ONLINE presence that made the device online; an OFFLINE presence
     /// stamped earlier is a stale last will from a previous connection.
     pub online_since_device_ms: u64,
+    /// What the device last said about its lock and configuration.
+    pub reported: Option<ReportedView>,
 }
 
 /// A device in the registry.
@@ -153,6 +164,8 @@ impl Device {
             versions: r.versions.clone(),
             model: r.model.clone(),
             serial: r.serial.clone(),
+            groups: r.groups.clone(),
+            labels: r.labels.clone(),
         }
     }
 
@@ -167,6 +180,8 @@ impl Device {
                 .iter()
                 .map(TelemetrySample::view)
                 .collect(),
+            desired: None,
+            reported: self.hot.reported.clone(),
         }
     }
 }

@@ -30,6 +30,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -39,12 +40,12 @@ use tokio::sync::{Notify, watch};
 
 pub use error::RegistryError;
 
-pub(crate) use device::TelemetrySample;
 #[cfg(test)]
 pub(crate) use device::test_support;
+pub(crate) use device::{DeviceRecord, TelemetrySample};
 pub(crate) use state::{Change, DeviceInfo, PresenceChange, StalePresence};
 
-use crate::views::{DeviceDetail, DeviceSummary, HeartbeatView, VersionsView};
+use crate::views::{DeviceDetail, DeviceSummary, HeartbeatView, ReportedView, VersionsView};
 use committer::Durability;
 use device::{Device, HotState};
 use state::State;
@@ -239,6 +240,71 @@ impl Registry {
     /// Marks offline every online device whose liveness deadline is at or before `now_ms`.
     pub(crate) fn sweep(&self, now_ms: u64) -> Vec<(DeviceId, PresenceChange)> {
         self.write().sweep(now_ms)
+    }
+
+    /// Replaces a device's groups. Returns `false` for an unknown device. A significant
+    /// change: `flush` makes it durable.
+    pub(crate) fn set_groups(&self, id: &DeviceId, groups: BTreeSet<String>) -> bool {
+        let mut st = self.write();
+        let State { devices, book } = &mut *st;
+        let Some(dev) = devices.get_mut(id) else {
+            return false;
+        };
+        if dev.record.groups != groups {
+            dev.record.groups = groups;
+            book.significant(id);
+        }
+        true
+    }
+
+    /// Replaces a device's labels; like [`Registry::set_groups`].
+    pub(crate) fn set_labels(&self, id: &DeviceId, labels: BTreeMap<String, String>) -> bool {
+        let mut st = self.write();
+        let State { devices, book } = &mut *st;
+        let Some(dev) = devices.get_mut(id) else {
+            return false;
+        };
+        if dev.record.labels != labels {
+            dev.record.labels = labels;
+            book.significant(id);
+        }
+        true
+    }
+
+    /// Remembers what a device reported about its lock and configuration (memory only).
+    pub(crate) fn set_reported(&self, id: &DeviceId, reported: ReportedView) {
+        if let Some(dev) = self.write().devices.get_mut(id) {
+            dev.hot.reported = Some(reported);
+        }
+    }
+
+    /// True if the device is known and online.
+    pub fn is_online(&self, id: &DeviceId) -> bool {
+        self.read().devices.get(id).is_some_and(|d| d.record.online)
+    }
+
+    /// The device's groups (`None` for an unknown device).
+    pub(crate) fn groups(&self, id: &DeviceId) -> Option<BTreeSet<String>> {
+        self.read().devices.get(id).map(|d| d.record.groups.clone())
+    }
+
+    /// Every device with its groups.
+    pub(crate) fn membership(&self) -> Vec<(DeviceId, BTreeSet<String>)> {
+        self.read()
+            .devices
+            .iter()
+            .map(|(id, d)| (id.clone(), d.record.groups.clone()))
+            .collect()
+    }
+
+    /// The ids of the devices whose record matches `pred`, sorted.
+    pub(crate) fn matching(&self, pred: impl Fn(&DeviceRecord) -> bool) -> Vec<DeviceId> {
+        self.read()
+            .devices
+            .iter()
+            .filter(|(_, d)| pred(&d.record))
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// A new device is committed at once rather than on the next interval.

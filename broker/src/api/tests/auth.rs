@@ -113,7 +113,18 @@ async fn the_right_token_is_accepted_and_healthz_needs_none() {
             continue; // never ends; covered in stream.rs
         }
         let response = server.get(&concrete(template)).await;
-        assert_eq!(response.status(), StatusCode::OK, "{template}");
+        // Past the token check: write-only routes answer 405 to GET, command routes 404
+        // for the made-up id; never 401.
+        assert!(
+            [
+                StatusCode::OK,
+                StatusCode::METHOD_NOT_ALLOWED,
+                StatusCode::NOT_FOUND
+            ]
+            .contains(&response.status()),
+            "{template}: {}",
+            response.status()
+        );
     }
     let lowercase = server
         .client

@@ -10,22 +10,6 @@ use crate::views::{
 };
 
 impl TestServer {
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> reqwest::Response {
-        let mut request = self
-            .client
-            .request(method, self.url(path))
-            .bearer_auth(TOKEN);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        request.send().await.unwrap()
-    }
-
     async fn patch(&self, path: &str, body: Value) -> reqwest::Response {
         self.send(reqwest::Method::PATCH, path, Some(body)).await
     }
@@ -105,7 +89,11 @@ async fn layers_are_set_read_listed_and_merged_for_a_device() {
     );
     assert_eq!(list.version, 4);
 
-    // G-1 is in north and south (see `test_groups`): south wins over north, the device wins.
+    // G-1 is in north and south: south wins over north, the device wins.
+    server.presence("G-1", true, 1);
+    let id = posfleet_proto::DeviceId::new("G-1").unwrap();
+    let groups = ["north", "south"].into_iter().map(str::to_owned).collect();
+    assert!(server.registry.set_groups(&id, groups));
     let eff: EffectiveConfigView = server
         .get("/api/v1/devices/G-1/config")
         .await

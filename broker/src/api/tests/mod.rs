@@ -8,6 +8,7 @@
 //! - `transactions.rs`: transaction list (pagination, filters, cursors) and summary.
 
 mod auth;
+mod commands;
 mod config;
 mod devices;
 mod server;
@@ -44,12 +45,30 @@ pub(super) struct TestServer {
     pub ingest: Ingest,
     pub transactions: Arc<TxStore>,
     pub config: Arc<ConfigStore>,
+    pub registry: Arc<Registry>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
     _tmp: tempfile::TempDir,
 }
 
 impl TestServer {
+    /// `method path` with the token and an optional JSON body.
+    pub(super) async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.unwrap()
+    }
+
     pub async fn start() -> Self {
         Self::start_with(ApiLimits::default(), 64).await
     }
@@ -78,21 +97,33 @@ impl TestServer {
         );
         let events = EventBus::new(event_capacity);
         let metrics = Arc::new(Metrics::new());
-        let ingest = Ingest::new(Arc::clone(&registry), events.clone(), Arc::clone(&metrics));
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        registry.spawn_committer(&tracker, cancel.child_token());
+        let downlink = Arc::new(crate::commands::tests::Recorder::default());
+        let (commands, inbox) = crate::commands::tests::plane(tmp.path()).spawn(
+            downlink,
+            Arc::clone(&registry),
+            events.clone(),
+            Arc::clone(&metrics),
+            crate::controller::system_clock(),
+            &tracker,
+            cancel.child_token(),
+        );
+        let ingest = Ingest::new(Arc::clone(&registry), events.clone(), Arc::clone(&metrics))
+            .with_commands(inbox);
         let state = ApiState::new(
             Arc::clone(&registry),
             Arc::clone(&transactions),
             Arc::clone(&config),
+            commands.clone(),
             events.clone(),
             Arc::clone(&metrics),
             TOKEN.to_owned(),
         )
-        .with_limits(limits)
-        .with_device_groups(super::DeviceGroups::new(test_groups));
+        .with_limits(limits);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));
         let client_tls = client_tls(&pki);
         Self {
@@ -107,6 +138,7 @@ impl TestServer {
             ingest,
             transactions,
             config,
+            registry,
             cancel,
             tracker,
             _tmp: tmp,
@@ -168,15 +200,6 @@ impl TestServer {
         tokio::time::timeout(Duration::from_secs(15), self.tracker.wait())
             .await
             .expect("the API server stops after cancel");
-    }
-}
-
-/// Test devices' groups: `G-<anything>` devices are in `north` and `south`, the rest in none.
-fn test_groups(device: &DeviceId) -> std::collections::BTreeSet<String> {
-    if device.as_str().starts_with("G-") {
-        ["north", "south"].into_iter().map(str::to_owned).collect()
-    } else {
-        Default::default()
     }
 }
 

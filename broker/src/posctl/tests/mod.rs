@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 use super::devices::tests::{NOW, detail, summary, telemetry};
 use super::{Cli, Command, run_api};
 
+mod commands;
 mod config;
 mod devices;
 pub(crate) mod transactions;
@@ -227,6 +228,9 @@ pub(super) fn canned_events() -> Vec<FleetEvent> {
                 uptime_s: 42,
                 outbox_depth: 0,
                 boot_id: 3,
+                config_version: 0,
+                locked: false,
+                lock_generation: 0,
             },
         },
         FleetEvent::Telemetry {

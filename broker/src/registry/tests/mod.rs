@@ -39,6 +39,9 @@ pub(super) fn heartbeat(seq: u64, interval_s: u32, received_at_ms: u64) -> Heart
         uptime_s: seq * u64::from(interval_s),
         outbox_depth: 0,
         boot_id: 7,
+        config_version: 0,
+        locked: false,
+        lock_generation: 0,
     }
 }
 

@@ -123,6 +123,8 @@ impl Model {
             versions: VersionsView::default(),
             model: String::new(),
             serial: String::new(),
+            groups: Default::default(),
+            labels: Default::default(),
         });
         d
     }
