@@ -180,6 +180,10 @@ impl DeviceShared {
                     });
                 self.dead.fetch_add(a.dead_lettered, Ordering::AcqRel);
             }
+            Outcome::Purged { .. } => {
+                self.depth.store(0, Ordering::Release);
+                self.dead.store(0, Ordering::Release);
+            }
             Outcome::Repeat { .. } | Outcome::Conflict { .. } => {}
         }
     }
@@ -241,6 +245,11 @@ impl Outbox {
 
     pub fn settings(&self) -> &OutboxSettings {
         &self.inner.settings
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        self.inner.store.dir()
     }
 
     /// The part of the outbox of terminal `id` (the same shared state for every call with
@@ -340,8 +349,8 @@ impl DeviceOutbox {
             Outcome::Stored { seq } => Ok(AcceptOutcome::Stored { seq }),
             Outcome::Repeat { seq } => Ok(AcceptOutcome::Repeat { seq }),
             Outcome::Conflict { seq } => Ok(AcceptOutcome::Conflict { seq }),
-            Outcome::Acked(_) => Err(OutboxError::Corrupt {
-                detail: "the committer answered an accept with an ack".into(),
+            Outcome::Acked(_) | Outcome::Purged { .. } => Err(OutboxError::Corrupt {
+                detail: "the committer answered an accept with another outcome".into(),
             }),
         }
     }
@@ -362,6 +371,20 @@ impl DeviceOutbox {
             Outcome::Acked(outcome) => Ok(outcome),
             _ => Err(OutboxError::Corrupt {
                 detail: "the committer answered an ack with an accept".into(),
+            }),
+        }
+    }
+
+    /// Removes every transaction and dead letter of this terminal, durably (a wipe). Returns
+    /// how many records went. The sequence continues where it was.
+    pub async fn purge(&self) -> Result<u64, OutboxError> {
+        let op = Op::Purge {
+            device: self.shared.id.clone(),
+        };
+        match self.write(op).await? {
+            Outcome::Purged { entries, dead } => Ok(entries + dead),
+            _ => Err(OutboxError::Corrupt {
+                detail: "the committer answered a purge with another outcome".into(),
             }),
         }
     }
