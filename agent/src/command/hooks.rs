@@ -188,7 +188,7 @@ async fn read_capped(from: Option<impl AsyncRead + Unpin>, into: &mut Vec<u8>, l
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 

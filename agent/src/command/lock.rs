@@ -163,10 +163,20 @@ impl Executor {
     }
 }
 
+/// Longest lock reason kept (it travels in every ReportedState).
+const MAX_REASON_CHARS: usize = 256;
+
+/// `text` (at most [`MAX_REASON_CHARS`] characters, no control characters), or `default`
+/// if it is empty.
 fn non_empty(text: &str, default: &str) -> String {
+    let text: String = text
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_REASON_CHARS)
+        .collect();
     if text.is_empty() {
         default.to_owned()
     } else {
-        text.to_owned()
+        text
     }
 }
