@@ -74,6 +74,8 @@ pub const REASON_OFFLINE_LEASE: &str = "offline_lease";
 pub const REASON_WIPED: &str = "wiped";
 /// Final results kept for the next connect, at most (the controller re-sends anyway).
 const MAX_UNSENT: usize = 64;
+/// How often expired journal entries are pruned (also at every start).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Command settings shared by every terminal of a process.
 #[derive(Debug, Clone)]
@@ -201,6 +203,8 @@ pub(crate) struct Executor {
     stop: CancellationToken,
     /// Cancelled when a wipe has finished.
     wiped: CancellationToken,
+    /// When the journal was last pruned.
+    pruned_at: tokio::time::Instant,
 }
 
 /// The handles the executor works with.
@@ -235,6 +239,7 @@ impl Executor {
             unsent: Vec::new(),
             stop: parts.stop,
             wiped: parts.wiped,
+            pruned_at: tokio::time::Instant::now(),
         }
     }
 
@@ -350,6 +355,7 @@ impl Executor {
                 self.publish_stored(&entry.result).await;
             }
             Ok(None) => {
+                self.prune_now_and_then(now).await;
                 self.stats.commands.fetch_add(1, Ordering::Relaxed);
                 info!(command_id = %command.id, kind = kind_name(&command), "command accepted");
                 self.execute(&command, &signed.command, false).await;
@@ -359,6 +365,20 @@ impl Executor {
                 // controller re-sends it).
                 error!(error = %e, command_id = %command.id, "cannot read the command journal");
             }
+        }
+    }
+
+    /// Removes expired journal entries, at most every [`PRUNE_EVERY`] (the journal stays
+    /// bounded by command validity without scanning it for every command).
+    async fn prune_now_and_then(&mut self, now: u64) {
+        if self.pruned_at.elapsed() < PRUNE_EVERY {
+            return;
+        }
+        self.pruned_at = tokio::time::Instant::now();
+        match state::blocking(&self.state, move |s| s.prune_journal(now)).await {
+            Ok(n) if n > 0 => debug!(pruned = n, "expired journal entries removed"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot prune the command journal"),
         }
     }
 

@@ -227,18 +227,29 @@ impl Term {
 
     /// GET `path` on the local API (a real Unix socket) of the running agent.
     async fn api_get(&self, path: &str) -> serde_json::Value {
-        let settings = LocalApiSettings::new(
-            self.tmp
-                .path()
-                .join(format!("api-{}.sock", rand::random::<u32>())),
-        );
+        self.api("GET", path, None).await.1
+    }
+
+    /// One request to the local API of the running agent: (status code, JSON body).
+    async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let name = format!("api-{}.sock", rand::random::<u32>());
+        let settings = LocalApiSettings::new(self.tmp.path().join(name));
         let api = LocalApi::bind(&settings).unwrap();
         let socket = api.socket_path().to_owned();
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         api.serve(ApiState::new(self.h().clone()), &tracker, cancel.clone());
         let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut answer = String::new();
         tokio::time::timeout(WAIT, stream.read_to_string(&mut answer))
@@ -248,8 +259,9 @@ impl Term {
         cancel.cancel();
         tracker.close();
         tokio::time::timeout(WAIT, tracker.wait()).await.unwrap();
+        let code = answer[9..12].parse().unwrap();
         let body = answer.split("\r\n\r\n").nth(1).unwrap();
-        serde_json::from_str(body).unwrap()
+        (code, serde_json::from_str(body).unwrap())
     }
 }
 
@@ -434,6 +446,14 @@ async fn lock_generations_decide_and_locked_terminals_refuse_transactions() {
         t.h().intake().accept(sale("tx-1", 100)).await,
         Err(AcceptError::Locked)
     ));
+    let sale_json = serde_json::to_value(sale("tx-1", 100)).unwrap();
+    let (code, body) = t
+        .api("POST", "/v1/transactions", Some(sale_json.clone()))
+        .await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (423, Some("terminal_locked"))
+    );
     let status = t.api_get("/v1/status").await;
     assert_eq!(status["locked"], true);
     assert_eq!(status["lock_reason"], "stolen");
@@ -458,7 +478,8 @@ async fn lock_generations_decide_and_locked_terminals_refuse_transactions() {
     let r = t.run("lock-6", lock(6)).await;
     assert_eq!(reason(&r), "stale");
     assert!(!t.h().live().is_locked());
-    assert!(t.h().intake().accept(sale("tx-2", 100)).await.is_ok());
+    let (code, _) = t.api("POST", "/v1/transactions", Some(sale_json)).await;
+    assert_eq!(code, 201, "unlocked again: transactions are accepted");
 
     // Persisted across a restart.
     t.run("lock-8", lock(8)).await;

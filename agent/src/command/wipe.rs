@@ -90,6 +90,11 @@ impl Executor {
         self.set_lock(wiped);
         self.set_config(Default::default());
         self.publish_result(r).await;
+        // A wipe re-run at start may not be connected yet: give the result a chance to go
+        // out before the identity does (the controller otherwise sees the command expire).
+        let mut connected = self.mqtt.connected();
+        let _ = tokio::time::timeout(ACK_WAIT, connected.wait_for(|c| *c)).await;
+        self.publish_unsent().await;
         if self.mqtt.is_connected() && self.mqtt.flush(ACK_WAIT).await.is_err() {
             warn!("the wipe's result was not acknowledged in time");
         }
