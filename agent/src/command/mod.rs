@@ -10,6 +10,8 @@
 //! - `config_push.rs`: ConfigPush (document rules, version rule, atomic file, apply hook,
 //!   rollback).
 //! - `wipe.rs`, `reboot.rs`, `logs.rs`: the one-shot commands.
+//! - `journal.rs`: journal writes around a command (in progress before it acts, final before
+//!   its result goes out) and result publishing (kept for the next connect when offline).
 //! - `recovery.rs`: settling journal entries a restart interrupted.
 //! - `result.rs`: `CommandResult` builders.
 //!
@@ -28,6 +30,7 @@
 pub mod hooks;
 
 mod config_push;
+mod journal;
 mod lock;
 mod logs;
 mod reboot;
@@ -47,7 +50,6 @@ use bytes::Bytes;
 use posfleet_proto::pb::{self, command::Body};
 use posfleet_proto::signing::{KeyRing, RejectReason};
 use posfleet_proto::{DeviceId, decode, now_ms};
-use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -58,8 +60,8 @@ use crate::agent::AgentStats;
 use crate::mqtt::MqttHandle;
 use crate::outbox::DeviceOutbox;
 use crate::state::{
-    self, AppliedConfig, Changes, DeviceState, JournalEntry, JournalStatus, LiveState, LockRecord,
-    Snapshot, StateError, TerminalStatus,
+    self, AppliedConfig, Changes, DeviceState, JournalEntry, LiveState, LockRecord, Snapshot,
+    StateError, TerminalStatus,
 };
 
 /// Default `[commands] max_offline`.
@@ -407,92 +409,6 @@ impl Executor {
             }
             // Verification refuses a missing body; a lease never reaches here.
             Some(Body::Lease(_)) | None => {}
-        }
-    }
-
-    /// Journals `cmd` as in progress together with `changes`, durably, before it acts.
-    /// Returns false (after logging) if that failed: the command must not act.
-    async fn begin(
-        &mut self,
-        cmd: &pb::Command,
-        bytes: &[u8],
-        progress: &pb::CommandResult,
-        changes: Changes,
-    ) -> bool {
-        let entry = JournalEntry {
-            status: JournalStatus::InProgress,
-            not_after_ms: cmd.not_after_ms,
-            command: bytes.to_vec(),
-            result: progress.encode_to_vec(),
-        };
-        let id = cmd.id.clone();
-        let written =
-            state::blocking(&self.state, move |s| s.apply(changes.journal(&id, entry))).await;
-        if let Err(e) = written {
-            error!(error = %e, command_id = %cmd.id, "cannot journal the command; not run");
-            return false;
-        }
-        true
-    }
-
-    /// Stores the final result with `changes`, durably.
-    async fn settle(
-        &mut self,
-        cmd_id: &str,
-        not_after_ms: u64,
-        r: &pb::CommandResult,
-        changes: Changes,
-    ) {
-        let entry = JournalEntry {
-            status: JournalStatus::Final,
-            not_after_ms,
-            command: Vec::new(),
-            result: r.encode_to_vec(),
-        };
-        let id = cmd_id.to_owned();
-        if let Err(e) =
-            state::blocking(&self.state, move |s| s.apply(changes.journal(&id, entry))).await
-        {
-            // The outcome is still reported; a re-delivery may run the command again.
-            error!(error = %e, command_id = %cmd_id, "cannot store the command's result");
-        }
-    }
-
-    /// [`Self::settle`], then publish.
-    async fn finish(&mut self, cmd: &pb::Command, r: pb::CommandResult, changes: Changes) {
-        self.settle(&cmd.id, cmd.not_after_ms, &r, changes).await;
-        self.publish_result(r).await;
-    }
-
-    /// Publishes a result now, or keeps a final one for the next connect.
-    async fn publish_result(&mut self, r: pb::CommandResult) {
-        let progress = r.status() == pb::CommandStatus::InProgress;
-        if !self.mqtt.is_connected() {
-            if !progress {
-                if self.unsent.len() >= MAX_UNSENT {
-                    self.unsent.remove(0);
-                }
-                self.unsent.push(r);
-            }
-            return;
-        }
-        debug!(command_id = %r.command_id, status = ?r.status(), "command result");
-        if !crate::agent::publish(&self.mqtt, &self.id, &r).await && !progress {
-            self.unsent.push(r);
-        }
-    }
-
-    async fn publish_unsent(&mut self) {
-        for r in std::mem::take(&mut self.unsent) {
-            self.publish_result(r).await;
-        }
-    }
-
-    /// Publishes a stored (encoded) result again.
-    async fn publish_stored(&mut self, encoded: &[u8]) {
-        match pb::CommandResult::decode(encoded) {
-            Ok(r) => self.publish_result(r).await,
-            Err(e) => error!(error = %e, "a stored command result does not decode"),
         }
     }
 

@@ -19,7 +19,7 @@ use crate::api::{ApiState, LocalApi, LocalApiSettings};
 use crate::backoff::Backoff;
 use crate::config::BrokerUrl;
 use crate::outbox::Outbox;
-use crate::state::{DEFAULT_STATE_CACHE_CAPACITY, StateStore};
+use crate::state::{DEFAULT_STATE_CACHE_CAPACITY, JournalStatus, StateStore};
 use crate::telemetry::{SimulatedSensors, SimulatedSystem};
 use crate::testing::{FakeBroker, Seen, TestPki};
 use crate::transaction::AcceptError;
