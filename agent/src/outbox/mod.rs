@@ -1,7 +1,7 @@
 //! The durable transaction outbox (DESIGN.md §4, ADR 0005).
 //!
-//! - [`Outbox`]: one sled store (`store.rs` opens and reads it, `writer.rs` writes it: the
-//!   crate's storage modules, with [`crate::state`]) and its committer thread (`committer.rs`). A real terminal opens one in its data directory; the
+//! - [`Outbox`]: one sled store (`store.rs` opens and reads it, `writer.rs` writes it; with
+//!   [`crate::state`] one of the crate's two storage modules) and its committer thread (`committer.rs`). A real terminal opens one in its data directory; the
 //!   simulator opens **one** for all its terminals.
 //! - [`DeviceOutbox`]: one terminal's part of it. [`DeviceOutbox::accept`] assigns the next
 //!   gapless sequence number and returns only after the record is durable (group commit: one
