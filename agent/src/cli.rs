@@ -16,11 +16,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::agent::{Agent, open_outbox};
+use crate::agent::{Agent, open_outbox, open_state};
 use crate::api::{ApiState, LocalApi};
 use crate::config::{BrokerUrl, Config, parse_duration};
 use crate::simulate::{self, SimulatorConfig};
 
+/// Exit status after a wipe: the terminal has no identity left, a supervisor must not
+/// restart the agent (the systemd unit says `RestartPreventExitStatus=3`).
+pub const EXIT_WIPED: u8 = 3;
 /// Time the tasks get to stop after SIGTERM/SIGINT.
 pub const GRACE: Duration = Duration::from_secs(5);
 /// How often `simulate` logs how many terminals are connected.
@@ -81,7 +84,7 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {}", error_report(&error));
             ExitCode::FAILURE
@@ -106,7 +109,7 @@ pub fn error_report(error: &anyhow::Error) -> String {
     out
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let default_filter = match cli.command {
         Command::Run { .. } => "info",
         // Thousands of terminals: per-terminal chatter only from warnings up.
@@ -140,7 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(dir) = data_dir {
                     cfg.data_dir = dir;
                 }
-                run_simulator(cfg).await
+                run_simulator(cfg).await.map(|()| ExitCode::SUCCESS)
             }
         }
     })
@@ -156,13 +159,14 @@ fn init_tracing(default_filter: &str) {
         .try_init();
 }
 
-async fn run_agent(path: PathBuf) -> anyhow::Result<()> {
+async fn run_agent(path: PathBuf) -> anyhow::Result<ExitCode> {
     let config = Config::load(&path)?;
     // Opening the store and reading the certificate files block: off the runtime.
     let cfg = config.clone();
     let (agent, outbox) = tokio::task::spawn_blocking(move || {
         let outbox = open_outbox(&cfg)?;
-        let agent = Agent::from_config(&cfg, &outbox)?;
+        let state = open_state(&cfg)?;
+        let agent = Agent::from_config(&cfg, &outbox, &state)?;
         anyhow::Ok((agent, outbox))
     })
     .await
@@ -179,10 +183,18 @@ async fn run_agent(path: PathBuf) -> anyhow::Result<()> {
         cancel.child_token(),
     );
     let outcome = tokio::select! {
-        signal = shutdown_signal() => signal,
-        () = handle.mqtt().closed() => Err(anyhow::anyhow!(
-            "the MQTT session ended unexpectedly; exiting so the supervisor restarts the agent"
-        )),
+        signal = shutdown_signal() => signal.map(|()| ExitCode::SUCCESS),
+        () = handle.wiped() => {
+            warn!("the terminal was wiped by command; the agent exits and must be re-enrolled");
+            Ok(ExitCode::from(EXIT_WIPED))
+        }
+        () = handle.mqtt().closed() => if handle.is_wiped() {
+            Ok(ExitCode::from(EXIT_WIPED))
+        } else {
+            Err(anyhow::anyhow!(
+                "the MQTT session ended unexpectedly; exiting so the supervisor restarts the agent"
+            ))
+        },
     };
     stop(cancel, tracker).await;
     // Everything accepted is already durable; this only finishes queued removals.

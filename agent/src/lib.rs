@@ -10,13 +10,17 @@
 //! - [`tls`]: rustls client configs (ring provider) and the device id from a certificate.
 //! - [`config`]: the agent's TOML config, parsed in two stages (all problems at once).
 //! - [`agent`]: the runtime of one terminal ([`Agent`]): presence, heartbeats, telemetry,
-//!   the outbox sender, graceful shutdown.
+//!   the outbox sender, the command executor, graceful shutdown.
+//! - [`command`]: the signed command plane (ADR 0007): verification, the journal, lock,
+//!   config, wipe, reboot, logs, the offline lease, terminal hooks.
+//! - [`state`]: the sled state store (`DATA/state`: journal, lock, applied config, last
+//!   contact) and [`state::LiveState`], the lock and config the rest of the agent reads.
 //! - [`transaction`]: transactions as the payment application submits them: parsing of
 //!   untrusted JSON, field rules, the PAN guard, and [`TransactionIntake::accept`], the one
 //!   accept path (local API and simulator).
 //! - [`sledstore`]: the sled rules of notes/storage.md (open, durability), shared with the
 //!   controller's stores.
-//! - [`outbox`]: the durable sled outbox (the crate's only storage module), its group-commit
+//! - [`outbox`]: the durable sled outbox (one of the crate's two storage modules), its group-commit
 //!   thread, and the per-terminal sender of transaction batches and acks (ADR 0005).
 //! - [`api`]: the local HTTP API over a Unix socket (and loopback TCP) for the payment
 //!   application.
@@ -34,11 +38,13 @@ pub mod agent;
 pub mod api;
 pub mod backoff;
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod mqtt;
 pub mod outbox;
 pub mod simulate;
 pub mod sledstore;
+pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod transaction;
@@ -47,10 +53,12 @@ pub mod transaction;
 mod testing;
 
 pub use agent::{Agent, AgentHandle, AgentSettings, DeviceInfo};
+pub use command::{CommandSettings, CommandSetup, HookSettings, TerminalFiles};
 pub use config::Config;
 pub use mqtt::{MqttError, MqttHandle, SessionConfig, SessionEvent, spawn_session};
 pub use outbox::{DeviceOutbox, Outbox, OutboxSettings};
 pub use simulate::{
     AcceptedRecord, SimError, SimulatorConfig, SimulatorHandle, TerminalTxStats, run_simulator,
 };
+pub use state::{LiveState, StateStore, TerminalStatus};
 pub use transaction::{TransactionIntake, TransactionRequest};

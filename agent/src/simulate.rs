@@ -17,6 +17,12 @@
 //! terminal, what was accepted, and [`SimulatorHandle::accepted_records`] lists every
 //! `(device, seq, txn_id)` when [`SimulatorConfig::record_accepted`] is set: what the fault
 //! tests compare with what the controller stored.
+//!
+//! Commands: every terminal runs the same [command executor](crate::command) as a real one,
+//! trusting the PKI directory's `command.pub`, with [`SimulatorConfig::hooks`] and
+//! [`SimulatorConfig::max_offline`]. All terminals share **one** state store
+//! (`DATA/state`); a terminal's applied configuration file is `DATA/config/<id>.json`. A
+//! wiped terminal stops and stays disconnected (its identity lived in memory only).
 
 mod till;
 pub mod transactions;
@@ -33,8 +39,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::agent::{Agent, AgentError, AgentHandle, AgentSettings, DeviceInfo};
+use crate::command::{
+    CommandSettings, CommandSetup, DEFAULT_MAX_OFFLINE, HookSettings, TerminalFiles,
+};
 use crate::config::BrokerUrl;
 use crate::outbox::{DeviceOutbox, Outbox, OutboxError, OutboxSettings};
+use crate::state::{StateError, StateStore};
 use crate::telemetry::{SimulatedSensors, SimulatedSystem};
 use crate::tls::{self, TlsError};
 use till::start_till;
@@ -49,6 +59,8 @@ pub const MAX_COUNT: usize = 100_000;
 pub const DEFAULT_TX_RATE_PER_MINUTE: f64 = 4.0;
 /// Default sled cache of the simulator's shared outbox.
 pub const DEFAULT_SIM_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+/// Default sled cache of the simulator's shared state store.
+pub const DEFAULT_SIM_STATE_CACHE_CAPACITY: u64 = 8 * 1024 * 1024;
 /// Most transactions per terminal per minute (one terminal accepts one at a time).
 pub const MAX_TX_RATE_PER_MINUTE: f64 = 60_000.0;
 
@@ -74,6 +86,10 @@ pub struct SimulatorConfig {
     /// Keep every accepted `(device, seq, txn_id)` in memory for
     /// [`SimulatorHandle::accepted_records`] (fault tests; ~100 bytes per transaction).
     pub record_accepted: bool,
+    /// Hooks every terminal runs for its commands (none by default).
+    pub hooks: HookSettings,
+    /// Offline lease of every terminal (`None`: disabled).
+    pub max_offline: Option<Duration>,
 }
 
 impl SimulatorConfig {
@@ -95,6 +111,8 @@ impl SimulatorConfig {
                 ..OutboxSettings::default()
             },
             record_accepted: false,
+            hooks: HookSettings::default(),
+            max_offline: Some(DEFAULT_MAX_OFFLINE),
         }
     }
 
@@ -128,6 +146,14 @@ pub enum SimError {
     Agent(#[from] AgentError),
     #[error("cannot open the simulator's outbox")]
     Outbox(#[from] OutboxError),
+    #[error("cannot read the command key of {}; create it with `posctl pki init` (or start the controller once)", dir.display())]
+    CommandKey {
+        dir: std::path::PathBuf,
+        #[source]
+        source: PkiError,
+    },
+    #[error("cannot open the simulator's state store")]
+    State(#[from] StateError),
 }
 
 /// Transaction counters of one simulated terminal.
@@ -249,6 +275,32 @@ struct Fleet {
     ca: Ca,
     roots: Arc<rustls::RootCertStore>,
     outbox: Outbox,
+    state: StateStore,
+    commands: Arc<CommandSettings>,
+    /// Where the terminals' config files go (`DATA/config`).
+    config_dir: std::path::PathBuf,
+}
+
+impl Fleet {
+    /// A terminal's certificate, outbox and command setup (all blocking to make).
+    fn terminal(&self, id: &DeviceId) -> Result<Issued, SimError> {
+        let files = TerminalFiles {
+            config: self.config_dir.join(format!("{id}.json")),
+            identity: Vec::new(),
+        };
+        Ok(Issued {
+            cert: issue(&self.ca, id)?,
+            outbox: self.outbox.device(id)?,
+            commands: CommandSetup::load(self.commands.clone(), self.state.device(id), files)?,
+        })
+    }
+}
+
+/// What a terminal is built from.
+struct Issued {
+    cert: CertifiedKey,
+    outbox: DeviceOutbox,
+    commands: CommandSetup,
 }
 
 /// Starts the simulator: loads the CA, checks the settings by issuing the first certificate,
@@ -279,14 +331,16 @@ pub async fn run_simulator(
         .collect::<Result<Vec<_>, _>>()?
         .into();
 
-    // File reads, key parsing and opening the store: off the runtime.
+    // File reads, key parsing and opening the stores: off the runtime.
     let (dir, data_dir, outbox) = (cfg.pki_dir.clone(), cfg.data_dir.clone(), cfg.outbox);
-    let fleet =
-        tokio::task::spawn_blocking(move || load_fleet(&dir, &data_dir.join("outbox"), outbox))
-            .await
-            .map_err(|e| SimError::Config {
-                reason: format!("loading the CA panicked: {e}"),
-            })??;
+    let (hooks, max_offline) = (cfg.hooks.clone(), cfg.max_offline);
+    let fleet = tokio::task::spawn_blocking(move || {
+        load_fleet(&dir, &data_dir, outbox, (hooks, max_offline))
+    })
+    .await
+    .map_err(|e| SimError::Config {
+        reason: format!("loading the CA panicked: {e}"),
+    })??;
     let fleet = Arc::new(fleet);
 
     let handle = SimulatorHandle {
@@ -301,14 +355,12 @@ pub async fn run_simulator(
     };
     // Fail early and clearly if the first terminal cannot be built.
     let (f, id) = (fleet.clone(), ids[0].clone());
-    let (issued, outbox) = tokio::task::spawn_blocking(move || {
-        Ok::<_, SimError>((issue(&f.ca, &id)?, f.outbox.device(&id)?))
-    })
-    .await
-    .map_err(|e| SimError::Config {
-        reason: format!("starting the first terminal panicked: {e}"),
-    })??;
-    let first = build_agent(&fleet, &cfg, 0, &ids[0], issued, outbox)?;
+    let issued = tokio::task::spawn_blocking(move || f.terminal(&id))
+        .await
+        .map_err(|e| SimError::Config {
+            reason: format!("starting the first terminal panicked: {e}"),
+        })??;
+    let first = build_agent(&fleet, &cfg, 0, &ids[0], issued)?;
     let first = first.spawn(tracker, cancel.child_token())?;
     start_till(&cfg, &handle, 0, &first, tracker, &cancel);
     handle.lock().push(first);
@@ -328,14 +380,21 @@ pub async fn run_simulator(
 
 fn load_fleet(
     dir: &std::path::Path,
-    outbox_dir: &std::path::Path,
+    data_dir: &std::path::Path,
     settings: OutboxSettings,
+    (hooks, max_offline): (HookSettings, Option<Duration>),
 ) -> Result<Fleet, SimError> {
     let pki = PkiDir::at(dir);
     let ca = pki.load_ca().map_err(|source| SimError::Ca {
         dir: dir.to_owned(),
         source,
     })?;
+    let keys = pki
+        .load_command_public_keys()
+        .map_err(|source| SimError::CommandKey {
+            dir: dir.to_owned(),
+            source,
+        })?;
     let ca_pem = std::fs::read(pki.ca_cert()).map_err(|source| SimError::Ca {
         dir: dir.to_owned(),
         source: PkiError::Io {
@@ -344,8 +403,19 @@ fn load_fleet(
         },
     })?;
     let roots = tls::root_store_from_pem(&ca_pem)?;
-    let outbox = Outbox::open(outbox_dir, settings)?;
-    Ok(Fleet { ca, roots, outbox })
+    let outbox = Outbox::open(&data_dir.join("outbox"), settings)?;
+    let state = StateStore::open(&data_dir.join("state"), DEFAULT_SIM_STATE_CACHE_CAPACITY)?;
+    let mut commands = CommandSettings::new(posfleet_proto::signing::KeyRing::new(keys));
+    commands.hooks = hooks;
+    commands.max_offline = max_offline;
+    Ok(Fleet {
+        ca,
+        roots,
+        outbox,
+        state,
+        commands: Arc::new(commands),
+        config_dir: data_dir.join("config"),
+    })
 }
 
 fn issue(ca: &Ca, id: &DeviceId) -> Result<CertifiedKey, SimError> {
@@ -358,9 +428,13 @@ fn build_agent(
     cfg: &SimulatorConfig,
     index: usize,
     id: &DeviceId,
-    issued: CertifiedKey,
-    outbox: DeviceOutbox,
+    terminal: Issued,
 ) -> Result<Agent, SimError> {
+    let Issued {
+        cert: issued,
+        outbox,
+        commands,
+    } = terminal;
     let tls = tls::client_config_with_roots(
         fleet.roots.clone(),
         issued.cert_pem.as_bytes(),
@@ -380,9 +454,12 @@ fn build_agent(
         proven,
         tls,
         settings,
-        Box::new(SimulatedSystem::new(seed)),
-        Box::new(SimulatedSensors::new(seed)),
+        (
+            Box::new(SimulatedSystem::new(seed)),
+            Box::new(SimulatedSensors::new(seed)),
+        ),
         outbox,
+        commands,
     ))
 }
 
@@ -453,17 +530,14 @@ impl Ramp {
         );
     }
 
-    /// Certificates and outbox handles (both blocking to make) for terminals `from..to`.
-    async fn issue_batch(
-        &self,
-        from: usize,
-        to: usize,
-    ) -> Result<Vec<(CertifiedKey, DeviceOutbox)>, SimError> {
+    /// Certificates, outbox handles and command setups (all blocking to make) for terminals
+    /// `from..to`.
+    async fn issue_batch(&self, from: usize, to: usize) -> Result<Vec<Issued>, SimError> {
         let fleet = self.fleet.clone();
         let ids = self.ids.clone();
         tokio::task::spawn_blocking(move || {
             (from..to)
-                .map(|i| Ok((issue(&fleet.ca, &ids[i])?, fleet.outbox.device(&ids[i])?)))
+                .map(|i| fleet.terminal(&ids[i]))
                 .collect::<Result<Vec<_>, SimError>>()
         })
         .await
@@ -472,19 +546,8 @@ impl Ramp {
         })?
     }
 
-    fn start(
-        &self,
-        index: usize,
-        (issued, outbox): (CertifiedKey, DeviceOutbox),
-    ) -> Result<(), SimError> {
-        let agent = build_agent(
-            &self.fleet,
-            &self.cfg,
-            index,
-            &self.ids[index],
-            issued,
-            outbox,
-        )?;
+    fn start(&self, index: usize, issued: Issued) -> Result<(), SimError> {
+        let agent = build_agent(&self.fleet, &self.cfg, index, &self.ids[index], issued)?;
         let handle = agent.spawn(&self.tracker, self.cancel.child_token())?;
         start_till(
             &self.cfg,

@@ -123,6 +123,9 @@ provider = "{sensors}"
 
 [local_api]
 socket = "{socket}"
+
+[commands]
+trusted_keys = ["{command_pub}"]
 {extra_config}"#,
             keep_alive = opts.keep_alive.as_millis(),
             backoff_initial = opts.backoff_initial.as_millis(),
@@ -136,6 +139,7 @@ socket = "{socket}"
             model = opts.model,
             sensors = opts.sensors,
             socket = dir.join("api.sock").display(),
+            command_pub = pki.command_public_key().display(),
         );
         std::fs::write(&config, text)
             .with_context(|| format!("cannot write {}", config.display()))?;

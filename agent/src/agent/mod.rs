@@ -4,15 +4,19 @@
 //!
 //! - the [MQTT session](crate::mqtt) (subscribed to the device's downlink filter, with the
 //!   last will `Presence{OFFLINE, "connection_lost"}`);
-//! - an event consumer: it wakes the runtime and the outbox sender on every connect, hands
-//!   `txack` messages to the sender's [`AckInbox`] and logs other downlink messages
-//!   (commands are not implemented yet; they are ignored at debug level). It never waits on
-//!   a publish or on the sender, so the session can always deliver events (see the
-//!   session's back-pressure rules);
+//! - an event consumer: it wakes the runtime, the outbox sender and the command executor on
+//!   every connect, hands `txack` messages to the sender's [`AckInbox`] and `cmd` messages
+//!   to the [command executor](crate::command) through a bounded queue (full: dropped and
+//!   counted; the controller re-sends). It never waits on a publish, the sender or the
+//!   executor, so the session can always deliver events (see the session's back-pressure
+//!   rules);
+//! - the [command executor](crate::command): verifies, journals and runs commands, applies
+//!   leases, and locks the terminal when the offline lease expires;
 //! - the [outbox sender](crate::outbox): publishes the terminal's transactions in batches
 //!   and applies the controller's acks;
 //! - the runtime: after every connect it publishes `Presence{ONLINE}` and a
-//!   `ReportedState`; every heartbeat interval a `Heartbeat` (skipped while disconnected);
+//!   `ReportedState` (and another `ReportedState` whenever the lock or configuration
+//!   changes); every heartbeat interval a `Heartbeat` (skipped while disconnected);
 //!   every telemetry interval a `Telemetry`, with `try_publish`: a sample that cannot be
 //!   queued, or is due while disconnected, is dropped and counted in the next sample's
 //!   `dropped_samples`. On cancellation it publishes `Presence{OFFLINE, "shutdown"}`, waits
@@ -29,19 +33,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use posfleet_proto::{Channel, DeviceId, Filter, Topic, encode};
+use posfleet_proto::signing::KeyRing;
+use posfleet_proto::{Channel, DeviceId, Filter, Topic, encode, now_ms};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use report::{AGENT_VERSION, REASON_CONNECTION_LOST, REASON_SHUTDOWN};
+pub(crate) use run::publish;
 
 use crate::backoff::Backoff;
+use crate::command::{self, CommandSettings, CommandSetup, Executor, ExecutorParts, TerminalFiles};
 use crate::config::{BrokerUrl, Config, SensorSource};
 use crate::mqtt::{self, MqttError, MqttHandle, SessionConfig};
 use crate::outbox::{AckInbox, AckStats, DeviceOutbox, Outbox, OutboxError, Sender};
+use crate::state::{DEFAULT_STATE_CACHE_CAPACITY, LiveState, StateError, StateStore};
 use crate::telemetry::{NoSensors, OsSystem, SensorProvider, SimulatedSensors, SystemProvider};
 use crate::tls::{self, TlsError};
-use crate::transaction::{LockState, TransactionIntake};
+use crate::transaction::TransactionIntake;
 
 /// What the terminal says about itself (from the config file, or made up by the simulator).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -110,6 +118,21 @@ pub enum AgentError {
     Encode(#[from] posfleet_proto::CodecError),
     #[error("cannot open the transaction outbox")]
     Outbox(#[from] OutboxError),
+    #[error("cannot open the agent's state store")]
+    State(#[from] StateError),
+    #[error(
+        "cannot read the trusted command key file {}; commands.trusted_keys must name the controller's command.pub (from the device bundle)",
+        path.display()
+    )]
+    TrustedKeys {
+        path: PathBuf,
+        #[source]
+        source: posfleet_proto::pki::PkiError,
+    },
+    #[error(
+        "no trusted command key configured (commands.trusted_keys); the agent refuses to start without one"
+    )]
+    NoTrustedKeys,
 }
 
 /// One terminal, ready to run.
@@ -125,8 +148,11 @@ pub struct Agent {
     sensors: Box<dyn SensorProvider>,
     /// This terminal's part of the transaction outbox.
     outbox: DeviceOutbox,
-    /// Whether the terminal refuses transactions.
-    lock: LockState,
+    /// Lock and configuration as the rest of the agent sees them (the intake refuses
+    /// transactions while locked).
+    live: LiveState,
+    /// Keys, hooks, state and files of the command executor.
+    commands: CommandSetup,
 }
 
 impl std::fmt::Debug for Agent {
@@ -140,15 +166,17 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     /// An agent for an identity held in memory (the simulator's way). `tls` must present the
-    /// certificate of `id`; `outbox` must be the outbox of `id`.
+    /// certificate of `id`; `outbox` and `commands` must be those of `id`. A lease that
+    /// expired while the agent was down locks the terminal right here.
     pub fn new(
         id: DeviceId,
         tls: Arc<rustls::ClientConfig>,
         settings: AgentSettings,
-        system: Box<dyn SystemProvider>,
-        sensors: Box<dyn SensorProvider>,
+        (system, sensors): (Box<dyn SystemProvider>, Box<dyn SensorProvider>),
         outbox: DeviceOutbox,
+        commands: CommandSetup,
     ) -> Self {
+        let live = LiveState::new(commands.initial_status(now_ms()));
         Self {
             id,
             tls,
@@ -156,16 +184,33 @@ impl Agent {
             system,
             sensors,
             outbox,
-            lock: LockState::default(),
+            live,
+            commands,
         }
     }
 
     /// The agent of a real terminal: identity from the certificate files, OS metrics, the
-    /// configured sensor provider, its part of `outbox` (see [`open_outbox`]). Blocking (it
-    /// reads files and counts the outbox).
-    pub fn from_config(cfg: &Config, outbox: &Outbox) -> Result<Self, AgentError> {
+    /// configured sensor provider, its part of `outbox` and `state` (see [`open_outbox`],
+    /// [`open_state`]), the trusted command keys of the config. Blocking (it reads files and
+    /// the stores).
+    pub fn from_config(
+        cfg: &Config,
+        outbox: &Outbox,
+        state: &StateStore,
+    ) -> Result<Self, AgentError> {
+        let keys = load_trusted_keys(&cfg.commands.trusted_keys)?;
         let (id, tls) = tls::load_device_identity(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
         let outbox = outbox.device(&id)?;
+        let command_settings = CommandSettings {
+            keys,
+            hooks: cfg.hooks.clone(),
+            max_offline: cfg.commands.max_offline,
+        };
+        let files = TerminalFiles {
+            config: cfg.data_dir.join("config.json"),
+            identity: vec![cfg.tls.key.clone(), cfg.tls.cert.clone()],
+        };
+        let commands = CommandSetup::load(Arc::new(command_settings), state.device(&id), files)?;
         let sensors: Box<dyn SensorProvider> = match cfg.sensors {
             SensorSource::Simulated => Box::new(SimulatedSensors::new(seed_of(&id))),
             SensorSource::None => Box::new(NoSensors),
@@ -181,20 +226,31 @@ impl Agent {
             shutdown_grace: Duration::from_secs(2),
         };
         let system = Box::new(OsSystem::new(cfg.data_dir.clone()));
-        Ok(Self::new(id, tls, settings, system, sensors, outbox))
+        Ok(Self::new(
+            id,
+            tls,
+            settings,
+            (system, sensors),
+            outbox,
+            commands,
+        ))
     }
 
     pub fn device_id(&self) -> &DeviceId {
         &self.id
     }
 
-    /// Starts the agent's tasks on `tracker`; they run until `cancel` is cancelled, then shut
-    /// down gracefully (see the module docs) within about `shutdown_grace` plus one second.
+    /// Starts the agent's tasks on `tracker`; they run until `cancel` is cancelled (or a wipe
+    /// stops the agent), then shut down gracefully (see the module docs) within about
+    /// `shutdown_grace` plus one second.
     pub fn spawn(
         self,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<AgentHandle, AgentError> {
+        // The agent's own token: a wipe cancels it.
+        let cancel = cancel.child_token();
+        let wiped = CancellationToken::new();
         let heartbeat_interval_s =
             u32::try_from(self.settings.heartbeat_interval.as_secs()).unwrap_or(u32::MAX);
         let reporter = report::Reporter::new(self.settings.device.clone(), heartbeat_interval_s);
@@ -222,13 +278,27 @@ impl Agent {
         let stats = Arc::new(AgentStats::default());
         let inbox = Arc::new(AckInbox::default());
         let (online_tx, online_rx) = tokio::sync::watch::channel(0u64);
+        let (commands_tx, commands_rx) = tokio::sync::mpsc::channel(command::QUEUE_CAPACITY);
         tracker.spawn(run::consume_events(
             self.id.clone(),
             events,
             online_tx,
             stats.clone(),
-            inbox.clone(),
+            (inbox.clone(), commands_tx),
         ));
+        let executor = Executor::new(
+            self.commands,
+            ExecutorParts {
+                id: self.id.clone(),
+                live: self.live.clone(),
+                mqtt: mqtt.clone(),
+                outbox: self.outbox.clone(),
+                stats: stats.clone(),
+                stop: cancel.clone(),
+                wiped: wiped.clone(),
+            },
+        );
+        tracker.spawn(executor.run(commands_rx, online_rx.clone(), cancel.clone()));
         let sender = Sender::new(
             self.outbox.clone(),
             mqtt.clone(),
@@ -237,7 +307,7 @@ impl Agent {
             online_rx.clone(),
         );
         tracker.spawn(sender.run(cancel.clone()));
-        let intake = TransactionIntake::new(self.outbox, self.lock);
+        let intake = TransactionIntake::new(self.outbox, self.live);
         let runtime = run::Runtime::new(
             self.id.clone(),
             self.settings,
@@ -254,6 +324,7 @@ impl Agent {
             stats,
             intake,
             inbox,
+            wiped,
         })
     }
 }
@@ -267,6 +338,10 @@ pub(crate) struct AgentStats {
     telemetry: AtomicU64,
     telemetry_dropped: AtomicU64,
     downlink: AtomicU64,
+    pub(crate) commands: AtomicU64,
+    pub(crate) commands_rejected: AtomicU64,
+    pub(crate) commands_malformed: AtomicU64,
+    pub(crate) commands_dropped: AtomicU64,
 }
 
 /// A snapshot of an agent's counters.
@@ -280,8 +355,16 @@ pub struct AgentStatsSnapshot {
     pub telemetry: u64,
     /// Telemetry samples dropped (disconnected or queue full).
     pub telemetry_dropped: u64,
-    /// Downlink messages received (and, for now, ignored).
+    /// Downlink messages received.
     pub downlink: u64,
+    /// Verified commands executed (not counting leases and replays).
+    pub commands: u64,
+    /// Commands refused by verification (signature, key, device, validity, kind).
+    pub commands_rejected: u64,
+    /// Command payloads that were not a `SignedCommand` at all.
+    pub commands_malformed: u64,
+    /// Command payloads dropped because the executor's queue was full.
+    pub commands_dropped: u64,
 }
 
 /// A running agent.
@@ -296,6 +379,8 @@ pub struct AgentHandle {
     intake: TransactionIntake,
     /// Acks received, for their counters.
     inbox: Arc<AckInbox>,
+    /// Cancelled once a wipe has finished (the agent stops).
+    wiped: CancellationToken,
 }
 
 impl AgentHandle {
@@ -322,6 +407,20 @@ impl AgentHandle {
         self.intake.outbox()
     }
 
+    /// The terminal's lock and configuration.
+    pub fn live(&self) -> &LiveState {
+        self.intake.live()
+    }
+
+    /// Waits until a wipe has finished (the agent then stops; a real agent exits).
+    pub async fn wiped(&self) {
+        self.wiped.cancelled().await;
+    }
+
+    pub fn is_wiped(&self) -> bool {
+        self.wiped.is_cancelled()
+    }
+
     /// Counters of the transaction acks received.
     pub fn ack_stats(&self) -> AckStats {
         self.inbox.stats()
@@ -336,6 +435,10 @@ impl AgentHandle {
             telemetry: get(&s.telemetry),
             telemetry_dropped: get(&s.telemetry_dropped),
             downlink: get(&s.downlink),
+            commands: get(&s.commands),
+            commands_rejected: get(&s.commands_rejected),
+            commands_malformed: get(&s.commands_malformed),
+            commands_dropped: get(&s.commands_dropped),
         }
     }
 }
@@ -352,6 +455,33 @@ pub(crate) fn seed_of(id: &DeviceId) -> u64 {
 pub fn open_outbox(cfg: &Config) -> Result<Outbox, AgentError> {
     create_data_dir(&cfg.data_dir)?;
     Ok(Outbox::open(&cfg.data_dir.join("outbox"), cfg.outbox)?)
+}
+
+/// Opens the state store of a real terminal in `DATA_DIR/state`. Blocking.
+pub fn open_state(cfg: &Config) -> Result<StateStore, AgentError> {
+    create_data_dir(&cfg.data_dir)?;
+    Ok(StateStore::open(
+        &cfg.data_dir.join("state"),
+        DEFAULT_STATE_CACHE_CAPACITY,
+    )?)
+}
+
+/// Every key in the trusted key files (a file may hold several). Blocking.
+pub fn load_trusted_keys(paths: &[PathBuf]) -> Result<KeyRing, AgentError> {
+    let mut keys = Vec::new();
+    for path in paths {
+        let read = posfleet_proto::pki::read_public_keys(path).map_err(|source| {
+            AgentError::TrustedKeys {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        keys.extend(read);
+    }
+    if keys.is_empty() {
+        return Err(AgentError::NoTrustedKeys);
+    }
+    Ok(KeyRing::new(keys))
 }
 
 fn create_data_dir(path: &std::path::Path) -> Result<(), AgentError> {

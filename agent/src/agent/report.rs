@@ -5,6 +5,7 @@ use posfleet_proto::{now_ms, pb};
 use tokio::time::Instant;
 
 use super::DeviceInfo;
+use crate::state::TerminalStatus;
 
 /// The agent's own version, reported in every `SoftwareVersions`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -90,23 +91,27 @@ impl Reporter {
         }
     }
 
-    /// What the terminal is. Configuration pushes are not implemented yet, so the config
-    /// version is 0.
-    pub(crate) fn reported_state(&self, locked: bool) -> pb::ReportedState {
+    /// What the terminal is: its lock and applied configuration, versions, model.
+    pub(crate) fn reported_state(&self, status: &TerminalStatus) -> pb::ReportedState {
         pb::ReportedState {
             at_ms: now_ms(),
-            config_version: 0,
-            locked,
-            lock_reason: String::new(),
+            config_version: status.config_version,
+            locked: status.locked,
+            lock_reason: status.lock_reason.clone(),
             versions: Some(self.versions()),
             model: self.device.model.clone(),
             serial: self.device.serial.clone(),
-            lock_generation: 0,
+            lock_generation: status.lock_generation,
         }
     }
 
     /// `outbox_depth`: transactions accepted and not yet acknowledged by the controller.
-    pub(crate) fn heartbeat(&self, seq: u64, outbox_depth: u32) -> pb::Heartbeat {
+    pub(crate) fn heartbeat(
+        &self,
+        seq: u64,
+        outbox_depth: u32,
+        status: &TerminalStatus,
+    ) -> pb::Heartbeat {
         pb::Heartbeat {
             seq,
             sent_at_ms: now_ms(),
@@ -115,9 +120,9 @@ impl Reporter {
             versions: Some(self.versions()),
             outbox_depth,
             boot_id: self.boot_id,
-            config_version: 0,
-            locked: false,
-            lock_generation: 0,
+            config_version: status.config_version,
+            locked: status.locked,
+            lock_generation: status.lock_generation,
         }
     }
 }
@@ -158,8 +163,15 @@ mod tests {
         encode(&r.online()).unwrap();
         encode(&r.shutdown()).unwrap();
         encode(&r.last_will()).unwrap();
-        encode(&r.reported_state(true)).unwrap();
-        let hb = r.heartbeat(u64::MAX, u32::MAX);
+        let status = TerminalStatus {
+            locked: true,
+            lock_reason: "R".repeat(256),
+            lock_generation: u64::MAX,
+            config_version: u64::MAX,
+            ..TerminalStatus::default()
+        };
+        encode(&r.reported_state(&status)).unwrap();
+        let hb = r.heartbeat(u64::MAX, u32::MAX, &status);
         assert_eq!(decode::<pb::Heartbeat>(&encode(&hb).unwrap()).unwrap(), hb);
         let mut sensors = SimulatedSensors::new(1).reading();
         sensors.tamper = true;
@@ -183,8 +195,18 @@ mod tests {
     #[test]
     fn heartbeat_carries_sequence_interval_and_boot_id() {
         let r = Reporter::new(DeviceInfo::default(), 10);
-        let hb = r.heartbeat(1, 3);
+        let status = TerminalStatus {
+            locked: true,
+            lock_generation: 4,
+            config_version: 9,
+            ..TerminalStatus::default()
+        };
+        let hb = r.heartbeat(1, 3, &status);
         assert_eq!((hb.seq, hb.interval_s, hb.outbox_depth), (1, 10, 3));
+        assert_eq!(
+            (hb.config_version, hb.locked, hb.lock_generation),
+            (9, true, 4)
+        );
         assert_eq!(hb.boot_id, r.boot_id());
         assert_ne!(hb.boot_id, 0);
         assert_ne!(

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
 use posfleet_proto::{Channel, ChannelMessage, DeviceId, Topic, encode, pb};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -14,6 +15,7 @@ use super::report::{self, Reporter};
 use super::{AgentSettings, AgentStats};
 use crate::mqtt::{MqttError, MqttHandle, QoS, SessionEvent};
 use crate::outbox::AckInbox;
+use crate::state::TerminalStatus;
 use crate::telemetry::{SensorProvider, SystemProvider};
 use crate::transaction::TransactionIntake;
 
@@ -24,13 +26,14 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Reads session events; never publishes and never waits on anyone (see the session's
-/// back-pressure rules): acks go to the sender's inbox, which merges them.
+/// back-pressure rules): acks go to the sender's inbox, which merges them; commands to the
+/// executor's bounded queue (dropped and counted when it is full).
 pub(super) async fn consume_events(
     id: DeviceId,
     mut events: mpsc::Receiver<SessionEvent>,
     online: watch::Sender<u64>,
     stats: Arc<AgentStats>,
-    inbox: Arc<AckInbox>,
+    (inbox, commands): (Arc<AckInbox>, mpsc::Sender<Bytes>),
 ) {
     let span = info_span!("agent_events", device_id = %id);
     async move {
@@ -46,11 +49,22 @@ pub(super) async fn consume_events(
                         );
                     } else if topic.channel() == Channel::TransactionAck {
                         inbox.offer(&id, &payload);
+                    } else if topic.channel() == Channel::Command {
+                        match commands.try_send(payload) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                stats.commands_dropped.fetch_add(1, Ordering::Relaxed);
+                                warn!("command queue full; command dropped (the controller sends it again)");
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                debug!("command executor stopped; command ignored");
+                            }
+                        }
                     } else {
                         debug!(
                             channel = topic.channel().name(),
                             len = payload.len(),
-                            "downlink message ignored: command handling is not implemented yet"
+                            "downlink message on a channel the agent does not read; ignored"
                         );
                     }
                 }
@@ -123,6 +137,8 @@ impl Runtime {
     }
 
     async fn run_inner(mut self, mut online: watch::Receiver<u64>, cancel: CancellationToken) {
+        let mut status = self.intake.live().subscribe();
+        status.mark_unchanged();
         info!(
             boot_id = %report::boot_id_text(self.reporter.boot_id()),
             broker = %self.settings.broker,
@@ -152,6 +168,13 @@ impl Runtime {
                     }
                     self.announce().await;
                 }
+                changed = status.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let current = status.borrow_and_update().clone();
+                    self.report_state(&current).await;
+                }
                 _ = heartbeat.tick() => self.heartbeat().await,
                 _ = telemetry.tick() => self.telemetry().await,
             }
@@ -162,13 +185,27 @@ impl Runtime {
     /// After each connect: who and what we are.
     async fn announce(&mut self) {
         let online = self.reporter.online();
-        let state = self
-            .reporter
-            .reported_state(self.intake.lock_state().is_locked());
+        let state = self.reporter.reported_state(&self.intake.live().get());
         if publish(&self.mqtt, &self.id, &online).await
             && publish(&self.mqtt, &self.id, &state).await
         {
             debug!("presence and state published");
+        }
+    }
+
+    /// After a change of the lock or configuration.
+    async fn report_state(&mut self, status: &TerminalStatus) {
+        if !self.mqtt.is_connected() {
+            // Sent at the next connect anyway.
+            return;
+        }
+        let state = self.reporter.reported_state(status);
+        if publish(&self.mqtt, &self.id, &state).await {
+            debug!(
+                locked = status.locked,
+                config_version = status.config_version,
+                "state published"
+            );
         }
     }
 
@@ -181,7 +218,9 @@ impl Runtime {
             return;
         }
         let depth = u32::try_from(self.intake.outbox().depth()).unwrap_or(u32::MAX);
-        let hb = self.reporter.heartbeat(self.next_seq, depth);
+        let hb = self
+            .reporter
+            .heartbeat(self.next_seq, depth, &self.intake.live().get());
         if publish(&self.mqtt, &self.id, &hb).await {
             self.next_seq += 1;
             self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
@@ -315,7 +354,7 @@ enum Goodbye {
 
 /// Encodes `msg` and queues it on its channel, waiting at most [`PUBLISH_TIMEOUT`] for room.
 /// Returns whether it was queued; failures are logged.
-async fn publish<M: ChannelMessage>(mqtt: &MqttHandle, id: &DeviceId, msg: &M) -> bool {
+pub(crate) async fn publish<M: ChannelMessage>(mqtt: &MqttHandle, id: &DeviceId, msg: &M) -> bool {
     let channel = M::CHANNEL;
     let payload = match encode(msg) {
         Ok(p) => p,

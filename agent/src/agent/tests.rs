@@ -40,9 +40,13 @@ pub(super) fn agent(
         id.clone(),
         pki.device_tls(id.as_str()),
         settings,
-        Box::new(SimulatedSystem::new(1)),
-        Box::new(SimulatedSensors::new(1)),
+        (
+            Box::new(SimulatedSystem::new(1)),
+            Box::new(SimulatedSensors::new(1)),
+        ),
         outbox.device(&id).unwrap(),
+        // Test-only: the state store lives in a directory inside the outbox's temp dir.
+        crate::testing::command_setup(&outbox.dir().join("cmdstate"), &id),
     )
 }
 

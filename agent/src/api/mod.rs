@@ -7,13 +7,15 @@
 //! - `listener.rs`: [`LocalApi::bind`] (stale socket removal, permissions, loopback-only TCP)
 //!   and the accept loops (connection cap, header read timeout, graceful stop).
 //! - `transactions.rs`: `POST /v1/transactions`.
-//! - `status.rs`: `GET /v1/status`.
+//! - `status.rs`: `GET /v1/status` (connection, lock, config version, outbox).
+//! - `config.rs`: `GET /v1/config` (the applied configuration).
 //! - `error.rs`: JSON error bodies and [`ApiError`] (bind failures).
 //!
 //! Access control is the socket's: owner `posfleet`, group `posfleet`, mode 0660; the
 //! payment application's user is a member of the group. The TCP listener, when configured,
 //! accepts loopback addresses only.
 
+mod config;
 mod error;
 mod listener;
 mod status;
@@ -91,6 +93,7 @@ pub fn router(state: ApiState, request_timeout: Duration) -> Router {
     Router::new()
         .route("/v1/transactions", post(transactions::post))
         .route("/v1/status", get(status::get))
+        .route("/v1/config", get(config::get))
         .with_state(state)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(

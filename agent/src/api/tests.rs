@@ -57,9 +57,12 @@ impl Harness {
             id.clone(),
             pki.device_tls(id.as_str()),
             settings,
-            Box::new(SimulatedSystem::new(1)),
-            Box::new(SimulatedSensors::new(1)),
+            (
+                Box::new(SimulatedSystem::new(1)),
+                Box::new(SimulatedSensors::new(1)),
+            ),
             outbox.device(&id).unwrap(),
+            crate::testing::command_setup(tmp.path(), &id),
         );
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
@@ -306,11 +309,11 @@ async fn a_pan_is_refused_never_echoed_and_never_logged() {
 #[tokio::test]
 async fn locked_terminal_oversized_body_and_wrong_media_type() {
     let h = Harness::start().await;
-    h.agent.intake().lock_state().set_locked(true);
+    h.agent.live().set_locked(true);
     let (code, body) = h.post_json(&sale_json("L-1", 100)).await;
     assert_eq!((code, &body["error"]), (423, &json!("terminal_locked")));
     assert_eq!(h.status().await["locked"], true);
-    h.agent.intake().lock_state().set_locked(false);
+    h.agent.live().set_locked(false);
     assert_eq!(h.post_json(&sale_json("L-1", 100)).await.0, 201);
 
     let big = "x".repeat(MAX_BODY_BYTES + 1);

@@ -19,8 +19,9 @@ pub use value::{BrokerUrl, parse_duration};
 use crate::agent::DeviceInfo;
 use crate::api::{DEFAULT_SOCKET_NAME, LocalApiSettings, MAX_SOCKET_PATH};
 use crate::backoff::Backoff;
+use crate::command::{DEFAULT_MAX_OFFLINE, HookSettings};
 use crate::outbox::OutboxSettings;
-use raw::{RawConfig, RawLocalApi, RawOutbox};
+use raw::{RawCommands, RawConfig, RawHooks, RawLocalApi, RawOutbox};
 
 /// Longest model, serial or version string accepted (they travel in every Presence).
 pub const MAX_DEVICE_TEXT: usize = 64;
@@ -59,6 +60,20 @@ pub struct Config {
     pub local_api: LocalApiSettings,
     /// The transaction outbox (in `data_dir/outbox`).
     pub outbox: OutboxSettings,
+    /// The signed command plane.
+    pub commands: CommandsConfig,
+    /// Terminal hooks run by commands.
+    pub hooks: HookSettings,
+}
+
+/// `[commands]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandsConfig {
+    /// PEM files of the controller's command keys (at least one file; each may hold several
+    /// keys during a rotation).
+    pub trusted_keys: Vec<PathBuf>,
+    /// Offline lease (`None`: disabled, `"0s"` in the file).
+    pub max_offline: Option<Duration>,
 }
 
 /// Paths of the CA bundle, the device certificate and its private key (PEM).
@@ -265,6 +280,8 @@ impl Validator<'_> {
 
         let local_api = self.local_api(raw.local_api, &data_dir);
         let outbox = self.outbox(raw.outbox);
+        let commands = self.commands(raw.commands);
+        let hooks = self.hooks(raw.hooks);
 
         Some(Config {
             broker: broker?,
@@ -283,7 +300,61 @@ impl Validator<'_> {
             sensors,
             local_api,
             outbox,
+            commands,
+            hooks,
         })
+    }
+
+    fn commands(&mut self, raw: RawCommands) -> CommandsConfig {
+        let trusted_keys: Vec<PathBuf> = raw
+            .trusted_keys
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(|p| self.resolve(p))
+            .collect();
+        if trusted_keys.is_empty() {
+            self.problem(
+                "commands.trusted_keys",
+                "missing; the controller's command key file(s), e.g. trusted_keys = [\"command.pub\"] (from the device bundle); the agent does not run without one",
+            );
+        }
+        let max_offline = self.duration(
+            "commands.max_offline",
+            raw.max_offline,
+            DEFAULT_MAX_OFFLINE,
+            (Duration::ZERO, Duration::from_secs(10_000 * 3600)),
+        );
+        CommandsConfig {
+            trusted_keys,
+            max_offline: (!max_offline.is_zero()).then_some(max_offline),
+        }
+    }
+
+    fn hooks(&mut self, raw: RawHooks) -> HookSettings {
+        let timeout = self.duration(
+            "hooks.timeout",
+            raw.timeout,
+            HookSettings::default().timeout,
+            (Duration::from_secs(1), Duration::from_secs(3600)),
+        );
+        let mut hook = |field: &'static str, path: Option<PathBuf>| match path {
+            Some(p) if p.as_os_str().is_empty() => {
+                self.problem(field, "must not be empty; leave it out to run no hook");
+                None
+            }
+            Some(p) => Some(self.resolve(p)),
+            None => None,
+        };
+        HookSettings {
+            config_apply: hook("hooks.config_apply", raw.config_apply),
+            lock: hook("hooks.lock", raw.lock),
+            unlock: hook("hooks.unlock", raw.unlock),
+            wipe: hook("hooks.wipe", raw.wipe),
+            reboot: hook("hooks.reboot", raw.reboot),
+            collect_logs: hook("hooks.collect_logs", raw.collect_logs),
+            timeout,
+        }
     }
 
     /// `data_dir` is the resolved state directory: the default socket lives in it, so two

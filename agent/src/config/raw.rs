@@ -20,6 +20,29 @@ pub(super) struct RawConfig {
     pub(super) local_api: RawLocalApi,
     #[serde(default)]
     pub(super) outbox: RawOutbox,
+    #[serde(default)]
+    pub(super) commands: RawCommands,
+    #[serde(default)]
+    pub(super) hooks: RawHooks,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCommands {
+    pub(super) trusted_keys: Option<Vec<PathBuf>>,
+    pub(super) max_offline: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHooks {
+    pub(super) config_apply: Option<PathBuf>,
+    pub(super) lock: Option<PathBuf>,
+    pub(super) unlock: Option<PathBuf>,
+    pub(super) wipe: Option<PathBuf>,
+    pub(super) reboot: Option<PathBuf>,
+    pub(super) collect_logs: Option<PathBuf>,
+    pub(super) timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -13,6 +13,9 @@ url = "mqtts://127.0.0.1:8883"
 ca = "ca.crt"
 cert = "device.crt"
 key = "/etc/posfleet/device.key"
+
+[commands]
+trusted_keys = ["command.pub"]
 "#;
 
 fn problems(text: &str) -> Vec<Problem> {
@@ -35,6 +38,15 @@ fn the_shipped_example_is_valid() {
     );
     assert_eq!(cfg.local_api.tcp, None);
     assert_eq!(cfg.outbox, crate::outbox::OutboxSettings::default());
+    assert_eq!(
+        cfg.commands.trusted_keys,
+        [Path::new("/etc/posfleet/command.pub")]
+    );
+    assert_eq!(
+        cfg.commands.max_offline,
+        Some(Duration::from_secs(72 * 3600))
+    );
+    assert_eq!(cfg.hooks, crate::command::HookSettings::default());
 }
 
 #[test]
@@ -55,6 +67,78 @@ fn minimal_file_gets_defaults_and_resolves_relative_paths() {
         crate::api::LocalApiSettings::new(Path::new(DEFAULT_DATA_DIR).join("api.sock"))
     );
     assert_eq!(cfg.outbox, crate::outbox::OutboxSettings::default());
+    assert_eq!(
+        cfg.commands.trusted_keys,
+        [Path::new("/etc/posfleet/command.pub")]
+    );
+    assert_eq!(
+        cfg.commands.max_offline,
+        Some(crate::command::DEFAULT_MAX_OFFLINE)
+    );
+    assert_eq!(cfg.hooks, crate::command::HookSettings::default());
+}
+
+#[test]
+fn commands_and_hooks_sections_are_read_and_checked() {
+    let text = r#"
+[broker]
+url = "mqtts://127.0.0.1:8883"
+
+[tls]
+ca = "ca.crt"
+cert = "device.crt"
+key = "device.key"
+
+[commands]
+trusted_keys = ["command.pub", "/keys/next.pub"]
+max_offline = "0s"
+
+[hooks]
+config_apply = "hooks/config-apply"
+lock = "/usr/lib/posfleet/hooks/lock"
+reboot = "hooks/reboot"
+timeout = "5s"
+"#;
+    let cfg = Config::parse(text, Path::new("/etc/posfleet")).unwrap();
+    assert_eq!(
+        cfg.commands.trusted_keys,
+        [
+            Path::new("/etc/posfleet/command.pub"),
+            Path::new("/keys/next.pub")
+        ]
+    );
+    assert_eq!(cfg.commands.max_offline, None, "0s disables the lease");
+    let h = &cfg.hooks;
+    assert_eq!(
+        h.config_apply.as_deref(),
+        Some(Path::new("/etc/posfleet/hooks/config-apply"))
+    );
+    assert_eq!(
+        h.lock.as_deref(),
+        Some(Path::new("/usr/lib/posfleet/hooks/lock"))
+    );
+    assert_eq!((h.unlock.as_deref(), h.wipe.as_deref()), (None, None));
+    assert_eq!(
+        h.reboot.as_deref(),
+        Some(Path::new("/etc/posfleet/hooks/reboot"))
+    );
+    assert_eq!(h.timeout, Duration::from_secs(5));
+
+    let bad = text
+        .replace(r#"["command.pub", "/keys/next.pub"]"#, "[]")
+        .replace(r#""0s""#, r#""1d""#)
+        .replace(r#""hooks/reboot""#, r#""""#)
+        .replace(r#""5s""#, r#""0s""#);
+    let fields: Vec<&str> = problems(&bad).iter().map(|p| p.field).collect();
+    assert_eq!(
+        fields,
+        [
+            "commands.trusted_keys",
+            "commands.max_offline",
+            "hooks.timeout",
+            "hooks.reboot"
+        ]
+    );
 }
 
 #[test]
@@ -164,8 +248,13 @@ payment_app_version = "3.2.0"
 
 [sensors]
 provider = "simulated"
+
+[commands]
+trusted_keys = ["/pki/command.pub"]
+max_offline = "1h"
 "#;
     let cfg = Config::parse(text, Path::new("/etc/posfleet")).unwrap();
+    assert_eq!(cfg.commands.max_offline, Some(Duration::from_secs(3600)));
     assert_eq!(cfg.broker.to_string(), "mqtts://fleet.example:9883");
     assert_eq!(cfg.keep_alive, Duration::from_secs(60));
     assert_eq!(cfg.backoff.initial, Duration::from_millis(250));
@@ -228,6 +317,7 @@ provider = "real"
             "device.model",
             "device.serial",
             "sensors.provider",
+            "commands.trusted_keys",
         ]
     );
 }
@@ -235,7 +325,16 @@ provider = "real"
 #[test]
 fn empty_file_names_the_required_settings() {
     let fields: Vec<&str> = problems("").iter().map(|p| p.field).collect();
-    assert_eq!(fields, ["broker.url", "tls.ca", "tls.cert", "tls.key"]);
+    assert_eq!(
+        fields,
+        [
+            "broker.url",
+            "tls.ca",
+            "tls.cert",
+            "tls.key",
+            "commands.trusted_keys"
+        ]
+    );
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The durable transaction outbox (DESIGN.md §4, ADR 0005).
 //!
-//! - [`Outbox`]: one sled store (`store.rs` opens and reads it, `writer.rs` writes it: the
-//!   crate's only storage module) and its committer thread (`committer.rs`). A real terminal opens one in its data directory; the
+//! - [`Outbox`]: one sled store (`store.rs` opens and reads it, `writer.rs` writes it; with
+//!   [`crate::state`] one of the crate's two storage modules) and its committer thread (`committer.rs`). A real terminal opens one in its data directory; the
 //!   simulator opens **one** for all its terminals.
 //! - [`DeviceOutbox`]: one terminal's part of it. [`DeviceOutbox::accept`] assigns the next
 //!   gapless sequence number and returns only after the record is durable (group commit: one
@@ -180,6 +180,10 @@ impl DeviceShared {
                     });
                 self.dead.fetch_add(a.dead_lettered, Ordering::AcqRel);
             }
+            Outcome::Purged { .. } => {
+                self.depth.store(0, Ordering::Release);
+                self.dead.store(0, Ordering::Release);
+            }
             Outcome::Repeat { .. } | Outcome::Conflict { .. } => {}
         }
     }
@@ -241,6 +245,11 @@ impl Outbox {
 
     pub fn settings(&self) -> &OutboxSettings {
         &self.inner.settings
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        self.inner.store.dir()
     }
 
     /// The part of the outbox of terminal `id` (the same shared state for every call with
@@ -340,8 +349,8 @@ impl DeviceOutbox {
             Outcome::Stored { seq } => Ok(AcceptOutcome::Stored { seq }),
             Outcome::Repeat { seq } => Ok(AcceptOutcome::Repeat { seq }),
             Outcome::Conflict { seq } => Ok(AcceptOutcome::Conflict { seq }),
-            Outcome::Acked(_) => Err(OutboxError::Corrupt {
-                detail: "the committer answered an accept with an ack".into(),
+            Outcome::Acked(_) | Outcome::Purged { .. } => Err(OutboxError::Corrupt {
+                detail: "the committer answered an accept with another outcome".into(),
             }),
         }
     }
@@ -362,6 +371,20 @@ impl DeviceOutbox {
             Outcome::Acked(outcome) => Ok(outcome),
             _ => Err(OutboxError::Corrupt {
                 detail: "the committer answered an ack with an accept".into(),
+            }),
+        }
+    }
+
+    /// Removes every transaction and dead letter of this terminal, durably (a wipe). Returns
+    /// how many records went. The sequence continues where it was.
+    pub async fn purge(&self) -> Result<u64, OutboxError> {
+        let op = Op::Purge {
+            device: self.shared.id.clone(),
+        };
+        match self.write(op).await? {
+            Outcome::Purged { entries, dead } => Ok(entries + dead),
+            _ => Err(OutboxError::Corrupt {
+                detail: "the committer answered a purge with another outcome".into(),
             }),
         }
     }

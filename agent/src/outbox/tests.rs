@@ -365,3 +365,35 @@ async fn bench_accept_rate() {
         writes as f64 / rounds.max(1) as f64
     );
 }
+
+#[tokio::test]
+async fn purge_removes_a_terminals_records_and_the_sequence_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = open(tmp.path()).await;
+    let a = outbox.device(&DeviceId::new("a").unwrap()).unwrap();
+    let b = outbox.device(&DeviceId::new("b").unwrap()).unwrap();
+    for i in 0..3 {
+        a.accept(valid(&format!("a-{i}"), 100)).await.unwrap();
+    }
+    b.accept(valid("b-0", 100)).await.unwrap();
+    a.ack(1, vec![2]).await.unwrap();
+    assert_eq!((a.depth(), a.dead_letters().await.unwrap().len()), (1, 1));
+
+    assert_eq!(a.purge().await.unwrap(), 2);
+    assert_eq!(a.depth(), 0);
+    assert!(a.entries().await.unwrap().is_empty());
+    assert!(a.dead_letters().await.unwrap().is_empty());
+    assert_eq!(a.status().await.dead_letters, 0);
+    assert_eq!(b.depth(), 1, "another terminal keeps its records");
+    // The idempotency index went too; the sequence continues (no seq is ever reused).
+    assert_eq!(
+        a.accept(valid("a-0", 100)).await.unwrap(),
+        AcceptOutcome::Stored { seq: 4 }
+    );
+    outbox.close().await;
+    drop((a, b, outbox));
+    let outbox = open(tmp.path()).await;
+    let a = outbox.device(&DeviceId::new("a").unwrap()).unwrap();
+    assert_eq!(a.depth(), 1, "the purge is durable");
+    outbox.close().await;
+}

@@ -37,6 +37,9 @@ pub(crate) enum Op {
         through: u64,
         rejected: Vec<u64>,
     },
+    /// Remove every entry, dead letter and idempotency record of the device (a wipe). The
+    /// last assigned seq stays, so the sequence never restarts under the same device id.
+    Purge { device: DeviceId },
 }
 
 /// What one [`Op`] did.
@@ -55,6 +58,11 @@ pub(crate) enum Outcome {
         seq: u64,
     },
     Acked(AckOutcome),
+    /// Entries and dead letters removed by a purge.
+    Purged {
+        entries: u64,
+        dead: u64,
+    },
 }
 
 /// What an acknowledgement changed.
@@ -110,6 +118,11 @@ impl Writer {
                     through,
                     rejected,
                 } => Outcome::Acked(ack(&mut round, device, *through, rejected)?),
+                Op::Purge { device } => {
+                    // A wipe must not come back after a crash: make it durable.
+                    stored_any = true;
+                    purge(&mut round, device)?
+                }
             };
             outcomes.push(outcome);
         }
@@ -233,6 +246,39 @@ fn ack(
     }
     outcome.late_rejections = u64::try_from(rejected.len() - found.len()).unwrap_or(u64::MAX);
     Ok(outcome)
+}
+
+fn purge(round: &mut Round<'_>, device: &DeviceId) -> Result<Outcome, OutboxError> {
+    let (mut entries, mut dead) = (0, 0);
+    for kind in [ENTRY, DEAD, IDEM, SEQ_INDEX] {
+        let kind_prefix = prefix(kind, device);
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for item in round.tree.scan_prefix(&kind_prefix) {
+            keys.push(item?.0.to_vec());
+        }
+        // Records written earlier in this same round (not in the tree yet).
+        keys.extend(
+            round
+                .overlay
+                .iter()
+                .filter(|(k, v)| v.is_some() && k.starts_with(&kind_prefix))
+                .map(|(k, _)| k.clone()),
+        );
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            if round.removed(&key) {
+                continue;
+            }
+            match kind {
+                ENTRY => entries += 1,
+                DEAD => dead += 1,
+                _ => {}
+            }
+            round.remove(key);
+        }
+    }
+    Ok(Outcome::Purged { entries, dead })
 }
 
 /// One commit round: a sled batch plus an overlay of its writes, so that later ops of the

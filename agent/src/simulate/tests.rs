@@ -195,3 +195,68 @@ async fn terminals_make_transactions_through_the_accept_path_into_one_shared_sto
         assert_eq!(ids, expected);
     }
 }
+
+#[tokio::test]
+async fn every_terminal_executes_commands_signed_with_the_pki_command_key() {
+    use posfleet_proto::pb::command::Body;
+    use posfleet_proto::{encode, now_ms};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let pki_dir = tmp.path().join("pki");
+    let pki = PkiDir::at(&pki_dir);
+    let ca = pki.init(&[]).unwrap();
+    let key = pki.ensure_command_key().unwrap();
+    let mut broker = FakeBroker::start(&TestPki::with_ca(ca)).await;
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let mut cfg = config(&pki_dir, broker.addr.port(), 2);
+    cfg.agent.heartbeat_interval = Duration::from_secs(3600);
+    cfg.tx_rate_per_minute = 0.0;
+    cfg.max_offline = None;
+    let sim = run_simulator(cfg, &tracker, cancel.clone()).await.unwrap();
+    let mut online = 0;
+    while online < 2 {
+        if let Seen::Publish { topic, .. } = broker.next().await {
+            online += usize::from(topic.ends_with("/up/st"));
+        }
+    }
+    let lock = |target: &str| pb::Command {
+        id: format!("lock-{target}"),
+        target_device: target.into(),
+        issued_at_ms: now_ms(),
+        not_after_ms: now_ms() + 60_000,
+        body: Some(Body::Lock(pb::Lock {
+            reason: "audit".into(),
+            generation: 1,
+        })),
+    };
+    // The fake broker sends every push to every terminal; each reads only its own topic.
+    // The addressee acts; the same command on the other terminal's topic is refused.
+    let signed = encode(&key.sign(&lock("sim-00001"))).unwrap();
+    broker.push("posfleet/v1/d/sim-00001/down/cmd", &signed);
+    broker.push("posfleet/v1/d/sim-00000/down/cmd", &signed);
+    let mut results = BTreeSet::new();
+    while results.len() < 2 {
+        if let Seen::Publish { topic, payload, .. } = broker.next().await {
+            if topic.ends_with("/up/res") {
+                let r = decode::<pb::CommandResult>(&payload).unwrap();
+                results.insert((topic, r.status()));
+            }
+        }
+    }
+    assert!(results.contains(&(
+        "posfleet/v1/d/sim-00001/up/res".to_owned(),
+        pb::CommandStatus::Succeeded
+    )));
+    assert!(results.contains(&(
+        "posfleet/v1/d/sim-00000/up/res".to_owned(),
+        pb::CommandStatus::Rejected
+    )));
+    let agents = sim.agents();
+    assert!(agents[1].live().is_locked());
+    assert!(!agents[0].live().is_locked());
+
+    cancel.cancel();
+    tracker.close();
+    tokio::time::timeout(WAIT, tracker.wait()).await.unwrap();
+}

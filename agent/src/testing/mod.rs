@@ -14,7 +14,34 @@ use rustls_pki_types::pem::PemObject;
 
 pub(crate) use fake_broker::{FakeBroker, Seen};
 
+use crate::command::{CommandSettings, CommandSetup, TerminalFiles};
+use crate::state::{DEFAULT_STATE_CACHE_CAPACITY, StateStore};
 use crate::tls;
+
+/// A command setup for terminal `id`: its part of `store`, `settings`, config file in `dir`.
+pub(crate) fn command_setup_in(
+    store: &StateStore,
+    dir: &std::path::Path,
+    id: &DeviceId,
+    settings: CommandSettings,
+) -> CommandSetup {
+    let files = TerminalFiles {
+        config: dir.join(format!("config-{id}.json")),
+        identity: Vec::new(),
+    };
+    CommandSetup::load(Arc::new(settings), store.device(id), files).unwrap()
+}
+
+/// A command setup with a fresh state store in `dir/state` and a random trusted key (for
+/// tests that send no commands).
+pub(crate) fn command_setup(dir: &std::path::Path, id: &DeviceId) -> CommandSetup {
+    let store = StateStore::open(&dir.join("state"), DEFAULT_STATE_CACHE_CAPACITY).unwrap();
+    let key = posfleet_proto::signing::CommandKey::generate();
+    let settings = CommandSettings::new(posfleet_proto::signing::KeyRing::new(vec![
+        key.public_key().clone(),
+    ]));
+    command_setup_in(&store, dir, id, settings)
+}
 
 /// A fleet CA and a broker server certificate for 127.0.0.1, generated in memory.
 pub(crate) struct TestPki {

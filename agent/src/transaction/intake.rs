@@ -4,30 +4,9 @@
 //! Order: lock state, validation (field rules and PAN guard), durable outbox. Nothing is
 //! stored unless every check passed; "accepted" means durably in the outbox.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use super::{Refusal, TransactionRequest};
 use crate::outbox::{AcceptOutcome, DeviceOutbox, OutboxError};
-
-/// Whether the terminal is locked (a locked terminal refuses new transactions). Owned by the
-/// agent; lock and unlock commands set it (later issue), so for now it is never locked
-/// outside tests. Cheap to clone; clones share the state.
-#[derive(Debug, Clone, Default)]
-pub struct LockState {
-    locked: Arc<AtomicBool>,
-}
-
-impl LockState {
-    pub fn is_locked(&self) -> bool {
-        self.locked.load(Ordering::Acquire)
-    }
-
-    /// Locks or unlocks (for the lock command handler and tests).
-    pub fn set_locked(&self, locked: bool) {
-        self.locked.store(locked, Ordering::Release);
-    }
-}
+use crate::state::LiveState;
 
 /// A transaction the outbox holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,25 +35,27 @@ pub enum AcceptError {
 #[derive(Debug, Clone)]
 pub struct TransactionIntake {
     outbox: DeviceOutbox,
-    lock: LockState,
+    /// The terminal's lock (set by the command executor).
+    live: LiveState,
 }
 
 impl TransactionIntake {
-    pub fn new(outbox: DeviceOutbox, lock: LockState) -> Self {
-        Self { outbox, lock }
+    pub fn new(outbox: DeviceOutbox, live: LiveState) -> Self {
+        Self { outbox, live }
     }
 
     pub fn outbox(&self) -> &DeviceOutbox {
         &self.outbox
     }
 
-    pub fn lock_state(&self) -> &LockState {
-        &self.lock
+    /// The terminal's lock and configuration.
+    pub fn live(&self) -> &LiveState {
+        &self.live
     }
 
     /// Checks and durably stores one transaction (see the module docs).
     pub async fn accept(&self, request: TransactionRequest) -> Result<Accepted, AcceptError> {
-        if self.lock.is_locked() {
+        if self.live.is_locked() {
             return Err(AcceptError::Locked);
         }
         let valid = request.validate().inspect_err(|refusal| {

@@ -25,7 +25,7 @@ mod tests;
 
 use std::fmt;
 
-pub use intake::{AcceptError, Accepted, LockState, TransactionIntake};
+pub use intake::{AcceptError, Accepted, TransactionIntake};
 pub use request::{EntryMode, Kind, LineItemRequest, Status, TransactionRequest};
 pub use validate::{ContentDigest, ValidTransaction};
 
