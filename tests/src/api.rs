@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use futures_util::StreamExt;
-use posfleet_broker::views::{DeviceDetail, DeviceList, FleetEvent};
+use posfleet_broker::views::{
+    CommandView, CommandsCreated, ConfigLayerView, DeviceDetail, DeviceList, FleetEvent,
+};
 use posfleet_proto::pki::parse_pem_certs;
 use reqwest::StatusCode;
 
@@ -81,6 +83,62 @@ impl Api {
             .send()
             .await
             .with_context(|| format!("GET {url}"))
+    }
+
+    /// `method path` with the token and an optional JSON body; the response whatever its
+    /// status.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))
+    }
+
+    /// `POST /api/v1/commands` with `body`; the created commands (error on any non-2xx).
+    pub async fn create_commands(
+        &self,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<Vec<CommandView>> {
+        let response = self
+            .send(reqwest::Method::POST, "/api/v1/commands", Some(body))
+            .await?;
+        let created: CommandsCreated = json(response).await?;
+        Ok(created.commands)
+    }
+
+    /// `GET /api/v1/commands/{id}`.
+    pub async fn command(&self, id: &str) -> anyhow::Result<CommandView> {
+        json(self.get(&format!("/api/v1/commands/{id}")).await?).await
+    }
+
+    /// `PATCH /api/v1/config/{layer}` (`fleet`, `groups/G`, `devices/ID`) setting `set`.
+    pub async fn config_set(
+        &self,
+        layer: &str,
+        set: serde_json::Value,
+    ) -> anyhow::Result<ConfigLayerView> {
+        let body = serde_json::json!({ "set": set });
+        let response = self
+            .send(
+                reqwest::Method::PATCH,
+                &format!("/api/v1/config/{layer}"),
+                Some(&body),
+            )
+            .await?;
+        json(response).await
     }
 
     /// `GET /healthz` status.
@@ -202,7 +260,7 @@ async fn json<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> an
         .await
         .with_context(|| format!("reading {url}"))?;
     if !status.is_success() {
-        bail!("GET {url}: {status}: {text}");
+        bail!("{url}: {status}: {text}");
     }
-    serde_json::from_str(&text).with_context(|| format!("GET {url}: unexpected JSON: {text}"))
+    serde_json::from_str(&text).with_context(|| format!("{url}: unexpected JSON: {text}"))
 }
