@@ -218,7 +218,7 @@ pub async fn run_connect(
     })
 }
 
-fn start_simulator(broker: &Broker, params: &ConnectBench) -> anyhow::Result<Process> {
+pub(crate) fn start_simulator(broker: &Broker, params: &ConnectBench) -> anyhow::Result<Process> {
     let pki = broker.pki().dir().display().to_string();
     let count = params.terminals.to_string();
     let rate = params.connect_rate.to_string();
@@ -259,7 +259,7 @@ fn start_simulator(broker: &Broker, params: &ConnectBench) -> anyhow::Result<Pro
 
 /// Polls `/metrics` until the edge holds `n` terminal connections (the controller's own is
 /// not counted) and the controller counts `n` devices online, or `timeout`.
-async fn wait_for_fleet(
+pub(crate) async fn wait_for_fleet(
     api: &Api,
     n: usize,
     start: Instant,

@@ -41,6 +41,7 @@ pub mod agent;
 pub mod api;
 pub mod bench;
 pub mod bins;
+pub mod cmdbench;
 pub mod broker;
 pub mod eventually;
 pub mod host;

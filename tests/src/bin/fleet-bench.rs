@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- connect --terminals 1000
+//! cargo run --release -p posfleet-tests --bin fleet-bench -- commands --terminals 10000
 //! ```
 //!
 //! See `posfleet_tests::bench` for what is measured and `docs/benchmarks.md` for results.
@@ -14,6 +15,7 @@ use clap::{Parser, Subcommand};
 use posfleet_agent::config::parse_duration;
 use posfleet_tests::Binaries;
 use posfleet_tests::bench::{ConnectBench, run_connect};
+use posfleet_tests::cmdbench::{CommandsBench, run_commands};
 use posfleet_tests::host::raise_nofile_limit;
 use posfleet_tests::txbench::driver_beside_current_exe;
 use posfleet_tests::txbench::faults::{FaultsBench, run_faults};
@@ -63,6 +65,9 @@ enum Command {
     /// Sustained durable transaction ingest: accepted, stored and acknowledged per second,
     /// accept → ack latency.
     Ingest(IngestBench),
+    /// N connected simulated terminals: latency from the lock API call to the terminal's
+    /// confirmed lock, and the time until all N confirm a new configuration version.
+    Commands(CommandsBench),
 }
 
 fn progress(line: &str) {
@@ -126,6 +131,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !report.result.is_exact() {
                 anyhow::bail!("the store does not hold exactly what was accepted");
             }
+        }
+        Command::Commands(params) => {
+            let report = runtime.block_on(run_commands(&bins, params, progress))?;
+            println!("{report}");
         }
         Command::Ingest(params) => {
             let driver = driver_beside_current_exe()?;
