@@ -5,6 +5,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -82,6 +83,77 @@ pub fn make_durable(db: &sled::Tree, dir: &Path) -> Result<(), DurableError> {
         })
 }
 
+/// Group commit for stores with many independent writers (the agent's state store, shared
+/// by every simulated terminal): writers apply their batch, then call
+/// [`SyncGate::make_durable`]. One caller at a time runs the flush + fsync; everyone whose
+/// write was applied before that flush started returns when it ends, so N concurrent writers
+/// cost about two flushes instead of N (storage rule 4 without a committer thread).
+#[derive(Debug, Default)]
+pub struct SyncGate {
+    state: Mutex<GateState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// Tickets handed out (one per call).
+    requested: u64,
+    /// Every ticket up to this one is durable.
+    completed: u64,
+    /// A flush is running.
+    running: bool,
+    /// Flushes run (for tests and metrics).
+    flushes: u64,
+}
+
+impl SyncGate {
+    /// Returns once everything applied to `tree` before this call is durable
+    /// ([`make_durable`], shared with concurrent callers). Blocks.
+    pub fn make_durable(&self, tree: &sled::Tree, dir: &Path) -> Result<(), DurableError> {
+        self.sync_with(|| make_durable(tree, dir))
+    }
+
+    /// Flushes run so far.
+    pub fn flushes(&self) -> u64 {
+        self.lock().flushes
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The gate's logic with the flush given by the caller.
+    fn sync_with<E>(&self, flush: impl Fn() -> Result<(), E>) -> Result<(), E> {
+        let mut st = self.lock();
+        st.requested += 1;
+        let ticket = st.requested;
+        loop {
+            if st.completed >= ticket {
+                return Ok(());
+            }
+            if st.running {
+                st = self.done.wait(st).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // Lead a flush: it covers every ticket handed out so far (their writes were
+            // applied before they took a ticket).
+            st.running = true;
+            st.flushes += 1;
+            let target = st.requested;
+            drop(st);
+            let result = flush();
+            st = self.lock();
+            st.running = false;
+            if result.is_ok() {
+                st.completed = st.completed.max(target);
+            }
+            self.done.notify_all();
+            // On failure the error goes to this caller; waiters retry with a flush of their own.
+            result?;
+        }
+    }
+}
+
 /// Why a commit could not be made durable.
 #[derive(Debug, thiserror::Error)]
 pub enum DurableError {
@@ -131,4 +203,86 @@ fn remove_partial_snapshots(dir: &Path) -> Result<(), OpenError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn sync_gate_returns_only_after_a_flush_that_started_after_the_write() {
+        let gate = Arc::new(SyncGate::default());
+        // `written` counts writes; a flush records how many were written when it started.
+        let written = Arc::new(AtomicU64::new(0));
+        let flushed_through = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (gate, written, flushed_through) =
+                    (gate.clone(), written.clone(), flushed_through.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        let mine = written.fetch_add(1, Ordering::SeqCst) + 1;
+                        gate.sync_with(|| -> Result<(), ()> {
+                            let seen = written.load(Ordering::SeqCst);
+                            std::thread::yield_now();
+                            flushed_through.fetch_max(seen, Ordering::SeqCst);
+                            Ok(())
+                        })
+                        .unwrap();
+                        assert!(flushed_through.load(Ordering::SeqCst) >= mine);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(written.load(Ordering::SeqCst), 800);
+    }
+
+    #[test]
+    fn writers_waiting_during_a_flush_share_the_next_one() {
+        let gate = Arc::new(SyncGate::default());
+        let (release, hold) = std::sync::mpsc::sync_channel::<()>(0);
+        let hold = Arc::new(Mutex::new(hold));
+        // The leader's flush blocks until released.
+        let leader = {
+            let (gate, hold) = (gate.clone(), hold.clone());
+            std::thread::spawn(move || {
+                gate.sync_with(|| -> Result<(), ()> {
+                    hold.lock().unwrap().recv().unwrap();
+                    Ok(())
+                })
+            })
+        };
+        while !gate.lock().running {
+            std::thread::yield_now();
+        }
+        let followers: Vec<_> = (0..10)
+            .map(|_| {
+                let gate = gate.clone();
+                std::thread::spawn(move || gate.sync_with(|| Ok::<(), ()>(())))
+            })
+            .collect();
+        while gate.lock().requested < 11 {
+            std::thread::yield_now();
+        }
+        release.send(()).unwrap();
+        assert_eq!(leader.join().unwrap(), Ok(()));
+        for f in followers {
+            assert_eq!(f.join().unwrap(), Ok(()));
+        }
+        assert_eq!(gate.flushes(), 2, "ten waiting writers shared one flush");
+    }
+
+    #[test]
+    fn sync_gate_failure_reaches_the_caller_and_the_next_call_flushes_again() {
+        let gate = SyncGate::default();
+        assert_eq!(gate.sync_with(|| Err("disk full")), Err("disk full"));
+        assert_eq!(gate.sync_with(|| Ok::<(), &str>(())), Ok(()));
+        assert_eq!(gate.flushes(), 2);
+    }
 }

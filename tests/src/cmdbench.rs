@@ -83,8 +83,9 @@ impl Latencies {
 impl fmt::Display for Latencies {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = |q| {
-            self.quantile(q)
-                .map_or("-".to_owned(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+            self.quantile(q).map_or("-".to_owned(), |d| {
+                format!("{:.1} ms", d.as_secs_f64() * 1e3)
+            })
         };
         write!(
             f,
@@ -110,6 +111,8 @@ pub struct ConfigRound {
     pub confirmed_terminals: usize,
     /// Broker CPU seconds spent during the round.
     pub broker_cpu: f64,
+    /// Simulator CPU seconds spent during the round (all N terminals' agents).
+    pub simulator_cpu: f64,
 }
 
 /// Everything `fleet-bench commands` measured.
@@ -242,14 +245,27 @@ pub async fn run_commands(
     // Let the connect-time leases and reconciliation settle before timing anything.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let mut devices: Vec<String> = api.devices().await?.devices.into_iter().map(|d| d.id).collect();
+    let mut devices: Vec<String> = api
+        .devices()
+        .await?
+        .devices
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
     devices.sort();
     let samples = (params.locks as usize).min(devices.len());
     let targets = &devices[..samples];
     let mut lock_failures = 0;
     progress(&format!("timing {samples} locks, one after another"));
-    let lock = time_commands(&api, &finals, targets, "lock", params.timeout, &mut lock_failures)
-        .await?;
+    let lock = time_commands(
+        &api,
+        &finals,
+        targets,
+        "lock",
+        params.timeout,
+        &mut lock_failures,
+    )
+    .await?;
     progress(&format!("lock: {lock}"));
     let unlock = time_commands(
         &api,
@@ -265,10 +281,14 @@ pub async fn run_commands(
     let mut config = Vec::new();
     for round in 0..params.config_rounds {
         let value = 10 + i64::from(round) * 10;
-        let result = config_round(&api, &broker, n, value, params.timeout).await?;
+        let result = config_round(&api, &broker, simulator.pid(), n, value, params.timeout).await?;
         progress(&format!(
-            "config v{}: all {n} confirmed in {:.2?} ({} verified in the command list), broker CPU {:.1} s",
-            result.version, result.all_confirmed, result.confirmed_terminals, result.broker_cpu
+            "config v{}: all {n} confirmed in {:.2?} ({} verified in the command list), CPU broker {:.1} s, simulator {:.1} s",
+            result.version,
+            result.all_confirmed,
+            result.confirmed_terminals,
+            result.broker_cpu,
+            result.simulator_cpu
         ));
         config.push(result);
     }
@@ -328,6 +348,7 @@ async fn time_commands(
 async fn config_round(
     api: &Api,
     broker: &Broker,
+    simulator: u32,
     n: usize,
     value: i64,
     timeout: Duration,
@@ -337,6 +358,7 @@ async fn config_round(
     let before = succeeded(&api.metrics().await?);
     let pid = broker.process()?.pid();
     let cpu_before = cpu_seconds(pid)?;
+    let sim_cpu_before = cpu_seconds(simulator)?;
     let sent = Instant::now();
     let layer = api
         .config_set("fleet", json!({ "display.brightness": value }))
@@ -360,6 +382,7 @@ async fn config_round(
         tokio::time::sleep(POLL).await;
     };
     let broker_cpu = cpu_seconds(pid)? - cpu_before;
+    let simulator_cpu = cpu_seconds(simulator)? - sim_cpu_before;
     let confirmed_terminals = confirmed_pushes(api, layer.version).await?;
     if confirmed_terminals != n {
         bail!(
@@ -373,6 +396,7 @@ async fn config_round(
         first_confirmed,
         confirmed_terminals,
         broker_cpu,
+        simulator_cpu,
     })
 }
 
@@ -427,14 +451,15 @@ impl fmt::Display for CommandsReport {
         for round in &self.config {
             writeln!(
                 f,
-                "  config v{}: first confirmed {}, all {} confirmed {:.2?} (broker CPU {:.1} s)",
+                "  config v{}: first confirmed {}, all {} confirmed {:.2?} (CPU broker {:.1} s, simulator {:.1} s)",
                 round.version,
                 round
                     .first_confirmed
                     .map_or("-".to_owned(), |d| format!("{d:.2?}")),
                 round.confirmed_terminals,
                 round.all_confirmed,
-                round.broker_cpu
+                round.broker_cpu,
+                round.simulator_cpu
             )?;
         }
         writeln!(f, "  stream lagged:      {} events", self.lagged)?;

@@ -70,6 +70,8 @@ struct Inner {
     _db: sled::Db,
     tree: sled::Tree,
     dir: PathBuf,
+    /// Durable writes of all terminals sharing the store share flushes.
+    sync: crate::sledstore::SyncGate,
 }
 
 /// The open state store. Cheap to clone.
@@ -101,6 +103,7 @@ impl StateStore {
                 _db: db,
                 tree,
                 dir: dir.to_owned(),
+                sync: crate::sledstore::SyncGate::default(),
             }),
         })
     }
@@ -313,7 +316,8 @@ impl DeviceState {
         }
         self.tree().apply_batch(batch)?;
         if changes.durable {
-            crate::sledstore::make_durable(self.tree(), &self.store.inner.dir)?;
+            let inner = &self.store.inner;
+            inner.sync.make_durable(&inner.tree, &inner.dir)?;
         }
         Ok(())
     }
