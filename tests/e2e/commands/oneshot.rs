@@ -16,9 +16,9 @@ async fn commands_wipe_is_refused_with_undelivered_transactions_and_forced() {
     let broker = fast_broker().await;
     let api = broker.api();
     let proxy = Proxy::start(broker.mqtt_addr()).await.expect("proxy");
-    // A long linger keeps a transaction in the outbox for 10 s after (re)connecting, so the
+    // A long linger keeps a transaction in the outbox for 5 s after (re)connecting, so the
     // wipe reaches the terminal while it is certainly undelivered.
-    let extra = "\n[outbox]\nlinger = \"10s\"\n";
+    let extra = "\n[outbox]\nlinger = \"5s\"\n";
     let mut agent = start_agent(&broker, "wipe-1", &proxy.mqtt_url(), extra);
     online(api, "wipe-1").await;
     let local = agent.local_api();
