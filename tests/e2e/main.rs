@@ -16,10 +16,14 @@
 //! - `transactions`: what a terminal's local API accepted is stored exactly once through
 //!   kill -9 of controller, agents and simulated terminals, network cuts and stalls; repeats,
 //!   conflicts, the status endpoint; no card number in any data directory or log.
+//! - `commands`: the signed command plane: lock/unlock, configuration pushes, wipe, reboot,
+//!   logs, groups and labels, offline convergence, the offline lease, forged and replayed
+//!   commands, crashes of either side with commands pending, refused API requests.
 //! - `bad_input`: every kind of bad client is refused, counted in `/metrics`, changes nothing,
 //!   and does not disturb a well-behaved terminal; idle sockets do not delay a real terminal.
 
 mod bad_input;
+mod commands;
 mod fleet;
 mod lifecycle;
 mod simulate;

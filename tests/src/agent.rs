@@ -165,6 +165,11 @@ trusted_keys = ["{command_pub}"]
         self.dir.join("state")
     }
 
+    /// Where its certificate bundle is (`device.crt`, `device.key`, `ca.crt`).
+    pub fn bundle_dir(&self) -> PathBuf {
+        self.dir.join("bundle")
+    }
+
     /// A client of its local API (the payment application's view).
     pub fn local_api(&self) -> LocalApiClient {
         LocalApiClient::new(self.dir.join("api.sock"))
@@ -189,6 +194,11 @@ trusted_keys = ["{command_pub}"]
     pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
         let timeout = self.stop_timeout;
         self.process_mut()?.terminate(timeout).await
+    }
+
+    /// Waits up to `timeout` for the agent to exit by itself (e.g. after a wipe).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        self.process_mut()?.wait(timeout).await
     }
 
     /// The running process.

@@ -107,6 +107,26 @@ impl Api {
             .with_context(|| format!("{method} {url}"))
     }
 
+    /// `method path` with the token and `body` sent as is with `content_type` (for requests
+    /// that are not JSON, or not valid JSON); the response whatever its status.
+    pub async fn send_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        self.http
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))
+    }
+
     /// `POST /api/v1/commands` with `body`; the created commands (error on any non-2xx).
     pub async fn create_commands(
         &self,

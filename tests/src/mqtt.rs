@@ -4,6 +4,7 @@
 //! TLS configs come from `posfleet_agent::tls`, the project's one place that builds client
 //! configs, so a refusal here is the edge's doing, not a difference in TLS setup.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +12,8 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use posfleet_proto::pki::CertifiedKey;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
+    Publish, QoS, TlsConfiguration, Transport,
 };
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -20,6 +21,8 @@ use tokio_rustls::client::TlsStream;
 
 /// Bound on each step of a client (connect, publish ack, subscribe ack, close).
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Incoming PUBLISHes kept while the client waits for something else (oldest dropped).
+const RECEIVED_CAPACITY: usize = 256;
 
 /// A client TLS config trusting `ca_pem`, presenting `identity` if given.
 pub fn tls_config(
@@ -48,6 +51,8 @@ pub fn tls_config(
 pub struct MqttClient {
     client: AsyncClient,
     eventloop: EventLoop,
+    /// PUBLISHes that arrived while waiting for an ack, for [`MqttClient::next_publish`].
+    received: VecDeque<Publish>,
 }
 
 impl std::fmt::Debug for MqttClient {
@@ -128,7 +133,11 @@ impl MqttClient {
         .await
         .map_err(|_| anyhow!("no CONNACK or error within {STEP_TIMEOUT:?}"))?;
         Ok(match outcome {
-            Ok(()) => Connect::Accepted(Box::new(Self { client, eventloop })),
+            Ok(()) => Connect::Accepted(Box::new(Self {
+                client,
+                eventloop,
+                received: VecDeque::new(),
+            })),
             Err(why) => Connect::Refused(why),
         })
     }
@@ -178,11 +187,38 @@ impl MqttClient {
             .await
     }
 
-    async fn until(&mut self, done: impl Fn(&Event) -> bool) -> anyhow::Result<()> {
-        tokio::time::timeout(STEP_TIMEOUT, async {
+    /// The next PUBLISH the server delivers (to a subscription of this client), waiting at
+    /// most `timeout`. QoS 1 deliveries are acknowledged by the event loop.
+    pub async fn next_publish(&mut self, timeout: Duration) -> anyhow::Result<Publish> {
+        if let Some(publish) = self.received.pop_front() {
+            return Ok(publish);
+        }
+        tokio::time::timeout(timeout, async {
             loop {
                 match self.eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(publish))) => return Ok(publish),
+                    Ok(_) => {}
+                    Err(error) => bail!("connection ended: {}", describe(&error)),
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("no PUBLISH within {timeout:?}"))?
+    }
+
+    async fn until(&mut self, done: impl Fn(&Event) -> bool) -> anyhow::Result<()> {
+        let received = &mut self.received;
+        let eventloop = &mut self.eventloop;
+        tokio::time::timeout(STEP_TIMEOUT, async {
+            loop {
+                match eventloop.poll().await {
                     Ok(event) if done(&event) => return Ok(()),
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        if received.len() >= RECEIVED_CAPACITY {
+                            received.pop_front();
+                        }
+                        received.push_back(publish);
+                    }
                     Ok(_) => {}
                     Err(error) => bail!("connection ended: {}", describe(&error)),
                 }

@@ -1,7 +1,9 @@
 //! Lock and Unlock (the generation rule), the Lease, and the offline self-lock.
 //!
 //! - A Lock/Unlock applies only if its generation is higher than the applied one, else it is
-//!   `stale`: a re-sent or reordered command cannot undo a newer decision. The new lock is
+//!   `stale`: a re-sent or reordered command cannot undo a newer decision. The same
+//!   generation in the same state (a lease already carried the decision) `succeeded`, with
+//!   nothing to do, as an equal configuration version does. The new lock is
 //!   journaled with the command in one durable batch, then enforced (the intake refuses
 //!   transactions with 423 from then on), then the optional `lock`/`unlock` hook runs with
 //!   `POSFLEET_LOCK_REASON` and `POSFLEET_LOCK_GENERATION`. A failing hook does not undo the
@@ -33,6 +35,19 @@ impl Executor {
         // After a restart the interrupted command's lock is already persisted (it was written
         // with the journal entry): applying it again is the idempotent re-run.
         let rerun = recovering && generation == applied;
+        if generation == applied && !rerun && self.already_applied(locked) {
+            let what = if locked { "locked" } else { "unlocked" };
+            let r = result::with(
+                result::succeeded(
+                    &cmd.id,
+                    format!("terminal already {what} at generation {generation}"),
+                ),
+                "generation",
+                generation,
+            );
+            self.finish(cmd, r, Changes::durable()).await;
+            return;
+        }
         if generation <= applied && !rerun {
             let r = result::rejected(
                 &cmd.id,
@@ -81,6 +96,16 @@ impl Executor {
             }
         }
         self.finish(cmd, r, Changes::durable()).await;
+    }
+
+    /// True if the applied lock is the decision of its generation in state `locked`, taken
+    /// over from a lease (which carries the desired lock and may arrive before the command
+    /// of the same generation, e.g. when a terminal that was offline reconnects). Every
+    /// lock/unlock request raises the generation, so generation and state identify it; the
+    /// command then succeeded without acting again. An offline self-lock keeps the generation
+    /// of the previous decision but is not that decision.
+    fn already_applied(&self, locked: bool) -> bool {
+        self.lock.locked == locked && !self.lock.by_lease && self.lock.generation > 0
     }
 
     /// Runs the `lock` or `unlock` hook, if configured.

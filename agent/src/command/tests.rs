@@ -725,6 +725,39 @@ async fn the_offline_lease_locks_and_a_lease_unlocks() {
 }
 
 #[tokio::test]
+async fn a_lock_a_lease_already_carried_succeeds_without_acting_again() {
+    let mut t = Term::start(|dir, s| {
+        s.hooks.lock = Some(recording_hook(dir, "lock", &dir.join("locks"), ""));
+    })
+    .await;
+    // A terminal that was offline when it was locked returns: the lease sent at its ONLINE
+    // presence carries the desired lock before the Lock command of that generation.
+    t.send(&t.command("lease-1", lease(true, 4, "stolen")));
+    let state = t.state().await;
+    assert_eq!((state.locked, state.lock_generation), (true, 4));
+    let r = t.run("lock-4", lock(4)).await;
+    assert_eq!(r.status(), pb::CommandStatus::Succeeded, "{r:?}");
+    assert_eq!(r.details["generation"], "4");
+    assert_eq!(
+        runs(&t.tmp.path().join("locks")),
+        1,
+        "the hook ran for the lease only"
+    );
+    // The same generation in the other state is still stale, and so is an older one.
+    let r = t.run("unlock-4", unlock(4)).await;
+    assert_eq!(
+        (r.status(), reason(&r)),
+        (pb::CommandStatus::Rejected, "stale")
+    );
+    let r = t.run("lock-3", lock(3)).await;
+    assert_eq!(
+        (r.status(), reason(&r)),
+        (pb::CommandStatus::Rejected, "stale")
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
 async fn a_lease_lock_survives_a_restart_and_an_expired_lease_locks_at_start() {
     let mut t = Term::start(|_, s| s.max_offline = Some(Duration::from_millis(300))).await;
     let state = t.state().await;

@@ -34,6 +34,9 @@ use crate::views::{
 
 /// Messages taken per round before committing.
 const MAX_ROUND: usize = 512;
+/// Longest the reconciler waits before pushing again a configuration version the terminal
+/// failed or refused to apply (the wait doubles from `resend_interval` up to this).
+const MAX_PUSH_BACKOFF: Duration = Duration::from_secs(3600);
 
 /// What the worker is told.
 #[derive(Debug)]
@@ -83,6 +86,18 @@ pub(crate) struct Deps {
     pub clock: Clock,
 }
 
+/// A configuration version a terminal failed (or refused) to apply: pushed again only after
+/// a backoff, so that a terminal whose apply hook always fails does not get (and run) a new
+/// push at every heartbeat. A newer version is pushed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PushFailure {
+    version: u64,
+    /// Failed pushes of this version in a row.
+    failures: u32,
+    /// Controller clock, Unix ms: no push of this version before.
+    retry_at_ms: u64,
+}
+
 /// A create waiting for its commit.
 struct PendingReply {
     reply: oneshot::Sender<Result<Vec<CommandView>, CreateError>>,
@@ -103,6 +118,9 @@ pub(crate) struct Plane {
     last_lease: HashMap<DeviceId, u64>,
     /// The effective configuration version last seen per device.
     effective: HashMap<DeviceId, u64>,
+    /// The last configuration version each device failed to apply (since this start;
+    /// removed when a push succeeds).
+    push_failures: HashMap<DeviceId, PushFailure>,
     /// Changed records to write in this round.
     dirty: BTreeMap<String, CommandView>,
     /// New commands (not durable yet) per device, and the desired lock changes with them.
@@ -125,6 +143,7 @@ impl Plane {
             reported: HashMap::new(),
             last_lease: HashMap::new(),
             effective: HashMap::new(),
+            push_failures: HashMap::new(),
             dirty: BTreeMap::new(),
             pending: HashMap::new(),
             pending_desired: BTreeMap::new(),
@@ -237,9 +256,45 @@ impl Plane {
                 let cmd = cmd.clone();
                 if cmd.status != before {
                     self.count_status(cmd.status);
+                    self.note_push_outcome(device, &cmd);
                 }
                 self.changed(cmd);
             }
+        }
+    }
+
+    /// Remembers a failed or refused configuration push (for the backoff of
+    /// [`Self::push_if_behind`]) and forgets it once a push succeeds.
+    fn note_push_outcome(&mut self, device: &DeviceId, cmd: &CommandView) {
+        let CommandBody::ConfigPush { version, .. } = cmd.body else {
+            return;
+        };
+        match cmd.status {
+            CommandState::Succeeded => {
+                self.push_failures.remove(device);
+            }
+            CommandState::Failed | CommandState::Rejected => {
+                let failures = match self.push_failures.get(device) {
+                    Some(f) if f.version == version => f.failures.saturating_add(1),
+                    _ => 1,
+                };
+                let wait = push_backoff(self.d.cfg.resend_interval, failures);
+                let retry_at_ms = (self.d.clock)().saturating_add(ms(wait));
+                warn!(
+                    device_id = %device, command_id = %cmd.id, version, failures,
+                    retry_in_s = wait.as_secs(),
+                    "configuration push not applied; pushed again after a backoff or on the next change"
+                );
+                self.push_failures.insert(
+                    device.clone(),
+                    PushFailure {
+                        version,
+                        failures,
+                        retry_at_ms,
+                    },
+                );
+            }
+            _ => {}
         }
     }
 
@@ -432,6 +487,13 @@ impl Plane {
             return;
         }
         let version = eff.version;
+        if self
+            .push_failures
+            .get(device)
+            .is_some_and(|f| f.version == version && now < f.retry_at_ms)
+        {
+            return;
+        }
         let carried = self.carries(
             device,
             |b| matches!(b, CommandBody::ConfigPush { version: v, .. } if *v >= version),
@@ -784,6 +846,13 @@ async fn wait_changed(changes: &mut Option<watch::Receiver<u64>>) -> bool {
         Some(rx) => rx.changed().await.is_ok(),
         None => std::future::pending().await,
     }
+}
+
+/// How long to wait before pushing a version again after `failures` failed pushes of it:
+/// `base` doubled for each failure after the first, at most [`MAX_PUSH_BACKOFF`].
+pub(super) fn push_backoff(base: Duration, failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    base.saturating_mul(factor).min(MAX_PUSH_BACKOFF.max(base))
 }
 
 fn ms(d: Duration) -> u64 {

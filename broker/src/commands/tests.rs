@@ -590,6 +590,72 @@ async fn a_configuration_change_pushes_only_to_affected_devices_and_supersedes()
 }
 
 #[tokio::test]
+async fn a_push_the_terminal_fails_is_retried_with_backoff_not_at_every_heartbeat() {
+    let h = Harness::start();
+    h.online("T-1");
+    h.heartbeat("T-1", 0, false, 0);
+    h.config.set("fleet", 5);
+    eventually("the push", || h.sent_commands().len() == 1).await;
+    let first = h.sent_commands()[0].id.clone();
+    h.result("T-1", &first, pb::CommandStatus::Failed);
+    eventually("failed", || h.stored(&first).status == CommandState::Failed).await;
+    // Heartbeats still report the old version: no new push before the backoff (30 s).
+    for _ in 0..3 {
+        h.advance(Duration::from_secs(9));
+        h.heartbeat("T-1", 0, false, 0);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        h.sent_commands().len(),
+        1,
+        "pushed again within the backoff"
+    );
+    h.advance(Duration::from_secs(4));
+    h.heartbeat("T-1", 0, false, 0);
+    eventually("pushed again after 30 s", || h.sent_commands().len() == 2).await;
+    let second = h.sent_commands()[1].id.clone();
+    h.result("T-1", &second, pb::CommandStatus::Rejected);
+    eventually("rejected", || {
+        h.stored(&second).status == CommandState::Rejected
+    })
+    .await;
+    // The second failure doubles the wait.
+    h.advance(Duration::from_secs(45));
+    h.heartbeat("T-1", 0, false, 0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(h.sent_commands().len(), 2, "the backoff doubled");
+    // A newer configuration goes out at once; its success ends the backoff.
+    h.config.set("fleet", 6);
+    eventually("the newer version", || h.sent_commands().len() == 3).await;
+    let third = h.sent_commands()[2].id.clone();
+    h.result("T-1", &third, pb::CommandStatus::Succeeded);
+    eventually("succeeded", || {
+        h.stored(&third).status == CommandState::Succeeded
+    })
+    .await;
+    h.heartbeat("T-1", 6, false, 0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(h.sent_commands().len(), 3);
+}
+
+#[test]
+fn push_backoff_doubles_up_to_the_cap() {
+    let base = Duration::from_secs(30);
+    assert_eq!(super::plane::push_backoff(base, 1), base);
+    assert_eq!(super::plane::push_backoff(base, 2), base * 2);
+    assert_eq!(super::plane::push_backoff(base, 4), base * 8);
+    assert_eq!(
+        super::plane::push_backoff(base, 40),
+        Duration::from_secs(3600)
+    );
+    assert_eq!(
+        super::plane::push_backoff(Duration::from_secs(7200), 3),
+        Duration::from_secs(7200),
+        "never shorter than the base"
+    );
+}
+
+#[tokio::test]
 async fn leases_go_out_at_online_and_on_heartbeats_after_the_interval() {
     let h = Harness::start();
     h.online("T-1");

@@ -172,6 +172,8 @@ pub(crate) fn render_detail(detail: &DeviceDetail, now_ms: u64) -> String {
         ),
     );
     out.push('\n');
+    render_state(&mut out, detail, now_ms);
+    out.push('\n');
     match &detail.last_heartbeat {
         Some(hb) => render_heartbeat(&mut out, hb, now_ms),
         None => out.push_str("Last heartbeat: none received yet\n"),
@@ -182,6 +184,63 @@ pub(crate) fn render_detail(detail: &DeviceDetail, now_ms: u64) -> String {
         None => out.push_str("Latest telemetry: none received yet\n"),
     }
     out
+}
+
+/// Desired and reported lock and configuration: what an operator checks after `posctl
+/// lock` or `config set`.
+fn render_state(out: &mut String, detail: &DeviceDetail, now_ms: u64) {
+    out.push_str("Lock and configuration\n");
+    let mut field = |label: &str, value: String| {
+        let _ = writeln!(out, "  {label:<13}{}", printable(&value));
+    };
+    let lock_word = |locked: bool| if locked { "locked" } else { "unlocked" };
+    let desired_lock = detail.desired.as_ref().and_then(|d| d.lock.as_ref());
+    field(
+        "desired",
+        match desired_lock {
+            Some(l) => format!(
+                "{} (generation {}, by {} {}){}",
+                lock_word(l.locked),
+                l.generation,
+                or_dash(&l.author),
+                relative(now_ms, l.changed_at_ms),
+                if l.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", l.reason)
+                }
+            ),
+            None => "never set".to_owned(),
+        },
+    );
+    let reported = detail.reported.as_ref();
+    field(
+        "reported",
+        match reported {
+            Some(r) => format!(
+                "{} (generation {}){}",
+                lock_word(r.locked),
+                r.lock_generation,
+                match r.lock_reason.as_deref() {
+                    Some(reason) if r.locked && !reason.is_empty() => format!(": {reason}"),
+                    _ => String::new(),
+                }
+            ),
+            None => "nothing reported since the controller started".to_owned(),
+        },
+    );
+    field(
+        "config",
+        format!(
+            "version {} desired, {}",
+            detail.desired.as_ref().map_or(0, |d| d.config_version),
+            reported.map_or("none reported".to_owned(), |r| format!(
+                "{} reported {}",
+                r.config_version,
+                relative(now_ms, r.at_ms)
+            ))
+        ),
+    );
 }
 
 fn at(now_ms: u64, ms: u64) -> String {
@@ -461,5 +520,46 @@ pub(crate) mod tests {
         let rendered = render_detail(&d, NOW);
         assert!(rendered.contains("Last heartbeat: none received yet"));
         assert!(rendered.contains("Latest telemetry: none received yet"));
+        assert!(
+            rendered.contains("  desired      never set\n"),
+            "{rendered}"
+        );
+    }
+
+    #[test]
+    fn show_renders_desired_and_reported_lock_and_config() {
+        use crate::views::{DesiredLockView, DesiredView, ReportedView};
+        let mut d = detail("T-1", false);
+        d.desired = Some(DesiredView {
+            device_id: "T-1".into(),
+            lock: Some(DesiredLockView {
+                locked: true,
+                reason: "stolen".into(),
+                generation: 3,
+                author: "admin".into(),
+                changed_at_ms: NOW - 60_000,
+            }),
+            config_version: 9,
+        });
+        d.reported = Some(ReportedView {
+            at_ms: NOW - 2_000,
+            source: "state".into(),
+            config_version: 8,
+            locked: false,
+            lock_generation: 2,
+            lock_reason: Some(String::new()),
+        });
+        let rendered = render_detail(&d, NOW);
+        for expected in [
+            "Lock and configuration\n",
+            "  desired      locked (generation 3, by admin 1m ago): stolen\n",
+            "  reported     unlocked (generation 2)\n",
+            "  config       version 9 desired, 8 reported 2s ago\n",
+        ] {
+            assert!(
+                rendered.contains(expected),
+                "missing {expected:?} in\n{rendered}"
+            );
+        }
     }
 }
