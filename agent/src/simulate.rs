@@ -21,7 +21,7 @@
 //! Commands: every terminal runs the same [command executor](crate::command) as a real one,
 //! trusting the PKI directory's `command.pub`, with [`SimulatorConfig::hooks`] and
 //! [`SimulatorConfig::max_offline`]. All terminals share **one** state store
-//! (`DATA/state`); a terminal's applied configuration file is `DATA/config/<id>.json`. A
+//! (`DATA/state`); a terminal's applied configuration file is `DATA/config/<id>/config.json`. A
 //! wiped terminal stops and stays disconnected (its identity lived in memory only).
 
 mod till;
@@ -285,7 +285,9 @@ impl Fleet {
     /// A terminal's certificate, outbox and command setup (all blocking to make).
     fn terminal(&self, id: &DeviceId) -> Result<Issued, SimError> {
         let files = TerminalFiles {
-            config: self.config_dir.join(format!("{id}.json")),
+            // One directory per terminal, like a real terminal's own disk: renames in one
+            // shared directory would serialise on its lock.
+            config: self.config_dir.join(id.as_str()).join("config.json"),
             identity: Vec::new(),
         };
         Ok(Issued {
