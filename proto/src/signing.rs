@@ -7,6 +7,11 @@
 //! - [`KeyRing::verify`]: every check a terminal makes before it may act on a command, in a
 //!   fixed order, each failure a [`RejectReason`] with a stable machine-readable code.
 //!
+//! - Release signatures (issue 5): the same key type, used as a *release key* (a separate
+//!   key, kept away from the controller): [`CommandKey::sign_release`] signs an artifact's
+//!   SHA-256, [`KeyRing::verify_release`] checks it. The signed message is a domain tag plus the
+//!   digest, so a release signature can never pass as a command signature or the reverse.
+//!
 //! Replays (an id already executed) and stale lock generations are the agent's journal's
 //! business: they need its state. Their codes are here so both sides share one list.
 
@@ -22,6 +27,24 @@ use crate::pb;
 pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 /// Longest command id accepted.
 pub const MAX_COMMAND_ID_LEN: usize = 64;
+
+/// Domain tag of release signatures: Ed25519 signs `RELEASE_TAG || sha256(artifact)`.
+pub const RELEASE_TAG: &[u8] = b"posfleet-release-v1\0";
+
+fn release_message(sha256: &[u8; 32]) -> Vec<u8> {
+    let mut message = RELEASE_TAG.to_vec();
+    message.extend_from_slice(sha256);
+    message
+}
+
+/// Why a release signature is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("the artifact is signed by a release key that is not trusted")]
+    UnknownKey,
+    #[error("the release signature does not match the artifact")]
+    BadSignature,
+}
 
 /// Why a key could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +103,14 @@ impl CommandKey {
 
     pub fn key_id(&self) -> &str {
         &self.public.key_id
+    }
+
+    /// The release signature of an artifact whose SHA-256 is `sha256` (64 bytes).
+    pub fn sign_release(&self, sha256: &[u8; 32]) -> Vec<u8> {
+        self.signing
+            .sign(&release_message(sha256))
+            .to_bytes()
+            .to_vec()
     }
 
     /// Encodes and signs `command`.
@@ -218,6 +249,25 @@ impl KeyRing {
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    /// Checks a release signature: `key_id` trusted, and `signature` valid (strict Ed25519)
+    /// over [`RELEASE_TAG`] and `sha256`.
+    pub fn verify_release(
+        &self,
+        key_id: &str,
+        sha256: &[u8; 32],
+        signature: &[u8],
+    ) -> Result<(), ReleaseError> {
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.key_id == key_id)
+            .ok_or(ReleaseError::UnknownKey)?;
+        let signature = Signature::from_slice(signature).map_err(|_| ReleaseError::BadSignature)?;
+        key.verifying
+            .verify_strict(&release_message(sha256), &signature)
+            .map_err(|_| ReleaseError::BadSignature)
     }
 
     /// Checks, in this order: key known, signature valid (strict Ed25519), bytes a Command with
@@ -455,6 +505,35 @@ mod tests {
         assert_eq!(
             reason(ring(&key2).verify(&signed, &device("t-1"), NOW)),
             RejectReason::Malformed
+        );
+    }
+
+    #[test]
+    fn release_signatures_verify_only_for_their_digest_and_key() {
+        let release = CommandKey::generate();
+        let ring = ring(&release);
+        let digest: [u8; 32] = Sha256::digest(b"artifact bytes").into();
+        let sig = release.sign_release(&digest);
+        assert_eq!(ring.verify_release(release.key_id(), &digest, &sig), Ok(()));
+        let mut other = digest;
+        other[0] ^= 1;
+        assert_eq!(
+            ring.verify_release(release.key_id(), &other, &sig),
+            Err(ReleaseError::BadSignature)
+        );
+        assert_eq!(
+            ring.verify_release("0000000000000000", &digest, &sig),
+            Err(ReleaseError::UnknownKey)
+        );
+        assert_eq!(
+            ring.verify_release(release.key_id(), &digest, &sig[..10]),
+            Err(ReleaseError::BadSignature)
+        );
+        // A command signature over the same bytes is not a release signature.
+        let plain = release.signing.sign(&digest).to_bytes();
+        assert_eq!(
+            ring.verify_release(release.key_id(), &digest, &plain),
+            Err(ReleaseError::BadSignature)
         );
     }
 

@@ -399,7 +399,7 @@ impl Executor {
             Some(Body::Wipe(w)) => self.wipe(cmd, bytes, w.force || recovering).await,
             Some(Body::Reboot(_)) => self.reboot(cmd, bytes).await,
             Some(Body::CollectLogs(c)) => self.collect_logs(cmd, bytes, c).await,
-            Some(Body::SoftwareUpdate(_)) => {
+            Some(Body::SoftwareUpdate(_)) | Some(Body::RollbackUpdate(_)) => {
                 let r = result::rejected(
                     &cmd.id,
                     RejectReason::Refused,
@@ -468,6 +468,7 @@ fn kind_name(cmd: &pb::Command) -> &'static str {
         Some(Body::Reboot(_)) => "reboot",
         Some(Body::CollectLogs(_)) => "collect_logs",
         Some(Body::SoftwareUpdate(_)) => "software_update",
+        Some(Body::RollbackUpdate(_)) => "rollback_update",
         Some(Body::Lease(_)) => "lease",
         None => "unknown",
     }
