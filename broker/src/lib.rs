@@ -13,6 +13,7 @@
 //! - [`api`]: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
 //! - [`commands`]: the signed command plane (store, dispatch, results, reconciliation,
 //!   lease, log uploads).
+//! - [`artifacts`]: signed software artifacts and the device download endpoint (ADR 0008).
 //! - [`fleetconfig`]: layered, versioned configuration (fleet → group → device).
 //! - [`events`]: the in-process live event bus feeding the stream.
 //! - [`metrics`]: Prometheus metrics shared by every subsystem.
@@ -24,6 +25,7 @@
 
 pub mod api;
 pub mod app;
+pub mod artifacts;
 pub mod cli;
 pub mod commands;
 pub mod controller;
