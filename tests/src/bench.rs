@@ -108,16 +108,7 @@ pub async fn run_connect(
 ) -> anyhow::Result<ConnectReport> {
     let machine = Machine::describe();
     progress(&format!("machine: {machine}"));
-    let mut broker = Broker::start(
-        bins,
-        BrokerOptions {
-            log_filter: "warn".to_owned(),
-            start_timeout: params.timeout,
-            stop_timeout: Duration::from_secs(30),
-            ..BrokerOptions::default()
-        },
-    )
-    .await?;
+    let mut broker = start_quiet_broker(bins, params.timeout).await?;
     let broker_rss_idle = rss_bytes(broker.process()?.pid())?;
     progress(&format!(
         "broker ready (pid {}), RSS {}",
@@ -216,6 +207,23 @@ pub async fn run_connect(
         reconnect,
         clean_stop,
     })
+}
+
+/// A broker for benchmarks: logs at `warn` (logging must not dominate), `timeout` to start.
+pub(crate) async fn start_quiet_broker(
+    bins: &Binaries,
+    timeout: Duration,
+) -> anyhow::Result<Broker> {
+    Broker::start(
+        bins,
+        BrokerOptions {
+            log_filter: "warn".to_owned(),
+            start_timeout: timeout,
+            stop_timeout: Duration::from_secs(30),
+            ..BrokerOptions::default()
+        },
+    )
+    .await
 }
 
 pub(crate) fn start_simulator(broker: &Broker, params: &ConnectBench) -> anyhow::Result<Process> {

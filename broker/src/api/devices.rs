@@ -114,25 +114,10 @@ pub(crate) async fn set_groups(
     const HINT: &str = "send {\"groups\": [\"name\", ...]}";
     let id = device_id(id)?;
     let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text(), HINT))?;
-    let list = body
-        .as_object()
-        .filter(|o| o.len() == 1)
-        .and_then(|o| o.get("groups"))
-        .and_then(Value::as_array)
-        .ok_or_else(|| {
-            ApiError::field(
-                "groups",
-                "expected an object with only a groups array",
-                HINT,
-            )
-        })?;
-    if list.len() > MAX_PER_DEVICE {
-        return Err(ApiError::field(
-            "groups",
-            format!("at most {MAX_PER_DEVICE} groups"),
-            HINT,
-        ));
-    }
+    let list = only_member(&body, "groups", "array", HINT)?
+        .as_array()
+        .ok_or_else(|| ApiError::field("groups", "expected an array", HINT))?;
+    at_most(list.len(), "groups", HINT)?;
     let mut groups = BTreeSet::new();
     for (i, g) in list.iter().enumerate() {
         match g.as_str() {
@@ -178,25 +163,10 @@ pub(crate) async fn set_labels(
     const HINT: &str = "send {\"labels\": {\"key\": \"value\", ...}}";
     let id = device_id(id)?;
     let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text(), HINT))?;
-    let map = body
+    let map = only_member(&body, "labels", "object", HINT)?
         .as_object()
-        .filter(|o| o.len() == 1)
-        .and_then(|o| o.get("labels"))
-        .and_then(Value::as_object)
-        .ok_or_else(|| {
-            ApiError::field(
-                "labels",
-                "expected an object with only a labels object",
-                HINT,
-            )
-        })?;
-    if map.len() > MAX_PER_DEVICE {
-        return Err(ApiError::field(
-            "labels",
-            format!("at most {MAX_PER_DEVICE} labels"),
-            HINT,
-        ));
-    }
+        .ok_or_else(|| ApiError::field("labels", "expected an object", HINT))?;
+    at_most(map.len(), "labels", HINT)?;
     let mut labels = BTreeMap::new();
     for (k, v) in map {
         let field = format!("labels.{k}");
@@ -232,4 +202,35 @@ pub(crate) fn unknown(id: &DeviceId) -> ApiError {
         "a device appears once it has connected with its fleet certificate; \
          list known devices with GET /api/v1/devices",
     )
+}
+
+/// The value of `name` in a body that must be an object with only that member.
+fn only_member<'a>(
+    body: &'a Value,
+    name: &str,
+    kind: &str,
+    hint: &str,
+) -> Result<&'a Value, ApiError> {
+    body.as_object()
+        .filter(|o| o.len() == 1)
+        .and_then(|o| o.get(name))
+        .ok_or_else(|| {
+            ApiError::field(
+                name,
+                format!("expected an object with only a {name} {kind}"),
+                hint,
+            )
+        })
+}
+
+/// Refuses more than [`MAX_PER_DEVICE`] entries of `name`.
+fn at_most(len: usize, name: &str, hint: &str) -> Result<(), ApiError> {
+    if len > MAX_PER_DEVICE {
+        return Err(ApiError::field(
+            name,
+            format!("at most {MAX_PER_DEVICE} {name}"),
+            hint,
+        ));
+    }
+    Ok(())
 }

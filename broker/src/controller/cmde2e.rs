@@ -5,14 +5,14 @@
 
 use std::time::Duration;
 
-use posfleet_agent::mqtt::{QoS, SessionConfig, SessionEvent, spawn_session};
-use posfleet_agent::tls::client_config_from_pem;
+use posfleet_agent::mqtt::{QoS, SessionEvent};
 use posfleet_proto::pki::read_public_keys;
 use posfleet_proto::signing::KeyRing;
-use posfleet_proto::{Channel, DeviceId, Filter, Topic, decode, encode, pb};
+use posfleet_proto::{Channel, DeviceId, Topic, decode, encode, pb};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::e2e_support::terminal_session;
 use crate::app::{SHUTDOWN_GRACE, ServeOptions, start};
 use crate::commands::{Action, CreateRequest};
 use crate::views::CommandState;
@@ -28,18 +28,7 @@ async fn a_terminal_receives_a_signed_command_and_its_result_is_recorded() {
     let pki = crate::datadir::DataDir::at(&opts.data_dir).pki();
     let ring = KeyRing::new(read_public_keys(&pki.command_public_key()).unwrap());
     let device = DeviceId::new("T-cmd").unwrap();
-    let issued = pki.load_ca().unwrap().issue_device(&device).unwrap();
-    let ca = std::fs::read(pki.ca_cert()).unwrap();
-    let tls =
-        client_config_from_pem(&ca, issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
-    let mut session = SessionConfig::new(
-        running.broker.host.clone(),
-        running.broker.port,
-        device.as_str(),
-        tls,
-    );
-    session.subscriptions = vec![Filter::device_downlink(&device)];
-    let (mqtt, mut inbox) = spawn_session(session, &tracker, cancel.child_token()).unwrap();
+    let (mqtt, mut inbox) = terminal_session(&opts, &running, &device, &tracker, &cancel);
     let presence = pb::Presence {
         state: pb::PresenceState::Online as i32,
         at_ms: posfleet_proto::now_ms(),

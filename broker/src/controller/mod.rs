@@ -24,6 +24,8 @@
 #[cfg(test)]
 mod cmde2e;
 mod convert;
+#[cfg(test)]
+mod e2e_support;
 mod error;
 mod gapwatch;
 mod ingest;

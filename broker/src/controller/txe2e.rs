@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use posfleet_agent::mqtt::{QoS, SessionConfig, SessionEvent, spawn_session};
-use posfleet_agent::tls::client_config_from_pem;
-use posfleet_proto::{Channel, DeviceId, Filter, Topic, decode, encode, pb};
+use posfleet_agent::mqtt::{QoS, SessionEvent};
+use posfleet_proto::{Channel, DeviceId, Topic, decode, encode, pb};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::e2e_support::terminal_session;
 use crate::app::{SHUTDOWN_GRACE, ServeOptions, start};
 use crate::txstore::test_sale;
 
@@ -22,20 +22,8 @@ async fn a_terminal_gets_its_ack_over_mqtt_after_the_commit() {
     let cancel = CancellationToken::new();
     let running = start(&opts, &tracker, cancel.clone()).await.unwrap();
 
-    let pki = crate::datadir::DataDir::at(&opts.data_dir).pki();
     let device = DeviceId::new("T-e2e").unwrap();
-    let issued = pki.load_ca().unwrap().issue_device(&device).unwrap();
-    let ca = std::fs::read(pki.ca_cert()).unwrap();
-    let tls =
-        client_config_from_pem(&ca, issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
-    let mut session = SessionConfig::new(
-        running.broker.host.clone(),
-        running.broker.port,
-        device.as_str(),
-        tls,
-    );
-    session.subscriptions = vec![Filter::device_downlink(&device)];
-    let (mqtt, mut inbox) = spawn_session(session, &tracker, cancel.child_token()).unwrap();
+    let (mqtt, mut inbox) = terminal_session(&opts, &running, &device, &tracker, &cancel);
 
     let batch = pb::TransactionBatch {
         transactions: vec![test_sale(1, 100), test_sale(2, 250)],
