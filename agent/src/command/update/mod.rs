@@ -31,7 +31,7 @@
 mod download;
 mod install;
 #[cfg(test)]
-mod test_server;
+pub(crate) mod test_server;
 #[cfg(test)]
 mod tests;
 pub(crate) mod window;
