@@ -18,6 +18,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::agent::{Agent, open_outbox, open_state};
 use crate::api::{ApiState, LocalApi};
+use crate::command::HookSettings;
 use crate::config::{BrokerUrl, Config, parse_duration};
 use crate::simulate::{self, SimulatorConfig};
 
@@ -77,7 +78,57 @@ enum Command {
         /// the PKI directory).
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// Hooks every terminal runs for its commands (see deploy/hooks/).
+        #[command(flatten)]
+        hooks: Box<SimHooks>,
+        /// Offline lease of every terminal ("0s" disables it).
+        #[arg(long, value_name = "DURATION", default_value = "72h", value_parser = parse_duration)]
+        max_offline: Duration,
     },
+}
+
+/// `simulate` hook flags.
+#[derive(Debug, Default, clap::Args)]
+struct SimHooks {
+    /// Install hook of software updates (POSFLEET_ARTIFACT, POSFLEET_VERSION, ...).
+    #[arg(long, value_name = "PATH")]
+    hook_install: Option<PathBuf>,
+    /// Health hook run after an update is installed.
+    #[arg(long, value_name = "PATH")]
+    hook_health: Option<PathBuf>,
+    /// Rollback hook (failed update, RollbackUpdate).
+    #[arg(long, value_name = "PATH")]
+    hook_rollback: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    hook_config_apply: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    hook_lock: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    hook_unlock: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    hook_reboot: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    hook_collect_logs: Option<PathBuf>,
+    /// How long a hook may run.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    hook_timeout: Duration,
+}
+
+impl SimHooks {
+    fn settings(self) -> HookSettings {
+        HookSettings {
+            config_apply: self.hook_config_apply,
+            lock: self.hook_lock,
+            unlock: self.hook_unlock,
+            wipe: None,
+            reboot: self.hook_reboot,
+            collect_logs: self.hook_collect_logs,
+            install: self.hook_install,
+            rollback: self.hook_rollback,
+            health: self.hook_health,
+            timeout: self.hook_timeout,
+        }
+    }
 }
 
 /// Entry point of the `posfleet-agent` binary (and of test binaries that wrap it).
@@ -133,6 +184,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 connect_rate,
                 tx_rate,
                 data_dir,
+                hooks,
+                max_offline,
             } => {
                 let mut cfg = SimulatorConfig::new(count, pki_dir, broker);
                 cfg.id_prefix = id_prefix;
@@ -143,6 +196,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Some(dir) = data_dir {
                     cfg.data_dir = dir;
                 }
+                cfg.hooks = hooks.settings();
+                cfg.max_offline = (!max_offline.is_zero()).then_some(max_offline);
                 run_simulator(cfg).await.map(|()| ExitCode::SUCCESS)
             }
         }
@@ -305,6 +360,12 @@ mod tests {
             "50",
             "--tx-rate",
             "1200",
+            "--hook-install",
+            "/hooks/install",
+            "--hook-health",
+            "/hooks/health",
+            "--max-offline",
+            "0s",
         ])
         .unwrap();
         let Command::Simulate {
@@ -316,6 +377,8 @@ mod tests {
             connect_rate,
             tx_rate,
             data_dir,
+            hooks,
+            max_offline,
             ..
         } = cli.command
         else {
@@ -326,6 +389,20 @@ mod tests {
         assert_eq!(heartbeat_interval, Duration::from_secs(5));
         assert_eq!(telemetry_interval, Duration::from_secs(30));
         assert_eq!(id_prefix, "sim-");
+        assert_eq!(max_offline, Duration::ZERO);
+        let hooks = hooks.settings();
+        assert_eq!(
+            hooks.install.as_deref(),
+            Some(std::path::Path::new("/hooks/install"))
+        );
+        assert_eq!(
+            hooks.health.as_deref(),
+            Some(std::path::Path::new("/hooks/health"))
+        );
+        assert_eq!(
+            (hooks.rollback, hooks.timeout),
+            (None, Duration::from_secs(60))
+        );
         assert!(
             Cli::try_parse_from([
                 "posfleet-agent",

@@ -23,6 +23,11 @@
 //! [`SimulatorConfig::max_offline`]. All terminals share **one** state store
 //! (`DATA/state`); a terminal's applied configuration file is `DATA/config/<id>/config.json`. A
 //! wiped terminal stops and stays disconnected (its identity lived in memory only).
+//!
+//! Software updates: the same executor; downloads present the terminal's in-memory
+//! certificate, go to the shared `DATA/updates` (file names start with the device id), and
+//! are verified with the PKI directory's `release.pub` when it exists (without it every update
+//! is refused). The install, rollback and health hooks are those of [`SimulatorConfig::hooks`].
 
 mod till;
 pub mod transactions;
@@ -49,6 +54,8 @@ use crate::telemetry::{SimulatedSensors, SimulatedSystem};
 use crate::tls::{self, TlsError};
 use till::start_till;
 
+/// The release public key(s) in a PKI directory, trusted for software updates when present.
+pub const RELEASE_PUB: &str = "release.pub";
 /// Default device id prefix: ids are `{prefix}{index:05}`.
 pub const DEFAULT_ID_PREFIX: &str = "sim-";
 /// Default terminals started per second.
@@ -154,6 +161,12 @@ pub enum SimError {
     },
     #[error("cannot open the simulator's state store")]
     State(#[from] StateError),
+    #[error("cannot read the release key file {}; fix or remove it (without it updates are refused)", path.display())]
+    ReleaseKey {
+        path: std::path::PathBuf,
+        #[source]
+        source: PkiError,
+    },
 }
 
 /// Transaction counters of one simulated terminal.
@@ -279,6 +292,8 @@ struct Fleet {
     commands: Arc<CommandSettings>,
     /// Where the terminals' config files go (`DATA/config`).
     config_dir: std::path::PathBuf,
+    /// The download directory of every terminal (`DATA/updates`, files named per terminal).
+    updates_dir: std::path::PathBuf,
 }
 
 impl Fleet {
@@ -289,6 +304,9 @@ impl Fleet {
             // shared directory would serialise on its lock.
             config: self.config_dir.join(id.as_str()).join("config.json"),
             identity: Vec::new(),
+            updates_dir: self.updates_dir.clone(),
+            update_prefix: format!("{id}-"),
+            api_socket: None,
         };
         Ok(Issued {
             cert: issue(&self.ca, id)?,
@@ -410,6 +428,17 @@ fn load_fleet(
     let mut commands = CommandSettings::new(posfleet_proto::signing::KeyRing::new(keys));
     commands.hooks = hooks;
     commands.max_offline = max_offline;
+    // Release keys, when the PKI directory has them (`posctl pki release-key --out DIR`).
+    let release_pub = dir.join(RELEASE_PUB);
+    if release_pub.exists() {
+        let keys = posfleet_proto::pki::read_public_keys(&release_pub).map_err(|source| {
+            SimError::ReleaseKey {
+                path: release_pub.clone(),
+                source,
+            }
+        })?;
+        commands.updates.release_keys = posfleet_proto::signing::KeyRing::new(keys);
+    }
     Ok(Fleet {
         ca,
         roots,
@@ -417,6 +446,7 @@ fn load_fleet(
         state,
         commands: Arc::new(commands),
         config_dir: data_dir.join("config"),
+        updates_dir: data_dir.join("updates"),
     })
 }
 

@@ -42,7 +42,9 @@ pub use report::{AGENT_VERSION, REASON_CONNECTION_LOST, REASON_SHUTDOWN};
 pub(crate) use run::publish;
 
 use crate::backoff::Backoff;
-use crate::command::{self, CommandSettings, CommandSetup, Executor, ExecutorParts, TerminalFiles};
+use crate::command::{
+    self, CommandSettings, CommandSetup, Executor, ExecutorParts, TerminalFiles, UpdateSettings,
+};
 use crate::config::{BrokerUrl, Config, SensorSource};
 use crate::mqtt::{self, MqttError, MqttHandle, SessionConfig};
 use crate::outbox::{AckInbox, AckStats, DeviceOutbox, Outbox, OutboxError, Sender};
@@ -133,6 +135,15 @@ pub enum AgentError {
         "no trusted command key configured (commands.trusted_keys); the agent refuses to start without one"
     )]
     NoTrustedKeys,
+    #[error(
+        "cannot read the trusted release key file {}; updates.trusted_release_keys must name the release.pub of the fleet's release key",
+        path.display()
+    )]
+    ReleaseKeys {
+        path: PathBuf,
+        #[source]
+        source: posfleet_proto::pki::PkiError,
+    },
 }
 
 /// One terminal, ready to run.
@@ -176,7 +187,12 @@ impl Agent {
         outbox: DeviceOutbox,
         commands: CommandSetup,
     ) -> Self {
-        let live = LiveState::new(commands.initial_status(now_ms()));
+        let mut status = commands.initial_status(now_ms());
+        status.versions = commands
+            .snapshot
+            .installed
+            .over(report::configured_versions(&settings.device));
+        let live = LiveState::new(status);
         Self {
             id,
             tls,
@@ -199,16 +215,28 @@ impl Agent {
         state: &StateStore,
     ) -> Result<Self, AgentError> {
         let keys = load_trusted_keys(&cfg.commands.trusted_keys)?;
+        let release_keys = load_release_keys(&cfg.updates.trusted_release_keys)?;
         let (id, tls) = tls::load_device_identity(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
         let outbox = outbox.device(&id)?;
+        let mut updates = UpdateSettings {
+            release_keys,
+            confirm_timeout: cfg.updates.confirm_timeout,
+            retry_attempts: cfg.updates.retry_attempts,
+            ..UpdateSettings::default()
+        };
+        updates.retry_backoff.max = cfg.updates.max_retry_delay;
         let command_settings = CommandSettings {
             keys,
             hooks: cfg.hooks.clone(),
             max_offline: cfg.commands.max_offline,
+            updates,
         };
         let files = TerminalFiles {
             config: cfg.data_dir.join("config.json"),
             identity: vec![cfg.tls.key.clone(), cfg.tls.cert.clone()],
+            updates_dir: cfg.updates.download_dir.clone(),
+            update_prefix: String::new(),
+            api_socket: Some(cfg.local_api.socket.clone()),
         };
         let commands = CommandSetup::load(Arc::new(command_settings), state.device(&id), files)?;
         let sensors: Box<dyn SensorProvider> = match cfg.sensors {
@@ -259,7 +287,7 @@ impl Agent {
             self.settings.broker.host.clone(),
             self.settings.broker.port,
             self.id.as_str(),
-            self.tls,
+            self.tls.clone(),
         );
         session.keep_alive = self.settings.keep_alive;
         session.connect_timeout = self.settings.connect_timeout;
@@ -267,7 +295,7 @@ impl Agent {
         session.subscriptions = vec![Filter::device_downlink(&self.id)];
         session.last_will = Some((
             Topic::for_device(&self.id, Channel::Presence),
-            encode(&reporter.last_will())?,
+            encode(&reporter.last_will(&self.live.get()))?,
         ));
         // The session outlives `cancel` on purpose: the runtime still publishes the OFFLINE
         // presence and disconnects after it. The runtime cancels this token when it ends
@@ -296,6 +324,8 @@ impl Agent {
                 stats: stats.clone(),
                 stop: cancel.clone(),
                 wiped: wiped.clone(),
+                tls: self.tls.clone(),
+                tracker: tracker.clone(),
             },
         );
         tracker.spawn(executor.run(commands_rx, online_rx.clone(), cancel.clone()));
@@ -480,6 +510,22 @@ pub fn load_trusted_keys(paths: &[PathBuf]) -> Result<KeyRing, AgentError> {
     }
     if keys.is_empty() {
         return Err(AgentError::NoTrustedKeys);
+    }
+    Ok(KeyRing::new(keys))
+}
+
+/// Every key in the trusted release key files (none configured: an empty ring, and every
+/// software update is refused). Blocking.
+pub fn load_release_keys(paths: &[PathBuf]) -> Result<KeyRing, AgentError> {
+    let mut keys = Vec::new();
+    for path in paths {
+        let read = posfleet_proto::pki::read_public_keys(path).map_err(|source| {
+            AgentError::ReleaseKeys {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        keys.extend(read);
     }
     Ok(KeyRing::new(keys))
 }

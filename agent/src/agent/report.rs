@@ -15,6 +15,16 @@ pub const REASON_SHUTDOWN: &str = "shutdown";
 /// `Presence.reason` of the last will, published by the broker when the connection dies.
 pub const REASON_CONNECTION_LOST: &str = "connection_lost";
 
+/// The versions a terminal runs before any software update: the configured firmware and
+/// payment application versions and this build's own version.
+pub(crate) fn configured_versions(device: &DeviceInfo) -> pb::SoftwareVersions {
+    pb::SoftwareVersions {
+        agent: AGENT_VERSION.to_owned(),
+        firmware: device.firmware_version.clone(),
+        payment_app: device.payment_app_version.clone(),
+    }
+}
+
 /// Builds the report messages of one agent process.
 #[derive(Debug, Clone)]
 pub(crate) struct Reporter {
@@ -58,33 +68,41 @@ impl Reporter {
         self.boot_id
     }
 
-    fn versions(&self) -> pb::SoftwareVersions {
-        pb::SoftwareVersions {
-            agent: AGENT_VERSION.to_owned(),
-            firmware: self.device.firmware_version.clone(),
-            payment_app: self.device.payment_app_version.clone(),
-        }
+    pub(crate) fn online(&self, status: &TerminalStatus) -> pb::Presence {
+        self.presence(pb::PresenceState::Online, "", now_ms(), status)
     }
 
-    pub(crate) fn online(&self) -> pb::Presence {
-        self.presence(pb::PresenceState::Online, "", now_ms())
-    }
-
-    pub(crate) fn shutdown(&self) -> pb::Presence {
-        self.presence(pb::PresenceState::Offline, REASON_SHUTDOWN, now_ms())
+    pub(crate) fn shutdown(&self, status: &TerminalStatus) -> pb::Presence {
+        self.presence(
+            pb::PresenceState::Offline,
+            REASON_SHUTDOWN,
+            now_ms(),
+            status,
+        )
     }
 
     /// The last will. It is registered at connect and published by the broker at some later
     /// moment, so it carries no time (`at_ms = 0`): the controller uses its receive time.
-    pub(crate) fn last_will(&self) -> pb::Presence {
-        self.presence(pb::PresenceState::Offline, REASON_CONNECTION_LOST, 0)
+    pub(crate) fn last_will(&self, status: &TerminalStatus) -> pb::Presence {
+        self.presence(
+            pb::PresenceState::Offline,
+            REASON_CONNECTION_LOST,
+            0,
+            status,
+        )
     }
 
-    fn presence(&self, state: pb::PresenceState, reason: &str, at_ms: u64) -> pb::Presence {
+    fn presence(
+        &self,
+        state: pb::PresenceState,
+        reason: &str,
+        at_ms: u64,
+        status: &TerminalStatus,
+    ) -> pb::Presence {
         pb::Presence {
             state: state.into(),
             at_ms,
-            versions: Some(self.versions()),
+            versions: Some(status.versions.clone()),
             model: self.device.model.clone(),
             serial: self.device.serial.clone(),
             reason: reason.to_owned(),
@@ -98,7 +116,7 @@ impl Reporter {
             config_version: status.config_version,
             locked: status.locked,
             lock_reason: status.lock_reason.clone(),
-            versions: Some(self.versions()),
+            versions: Some(status.versions.clone()),
             model: self.device.model.clone(),
             serial: self.device.serial.clone(),
             lock_generation: status.lock_generation,
@@ -117,7 +135,7 @@ impl Reporter {
             sent_at_ms: now_ms(),
             interval_s: self.heartbeat_interval_s,
             uptime_s: self.started.elapsed().as_secs(),
-            versions: Some(self.versions()),
+            versions: Some(status.versions.clone()),
             outbox_depth,
             boot_id: self.boot_id,
             config_version: status.config_version,
@@ -160,16 +178,22 @@ mod tests {
     #[test]
     fn every_report_fits_its_channel_with_the_longest_device_strings() {
         let r = Reporter::new(longest_device(), 3600);
-        encode(&r.online()).unwrap();
-        encode(&r.shutdown()).unwrap();
-        encode(&r.last_will()).unwrap();
+        let long = "V".repeat(MAX_DEVICE_TEXT);
         let status = TerminalStatus {
             locked: true,
             lock_reason: "R".repeat(256),
             lock_generation: u64::MAX,
             config_version: u64::MAX,
+            versions: pb::SoftwareVersions {
+                agent: long.clone(),
+                firmware: long.clone(),
+                payment_app: long,
+            },
             ..TerminalStatus::default()
         };
+        encode(&r.online(&status)).unwrap();
+        encode(&r.shutdown(&status)).unwrap();
+        encode(&r.last_will(&status)).unwrap();
         encode(&r.reported_state(&status)).unwrap();
         let hb = r.heartbeat(u64::MAX, u32::MAX, &status);
         assert_eq!(decode::<pb::Heartbeat>(&encode(&hb).unwrap()).unwrap(), hb);
@@ -182,13 +206,17 @@ mod tests {
     #[test]
     fn presence_says_why() {
         let r = Reporter::new(DeviceInfo::default(), 10);
-        let online = r.online();
+        let status = TerminalStatus {
+            versions: configured_versions(&DeviceInfo::default()),
+            ..TerminalStatus::default()
+        };
+        let online = r.online(&status);
         assert_eq!(online.state(), pb::PresenceState::Online);
         assert!(online.reason.is_empty() && online.at_ms > 0);
-        let will = r.last_will();
+        let will = r.last_will(&status);
         assert_eq!(will.state(), pb::PresenceState::Offline);
         assert_eq!(will.reason, "connection_lost");
-        assert_eq!(r.shutdown().reason, "shutdown");
+        assert_eq!(r.shutdown(&status).reason, "shutdown");
         assert_eq!(online.versions.unwrap().agent, AGENT_VERSION);
     }
 

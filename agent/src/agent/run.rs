@@ -184,8 +184,9 @@ impl Runtime {
 
     /// After each connect: who and what we are.
     async fn announce(&mut self) {
-        let online = self.reporter.online();
-        let state = self.reporter.reported_state(&self.intake.live().get());
+        let status = self.intake.live().get();
+        let online = self.reporter.online(&status);
+        let state = self.reporter.reported_state(&status);
         if publish(&self.mqtt, &self.id, &online).await
             && publish(&self.mqtt, &self.id, &state).await
         {
@@ -317,7 +318,7 @@ impl Runtime {
     /// not for a connection that is gone (the broker then publishes the last will instead).
     /// (`&mut self` only so that the future is `Send`: the providers are not `Sync`.)
     async fn say_goodbye(&mut self, deadline: Instant) -> Goodbye {
-        let Ok(payload) = encode(&self.reporter.shutdown()) else {
+        let Ok(payload) = encode(&self.reporter.shutdown(&self.intake.live().get())) else {
             return Goodbye::NotQueued;
         };
         let topic = self.topic(Channel::Presence);

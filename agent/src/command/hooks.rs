@@ -31,6 +31,12 @@ pub struct HookSettings {
     pub wipe: Option<PathBuf>,
     pub reboot: Option<PathBuf>,
     pub collect_logs: Option<PathBuf>,
+    /// Installs a verified update artifact (SoftwareUpdate).
+    pub install: Option<PathBuf>,
+    /// Undoes an update (failed install or confirmation, RollbackUpdate).
+    pub rollback: Option<PathBuf>,
+    /// Confirms health after an update (optional; exit 0 = healthy).
+    pub health: Option<PathBuf>,
     /// How long any hook may run before it is killed.
     pub timeout: Duration,
 }
@@ -44,6 +50,9 @@ impl Default for HookSettings {
             wipe: None,
             reboot: None,
             collect_logs: None,
+            install: None,
+            rollback: None,
+            health: None,
             timeout: DEFAULT_HOOK_TIMEOUT,
         }
     }

@@ -10,6 +10,8 @@
 //! - `config_push.rs`: ConfigPush (document rules, version rule, atomic file, apply hook,
 //!   rollback).
 //! - `wipe.rs`, `reboot.rs`, `logs.rs`: the one-shot commands.
+//! - [`update`]: SoftwareUpdate (download, verify, wait, install, confirm), run as its own
+//!   task so that other commands never wait behind it; `rollback.rs`: RollbackUpdate.
 //! - `journal.rs`: journal writes around a command (in progress before it acts, final before
 //!   its result goes out) and result publishing (kept for the next connect when offline).
 //! - `recovery.rs`: settling journal entries a restart interrupted.
@@ -25,7 +27,8 @@
 //! applied and gets no result. Any other command is looked up in the journal: a known id gets
 //! its stored result again and never runs twice. Otherwise its journal entry is written and
 //! made durable **before** it acts, its final result is written and made durable before it is
-//! published. Commands of one terminal run one at a time.
+//! published. Commands of one terminal run one at a time, except a software update, whose long
+//! phases run in their own task (at most one per terminal; see [`update`]).
 
 pub mod hooks;
 
@@ -36,32 +39,36 @@ mod logs;
 mod reboot;
 mod recovery;
 mod result;
+mod rollback;
+pub mod update;
 mod wipe;
 
 #[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use posfleet_proto::pb::{self, command::Body};
-use posfleet_proto::signing::{KeyRing, RejectReason};
+use posfleet_proto::signing::KeyRing;
 use posfleet_proto::{DeviceId, decode, now_ms};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 pub use hooks::{DEFAULT_HOOK_TIMEOUT, HookSettings};
+pub use update::UpdateSettings;
 
 use crate::agent::AgentStats;
 use crate::mqtt::MqttHandle;
 use crate::outbox::DeviceOutbox;
 use crate::state::{
-    self, AppliedConfig, Changes, DeviceState, JournalEntry, LiveState, LockRecord, Snapshot,
-    StateError, TerminalStatus,
+    self, AppliedConfig, Changes, DeviceState, InstalledVersions, JournalEntry, LiveState,
+    LockRecord, Snapshot, StateError, TerminalStatus,
 };
 
 /// Default `[commands] max_offline`.
@@ -88,6 +95,8 @@ pub struct CommandSettings {
     /// Lock the terminal when no verified command or lease arrived for this long (`None`:
     /// never). The applied configuration's `agent.max_offline_s` overrides it.
     pub max_offline: Option<Duration>,
+    /// Software updates: release keys, timeouts, retries.
+    pub updates: UpdateSettings,
 }
 
 impl CommandSettings {
@@ -96,6 +105,7 @@ impl CommandSettings {
             keys,
             hooks: HookSettings::default(),
             max_offline: Some(DEFAULT_MAX_OFFLINE),
+            updates: UpdateSettings::default(),
         }
     }
 }
@@ -108,6 +118,14 @@ pub struct TerminalFiles {
     /// Deleted by a wipe, in order (device key, then certificate); empty for a simulated
     /// terminal, whose identity lives in memory.
     pub identity: Vec<PathBuf>,
+    /// Where update artifacts are downloaded (`DATA/updates`; shared by simulated terminals).
+    pub updates_dir: PathBuf,
+    /// Put before an artifact's file name (empty on a real terminal; `<id>-` for simulated
+    /// terminals sharing one directory).
+    pub update_prefix: String,
+    /// The local API's socket, probed for health after an update (`None`: no local API, as
+    /// for a simulated terminal).
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Everything one terminal needs to execute commands.
@@ -157,6 +175,7 @@ fn status_of(lock: &LockRecord, config: &AppliedConfig) -> TerminalStatus {
         lock_generation: lock.generation,
         config_version: config.version,
         config: Arc::new(config.document.clone()),
+        versions: pb::SoftwareVersions::default(),
     }
 }
 
@@ -207,6 +226,18 @@ pub(crate) struct Executor {
     wiped: CancellationToken,
     /// When the journal was last pruned.
     pruned_at: tokio::time::Instant,
+    /// The terminal's TLS identity (update downloads present its certificate).
+    tls: Arc<rustls::ClientConfig>,
+    /// Tracks the update job.
+    tracker: TaskTracker,
+    /// The running software update, if any.
+    update: Option<update::ActiveUpdate>,
+    /// Events of the update job (its results go out through [`Self::publish_result`]).
+    update_tx: mpsc::Sender<update::UpdateEvent>,
+    update_rx: mpsc::Receiver<update::UpdateEvent>,
+    /// Versions installed by updates (persisted); written by the update job when it
+    /// succeeds and by RollbackUpdate, never both at once.
+    installed: Arc<Mutex<InstalledVersions>>,
 }
 
 /// The handles the executor works with.
@@ -218,12 +249,15 @@ pub(crate) struct ExecutorParts {
     pub(crate) stats: Arc<AgentStats>,
     pub(crate) stop: CancellationToken,
     pub(crate) wiped: CancellationToken,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    pub(crate) tracker: TaskTracker,
 }
 
 impl Executor {
     pub(crate) fn new(setup: CommandSetup, parts: ExecutorParts) -> Self {
         let now = now_ms();
         let snapshot = setup.snapshot;
+        let (update_tx, update_rx) = mpsc::channel(update::EVENT_QUEUE);
         Self {
             id: parts.id,
             settings: setup.settings,
@@ -242,6 +276,12 @@ impl Executor {
             stop: parts.stop,
             wiped: parts.wiped,
             pruned_at: tokio::time::Instant::now(),
+            tls: parts.tls,
+            tracker: parts.tracker,
+            update: None,
+            update_tx,
+            update_rx,
+            installed: Arc::new(Mutex::new(snapshot.installed)),
         }
     }
 
@@ -282,6 +322,7 @@ impl Executor {
                     Some(payload) => self.handle(&payload).await,
                     None => break,
                 },
+                Some(event) = self.update_rx.recv() => self.update_event(event).await,
                 () = sleep_until_opt(lease_due) => self.lease_expired().await,
             }
         }
@@ -399,14 +440,8 @@ impl Executor {
             Some(Body::Wipe(w)) => self.wipe(cmd, bytes, w.force || recovering).await,
             Some(Body::Reboot(_)) => self.reboot(cmd, bytes).await,
             Some(Body::CollectLogs(c)) => self.collect_logs(cmd, bytes, c).await,
-            Some(Body::SoftwareUpdate(_)) | Some(Body::RollbackUpdate(_)) => {
-                let r = result::rejected(
-                    &cmd.id,
-                    RejectReason::Refused,
-                    "software updates are not supported by this agent yet",
-                );
-                self.finish(cmd, r, Changes::durable()).await;
-            }
+            Some(Body::SoftwareUpdate(u)) => self.software_update(cmd, bytes, u).await,
+            Some(Body::RollbackUpdate(rb)) => self.rollback_update(cmd, bytes, rb).await,
             // Verification refuses a missing body; a lease never reaches here.
             Some(Body::Lease(_)) | None => {}
         }

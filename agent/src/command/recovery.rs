@@ -1,7 +1,9 @@
 //! Settling journal entries a restart interrupted (ADR 0007): lock, unlock, config and wipe
 //! run again (they are idempotent; a wipe that started is finished, forced); a reboot in
 //! progress succeeded (the restart is the reboot); collecting logs failed ("interrupted by
-//! restart"). Results go out at the next connect.
+//! restart"). A software update resumes from the phase its entry holds (see [`super::update`]);
+//! a RollbackUpdate runs again (its hook restores a version: idempotent). Results go out at the
+//! next connect.
 
 use posfleet_proto::pb::{self, command::Body};
 use prost::Message;
@@ -26,9 +28,16 @@ impl Executor {
             };
             info!(command_id = %id, kind = super::kind_name(&cmd), "settling a command interrupted by a restart");
             match &cmd.body {
-                Some(Body::Lock(_) | Body::Unlock(_) | Body::ConfigPush(_) | Body::Wipe(_)) => {
+                Some(
+                    Body::Lock(_)
+                    | Body::Unlock(_)
+                    | Body::ConfigPush(_)
+                    | Body::Wipe(_)
+                    | Body::RollbackUpdate(_),
+                ) => {
                     self.execute(&cmd, &entry.command, true).await;
                 }
+                Some(Body::SoftwareUpdate(_)) => self.resume_update(&cmd, &entry).await,
                 Some(Body::Reboot(_)) => {
                     let r = result::succeeded(&id, "the terminal restarted");
                     self.finish(&cmd, r, Changes::durable()).await;

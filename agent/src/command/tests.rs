@@ -25,34 +25,34 @@ use crate::testing::{FakeBroker, Seen, TestPki};
 use crate::transaction::AcceptError;
 use crate::transaction::fixtures::sale;
 
-const ID: &str = "T-1";
-const WAIT: Duration = Duration::from_secs(10);
+pub(super) const ID: &str = "T-1";
+pub(super) const WAIT: Duration = Duration::from_secs(10);
 
 /// One terminal: a running agent, its stores, the key that signs its commands.
-struct Term {
-    tmp: tempfile::TempDir,
-    pki: TestPki,
-    broker: FakeBroker,
-    key: CommandKey,
-    settings: CommandSettings,
-    store: Option<StateStore>,
-    outbox: Option<Outbox>,
+pub(super) struct Term {
+    pub(super) tmp: tempfile::TempDir,
+    pub(super) pki: TestPki,
+    pub(super) broker: FakeBroker,
+    pub(super) key: CommandKey,
+    pub(super) settings: CommandSettings,
+    pub(super) store: Option<StateStore>,
+    pub(super) outbox: Option<Outbox>,
     /// Identity files a wipe must delete.
-    identity: Vec<PathBuf>,
+    pub(super) identity: Vec<PathBuf>,
     /// Publishes seen but not asked for yet.
-    pending: Vec<(String, bytes::Bytes)>,
+    pub(super) pending: Vec<(String, bytes::Bytes)>,
     /// `None` between a stop and a spawn.
-    handle: Option<AgentHandle>,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
+    pub(super) handle: Option<AgentHandle>,
+    pub(super) tracker: TaskTracker,
+    pub(super) cancel: CancellationToken,
 }
 
-fn id() -> DeviceId {
+pub(super) fn id() -> DeviceId {
     DeviceId::new(ID).unwrap()
 }
 
 impl Term {
-    async fn start(adjust: impl FnOnce(&Path, &mut CommandSettings)) -> Self {
+    pub(super) async fn start(adjust: impl FnOnce(&Path, &mut CommandSettings)) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let key = CommandKey::generate();
         let mut settings = CommandSettings::new(KeyRing::new(vec![key.public_key().clone()]));
@@ -83,7 +83,7 @@ impl Term {
     }
 
     /// Opens the stores (again) and starts the agent; waits for its first ReportedState.
-    async fn spawn(&mut self) -> pb::ReportedState {
+    pub(super) async fn spawn(&mut self) -> pb::ReportedState {
         let dir = self.tmp.path().to_owned();
         let (store, outbox) = tokio::task::spawn_blocking(move || {
             let store = StateStore::open(&dir.join("state"), DEFAULT_STATE_CACHE_CAPACITY).unwrap();
@@ -95,6 +95,9 @@ impl Term {
         let files = TerminalFiles {
             config: self.config_file(),
             identity: self.identity.clone(),
+            updates_dir: self.tmp.path().join("updates"),
+            update_prefix: String::new(),
+            api_socket: None,
         };
         let setup = CommandSetup::load(Arc::new(self.settings.clone()), store.device(&id()), files)
             .unwrap();
@@ -128,7 +131,7 @@ impl Term {
     }
 
     /// Stops the agent and closes the stores (a restart of the process).
-    async fn stop(&mut self) {
+    pub(super) async fn stop(&mut self) {
         self.cancel.cancel();
         self.tracker.close();
         tokio::time::timeout(WAIT, self.tracker.wait())
@@ -148,19 +151,19 @@ impl Term {
         {}
     }
 
-    fn h(&self) -> &AgentHandle {
+    pub(super) fn h(&self) -> &AgentHandle {
         self.handle.as_ref().expect("the agent is running")
     }
 
-    fn config_file(&self) -> PathBuf {
+    pub(super) fn config_file(&self) -> PathBuf {
         self.tmp.path().join("config.json")
     }
 
-    fn store(&self) -> &StateStore {
+    pub(super) fn store(&self) -> &StateStore {
         self.store.as_ref().unwrap()
     }
 
-    fn command(&self, id: &str, body: Body) -> pb::Command {
+    pub(super) fn command(&self, id: &str, body: Body) -> pb::Command {
         let now = now_ms();
         pb::Command {
             id: id.into(),
@@ -171,12 +174,12 @@ impl Term {
         }
     }
 
-    fn send_signed(&self, signed: &pb::SignedCommand) {
+    pub(super) fn send_signed(&self, signed: &pb::SignedCommand) {
         self.broker
             .push("posfleet/v1/d/T-1/down/cmd", &encode(signed).unwrap());
     }
 
-    fn send(&self, cmd: &pb::Command) -> pb::SignedCommand {
+    pub(super) fn send(&self, cmd: &pb::Command) -> pb::SignedCommand {
         let signed = self.key.sign(cmd);
         self.send_signed(&signed);
         signed
@@ -184,7 +187,7 @@ impl Term {
 
     /// The next publish on `up/{channel}` (publishes on other channels seen meanwhile are
     /// kept for later calls, so each channel is read in order independently).
-    async fn next_on(&mut self, channel: &str) -> bytes::Bytes {
+    pub(super) async fn next_on(&mut self, channel: &str) -> bytes::Bytes {
         let suffix = format!("/up/{channel}");
         if let Some(i) = self.pending.iter().position(|(t, _)| t.ends_with(&suffix)) {
             return self.pending.remove(i).1;
@@ -199,12 +202,12 @@ impl Term {
         }
     }
 
-    async fn result(&mut self) -> pb::CommandResult {
+    pub(super) async fn result(&mut self) -> pb::CommandResult {
         decode(&self.next_on("res").await).unwrap()
     }
 
     /// The next result that is not IN_PROGRESS.
-    async fn final_result(&mut self) -> pb::CommandResult {
+    pub(super) async fn final_result(&mut self) -> pb::CommandResult {
         loop {
             let r = self.result().await;
             if r.status() != pb::CommandStatus::InProgress {
@@ -213,11 +216,11 @@ impl Term {
         }
     }
 
-    async fn state(&mut self) -> pb::ReportedState {
+    pub(super) async fn state(&mut self) -> pb::ReportedState {
         decode(&self.next_on("st").await).unwrap()
     }
 
-    async fn run(&mut self, id: &str, body: Body) -> pb::CommandResult {
+    pub(super) async fn run(&mut self, id: &str, body: Body) -> pb::CommandResult {
         let cmd = self.command(id, body);
         self.send(&cmd);
         let r = self.final_result().await;
@@ -226,12 +229,12 @@ impl Term {
     }
 
     /// GET `path` on the local API (a real Unix socket) of the running agent.
-    async fn api_get(&self, path: &str) -> serde_json::Value {
+    pub(super) async fn api_get(&self, path: &str) -> serde_json::Value {
         self.api("GET", path, None).await.1
     }
 
     /// One request to the local API of the running agent: (status code, JSON body).
-    async fn api(
+    pub(super) async fn api(
         &self,
         method: &str,
         path: &str,
@@ -265,8 +268,12 @@ impl Term {
     }
 }
 
-fn reason(r: &pb::CommandResult) -> &str {
+pub(super) fn reason(r: &pb::CommandResult) -> &str {
     r.details.get("reason").map_or("", String::as_str)
+}
+
+pub(super) fn lock_body(generation: u64) -> Body {
+    lock(generation)
 }
 
 fn lock(generation: u64) -> Body {
@@ -291,7 +298,7 @@ fn push(version: u64, json: &str) -> Body {
 }
 
 /// Lines in a hook's run log (each run appends one).
-fn runs(log: &Path) -> usize {
+pub(super) fn runs(log: &Path) -> usize {
     std::fs::read_to_string(log).map_or(0, |t| t.lines().count())
 }
 
@@ -371,7 +378,11 @@ async fn verification_failures_are_rejected_with_their_reason_and_nothing_runs()
     t.send(&t.command("sw", Body::SoftwareUpdate(pb::SoftwareUpdate::default())));
     let r = t.result().await;
     assert_eq!((r.command_id.as_str(), reason(&r)), ("sw", "refused"));
-    assert!(r.message.contains("not supported"), "{}", r.message);
+    assert!(
+        r.message.contains("no trusted release key configured"),
+        "{}",
+        r.message
+    );
     let stats = t.h().stats();
     assert_eq!((stats.commands_malformed, stats.commands_rejected), (1, 6));
 
@@ -795,6 +806,9 @@ async fn a_lease_lock_survives_a_restart_and_an_expired_lease_locks_at_start() {
         TerminalFiles {
             config: t.config_file(),
             identity: Vec::new(),
+            updates_dir: t.tmp.path().join("updates"),
+            update_prefix: String::new(),
+            api_socket: None,
         },
     )
     .unwrap();

@@ -19,9 +19,12 @@ pub use value::{BrokerUrl, parse_duration};
 use crate::agent::DeviceInfo;
 use crate::api::{DEFAULT_SOCKET_NAME, LocalApiSettings, MAX_SOCKET_PATH};
 use crate::backoff::Backoff;
+use crate::command::update::{
+    DEFAULT_CONFIRM_TIMEOUT, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_ATTEMPTS,
+};
 use crate::command::{DEFAULT_MAX_OFFLINE, HookSettings};
 use crate::outbox::OutboxSettings;
-use raw::{RawCommands, RawConfig, RawHooks, RawLocalApi, RawOutbox};
+use raw::{RawCommands, RawConfig, RawHooks, RawLocalApi, RawOutbox, RawUpdates};
 
 /// Longest model, serial or version string accepted (they travel in every Presence).
 pub const MAX_DEVICE_TEXT: usize = 64;
@@ -64,6 +67,23 @@ pub struct Config {
     pub commands: CommandsConfig,
     /// Terminal hooks run by commands.
     pub hooks: HookSettings,
+    /// Software updates.
+    pub updates: UpdatesConfig,
+}
+
+/// `[updates]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdatesConfig {
+    /// PEM files of the trusted release keys; none: every SoftwareUpdate is refused.
+    pub trusted_release_keys: Vec<PathBuf>,
+    /// Where artifacts are downloaded (default `DATA/updates`).
+    pub download_dir: PathBuf,
+    /// Confirmation time when the command says 0.
+    pub confirm_timeout: Duration,
+    /// Consecutive download attempts without progress before the update fails.
+    pub retry_attempts: u32,
+    /// Longest delay between download attempts.
+    pub max_retry_delay: Duration,
 }
 
 /// `[commands]`.
@@ -282,6 +302,7 @@ impl Validator<'_> {
         let outbox = self.outbox(raw.outbox);
         let commands = self.commands(raw.commands);
         let hooks = self.hooks(raw.hooks);
+        let updates = self.updates(raw.updates, &data_dir);
 
         Some(Config {
             broker: broker?,
@@ -302,7 +323,54 @@ impl Validator<'_> {
             outbox,
             commands,
             hooks,
+            updates,
         })
+    }
+
+    fn updates(&mut self, raw: RawUpdates, data_dir: &Path) -> UpdatesConfig {
+        let trusted_release_keys = raw
+            .trusted_release_keys
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(|p| self.resolve(p))
+            .collect();
+        let download_dir = match raw.download_dir {
+            Some(p) if p.as_os_str().is_empty() => {
+                self.problem(
+                    "updates.download_dir",
+                    "must not be empty; leave it out for DATA/updates",
+                );
+                data_dir.join("updates")
+            }
+            Some(p) => self.resolve(p),
+            None => data_dir.join("updates"),
+        };
+        let confirm_timeout = self.duration(
+            "updates.confirm_timeout",
+            raw.confirm_timeout,
+            DEFAULT_CONFIRM_TIMEOUT,
+            (Duration::from_secs(5), Duration::from_secs(24 * 3600)),
+        );
+        let retry_attempts = self.count(
+            "updates.retry_attempts",
+            raw.retry_attempts,
+            u64::from(DEFAULT_RETRY_ATTEMPTS),
+            (1, 100),
+        ) as u32;
+        let max_retry_delay = self.duration(
+            "updates.max_retry_delay",
+            raw.max_retry_delay,
+            DEFAULT_MAX_RETRY_DELAY,
+            (Duration::from_secs(1), Duration::from_secs(3600)),
+        );
+        UpdatesConfig {
+            trusted_release_keys,
+            download_dir,
+            confirm_timeout,
+            retry_attempts,
+            max_retry_delay,
+        }
     }
 
     fn commands(&mut self, raw: RawCommands) -> CommandsConfig {
@@ -353,6 +421,9 @@ impl Validator<'_> {
             wipe: hook("hooks.wipe", raw.wipe),
             reboot: hook("hooks.reboot", raw.reboot),
             collect_logs: hook("hooks.collect_logs", raw.collect_logs),
+            install: hook("hooks.install", raw.install),
+            rollback: hook("hooks.rollback", raw.rollback),
+            health: hook("hooks.health", raw.health),
             timeout,
         }
     }

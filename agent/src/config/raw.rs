@@ -24,6 +24,18 @@ pub(super) struct RawConfig {
     pub(super) commands: RawCommands,
     #[serde(default)]
     pub(super) hooks: RawHooks,
+    #[serde(default)]
+    pub(super) updates: RawUpdates,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpdates {
+    pub(super) trusted_release_keys: Option<Vec<PathBuf>>,
+    pub(super) download_dir: Option<PathBuf>,
+    pub(super) confirm_timeout: Option<String>,
+    pub(super) retry_attempts: Option<u64>,
+    pub(super) max_retry_delay: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -42,6 +54,9 @@ pub(super) struct RawHooks {
     pub(super) wipe: Option<PathBuf>,
     pub(super) reboot: Option<PathBuf>,
     pub(super) collect_logs: Option<PathBuf>,
+    pub(super) install: Option<PathBuf>,
+    pub(super) rollback: Option<PathBuf>,
+    pub(super) health: Option<PathBuf>,
     pub(super) timeout: Option<String>,
 }
 

@@ -142,6 +142,72 @@ timeout = "5s"
 }
 
 #[test]
+fn updates_section_and_update_hooks_are_read_and_checked() {
+    let cfg = Config::parse(MINIMAL, Path::new("/etc/posfleet")).unwrap();
+    let u = &cfg.updates;
+    assert!(u.trusted_release_keys.is_empty(), "optional");
+    assert_eq!(u.download_dir, Path::new(DEFAULT_DATA_DIR).join("updates"));
+    assert_eq!(
+        (u.confirm_timeout, u.retry_attempts, u.max_retry_delay),
+        (Duration::from_secs(300), 8, Duration::from_secs(300))
+    );
+    let text = format!(
+        r#"{MINIMAL}
+[updates]
+trusted_release_keys = ["release.pub"]
+download_dir = "/var/tmp/updates"
+confirm_timeout = "2m"
+retry_attempts = 3
+max_retry_delay = "30s"
+
+[hooks]
+install = "hooks/install"
+rollback = "/usr/lib/posfleet/hooks/rollback"
+health = "hooks/health"
+"#
+    );
+    let cfg = Config::parse(&text, Path::new("/etc/posfleet")).unwrap();
+    let u = &cfg.updates;
+    assert_eq!(
+        u.trusted_release_keys,
+        [Path::new("/etc/posfleet/release.pub")]
+    );
+    assert_eq!(u.download_dir, Path::new("/var/tmp/updates"));
+    assert_eq!(
+        (u.confirm_timeout, u.retry_attempts, u.max_retry_delay),
+        (Duration::from_secs(120), 3, Duration::from_secs(30))
+    );
+    let h = &cfg.hooks;
+    assert_eq!(
+        h.install.as_deref(),
+        Some(Path::new("/etc/posfleet/hooks/install"))
+    );
+    assert_eq!(
+        h.rollback.as_deref(),
+        Some(Path::new("/usr/lib/posfleet/hooks/rollback"))
+    );
+    assert_eq!(
+        h.health.as_deref(),
+        Some(Path::new("/etc/posfleet/hooks/health"))
+    );
+    let bad = text
+        .replace(r#""2m""#, r#""1s""#)
+        .replace("retry_attempts = 3", "retry_attempts = 0")
+        .replace(r#""30s""#, r#""2h""#)
+        .replace(r#""hooks/health""#, r#""""#);
+    let fields: Vec<&str> = problems(&bad).iter().map(|p| p.field).collect();
+    assert_eq!(
+        fields,
+        [
+            "hooks.health",
+            "updates.confirm_timeout",
+            "updates.retry_attempts",
+            "updates.max_retry_delay"
+        ]
+    );
+}
+
+#[test]
 fn local_api_and_outbox_sections_are_read_and_checked() {
     let text = format!(
         r#"{MINIMAL}

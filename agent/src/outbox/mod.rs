@@ -154,6 +154,9 @@ pub(crate) struct DeviceShared {
     /// The highest durable seq; senders never send beyond it.
     committed: watch::Sender<u64>,
     depth: AtomicU64,
+    /// Accepts between their call and their answer (a software update waits for 0, with
+    /// `depth` 0: the payment application is idle).
+    in_flight: AtomicU64,
     dead: AtomicU64,
     /// Unix ms of the last valid ack (0: none).
     last_ack_ms: AtomicU64,
@@ -265,6 +268,7 @@ impl Outbox {
                     id: id.clone(),
                     committed,
                     depth: AtomicU64::new(snap.depth),
+                    in_flight: AtomicU64::new(0),
                     dead: AtomicU64::new(snap.dead),
                     last_ack_ms: AtomicU64::new(0),
                 });
@@ -300,6 +304,23 @@ impl Outbox {
             // Joining blocks until the last round's fsync is done.
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+    }
+}
+
+/// Counts one accept in flight for as long as it lives (also when the caller's future is
+/// dropped mid-way).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -345,6 +366,7 @@ impl DeviceOutbox {
             txn: Box::new(txn),
             accepted_at_ms: now_ms(),
         };
+        let _in_flight = InFlight::enter(&self.shared.in_flight);
         match self.write(op).await? {
             Outcome::Stored { seq } => Ok(AcceptOutcome::Stored { seq }),
             Outcome::Repeat { seq } => Ok(AcceptOutcome::Repeat { seq }),
@@ -450,6 +472,12 @@ impl DeviceOutbox {
             .map_err(|e| OutboxError::Corrupt {
                 detail: format!("outbox read panicked: {e}"),
             })?
+    }
+
+    /// True while no transaction waits for an ack and none is being accepted: what a
+    /// software update waits for before it installs.
+    pub fn is_idle(&self) -> bool {
+        self.shared.in_flight.load(Ordering::Acquire) == 0 && self.depth() == 0
     }
 
     /// Entries waiting for an ack.

@@ -260,3 +260,97 @@ async fn every_terminal_executes_commands_signed_with_the_pki_command_key() {
     tracker.close();
     tokio::time::timeout(WAIT, tracker.wait()).await.unwrap();
 }
+
+#[tokio::test]
+async fn simulated_terminals_run_software_updates_with_the_pki_release_key() {
+    use posfleet_proto::pb::command::Body;
+    use posfleet_proto::signing::CommandKey;
+    use posfleet_proto::{encode, now_ms};
+    use sha2::{Digest, Sha256};
+
+    use crate::command::hooks::tests::script;
+    use crate::command::update::test_server::{ArtifactServer, Fault};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let pki_dir = tmp.path().join("pki");
+    let pki = PkiDir::at(&pki_dir);
+    let ca = pki.init(&[]).unwrap();
+    let key = pki.ensure_command_key().unwrap();
+    let release = CommandKey::generate();
+    std::fs::write(pki_dir.join(RELEASE_PUB), release.public_key().to_pem()).unwrap();
+    let test_pki = TestPki::with_ca(ca);
+    let mut broker = FakeBroker::start(&test_pki).await;
+    let data: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+    let sha: [u8; 32] = Sha256::digest(&data).into();
+    let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+    let server = ArtifactServer::start(&test_pki, data.clone(), Fault::None).await;
+
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let mut cfg = config(&pki_dir, broker.addr.port(), 2);
+    cfg.agent.heartbeat_interval = Duration::from_secs(3600);
+    cfg.tx_rate_per_minute = 0.0;
+    cfg.max_offline = None;
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    cfg.hooks.install = Some(script(
+        tmp.path(),
+        "install",
+        &format!(
+            "cp \"$POSFLEET_ARTIFACT\" {}/\"$POSFLEET_DEVICE_ID\"",
+            marks.display()
+        ),
+    ));
+    let sim = run_simulator(cfg, &tracker, cancel.clone()).await.unwrap();
+    let mut online = 0;
+    while online < 2 {
+        if let Seen::Publish { topic, .. } = broker.next().await {
+            online += usize::from(topic.ends_with("/up/st"));
+        }
+    }
+    for target in ["sim-00000", "sim-00001"] {
+        let cmd = pb::Command {
+            id: format!("up-{target}"),
+            target_device: target.into(),
+            issued_at_ms: now_ms(),
+            not_after_ms: now_ms() + 60_000,
+            body: Some(Body::SoftwareUpdate(pb::SoftwareUpdate {
+                artifact_id: hex.clone(),
+                version: "3.3.0".into(),
+                url: server.url(&hex),
+                size_bytes: data.len() as u64,
+                sha256: sha.to_vec(),
+                release_signature: release.sign_release(&sha),
+                release_key_id: release.key_id().into(),
+                component: "payment_app".into(),
+                rollout_id: "ro-sim".into(),
+                confirm_timeout_s: 10,
+            })),
+        };
+        let topic = format!("posfleet/v1/d/{target}/down/cmd");
+        broker.push(&topic, &encode(&key.sign(&cmd)).unwrap());
+    }
+    let mut succeeded = BTreeSet::new();
+    while succeeded.len() < 2 {
+        if let Seen::Publish { topic, payload, .. } = broker.next().await {
+            if topic.ends_with("/up/res") {
+                let r = decode::<pb::CommandResult>(&payload).unwrap();
+                if r.command_id.starts_with("up-") && r.status() == pb::CommandStatus::Succeeded {
+                    succeeded.insert(r.command_id);
+                }
+            }
+        }
+    }
+    for agent in sim.agents() {
+        assert_eq!(agent.live().get().versions.payment_app, "3.3.0");
+        assert_eq!(
+            std::fs::read(marks.join(agent.device_id().as_str())).unwrap(),
+            data
+        );
+    }
+    assert_eq!(server.requests().len(), 2, "one download per terminal");
+    cancel.cancel();
+    tracker.close();
+    tokio::time::timeout(WAIT, tracker.wait()).await.unwrap();
+    server.stop().await;
+}

@@ -19,6 +19,9 @@ pub struct TerminalStatus {
     pub config_version: u64,
     /// The applied configuration document (shared, read by `GET /v1/config`).
     pub config: Arc<ConfigDocument>,
+    /// What the terminal runs: the configured versions with those installed by software
+    /// updates put over them (reported in heartbeats, presence and `ReportedState`).
+    pub versions: posfleet_proto::pb::SoftwareVersions,
 }
 
 /// A terminal's live status. Cheap to clone; clones share it.

@@ -22,6 +22,7 @@
 //! | `l` lock | (none) | [`LockRecord`] (JSON) |
 //! | `c` config | (none) | [`AppliedConfig`] (JSON) |
 //! | `t` contact | (none) | last valid contact, Unix ms (u64 BE) |
+//! | `v` versions | (none) | [`InstalledVersions`] (JSON) |
 
 pub mod live;
 mod record;
@@ -35,13 +36,17 @@ use std::sync::Arc;
 use posfleet_proto::DeviceId;
 
 pub use live::{LiveState, TerminalStatus};
-pub use record::{AppliedConfig, ConfigDocument, JournalEntry, JournalStatus, LockRecord};
+pub use record::{
+    AppliedConfig, Component, ConfigDocument, InstalledVersions, JournalEntry, JournalStatus,
+    LockRecord,
+};
 
 const TREE: &str = "state";
 const JOURNAL: u8 = b'j';
 const LOCK: u8 = b'l';
 const CONFIG: u8 = b'c';
 const CONTACT: u8 = b't';
+const VERSIONS: u8 = b'v';
 
 /// Default sled page cache of a terminal's state store (it holds a few small records).
 pub const DEFAULT_STATE_CACHE_CAPACITY: u64 = 256 * 1024;
@@ -124,6 +129,8 @@ pub struct Snapshot {
     pub config: AppliedConfig,
     /// Unix ms of the last valid contact (`None`: never recorded).
     pub last_contact_ms: Option<u64>,
+    /// Versions installed by software updates.
+    pub installed: InstalledVersions,
     /// Journal entries still in progress (a restart interrupted them), with their ids.
     pub in_progress: Vec<(String, JournalEntry)>,
 }
@@ -134,6 +141,7 @@ pub struct Changes {
     journal: Vec<(String, Option<JournalEntry>)>,
     lock: Option<LockRecord>,
     config: Option<AppliedConfig>,
+    installed: Option<InstalledVersions>,
     contact_ms: Option<u64>,
     /// Remove every record of the terminal except this journal entry (wipe).
     clear_except: Option<String>,
@@ -172,6 +180,11 @@ impl Changes {
 
     pub fn config(mut self, config: AppliedConfig) -> Self {
         self.config = Some(config);
+        self
+    }
+
+    pub fn installed(mut self, installed: InstalledVersions) -> Self {
+        self.installed = Some(installed);
         self
     }
 
@@ -225,6 +238,10 @@ impl DeviceState {
             Some(v) => AppliedConfig::decode(&v)?,
             None => AppliedConfig::default(),
         };
+        let installed = match tree.get(self.key(VERSIONS, b""))? {
+            Some(v) => InstalledVersions::decode(&v)?,
+            None => InstalledVersions::default(),
+        };
         let last_contact_ms = tree
             .get(self.key(CONTACT, b""))?
             .and_then(|v| v.get(..8).and_then(|b| b.try_into().ok()))
@@ -239,6 +256,7 @@ impl DeviceState {
             lock,
             config,
             last_contact_ms,
+            installed,
             in_progress,
         })
     }
@@ -289,7 +307,7 @@ impl DeviceState {
         let mut batch = sled::Batch::default();
         if let Some(keep) = &changes.clear_except {
             let keep = self.key(JOURNAL, keep.as_bytes());
-            for kind in [JOURNAL, LOCK, CONFIG, CONTACT] {
+            for kind in [JOURNAL, LOCK, CONFIG, CONTACT, VERSIONS] {
                 for item in self.tree().scan_prefix(self.key(kind, b"")) {
                     let (key, _) = item?;
                     if key.as_ref() != keep.as_slice() {
@@ -310,6 +328,9 @@ impl DeviceState {
         }
         if let Some(config) = &changes.config {
             batch.insert(self.key(CONFIG, b""), config.encode()?);
+        }
+        if let Some(installed) = &changes.installed {
+            batch.insert(self.key(VERSIONS, b""), installed.encode()?);
         }
         if let Some(at) = changes.contact_ms {
             batch.insert(self.key(CONTACT, b""), at.to_be_bytes().to_vec());

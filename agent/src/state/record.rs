@@ -126,3 +126,102 @@ impl AppliedConfig {
         })
     }
 }
+
+/// Versions installed by software updates (issue 5), per `SoftwareVersions` component; a
+/// component absent here reports what the agent's config (or build, for `agent`) says.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledVersions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_app: Option<String>,
+}
+
+impl InstalledVersions {
+    /// The slot of `component` (`agent`, `firmware` or `payment_app`).
+    pub fn slot(&mut self, component: Component) -> &mut Option<String> {
+        match component {
+            Component::Agent => &mut self.agent,
+            Component::Firmware => &mut self.firmware,
+            Component::PaymentApp => &mut self.payment_app,
+        }
+    }
+
+    /// `base` with every installed version put over it.
+    pub fn over(
+        &self,
+        mut base: posfleet_proto::pb::SoftwareVersions,
+    ) -> posfleet_proto::pb::SoftwareVersions {
+        if let Some(v) = &self.agent {
+            base.agent.clone_from(v);
+        }
+        if let Some(v) = &self.firmware {
+            base.firmware.clone_from(v);
+        }
+        if let Some(v) = &self.payment_app {
+            base.payment_app.clone_from(v);
+        }
+        base
+    }
+
+    pub(super) fn encode(&self) -> Result<Vec<u8>, StateError> {
+        serde_json::to_vec(self).map_err(|e| StateError::Corrupt {
+            detail: format!("cannot encode the installed versions: {e}"),
+        })
+    }
+
+    pub(super) fn decode(value: &[u8]) -> Result<Self, StateError> {
+        serde_json::from_slice(value).map_err(|e| StateError::Corrupt {
+            detail: format!("the installed versions record does not decode: {e}"),
+        })
+    }
+}
+
+/// What a software update changes: a field of `SoftwareVersions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    PaymentApp,
+    Firmware,
+    Agent,
+}
+
+impl Component {
+    /// From the wire name; empty means `payment_app` (ADR 0008).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "" | "payment_app" => Some(Self::PaymentApp),
+            "firmware" => Some(Self::Firmware),
+            "agent" => Some(Self::Agent),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PaymentApp => "payment_app",
+            Self::Firmware => "firmware",
+            Self::Agent => "agent",
+        }
+    }
+
+    /// This component's field of `versions`.
+    pub fn of(self, versions: &posfleet_proto::pb::SoftwareVersions) -> &str {
+        match self {
+            Self::PaymentApp => &versions.payment_app,
+            Self::Firmware => &versions.firmware,
+            Self::Agent => &versions.agent,
+        }
+    }
+
+    /// Sets this component's field of `versions`.
+    pub fn set(self, versions: &mut posfleet_proto::pb::SoftwareVersions, version: &str) {
+        let field = match self {
+            Self::PaymentApp => &mut versions.payment_app,
+            Self::Firmware => &mut versions.firmware,
+            Self::Agent => &mut versions.agent,
+        };
+        version.clone_into(field);
+    }
+}

@@ -28,6 +28,9 @@ pub(crate) fn command_setup_in(
     let files = TerminalFiles {
         config: dir.join(format!("config-{id}.json")),
         identity: Vec::new(),
+        updates_dir: dir.join("updates"),
+        update_prefix: format!("{id}-"),
+        api_socket: None,
     };
     CommandSetup::load(Arc::new(settings), store.device(id), files).unwrap()
 }

@@ -1,0 +1,221 @@
+//! The maintenance window (`maintenance.window` of the applied configuration,
+//! `HH:MM-HH:MM` in the terminal's local time, possibly across midnight) and the terminal's
+//! UTC offset, read from its TZif time zone file (`/etc/localtime`).
+//!
+//! Only the transitions of the TZif file are used: a time after the last transition takes
+//! the last transition's offset. Distributions ship "fat" files with transitions up to 2037;
+//! a "slim" file of a zone with daylight saving time would be read with the offset of its last
+//! transition. Without a readable file the offset is 0 (UTC), as in most containers.
+
+use std::path::Path;
+
+/// Config key of the window.
+pub(crate) const WINDOW_KEY: &str = "maintenance.window";
+const DAY_MINUTES: u32 = 24 * 60;
+
+/// A daily window, in minutes after local midnight; `start != end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    start: u32,
+    end: u32,
+}
+
+impl Window {
+    /// `HH:MM-HH:MM` (24 h times, start ≠ end).
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        let (a, b) = text.trim().split_once('-')?;
+        let (start, end) = (minutes(a)?, minutes(b)?);
+        (start != end).then_some(Self { start, end })
+    }
+
+    /// Whether `minute` (after local midnight) is inside; the end is exclusive. A window
+    /// whose end is before its start runs across midnight.
+    pub(crate) fn contains(self, minute: u32) -> bool {
+        if self.start < self.end {
+            (self.start..self.end).contains(&minute)
+        } else {
+            minute >= self.start || minute < self.end
+        }
+    }
+}
+
+fn minutes(hhmm: &str) -> Option<u32> {
+    let (h, m) = hhmm.trim().split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 60 + m)
+}
+
+/// Minutes after local midnight at Unix time `unix_s`, with `offset_s` east of UTC.
+pub(crate) fn local_minute(unix_s: i64, offset_s: i32) -> u32 {
+    let local = unix_s.saturating_add(i64::from(offset_s));
+    u32::try_from(local.rem_euclid(86_400) / 60).unwrap_or(0) % DAY_MINUTES
+}
+
+/// The UTC offset in seconds at `unix_s` from the TZif file at `path` (0 if unreadable).
+/// Blocking (reads the file).
+pub(crate) fn utc_offset(path: &Path, unix_s: i64) -> i32 {
+    std::fs::read(path)
+        .ok()
+        .and_then(|data| tzif_offset(&data, unix_s))
+        .unwrap_or(0)
+}
+
+/// The offset at `t` from TZif data (version 1 block, or the 64-bit block of version 2+).
+fn tzif_offset(data: &[u8], t: i64) -> Option<i32> {
+    let header = Header::read(data)?;
+    let (header, body, wide) = if data.get(4).copied().unwrap_or(0) >= b'2' {
+        let second = data.get(44 + header.v1_len()..)?;
+        (Header::read(second)?, second.get(44..)?, true)
+    } else {
+        (header, data.get(44..)?, false)
+    };
+    let time_size = if wide { 8 } else { 4 };
+    let times = body.get(..header.timecnt * time_size)?;
+    let indices = body.get(header.timecnt * time_size..header.timecnt * (time_size + 1))?;
+    let types_at = header.timecnt * (time_size + 1);
+    let types = body.get(types_at..types_at + header.typecnt * 6)?;
+    let transition_time = |i: usize| -> Option<i64> {
+        let b = times.get(i * time_size..(i + 1) * time_size)?;
+        Some(if wide {
+            i64::from_be_bytes(b.try_into().ok()?)
+        } else {
+            i64::from(i32::from_be_bytes(b.try_into().ok()?))
+        })
+    };
+    // The last transition at or before t; before the first, the first type (RFC 8536 §3.2).
+    let mut type_index = 0usize;
+    for i in 0..header.timecnt {
+        if transition_time(i)? <= t {
+            type_index = usize::from(*indices.get(i)?);
+        } else {
+            break;
+        }
+    }
+    let ttinfo = types.get(type_index * 6..type_index * 6 + 4)?;
+    Some(i32::from_be_bytes(ttinfo.try_into().ok()?))
+}
+
+struct Header {
+    isutcnt: usize,
+    isstdcnt: usize,
+    leapcnt: usize,
+    timecnt: usize,
+    typecnt: usize,
+    charcnt: usize,
+}
+
+impl Header {
+    fn read(data: &[u8]) -> Option<Self> {
+        if data.get(..4)? != b"TZif" {
+            return None;
+        }
+        let count = |i: usize| -> Option<usize> {
+            let b = data.get(20 + i * 4..24 + i * 4)?;
+            usize::try_from(u32::from_be_bytes(b.try_into().ok()?)).ok()
+        };
+        Some(Self {
+            isutcnt: count(0)?,
+            isstdcnt: count(1)?,
+            leapcnt: count(2)?,
+            timecnt: count(3)?,
+            typecnt: count(4)?,
+            charcnt: count(5)?,
+        })
+    }
+
+    /// Length of the version 1 data block.
+    fn v1_len(&self) -> usize {
+        self.timecnt * 5
+            + self.typecnt * 6
+            + self.charcnt
+            + self.leapcnt * 8
+            + self.isstdcnt
+            + self.isutcnt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_parse_and_wrap_midnight() {
+        let day = Window::parse("02:00-04:30").unwrap();
+        assert!(!day.contains(119));
+        assert!(day.contains(120) && day.contains(269));
+        assert!(!day.contains(270), "the end is exclusive");
+        let night = Window::parse("22:00-03:00").unwrap();
+        assert!(night.contains(22 * 60) && night.contains(23 * 60 + 59));
+        assert!(night.contains(0) && night.contains(179));
+        assert!(!night.contains(180) && !night.contains(12 * 60));
+        for bad in [
+            "",
+            "02:00",
+            "2:00-03:00",
+            "24:00-01:00",
+            "01:60-02:00",
+            "03:00-03:00",
+            "ab:cd-01:00",
+        ] {
+            assert_eq!(Window::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn local_minutes_follow_the_offset() {
+        // 1970-01-02 00:30 UTC.
+        let t = 86_400 + 30 * 60;
+        assert_eq!(local_minute(t, 0), 30);
+        assert_eq!(local_minute(t, 3600), 90);
+        assert_eq!(local_minute(t, -3600), 23 * 60 + 30);
+    }
+
+    /// A version 2 TZif file with one transition (to +02:00 at t = 1000), built by hand.
+    fn tzif(transition: i64) -> Vec<u8> {
+        fn header(version: u8, timecnt: u32, typecnt: u32, charcnt: u32) -> Vec<u8> {
+            let mut h = b"TZif".to_vec();
+            h.push(version);
+            h.extend_from_slice(&[0; 15]);
+            for n in [0u32, 0, 0, timecnt, typecnt, charcnt] {
+                h.extend_from_slice(&n.to_be_bytes());
+            }
+            h
+        }
+        let types = |out: &mut Vec<u8>| {
+            out.extend_from_slice(&0i32.to_be_bytes());
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&7200i32.to_be_bytes());
+            out.extend_from_slice(&[1, 4]);
+            out.extend_from_slice(b"UTC\0EET\0");
+        };
+        let mut f = header(b'2', 1, 2, 8);
+        f.extend_from_slice(&i32::try_from(transition).unwrap().to_be_bytes());
+        f.push(1);
+        types(&mut f);
+        f.extend_from_slice(&header(b'2', 1, 2, 8));
+        f.extend_from_slice(&transition.to_be_bytes());
+        f.push(1);
+        types(&mut f);
+        f.extend_from_slice(b"\nEET-2\n");
+        f
+    }
+
+    #[test]
+    fn reads_offsets_from_tzif_data() {
+        let data = tzif(1000);
+        assert_eq!(tzif_offset(&data, 999), Some(0));
+        assert_eq!(tzif_offset(&data, 1000), Some(7200));
+        assert_eq!(tzif_offset(&data, 10_000_000), Some(7200));
+        assert_eq!(tzif_offset(b"nope", 0), None);
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("localtime");
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(utc_offset(&path, 2000), 7200);
+        assert_eq!(utc_offset(&tmp.path().join("missing"), 2000), 0);
+        // The machine's own file, if it has one, reads without error.
+        let _ = utc_offset(Path::new("/etc/localtime"), 0);
+    }
+}
