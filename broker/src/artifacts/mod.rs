@@ -19,8 +19,11 @@ mod device;
 mod error;
 mod store;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod upload;
+
+#[cfg(test)]
+pub(crate) use tests::files as tests_support_files;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
