@@ -138,7 +138,7 @@ pub(crate) fn issue_device(
         OutputFormat::Json => writeln!(
             out,
             "{}",
-            json!({ "device": id.as_str(), "cert": bundle.cert, "key": bundle.key, "ca": bundle.ca })
+            json!({ "device": id.as_str(), "cert": bundle.cert, "key": bundle.key, "ca": bundle.ca, "release_pub": bundle.release_pub })
         )?,
         OutputFormat::Table => {
             writeln!(out, "Issued a certificate for device {id}:")?;
@@ -150,6 +150,13 @@ pub(crate) fn issue_device(
                 bundle.key.display()
             )?;
             writeln!(out, "  {:<40}  fleet CA certificate", bundle.ca.display())?;
+            if let Some(release) = &bundle.release_pub {
+                writeln!(
+                    out,
+                    "  {:<40}  trusted release key(s) for software updates",
+                    release.display()
+                )?;
+            }
         }
     }
     Ok(())
