@@ -1,9 +1,11 @@
 //! `serve` and `demo`: everything the controller process runs, under one shutdown tree.
 //!
-//! Startup order: data dir and PKI (created on first start), admin token, both listeners bound
-//! (so a port clash fails before anything runs), the edge with its router, the registry,
-//! the transaction store and the configuration store, the controller (an ordinary mTLS MQTT client of the edge), the admin API, and finally
-//! `posctl.json` so `posctl --data-dir DIR` finds the running server.
+//! Startup order: data dir and PKI (created on first start), admin token, trusted release
+//! keys, every listener bound (so a port clash fails before anything runs), the edge with its
+//! router, the registry, the transaction store, the configuration store and the artifact
+//! store, the controller (an ordinary mTLS MQTT client of the edge), the admin API, the
+//! device download endpoint, and finally `posctl.json` so `posctl --data-dir DIR` finds the
+//! running server.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -17,7 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::api::{self, ApiState, ServerTlsError};
+use crate::api::{self, ApiState, ServerTlsError, Site};
+use crate::artifacts::{
+    ArtifactStore, ArtifactStoreError, Artifacts, ArtifactsConfig, device_router,
+    device_tls_config, load_release_keys,
+};
 use crate::commands::{
     CommandPlane, CommandStore, CommandStoreError, CommandsConfig, CommandsHandle,
 };
@@ -35,6 +41,8 @@ use crate::txstore::{TxStore, TxStoreConfig, TxStoreError};
 pub const DEFAULT_MQTT_LISTEN: &str = "0.0.0.0:8883";
 /// Default admin API listen address of `serve` and `demo`.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8443";
+/// Default listen address of the device download endpoint (ADR 0008).
+pub const DEFAULT_DEVICE_LISTEN: &str = "0.0.0.0:8884";
 /// Longest the embedded edge keeps terminals waiting for the controller's subscription.
 const CONTROLLER_WAIT: Duration = Duration::from_secs(30);
 /// Capacity of the live event bus.
@@ -55,6 +63,13 @@ pub struct ServeOptions {
     pub lease_interval: Duration,
     /// Commands not final yet are published again this often.
     pub command_resend_interval: Duration,
+    /// Where terminals download artifacts (HTTPS, client certificate required).
+    pub device_listen: SocketAddr,
+    /// Public base URL of the device endpoint that terminals are told; default
+    /// `https://<first host, else 127.0.0.1>:<bound port>`.
+    pub device_url: Option<String>,
+    /// Largest artifact upload accepted.
+    pub max_artifact_bytes: u64,
 }
 
 #[cfg(test)]
@@ -69,6 +84,9 @@ impl ServeOptions {
             external_broker: None,
             lease_interval: Duration::from_secs(300),
             command_resend_interval: Duration::from_secs(30),
+            device_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            device_url: None,
+            max_artifact_bytes: crate::artifacts::DEFAULT_MAX_UPLOAD_BYTES,
         }
     }
 }
@@ -100,6 +118,17 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("command store: {0}")]
     Commands(#[from] CommandStoreError),
+    #[error("artifact store: {0}")]
+    Artifacts(#[from] ArtifactStoreError),
+    #[error(
+        "trusted release keys: {0}; fix or remove the file (without it every artifact upload \
+         is refused)"
+    )]
+    ReleaseKeys(PkiError),
+    #[error("device endpoint TLS: {0}")]
+    DeviceTls(TlsSetupError),
+    #[error("--device-url {url:?}: {detail}")]
+    DeviceUrl { url: String, detail: &'static str },
     #[error(transparent)]
     Controller(#[from] ControllerError),
     #[error("startup task failed: {0}")]
@@ -112,6 +141,11 @@ pub struct Running {
     /// Where terminals (and the controller) connect: the embedded edge or the external broker.
     pub broker: BrokerUrl,
     pub api_addr: SocketAddr,
+    /// Where the device download endpoint listens (the bound address).
+    pub device_addr: SocketAddr,
+    /// Signed software artifacts; the rollout engine uses it as `Arc<dyn ArtifactCatalog>`
+    /// and registers its `ArtifactUsers` with `set_users`.
+    pub artifacts: Arc<Artifacts>,
     /// What was written to `posctl.json`.
     pub client: ClientFile,
     /// The embedded edge; `None` with an external broker.
@@ -154,6 +188,16 @@ pub async fn start(
         })
         .await??
     };
+    let release_pub = data.pki().release_public_key();
+    let release_keys = {
+        let path = release_pub.clone();
+        tokio::task::spawn_blocking(move || load_release_keys(&path))
+            .await?
+            .map_err(AppError::ReleaseKeys)?
+    };
+    if let Some(url) = &opts.device_url {
+        check_device_url(url)?;
+    }
     let pki = data.pki();
     if pki_created {
         info!(dir = %pki.dir().display(), "created a development PKI (fleet CA, broker and controller certificates)");
@@ -164,6 +208,14 @@ pub async fn start(
         None => Some(bind(opts.mqtt_listen, "MQTT", "--mqtt-listen").await?),
     };
     let (api_listener, api_addr) = bind(opts.api_listen, "the admin API", "--api-listen").await?;
+    let (device_listener, device_addr) = bind(
+        opts.device_listen,
+        "the device download endpoint",
+        "--device-listen",
+    )
+    .await?;
+    let device_tls = device_tls_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())
+        .map_err(AppError::DeviceTls)?;
 
     let metrics = Arc::new(Metrics::new());
     let (broker, edge) = match (mqtt, &opts.external_broker) {
@@ -197,6 +249,27 @@ pub async fn start(
     let config_cfg = ConfigStoreConfig::new(data.config_dir());
     let config =
         Arc::new(tokio::task::spawn_blocking(move || ConfigStore::open(config_cfg)).await??);
+    let artifacts = {
+        let dir = data.artifacts_dir();
+        let store = tokio::task::spawn_blocking(move || ArtifactStore::open(&dir, ARTIFACTS_CACHE))
+            .await??;
+        let device_url = opts
+            .device_url
+            .clone()
+            .unwrap_or_else(|| default_device_url(&opts.hosts, device_addr.port()));
+        let mut config = ArtifactsConfig::new(device_url);
+        config.max_upload_bytes = opts.max_artifact_bytes;
+        Arc::new(Artifacts::new(
+            Arc::new(store),
+            release_keys,
+            release_pub,
+            config,
+            metrics.clone(),
+        ))
+    };
+    if artifacts.release_keys().is_empty() {
+        info!(path = %artifacts.release_pub().display(), "no trusted release key installed; artifact uploads are refused until it exists");
+    }
     let events = EventBus::new(EVENT_BUS_CAPACITY);
     let plane = {
         let mut cfg = CommandsConfig::new(data.logs_dir());
@@ -237,11 +310,25 @@ pub async fn start(
         events,
         metrics.clone(),
         token,
-    );
+    )
+    .with_artifacts(artifacts.clone());
+    let limits = state.limits;
     tracker.spawn(api::serve(
         api_listener,
         api_tls,
         state,
+        cancel.child_token(),
+    ));
+    let device_site = Site {
+        name: "device endpoint",
+        app: device_router(artifacts.clone()),
+        limits,
+        client_identity: true,
+    };
+    tracker.spawn(api::serve_site(
+        device_listener,
+        device_tls,
+        device_site,
         cancel.child_token(),
     ));
 
@@ -252,10 +339,12 @@ pub async fn start(
         tokio::task::spawn_blocking(move || data.write_client_file(&api_url, Some(&mqtt_url)))
             .await??
     };
-    info!(mqtt = %broker, external = edge.is_none(), api = %client.api_url, "posfleet broker running");
+    info!(mqtt = %broker, external = edge.is_none(), api = %client.api_url, device_url = %artifacts.config().device_url, "posfleet broker running");
     Ok(Running {
         broker,
         api_addr,
+        device_addr,
+        artifacts,
         client,
         edge,
         registry,
@@ -298,6 +387,37 @@ pub fn loopback_for(addr: SocketAddr) -> SocketAddr {
 
 /// sled page cache of the command store.
 const COMMANDS_CACHE: u64 = 32 * 1024 * 1024;
+/// sled page cache of the artifact store (a few records).
+const ARTIFACTS_CACHE: u64 = crate::artifacts::DEFAULT_CACHE;
+
+/// `https://<first --host, else 127.0.0.1>:<port>` (IPv6 literals in brackets).
+fn default_device_url(hosts: &[String], port: u16) -> String {
+    let host = hosts.first().map(String::as_str).unwrap_or("127.0.0.1");
+    if host.parse::<Ipv6Addr>().is_ok() {
+        format!("https://[{host}]:{port}")
+    } else {
+        format!("https://{host}:{port}")
+    }
+}
+
+/// A `--device-url` must be an absolute https URL without query or fragment.
+fn check_device_url(url: &str) -> Result<(), AppError> {
+    let error = |detail| AppError::DeviceUrl {
+        url: url.to_owned(),
+        detail,
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|_| error("not a URL"))?;
+    if parsed.scheme() != "https" {
+        return Err(error("must start with https:// (terminals use mutual TLS)"));
+    }
+    if parsed.host().is_none() {
+        return Err(error("needs a host"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(error("must not have a query or fragment"));
+    }
+    Ok(())
+}
 
 /// Grace period for tasks to stop after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -314,6 +434,20 @@ mod tests {
         assert_eq!(loopback_for(any6).to_string(), "[::1]:1");
         let fixed: SocketAddr = "10.1.2.3:5".parse().unwrap();
         assert_eq!(loopback_for(fixed), fixed);
+    }
+
+    #[test]
+    fn device_url_defaults_to_the_first_host_and_is_checked() {
+        assert_eq!(default_device_url(&[], 8884), "https://127.0.0.1:8884");
+        assert_eq!(
+            default_device_url(&["fleet.example".into(), "x".into()], 1),
+            "https://fleet.example:1"
+        );
+        assert_eq!(default_device_url(&["::1".into()], 2), "https://[::1]:2");
+        check_device_url("https://fleet.example:8884/base").unwrap();
+        for bad in ["http://x:1", "fleet.example", "https://x/?a=1"] {
+            assert!(check_device_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,8 +15,10 @@ use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::app::{
-    self, DEFAULT_API_LISTEN, DEFAULT_MQTT_LISTEN, Running, SHUTDOWN_GRACE, ServeOptions,
+    self, DEFAULT_API_LISTEN, DEFAULT_DEVICE_LISTEN, DEFAULT_MQTT_LISTEN, Running, SHUTDOWN_GRACE,
+    ServeOptions,
 };
+use crate::artifacts::DEFAULT_MAX_UPLOAD_BYTES;
 use crate::datadir::DEFAULT_DATA_DIR;
 
 /// posfleet controller: secure MQTT edge, embedded router, device registry and admin API.
@@ -72,6 +74,17 @@ struct ServeArgs {
     /// How often a command not final yet is published again to its online terminal.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     command_resend_interval: Duration,
+    /// Address of the HTTPS endpoint terminals download software artifacts from (client
+    /// certificate from the fleet CA required).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_DEVICE_LISTEN)]
+    device_listen: SocketAddr,
+    /// Public base URL of that endpoint, as terminals reach it (e.g. behind NAT).
+    /// [default: https://<first --host, else 127.0.0.1>:<port of --device-listen>]
+    #[arg(long, value_name = "URL")]
+    device_url: Option<String>,
+    /// Largest artifact upload accepted, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_UPLOAD_BYTES)]
+    max_artifact_bytes: u64,
 }
 
 impl ServeArgs {
@@ -84,6 +97,9 @@ impl ServeArgs {
             external_broker: self.external_broker.clone(),
             lease_interval: self.lease_interval,
             command_resend_interval: self.command_resend_interval,
+            device_listen: self.device_listen,
+            device_url: self.device_url.clone(),
+            max_artifact_bytes: self.max_artifact_bytes,
         }
     }
 }
@@ -213,6 +229,15 @@ fn print_summary(args: &ServeArgs, running: &Running) {
     println!(
         "  admin API   {} (bearer token in {dd}/admin.token)",
         running.client.api_url
+    );
+    println!(
+        "  downloads   {} (terminals, mutual TLS; release keys {dd}/pki/release.pub{})",
+        running.artifacts.config().device_url,
+        if running.artifacts.release_keys().is_empty() {
+            ": none installed, uploads refused"
+        } else {
+            ""
+        }
     );
     if running.pki_created {
         println!("  PKI         created a development PKI in {dd}/pki");

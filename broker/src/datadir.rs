@@ -10,7 +10,14 @@
 //! DATA/config/         sled store of the fleet configuration layers and history (ADR 0007)
 //! DATA/commands/       sled store of commands and desired lock state (ADR 0007)
 //! DATA/logs/           log uploads of collect_logs commands, one file per command id
+//! DATA/artifacts/      signed software artifacts (ADR 0008):
+//!   meta/              sled store of their metadata
+//!   blobs/<sha256>     the bytes (0600), named by their SHA-256 hex (= artifact id)
+//!   blobs/.upload-*.tmp  uploads in progress; removed on refusal and at start
 //! ```
+//!
+//! The sled store is `artifacts/meta`, not `artifacts` itself, because sled 0.34 keeps its
+//! own large values in `<store>/blobs` and its recovery deletes numerically named files there.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -110,6 +117,10 @@ impl DataDir {
 
     pub fn logs_dir(&self) -> PathBuf {
         self.root.join("logs")
+    }
+
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.root.join("artifacts")
     }
 
     /// Creates the directory (0700) if needed.

@@ -89,6 +89,8 @@ pub struct Metrics {
     pub command_log_chunks_refused_total: Family<ReasonLabel, Counter>,
     /// Signed leases queued for publishing.
     pub command_leases_sent_total: Counter,
+    /// Artifact bytes sent to terminals by the device endpoint.
+    pub artifact_bytes_served_total: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -135,6 +137,7 @@ impl Metrics {
         let command_results_dropped_total = Family::default();
         let command_log_chunks_refused_total = Family::default();
         let command_leases_sent_total = Counter::default();
+        let artifact_bytes_served_total = Counter::default();
 
         registry.register(
             "edge_connections",
@@ -277,6 +280,11 @@ impl Metrics {
             "Signed leases queued for publishing",
             command_leases_sent_total.clone(),
         );
+        registry.register(
+            "artifact_bytes_served",
+            "Artifact bytes sent to terminals by the device endpoint",
+            artifact_bytes_served_total.clone(),
+        );
         Self {
             registry,
             edge_connections,
@@ -308,6 +316,7 @@ impl Metrics {
             command_results_dropped_total,
             command_log_chunks_refused_total,
             command_leases_sent_total,
+            artifact_bytes_served_total,
         }
     }
 

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+mod artifacts;
 mod config;
+pub use artifacts::*;
 pub use config::*;
 
 /// Lifecycle of a device in the registry (DESIGN.md §5).

@@ -14,9 +14,11 @@
 //!   `GET /api/v1/devices/{id}/transactions/summary`), `stream.rs` (`GET /api/v1/stream`,
 //!   server-sent events),
 //!   `metrics.rs` (`GET /metrics`), `config.rs` (`/api/v1/config/...` layers, history, diff,
-//!   schema; `GET /api/v1/devices/{id}/config`).
+//!   schema; `GET /api/v1/devices/{id}/config`), `artifacts.rs` (`POST|GET /api/v1/artifacts`,
+//!   `GET|DELETE /api/v1/artifacts/{id}`: signed software artifacts, ADR 0008).
 //! - `tests/`: tests against a real TLS server on 127.0.0.1:0 with reqwest.
 
+mod artifacts;
 mod auth;
 mod commands;
 mod config;
@@ -40,9 +42,12 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) use devices::parse_label;
 pub use error::{ApiError, ServerTlsError};
-pub use server::{serve, server_tls_config};
+pub use server::{Site, serve, serve_site, server_tls_config};
 pub(crate) use transactions::parse_time;
 
+pub use artifacts::{KEY_ID_HEADER, SHA256_HEADER, SIGNATURE_HEADER};
+
+use crate::artifacts::Artifacts;
 use crate::commands::CommandsHandle;
 use crate::events::EventBus;
 use crate::fleetconfig::ConfigStore;
@@ -108,6 +113,9 @@ pub struct ApiState {
     pub(crate) limits: ApiLimits,
     /// Cancelled when the server stops, so that endless responses (streams) end.
     pub(crate) shutdown: CancellationToken,
+    /// Signed software artifacts; `None` answers 503 on `/api/v1/artifacts` (servers built
+    /// without a data directory, e.g. some tests).
+    pub(crate) artifacts: Option<Arc<Artifacts>>,
 }
 
 impl ApiState {
@@ -132,7 +140,14 @@ impl ApiState {
             token: AdminToken(admin_token.into()),
             limits: ApiLimits::default(),
             shutdown: CancellationToken::new(),
+            artifacts: None,
         }
+    }
+
+    /// The same state serving artifacts from `artifacts`.
+    pub fn with_artifacts(mut self, artifacts: Arc<Artifacts>) -> Self {
+        self.artifacts = Some(artifacts);
+        self
     }
 
     /// The same state with other limits.
@@ -192,6 +207,17 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         ("/api/v1/config/history", get(config::history)),
         ("/api/v1/config/diff", get(config::diff)),
         ("/api/v1/config/schema", get(config::schema)),
+        (
+            "/api/v1/artifacts",
+            get(artifacts::list)
+                .post(artifacts::upload)
+                // The upload streams its body to disk under its own cap.
+                .layer(DefaultBodyLimit::disable()),
+        ),
+        (
+            "/api/v1/artifacts/{id}",
+            get(artifacts::detail).delete(artifacts::delete),
+        ),
         ("/api/v1/stream", get(stream::stream)),
         ("/metrics", get(metrics::render)),
     ]

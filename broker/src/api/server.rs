@@ -1,4 +1,7 @@
-//! The API's accept loop: our own, so a slow or idle client can never block anyone else.
+//! The API's accept loop: our own, so a slow or idle client can never block anyone else. The
+//! device download endpoint (`artifacts::device_router`) runs on the same loop
+//! ([`serve_site`]) with mutual TLS: there each connection's client certificate identity is
+//! read after the handshake and handed to the handlers as an `Extension<PeerIdentity>`.
 //!
 //! - A semaphore caps connections (handshaking or established); `accept` waits for a free
 //!   slot (mini-redis style), so the kernel backlog absorbs bursts.
@@ -12,10 +15,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use posfleet_proto::pki::parse_pem_certs;
+use posfleet_proto::pki::{Identity, parse_pem_certs};
 use rustls::ServerConfig;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
@@ -28,6 +31,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::error::ServerTlsError;
 use super::{ApiLimits, ApiState, router};
+use crate::artifacts::PeerIdentity;
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -80,14 +84,50 @@ pub async fn serve(
         shutdown: cancel.child_token(),
         ..state
     };
-    let app = router(state);
+    let site = Site {
+        name: "admin API",
+        app: router(state),
+        limits,
+        client_identity: false,
+    };
+    serve_site(listener, tls, site, cancel).await;
+}
+
+/// What one HTTPS listener serves and how.
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// For logs ("admin API", "device endpoint").
+    pub name: &'static str,
+    pub app: Router,
+    /// Connection cap and timeouts.
+    pub limits: ApiLimits,
+    /// Read the client certificate's [`Identity`] after the handshake and pass it to handlers
+    /// as `Extension<PeerIdentity>`; a connection without one is closed. Needs a TLS config
+    /// that requires client certificates.
+    pub client_identity: bool,
+}
+
+/// Serves `site` on `listener` until `cancel`, then stops gracefully (see the module docs).
+/// Returns when every connection has ended.
+pub async fn serve_site(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    site: Site,
+    cancel: CancellationToken,
+) {
+    let Site {
+        name,
+        app,
+        limits,
+        client_identity,
+    } = site;
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let connections = TaskTracker::new();
     // Cancelled after the grace period: connections still open are dropped.
     let hard_stop = CancellationToken::new();
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "admin API listening");
+        info!(%addr, site = name, "listening");
     }
     loop {
         let slot = tokio::select! {
@@ -104,7 +144,7 @@ pub async fn serve(
         let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
-                warn!(error = %e, "admin API accept failed");
+                warn!(error = %e, site = name, "accept failed");
                 tokio::select! {
                     () = cancel.cancelled() => break,
                     () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
@@ -115,13 +155,14 @@ pub async fn serve(
             acceptor: acceptor.clone(),
             app: app.clone(),
             limits,
+            client_identity,
             cancel: cancel.clone(),
             hard_stop: hard_stop.clone(),
             _slot: slot,
         };
         connections.spawn(
             conn.run(tcp, peer)
-                .instrument(info_span!("api_conn", %peer)),
+                .instrument(info_span!("https_conn", site = name, %peer)),
         );
     }
     drop(listener);
@@ -132,12 +173,13 @@ pub async fn serve(
     {
         warn!(
             open = connections.len(),
-            "admin API connections still open after the grace period; dropping them"
+            site = name,
+            "connections still open after the grace period; dropping them"
         );
         hard_stop.cancel();
         connections.wait().await;
     }
-    info!("admin API stopped");
+    info!(site = name, "stopped");
 }
 
 /// One accepted socket and what it needs.
@@ -145,6 +187,8 @@ struct Connection {
     acceptor: TlsAcceptor,
     app: Router,
     limits: ApiLimits,
+    /// See [`Site::client_identity`].
+    client_identity: bool,
     /// Graceful stop: finish the current request, then close.
     cancel: CancellationToken,
     /// Abrupt stop after the grace period.
@@ -162,20 +206,40 @@ impl Connection {
             result = handshake => match result {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    debug!(error = %e, "admin API TLS handshake failed");
+                    debug!(error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_elapsed) => {
-                    debug!("admin API TLS handshake timed out");
+                    debug!("TLS handshake timed out");
                     return;
                 }
             },
         };
+        let mut app = self.app;
+        if self.client_identity {
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .map(|cert| Identity::from_cert_der(cert));
+            match identity {
+                Some(Ok(identity)) => app = app.layer(Extension(PeerIdentity(identity))),
+                Some(Err(e)) => {
+                    debug!(error = %e, "client certificate carries no posfleet identity");
+                    return;
+                }
+                None => {
+                    debug!("no client certificate");
+                    return;
+                }
+            }
+        }
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(self.limits.header_read_timeout)
             .keep_alive(true);
-        let conn = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(self.app));
+        let conn = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(app));
         let mut conn = std::pin::pin!(conn);
         let result = tokio::select! {
             result = conn.as_mut() => result,
@@ -188,7 +252,7 @@ impl Connection {
             }
         };
         if let Err(e) = result {
-            debug!(%peer, error = %e, "admin API connection ended with an error");
+            debug!(%peer, error = %e, "connection ended with an error");
         }
     }
 }

@@ -115,6 +115,39 @@ impl ApiClient {
         })
     }
 
+    /// Sends `body` (streamed) with `method` and extra `headers`, waiting at most `timeout`
+    /// for the whole exchange; returns the status (success only) and the JSON answer.
+    pub(crate) async fn send_stream(
+        &self,
+        method: reqwest::Method,
+        url: Url,
+        headers: reqwest::header::HeaderMap,
+        body: reqwest::Body,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Value), ApiError> {
+        let request = self
+            .http
+            .request(method, url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .headers(headers)
+            .body(body)
+            .timeout(timeout);
+        let response = self.send(request, &url).await?;
+        let status = response.status();
+        let body = read_capped(response, MAX_JSON_BYTES)
+            .await
+            .map_err(|e| self.transport_error(&url, e))?
+            .ok_or_else(|| ApiError::TooLarge {
+                url: url.to_string(),
+                limit: MAX_JSON_BYTES,
+            })?;
+        let value = serde_json::from_slice(&body).map_err(|e| ApiError::Unexpected {
+            url: url.to_string(),
+            cause: format!("the body is not JSON ({e})"),
+        })?;
+        Ok((status, value))
+    }
+
     /// GET raw bytes (at most `limit`).
     pub(crate) async fn get_bytes(&self, url: Url, limit: usize) -> Result<Vec<u8>, ApiError> {
         let request = self.http.get(url.clone()).timeout(REQUEST_TIMEOUT);
@@ -196,6 +229,10 @@ impl ApiClient {
                 detail: detail(body.as_ref()),
             },
             StatusCode::UNPROCESSABLE_ENTITY | StatusCode::PAYLOAD_TOO_LARGE => ApiError::Invalid {
+                status,
+                detail: detail(body.as_ref()),
+            },
+            StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE => ApiError::Refused {
                 status,
                 detail: detail(body.as_ref()),
             },
@@ -318,6 +355,8 @@ pub(crate) enum ApiError {
     BadRequest { detail: String },
     #[error("the API refused the values ({status}); nothing was changed: {detail}")]
     Invalid { status: StatusCode, detail: String },
+    #[error("the API refused the request ({status}): {detail}")]
+    Refused { status: StatusCode, detail: String },
     #[error("the API at {url} failed with {status}: {detail}; check the server's log")]
     Status {
         url: String,

@@ -6,7 +6,9 @@
 //! - `endpoint`: where the API is (the data dir's `posctl.json`, or explicit flags).
 //! - `client`: the HTTPS client trusting the fleet CA, and HTTP failures turned into errors that
 //!   say what to do next.
-//! - `pki`: `pki init` and `pki issue-device` (local files only, no server needed).
+//! - `pki`: `pki init`, `pki issue-device` and `pki release-key` (local files only, no server
+//!   needed).
+//! - `artifacts`: `artifact sign` (local) and `artifact upload|list|show|delete`.
 //! - `devices`: `devices list` and `devices show`.
 //! - `commands`: `lock`, `unlock`, `reboot`, `wipe`, `logs collect|get`,
 //!   `commands list|show|cancel`, `devices set-groups|set-labels`.
@@ -17,6 +19,7 @@
 //!   terminals reported.
 //! - `tests`: the commands against a TLS axum server serving canned API views.
 
+mod artifacts;
 mod client;
 mod commands;
 mod config;
@@ -113,8 +116,55 @@ enum Command {
     /// Create the fleet PKI and issue device certificate bundles (local files, no server).
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// Signed software artifacts: sign (local, with the release key), upload, list, show,
+    /// delete.
+    #[command(subcommand)]
+    Artifact(ArtifactCommand),
     #[command(flatten)]
     Api(ApiCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ArtifactCommand {
+    /// Sign FILE with a release key: writes FILE.sig (local; no server involved).
+    Sign {
+        /// The release private key (`posctl pki release-key` wrote it).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The artifact to sign.
+        file: PathBuf,
+        /// Where to write the signature. [default: FILE.sig]
+        #[arg(long, value_name = "SIG")]
+        out: Option<PathBuf>,
+    },
+    /// Upload a signed artifact to the controller (streamed).
+    Upload {
+        file: PathBuf,
+        /// The version this artifact installs: 1-64 of [0-9A-Za-z.+-].
+        #[arg(long)]
+        version: String,
+        /// The signature file. [default: FILE.sig]
+        #[arg(long, value_name = "SIG")]
+        signature: Option<PathBuf>,
+        /// What it updates. [default: payment_app]
+        #[arg(long, value_parser = ["payment_app", "firmware", "agent"])]
+        component: Option<String>,
+        /// Terminals below this version of the component must not take it.
+        #[arg(long, value_name = "VERSION")]
+        min_version: Option<String>,
+    },
+    /// Every stored artifact, newest first.
+    List,
+    /// Everything about one artifact.
+    Show {
+        /// The artifact id (its SHA-256).
+        id: String,
+    },
+    /// Delete an artifact (refused while an unfinished rollout uses it).
+    Delete {
+        /// The artifact id (its SHA-256).
+        id: String,
+    },
 }
 
 /// Commands that talk to the admin API.
@@ -388,6 +438,14 @@ enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Create a release key pair (release.key 0600, release.pub) for signing software
+    /// artifacts. Keep release.key off the controller; install release.pub as
+    /// DATA/pki/release.pub.
+    ReleaseKey {
+        /// Directory to write release.key and release.pub into (created 0700 if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -495,6 +553,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_pki(&cmd, &cli.conn, cli.output, &mut out)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Artifact(cmd) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(run_artifact(&cli.conn, cli.output, cmd, &mut out))
+        }
         Command::Api(cmd) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -535,7 +600,50 @@ fn run_pki(
             format,
             out,
         ),
+        PkiCommand::ReleaseKey { out: dir } => pki::release_key(dir, format, out),
     }
+}
+
+/// Runs an `artifact` subcommand (`sign` is local and needs no server).
+async fn run_artifact(
+    conn: &ConnectArgs,
+    format: OutputFormat,
+    cmd: ArtifactCommand,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    if let ArtifactCommand::Sign {
+        key,
+        file,
+        out: sig,
+    } = &cmd
+    {
+        artifacts::sign(key, file, sig.as_deref(), format, out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let api = client::ApiClient::new(endpoint::resolve(conn)?)?;
+    match cmd {
+        ArtifactCommand::Sign { .. } => {}
+        ArtifactCommand::Upload {
+            file,
+            version,
+            signature,
+            component,
+            min_version,
+        } => {
+            let args = artifacts::UploadArgs {
+                file,
+                version,
+                signature,
+                component,
+                min_version,
+            };
+            artifacts::upload(&api, &args, format, out).await?;
+        }
+        ArtifactCommand::List => artifacts::list(&api, format, out).await?,
+        ArtifactCommand::Show { id } => artifacts::show(&api, &id, format, out).await?,
+        ArtifactCommand::Delete { id } => artifacts::delete(&api, &id, format, out).await?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs a command that talks to the API. `stop` ends `watch` cleanly (Ctrl-C in the binary).

@@ -1,4 +1,5 @@
-//! `posctl pki init` and `posctl pki issue-device`: local files only, no server involved.
+//! `posctl pki init`, `posctl pki issue-device` and `posctl pki release-key`: local files
+//! only, no server involved.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -6,7 +7,8 @@ use std::path::Path;
 
 use anyhow::anyhow;
 use posfleet_proto::DeviceId;
-use posfleet_proto::pki::{PkiDir, PkiError};
+use posfleet_proto::pki::{PkiDir, PkiError, write_public_file, write_secret_file};
+use posfleet_proto::signing::CommandKey;
 use serde_json::json;
 
 use super::OutputFormat;
@@ -136,7 +138,7 @@ pub(crate) fn issue_device(
         OutputFormat::Json => writeln!(
             out,
             "{}",
-            json!({ "device": id.as_str(), "cert": bundle.cert, "key": bundle.key, "ca": bundle.ca })
+            json!({ "device": id.as_str(), "cert": bundle.cert, "key": bundle.key, "ca": bundle.ca, "release_pub": bundle.release_pub })
         )?,
         OutputFormat::Table => {
             writeln!(out, "Issued a certificate for device {id}:")?;
@@ -148,6 +150,71 @@ pub(crate) fn issue_device(
                 bundle.key.display()
             )?;
             writeln!(out, "  {:<40}  fleet CA certificate", bundle.ca.display())?;
+            if let Some(release) = &bundle.release_pub {
+                writeln!(
+                    out,
+                    "  {:<40}  trusted release key(s) for software updates",
+                    release.display()
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates a release key pair in `out_dir`: `release.key` (0600) and `release.pub`. Refuses
+/// to replace either.
+pub(crate) fn release_key(
+    out_dir: &Path,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let key_path = out_dir.join("release.key");
+    let pub_path = out_dir.join("release.pub");
+    if let Some(existing) = [&key_path, &pub_path].into_iter().find(|p| p.exists()) {
+        return Err(anyhow!(
+            "{} already exists; refusing to overwrite a release key (terminals that pin it \
+             would refuse every update signed by a new one). Choose another --out",
+            existing.display()
+        ));
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(out_dir)
+            .map_err(|e| anyhow!("cannot create {}: {e}", out_dir.display()))?;
+    }
+    let key = CommandKey::generate();
+    write_secret_file(&key_path, &key.to_pem())
+        .map_err(|e| anyhow!("cannot write the release key: {e}"))?;
+    write_public_file(&pub_path, &key.public_key().to_pem())
+        .map_err(|e| anyhow!("cannot write the release public key: {e}"))?;
+    match format {
+        OutputFormat::Json => writeln!(
+            out,
+            "{}",
+            json!({"key": key_path, "public_key": pub_path, "key_id": key.key_id()})
+        )?,
+        OutputFormat::Table => {
+            writeln!(out, "Created release key {}:", key.key_id())?;
+            writeln!(
+                out,
+                "  {:<40}  private key, 0600: keep it offline, never on the controller",
+                key_path.display()
+            )?;
+            writeln!(
+                out,
+                "  {:<40}  public key: install as DATA/pki/release.pub on the controller \
+                 (then restart it); device bundles issued afterwards carry it",
+                pub_path.display()
+            )?;
+            writeln!(
+                out,
+                "Next: posctl artifact sign --key {} FILE",
+                key_path.display()
+            )?;
         }
     }
     Ok(())
@@ -300,6 +367,34 @@ mod tests {
         .unwrap();
         assert_ne!(fs::read(bundle.join("device.key")).unwrap(), key_before);
         assert_eq!(mode(&bundle.join("device.key")), 0o600);
+    }
+
+    #[test]
+    fn release_key_is_0600_loads_and_is_never_overwritten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let mut out = Vec::new();
+        release_key(&dir, OutputFormat::Table, &mut out).unwrap();
+        let printed = text(out);
+        assert!(!printed.contains("PRIVATE KEY"), "{printed}");
+        assert_eq!(mode(&dir.join("release.key")), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        let key =
+            CommandKey::from_pem(&fs::read_to_string(dir.join("release.key")).unwrap()).unwrap();
+        let public = posfleet_proto::pki::read_public_keys(&dir.join("release.pub")).unwrap();
+        assert_eq!(public[0].key_id(), key.key_id());
+        assert!(printed.contains(key.key_id()), "{printed}");
+
+        let before = fs::read(dir.join("release.key")).unwrap();
+        let err = release_key(&dir, OutputFormat::Table, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("refusing to overwrite"), "{err}");
+        assert_eq!(fs::read(dir.join("release.key")).unwrap(), before);
+        // Only the public half present is refused too.
+        let other = tmp.path().join("other");
+        fs::create_dir(&other).unwrap();
+        fs::write(other.join("release.pub"), "x").unwrap();
+        assert!(release_key(&other, OutputFormat::Json, &mut Vec::new()).is_err());
+        assert!(!other.join("release.key").exists());
     }
 
     #[test]

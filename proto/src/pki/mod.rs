@@ -14,7 +14,9 @@ pub mod store;
 
 pub use identity::Identity;
 pub use profile::{Ca, CertifiedKey};
-pub use store::{DeviceBundle, PkiDir, parse_pem_certs, read_public_keys, write_secret_file};
+pub use store::{
+    DeviceBundle, PkiDir, parse_pem_certs, read_public_keys, write_public_file, write_secret_file,
+};
 
 /// Why a PKI operation failed.
 #[derive(Debug, thiserror::Error)]

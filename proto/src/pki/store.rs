@@ -7,8 +7,11 @@
 //! DIR/controller.crt/.key  controller client certificate (0600 key)
 //! DIR/command.key     controller command-signing key, Ed25519 PKCS#8 (0600)
 //! DIR/command.pub     its public key (SPKI PEM), pinned by every agent
+//! DIR/release.pub     trusted release public key(s) (ADR 0008), installed by the admin; the
+//!                     release private key never lives here
 //!
 //! OUT/device.crt, OUT/device.key (0600), OUT/ca.crt, OUT/command.pub   a device bundle
+//! OUT/release.pub     also in the bundle when DIR/release.pub exists
 //! ```
 
 use std::fs;
@@ -39,6 +42,9 @@ pub struct DeviceBundle {
     pub ca: PathBuf,
     /// The controller's command-verification key(s), for the agent to pin.
     pub command_pub: PathBuf,
+    /// The trusted release key(s), for the agent to pin in `[updates]`; `None` when the PKI
+    /// directory has no `release.pub` yet.
+    pub release_pub: Option<PathBuf>,
 }
 
 impl PkiDir {
@@ -126,16 +132,23 @@ impl PkiDir {
     ) -> Result<DeviceBundle, PkiError> {
         let issued = ca.issue_device(id)?;
         create_private_dir(out)?;
-        let bundle = DeviceBundle {
+        let mut bundle = DeviceBundle {
             cert: out.join("device.crt"),
             key: out.join("device.key"),
             ca: out.join("ca.crt"),
             command_pub: out.join("command.pub"),
+            release_pub: None,
         };
         write_pair(&bundle.cert, &bundle.key, &issued)?;
         write_public_file(&bundle.ca, &read(&self.ca_cert())?)?;
         self.ensure_command_key()?;
         write_public_file(&bundle.command_pub, &read(&self.command_public_key())?)?;
+        let release = self.release_public_key();
+        if release.exists() {
+            let path = out.join("release.pub");
+            write_public_file(&path, &read(&release)?)?;
+            bundle.release_pub = Some(path);
+        }
         Ok(bundle)
     }
 
@@ -165,6 +178,10 @@ impl PkiDir {
     }
     pub fn command_public_key(&self) -> PathBuf {
         self.dir.join("command.pub")
+    }
+    /// Trusted release public key(s) (ADR 0008); the admin installs this file.
+    pub fn release_public_key(&self) -> PathBuf {
+        self.dir.join("release.pub")
     }
 }
 
@@ -207,7 +224,8 @@ pub fn write_secret_file(path: &Path, contents: &str) -> Result<(), PkiError> {
     write_atomic(path, contents, 0o600)
 }
 
-fn write_public_file(path: &Path, contents: &str) -> Result<(), PkiError> {
+/// Writes a public file (certificate, public key) atomically with mode 0644.
+pub fn write_public_file(path: &Path, contents: &str) -> Result<(), PkiError> {
     write_atomic(path, contents, 0o644)
 }
 
@@ -298,5 +316,24 @@ mod tests {
             fs::read(&bundle.ca).unwrap(),
             fs::read(pki.ca_cert()).unwrap()
         );
+        assert!(bundle.release_pub.is_none());
+        assert!(!tmp.path().join("dev/release.pub").exists());
+    }
+
+    #[test]
+    fn device_bundle_carries_release_pub_when_installed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = PkiDir::at(tmp.path().join("pki"));
+        pki.init(&[]).unwrap();
+        let key = crate::signing::CommandKey::generate();
+        write_public_file(&pki.release_public_key(), &key.public_key().to_pem()).unwrap();
+        let ca = pki.load_ca().unwrap();
+        let id = DeviceId::new("T-8").unwrap();
+        let bundle = pki
+            .write_device_bundle(&ca, &id, &tmp.path().join("dev"))
+            .unwrap();
+        let path = bundle.release_pub.expect("release.pub copied");
+        let keys = read_public_keys(&path).unwrap();
+        assert_eq!(keys[0].key_id(), key.key_id());
     }
 }

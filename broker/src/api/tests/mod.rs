@@ -1,5 +1,7 @@
 //! API tests against a real TLS server on 127.0.0.1:0, with reqwest as the client.
 //!
+//! - `artifacts.rs`: uploads (good, tampered, unknown key, no release key, oversized, bad
+//!   fields), list, detail, delete.
 //! - `auth.rs`: the token on every route, 401 shape, failure counting.
 //! - `config.rs`: configuration layers, history, diff, schema, effective configuration.
 //! - `devices.rs`: list/detail after ingest, 400/404, health and metrics.
@@ -7,6 +9,7 @@
 //! - `server.rs`: idle TCP clients, handshake timeout, connection cap.
 //! - `transactions.rs`: transaction list (pagination, filters, cursors) and summary.
 
+mod artifacts;
 mod auth;
 mod commands;
 mod config;
@@ -35,6 +38,23 @@ use crate::txstore::{TxStore, TxStoreConfig};
 
 pub(super) const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
+/// How the test server's artifact service is set up.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ArtifactSetup {
+    /// Install the test release key as `release.pub` (otherwise none is trusted).
+    pub trust_release_key: bool,
+    pub max_upload_bytes: u64,
+}
+
+impl Default for ArtifactSetup {
+    fn default() -> Self {
+        Self {
+            trust_release_key: true,
+            max_upload_bytes: 1 << 20,
+        }
+    }
+}
+
 /// A running API server with its fleet state.
 pub(super) struct TestServer {
     pub addr: SocketAddr,
@@ -46,6 +66,10 @@ pub(super) struct TestServer {
     pub transactions: Arc<TxStore>,
     pub config: Arc<ConfigStore>,
     pub registry: Arc<Registry>,
+    /// The artifact service (trusting [`TestServer::release_key`] unless started without).
+    pub artifacts: Arc<crate::artifacts::Artifacts>,
+    /// A release key whose public half the server trusts.
+    pub release_key: Arc<posfleet_proto::signing::CommandKey>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
     _tmp: tempfile::TempDir,
@@ -74,6 +98,14 @@ impl TestServer {
     }
 
     pub async fn start_with(limits: ApiLimits, event_capacity: usize) -> Self {
+        Self::start_full(limits, event_capacity, ArtifactSetup::default()).await
+    }
+
+    pub async fn start_full(
+        limits: ApiLimits,
+        event_capacity: usize,
+        setup: ArtifactSetup,
+    ) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let pki = PkiDir::at(tmp.path().join("pki"));
         pki.init(&[]).unwrap();
@@ -122,6 +154,31 @@ impl TestServer {
             TOKEN.to_owned(),
         )
         .with_limits(limits);
+        let release_key = Arc::new(posfleet_proto::signing::CommandKey::generate());
+        if setup.trust_release_key {
+            posfleet_proto::pki::write_public_file(
+                &pki.release_public_key(),
+                &release_key.public_key().to_pem(),
+            )
+            .unwrap();
+        }
+        let artifacts = {
+            let store =
+                crate::artifacts::ArtifactStore::open(&tmp.path().join("artifacts"), 1 << 20)
+                    .unwrap();
+            let keys = crate::artifacts::load_release_keys(&pki.release_public_key()).unwrap();
+            let mut config =
+                crate::artifacts::ArtifactsConfig::new("https://dl.example:8884".into());
+            config.max_upload_bytes = setup.max_upload_bytes;
+            Arc::new(crate::artifacts::Artifacts::new(
+                Arc::new(store),
+                keys,
+                pki.release_public_key(),
+                config,
+                Arc::clone(&metrics),
+            ))
+        };
+        let state = state.with_artifacts(Arc::clone(&artifacts));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));
@@ -139,6 +196,8 @@ impl TestServer {
             transactions,
             config,
             registry,
+            artifacts,
+            release_key,
             cancel,
             tracker,
             _tmp: tmp,

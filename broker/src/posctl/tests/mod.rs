@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 use super::devices::tests::{NOW, detail, summary, telemetry};
 use super::{Cli, Command, run_api};
 
+mod artifacts;
 mod commands;
 mod config;
 mod devices;
