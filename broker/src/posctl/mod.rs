@@ -228,7 +228,7 @@ pub(crate) struct CommandsListArgs {
     pub(crate) device: Option<DeviceId>,
     #[arg(long, value_parser = ["queued", "delivered", "in_progress", "succeeded", "failed", "rejected", "expired", "cancelled"])]
     pub(crate) status: Option<String>,
-    #[arg(long, value_parser = ["lock", "unlock", "config_push", "reboot", "wipe", "collect_logs"])]
+    #[arg(long, value_parser = ["lock", "unlock", "config_push", "reboot", "wipe", "collect_logs", "software_update", "rollback_update"])]
     pub(crate) kind: Option<String>,
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub(crate) limit: u16,
