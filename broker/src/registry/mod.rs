@@ -290,7 +290,10 @@ impl Registry {
 
     /// The software versions the device last reported (`None` for an unknown device).
     pub(crate) fn versions(&self, id: &DeviceId) -> Option<VersionsView> {
-        self.read().devices.get(id).map(|d| d.record.versions.clone())
+        self.read()
+            .devices
+            .get(id)
+            .map(|d| d.record.versions.clone())
     }
 
     /// The outbox depth of the device's last heartbeat since this start (`None`: unknown

@@ -18,9 +18,7 @@ use super::gate::{self, GateInput};
 use super::model::StoredRollout;
 use super::rules::{Live, Member};
 use super::store::Changes;
-use super::{
-    Control, ControlError, CreateRolloutError, Deps, NewRollout, build_view, new_live,
-};
+use super::{Control, ControlError, CreateRolloutError, Deps, NewRollout, build_view, new_live};
 use crate::commands::IssueCommand;
 use crate::metrics::StatusLabel;
 use crate::views::{CommandBody, CommandState, CommandView, FleetEvent, RolloutState, RolloutView};
@@ -73,10 +71,12 @@ impl Engine {
     fn insert(&mut self, l: Live) {
         for (i, m) in l.m.iter().enumerate() {
             if let Some(id) = &m.s.update_id {
-                self.index.insert(id.clone(), (l.r.id.clone(), i as u32, false));
+                self.index
+                    .insert(id.clone(), (l.r.id.clone(), i as u32, false));
             }
             if let Some(id) = &m.s.rollback_id {
-                self.index.insert(id.clone(), (l.r.id.clone(), i as u32, true));
+                self.index
+                    .insert(id.clone(), (l.r.id.clone(), i as u32, true));
             }
         }
         self.d.shared.put(build_view(&l.r));
@@ -167,7 +167,10 @@ impl Engine {
         let before = live.r.clone();
         let state = live.r.state.clone();
         let result = match (action, &state) {
-            (Control::Pause, RolloutState::Running { wave } | RolloutState::Soaking { wave, .. }) => {
+            (
+                Control::Pause,
+                RolloutState::Running { wave } | RolloutState::Soaking { wave, .. },
+            ) => {
                 live.r.state = RolloutState::Paused { wave: *wave };
                 live.notes.push("paused by an operator".into());
                 Ok(())
@@ -200,7 +203,8 @@ impl Engine {
         self.announce(&mut live, now);
         for (i, m) in live.m.iter().enumerate() {
             if let Some(rb) = &m.s.rollback_id {
-                self.index.insert(rb.clone(), (id.to_owned(), i as u32, true));
+                self.index
+                    .insert(rb.clone(), (id.to_owned(), i as u32, true));
             }
         }
         let view = build_view(&live.r);
@@ -239,13 +243,15 @@ impl Engine {
         }
         if !inputs.is_empty() {
             let (tx, registry) = (self.d.tx.clone(), self.d.registry.clone());
-            let figures = self.tracker.spawn_blocking(move || {
-                inputs
-                    .into_iter()
-                    .map(|(id, input)| (id, gate::evaluate(&tx, &registry, &input, now)))
-                    .collect::<Vec<_>>()
-            })
-            .await;
+            let figures = self
+                .tracker
+                .spawn_blocking(move || {
+                    inputs
+                        .into_iter()
+                        .map(|(id, input)| (id, gate::evaluate(&tx, &registry, &input, now)))
+                        .collect::<Vec<_>>()
+                })
+                .await;
             match figures {
                 Ok(figures) => {
                     for (id, f) in figures {
@@ -322,13 +328,15 @@ impl Engine {
             return;
         }
         let store = self.d.commands.store().clone();
-        let read = self.tracker.spawn_blocking(move || {
-            wanted
-                .into_iter()
-                .filter_map(|id| store.get(&id).ok().flatten())
-                .collect::<Vec<CommandView>>()
-        })
-        .await;
+        let read = self
+            .tracker
+            .spawn_blocking(move || {
+                wanted
+                    .into_iter()
+                    .filter_map(|id| store.get(&id).ok().flatten())
+                    .collect::<Vec<CommandView>>()
+            })
+            .await;
         let Ok(found) = read else {
             return;
         };
@@ -361,7 +369,10 @@ impl Engine {
             return true;
         }
         let store = self.d.store.clone();
-        let result = self.tracker.spawn_blocking(move || store.commit(&changes)).await;
+        let result = self
+            .tracker
+            .spawn_blocking(move || store.commit(&changes))
+            .await;
         match result {
             Ok(Ok(())) => {
                 for l in self.live.values_mut() {
@@ -408,7 +419,9 @@ impl Engine {
         let mut changes = Changes::default();
         collect(l, now, &mut changes);
         let store = self.d.store.clone();
-        let result = self.tracker.spawn_blocking(move || store.commit(&changes))
+        let result = self
+            .tracker
+            .spawn_blocking(move || store.commit(&changes))
             .await
             .map_err(|e| super::RolloutStoreError::Io {
                 path: std::path::PathBuf::from("rollouts"),
@@ -426,7 +439,9 @@ impl Engine {
     async fn issue(&mut self, now: u64) {
         let ids: Vec<String> = self.live.keys().cloned().collect();
         for id in ids {
-            let Some(l) = self.live.get(&id) else { continue };
+            let Some(l) = self.live.get(&id) else {
+                continue;
+            };
             let wave = l.wave_index().filter(|i| {
                 let w = &l.r.waves[*i];
                 w.started_at_ms.is_some() && !w.issued && w.outcome.is_none()
@@ -466,14 +481,15 @@ impl Engine {
                 }
                 continue;
             }
-            let Some(rb) = l.r.rollback.clone() else { continue };
+            let Some(rb) = l.r.rollback.clone() else {
+                continue;
+            };
             if !rb.cancelled {
-                let live_updates: Vec<String> = l
-                    .m
-                    .iter()
-                    .filter(|m| !m.update.is_some_and(CommandState::is_final))
-                    .filter_map(|m| m.s.update_id.clone())
-                    .collect();
+                let live_updates: Vec<String> =
+                    l.m.iter()
+                        .filter(|m| !m.update.is_some_and(CommandState::is_final))
+                        .filter_map(|m| m.s.update_id.clone())
+                        .collect();
                 match self
                     .d
                     .commands
@@ -482,7 +498,8 @@ impl Engine {
                 {
                     Ok(n) => {
                         info!(rollout_id = %id, cancelled = n, "rollout updates cancelled");
-                        if let Some(rb) = self.live.get_mut(&id).and_then(|l| l.r.rollback.as_mut()) {
+                        if let Some(rb) = self.live.get_mut(&id).and_then(|l| l.r.rollback.as_mut())
+                        {
                             rb.cancelled = true;
                         }
                         if let Some(l) = self.live.get_mut(&id) {
@@ -495,24 +512,25 @@ impl Engine {
                     }
                 }
             }
-            let Some(l) = self.live.get(&id) else { continue };
+            let Some(l) = self.live.get(&id) else {
+                continue;
+            };
             if !rb.issued {
                 let component = l.r.artifact.component.clone();
-                let cmds: Vec<IssueCommand> = l
-                    .m
-                    .iter()
-                    .filter_map(|m| {
-                        Some(IssueCommand {
-                            id: m.s.rollback_id.clone()?,
-                            device: DeviceId::new(m.s.device.as_str()).ok()?,
-                            body: CommandBody::RollbackUpdate {
-                                rollout_id: l.r.id.clone(),
-                                component: component.clone(),
-                                to_version: m.s.prev_version.clone().unwrap_or_default(),
-                            },
+                let cmds: Vec<IssueCommand> =
+                    l.m.iter()
+                        .filter_map(|m| {
+                            Some(IssueCommand {
+                                id: m.s.rollback_id.clone()?,
+                                device: DeviceId::new(m.s.device.as_str()).ok()?,
+                                body: CommandBody::RollbackUpdate {
+                                    rollout_id: l.r.id.clone(),
+                                    component: component.clone(),
+                                    to_version: m.s.prev_version.clone().unwrap_or_default(),
+                                },
+                            })
                         })
-                    })
-                    .collect();
+                        .collect();
                 let ttl = self.d.cfg.rollback_ttl;
                 if self.issue_missing(cmds, ttl).await {
                     if let Some(l) = self.live.get_mut(&id) {
@@ -535,18 +553,20 @@ impl Engine {
             return true;
         }
         let store = self.d.commands.store().clone();
-        let checked = self.tracker.spawn_blocking(move || {
-            let mut missing = Vec::with_capacity(cmds.len());
-            for c in cmds {
-                match store.get(&c.id) {
-                    Ok(Some(_)) => {}
-                    Ok(None) => missing.push(c),
-                    Err(e) => return Err(e.to_string()),
+        let checked = self
+            .tracker
+            .spawn_blocking(move || {
+                let mut missing = Vec::with_capacity(cmds.len());
+                for c in cmds {
+                    match store.get(&c.id) {
+                        Ok(Some(_)) => {}
+                        Ok(None) => missing.push(c),
+                        Err(e) => return Err(e.to_string()),
+                    }
                 }
-            }
-            Ok(missing)
-        })
-        .await;
+                Ok(missing)
+            })
+            .await;
         let missing = match checked {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
@@ -629,7 +649,11 @@ fn collect(l: &mut Live, now: u64, changes: &mut Changes) {
 }
 
 fn set_status(m: &mut Member, rollback: bool, status: CommandState, at: u64) {
-    let slot = if rollback { &mut m.rollback } else { &mut m.update };
+    let slot = if rollback {
+        &mut m.rollback
+    } else {
+        &mut m.update
+    };
     if slot.is_some_and(|s| s.is_final() || s.rank() > status.rank()) {
         return;
     }
@@ -661,10 +685,8 @@ pub(crate) fn load_live(
     let m = members
         .into_iter()
         .map(|s| {
-            let read = |id: &Option<String>| {
-                id.as_deref()
-                    .and_then(|id| commands.get(id).ok().flatten())
-            };
+            let read =
+                |id: &Option<String>| id.as_deref().and_then(|id| commands.get(id).ok().flatten());
             let up = read(&s.update_id);
             let rb = read(&s.rollback_id);
             Member {

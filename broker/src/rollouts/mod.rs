@@ -47,8 +47,7 @@ use crate::metrics::{Metrics, StatusLabel};
 use crate::registry::Registry;
 use crate::txstore::TxStore;
 use crate::views::{
-    HealthGateView, RollbackView, RolloutState, RolloutView, StatusCounts,
-    TargetView, WaveView,
+    HealthGateView, RollbackView, RolloutState, RolloutView, StatusCounts, TargetView, WaveView,
 };
 use model::{RECORD_VERSION, StoredArtifact, StoredMember, StoredRollout, StoredWave};
 use rules::{Live, Member};
@@ -188,16 +187,11 @@ impl Shared {
     }
 
     fn update_metrics(&self, metrics: &Metrics, live: &BTreeMap<String, Live>) {
-        let mut by_state: BTreeMap<&'static str, i64> = [
-            "running",
-            "soaking",
-            "paused",
-            "completed",
-            "aborted",
-        ]
-        .into_iter()
-        .map(|s| (s, 0))
-        .collect();
+        let mut by_state: BTreeMap<&'static str, i64> =
+            ["running", "soaking", "paused", "completed", "aborted"]
+                .into_iter()
+                .map(|s| (s, 0))
+                .collect();
         for v in self
             .views
             .read()
@@ -543,4 +537,3 @@ fn build_view(r: &StoredRollout) -> RolloutView {
         }),
     }
 }
-

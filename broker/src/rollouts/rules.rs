@@ -290,9 +290,7 @@ impl Live {
         let w = &mut self.r.waves[i];
         w.started_at_ms = Some(now);
         w.issued = false;
-        self.r.state = RolloutState::Running {
-            wave: i as u32 + 1,
-        };
+        self.r.state = RolloutState::Running { wave: i as u32 + 1 };
         self.dirty = true;
         self.notes.push(format!(
             "wave {} started: {} terminal{}",

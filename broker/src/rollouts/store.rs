@@ -88,8 +88,7 @@ impl RolloutStore {
     pub(crate) fn commit(&self, changes: &Changes) -> Result<(), RolloutStoreError> {
         let mut batch = sled::Batch::default();
         for r in &changes.rollouts {
-            let value =
-                serde_json::to_vec(r).map_err(|e| self.corrupt(&r.id, e.to_string()))?;
+            let value = serde_json::to_vec(r).map_err(|e| self.corrupt(&r.id, e.to_string()))?;
             batch.insert(rollout_key(&r.id), value);
         }
         for (id, index, m) in &changes.members {

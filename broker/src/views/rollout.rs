@@ -43,13 +43,22 @@ impl Default for HealthGateView {
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum RolloutState {
     /// Wave `wave` (1-based) is installing.
-    Running { wave: u32 },
+    Running {
+        wave: u32,
+    },
     /// Wave `wave` reached its success threshold; it passes at `until_ms` if the gate holds.
-    Soaking { wave: u32, until_ms: u64 },
+    Soaking {
+        wave: u32,
+        until_ms: u64,
+    },
     /// No new wave starts; wave `wave`'s commands continue.
-    Paused { wave: u32 },
+    Paused {
+        wave: u32,
+    },
     Completed,
-    Aborted { reason: String },
+    Aborted {
+        reason: String,
+    },
 }
 
 impl RolloutState {
