@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::api::{self, ApiState, ServerTlsError};
+use crate::artifacts::ArtifactCatalog;
 use crate::commands::{
     CommandPlane, CommandStore, CommandStoreError, CommandsConfig, CommandsHandle,
 };
@@ -29,6 +30,9 @@ use crate::fleetconfig::ConfigSource;
 use crate::fleetconfig::{ConfigError, ConfigStore, ConfigStoreConfig};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig, RegistryError};
+use crate::rollouts::{
+    NoArtifacts, RolloutStore, RolloutStoreError, Rollouts, RolloutsConfig, RolloutsHandle,
+};
 use crate::txstore::{TxStore, TxStoreConfig, TxStoreError};
 
 /// Default MQTT listen address of `serve` and `demo`.
@@ -100,6 +104,8 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("command store: {0}")]
     Commands(#[from] CommandStoreError),
+    #[error("rollout store: {0}")]
+    Rollouts(#[from] RolloutStoreError),
     #[error(transparent)]
     Controller(#[from] ControllerError),
     #[error("startup task failed: {0}")]
@@ -122,6 +128,8 @@ pub struct Running {
     pub config: Arc<ConfigStore>,
     /// The command plane.
     pub commands: CommandsHandle,
+    /// The rollout engine.
+    pub rollouts: RolloutsHandle,
     pub metrics: Arc<Metrics>,
     /// True if this start created the PKI.
     pub pki_created: bool,
@@ -130,8 +138,20 @@ pub struct Running {
 }
 
 /// Starts every subsystem on `tracker`; they stop when `cancel` is cancelled.
+///
+/// Rollouts use a catalog that knows no artifact until the artifact store is wired in.
 pub async fn start(
     opts: &ServeOptions,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> Result<Running, AppError> {
+    start_with_catalog(opts, Arc::new(NoArtifacts), tracker, cancel).await
+}
+
+/// [`start`] with the artifact catalog rollouts use.
+pub async fn start_with_catalog(
+    opts: &ServeOptions,
+    catalog: Arc<dyn ArtifactCatalog>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> Result<Running, AppError> {
@@ -227,6 +247,28 @@ pub async fn start(
         cancel.child_token(),
     )?;
 
+    let rollouts = {
+        let dir = data.rollouts_dir();
+        let commands = controller.commands.store().clone();
+        // Store open and load (members, command statuses): off the runtime.
+        tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+            let store = Arc::new(RolloutStore::open(&dir, ROLLOUTS_CACHE)?);
+            Ok(Rollouts::load(RolloutsConfig::default(), store, &commands)?)
+        })
+        .await??
+    };
+    let rollouts = rollouts.spawn(
+        controller.commands.clone(),
+        registry.clone(),
+        transactions.clone(),
+        catalog.clone(),
+        events.clone(),
+        metrics.clone(),
+        crate::controller::system_clock(),
+        tracker,
+        cancel.child_token(),
+    );
+
     let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
     // Device groups live in the registry; until they are wired in, no device is in a group.
     let state = ApiState::new(
@@ -237,7 +279,8 @@ pub async fn start(
         events,
         metrics.clone(),
         token,
-    );
+    )
+    .with_rollouts(rollouts.clone(), catalog);
     tracker.spawn(api::serve(
         api_listener,
         api_tls,
@@ -262,6 +305,7 @@ pub async fn start(
         transactions,
         config,
         commands: controller.commands,
+        rollouts,
         metrics,
         pki_created,
         token_created,
@@ -298,6 +342,8 @@ pub fn loopback_for(addr: SocketAddr) -> SocketAddr {
 
 /// sled page cache of the command store.
 const COMMANDS_CACHE: u64 = 32 * 1024 * 1024;
+/// sled page cache of the rollout store.
+const ROLLOUTS_CACHE: u64 = 16 * 1024 * 1024;
 
 /// Grace period for tasks to stop after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

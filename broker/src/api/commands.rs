@@ -213,7 +213,7 @@ fn parse_create(body: &Value) -> Result<(Action, Selector, Duration), ApiError> 
     ))
 }
 
-fn parse_target(target: Option<&Value>) -> Result<Selector, ApiError> {
+pub(super) fn parse_target(target: Option<&Value>) -> Result<Selector, ApiError> {
     let field = |f: &str, e: &str| ApiError::field(f, e, CREATE_HINT);
     let obj: &Map<String, Value> = target
         .and_then(Value::as_object)

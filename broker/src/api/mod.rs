@@ -10,7 +10,8 @@
 //! - one file per resource: `health.rs` (`GET /healthz`), `devices.rs`
 //!   (`GET /api/v1/devices[/{id}]`, `.../desired`, `PUT .../groups`, `PUT .../labels`),
 //!   `commands.rs` (`POST|GET /api/v1/commands`, `GET /api/v1/commands/{id}`,
-//!   `POST .../cancel`, `GET .../logs`), `transactions.rs` (`GET /api/v1/transactions`,
+//!   `POST .../cancel`, `GET .../logs`), `rollouts.rs` (`POST|GET /api/v1/rollouts`,
+//!   `GET /api/v1/rollouts/{id}`, `POST .../pause|resume|abort`), `transactions.rs` (`GET /api/v1/transactions`,
 //!   `GET /api/v1/devices/{id}/transactions/summary`), `stream.rs` (`GET /api/v1/stream`,
 //!   server-sent events),
 //!   `metrics.rs` (`GET /metrics`), `config.rs` (`/api/v1/config/...` layers, history, diff,
@@ -24,6 +25,7 @@ mod devices;
 mod error;
 mod health;
 mod metrics;
+mod rollouts;
 mod server;
 mod stream;
 #[cfg(test)]
@@ -43,11 +45,13 @@ pub use error::{ApiError, ServerTlsError};
 pub use server::{serve, server_tls_config};
 pub(crate) use transactions::parse_time;
 
+use crate::artifacts::ArtifactCatalog;
 use crate::commands::CommandsHandle;
 use crate::events::EventBus;
 use crate::fleetconfig::ConfigStore;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::rollouts::{NoArtifacts, RolloutsHandle};
 use crate::txstore::TxStore;
 
 /// Resource limits of the API server.
@@ -108,6 +112,20 @@ pub struct ApiState {
     pub(crate) limits: ApiLimits,
     /// Cancelled when the server stops, so that endless responses (streams) end.
     pub(crate) shutdown: CancellationToken,
+    /// The rollout engine (`None`: the rollout routes answer 503).
+    pub(crate) rollouts: Option<RolloutsHandle>,
+    /// Artifacts rollouts may use.
+    pub(crate) catalog: Catalog,
+}
+
+/// The artifact catalog (a trait object without `Debug`).
+#[derive(Clone)]
+pub(crate) struct Catalog(pub(crate) Arc<dyn ArtifactCatalog>);
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Catalog")
+    }
 }
 
 impl ApiState {
@@ -132,7 +150,20 @@ impl ApiState {
             token: AdminToken(admin_token.into()),
             limits: ApiLimits::default(),
             shutdown: CancellationToken::new(),
+            rollouts: None,
+            catalog: Catalog(Arc::new(NoArtifacts)),
         }
+    }
+
+    /// The same state serving rollouts with `rollouts`, checking artifacts in `catalog`.
+    pub fn with_rollouts(
+        mut self,
+        rollouts: RolloutsHandle,
+        catalog: Arc<dyn ArtifactCatalog>,
+    ) -> Self {
+        self.rollouts = Some(rollouts);
+        self.catalog = Catalog(catalog);
+        self
     }
 
     /// The same state with other limits.
@@ -192,6 +223,14 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         ("/api/v1/config/history", get(config::history)),
         ("/api/v1/config/diff", get(config::diff)),
         ("/api/v1/config/schema", get(config::schema)),
+        (
+            "/api/v1/rollouts",
+            get(rollouts::list).post(rollouts::create),
+        ),
+        ("/api/v1/rollouts/{id}", get(rollouts::detail)),
+        ("/api/v1/rollouts/{id}/pause", post(rollouts::pause)),
+        ("/api/v1/rollouts/{id}/resume", post(rollouts::resume)),
+        ("/api/v1/rollouts/{id}/abort", post(rollouts::abort)),
         ("/api/v1/stream", get(stream::stream)),
         ("/metrics", get(metrics::render)),
     ]
