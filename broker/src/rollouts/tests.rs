@@ -272,10 +272,13 @@ impl Harness {
 }
 
 async fn state_is(h: &Harness, id: &str, name: &str) {
-    h.until(&format!("state {name}"), |h| {
-        h.view(id).state.name() == name
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while h.view(id).state.name() != name {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     })
-    .await;
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for state {name}: {:#?}", h.view(id)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -731,6 +734,13 @@ async fn the_gate_trips_on_unsent_transactions_piling_up() {
         outbox(&h, &d, 2); // limit 3 × 2 + 1 = 7
     }
     h.answer_all(pb::CommandStatus::Succeeded);
+    // A first evaluation may have counted the second canary (depth 9, not yet updated)
+    // among the others; the next one (after `gate_interval`) sees both updated.
+    h.until("both succeeded", |h| {
+        h.view(&r.id).waves[0].counts.succeeded == 2
+    })
+    .await;
+    h.advance(Duration::from_secs(10));
     state_is(&h, &r.id, "aborted").await;
     let g = h.view(&r.id).waves[0].gate.clone().unwrap();
     assert_eq!(g.updated_mean_outbox, Some(9.0));

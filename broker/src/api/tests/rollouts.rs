@@ -169,14 +169,25 @@ async fn rollouts_are_created_listed_shown_paused_resumed_and_aborted() {
     assert_eq!(shown["wave"], 1);
     assert_eq!(shown["waves"][1]["counts"]["not_started"], 2);
     assert_eq!(server.rollouts().await.len(), 1);
-    // The canary's update is a command like any other.
-    let page: CommandPage = server
-        .get("/api/v1/commands?kind=software_update")
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(page.items.len(), 1);
+    // The canary's update is a command like any other (issued right after the rollout is
+    // durable).
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let page: CommandPage = server
+                .get("/api/v1/commands?kind=software_update")
+                .await
+                .json()
+                .await
+                .unwrap();
+            if page.items.len() == 1 {
+                break;
+            }
+            assert!(page.items.is_empty(), "one update for the one canary");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the canary's update is issued");
 
     let post = |verb: &'static str| {
         let path = format!("/api/v1/rollouts/{id}/{verb}");

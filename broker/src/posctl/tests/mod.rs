@@ -28,6 +28,7 @@ use super::{Cli, Command, run_api};
 mod commands;
 mod config;
 mod devices;
+mod rollouts;
 pub(crate) mod transactions;
 mod watch;
 use crate::datadir::DataDir;
