@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::api::{self, ApiState, ServerTlsError, Site};
+use crate::artifacts::ArtifactCatalog;
 use crate::artifacts::{
     ArtifactStore, ArtifactStoreError, Artifacts, ArtifactsConfig, device_router,
     device_tls_config, load_release_keys,
@@ -35,6 +36,7 @@ use crate::fleetconfig::ConfigSource;
 use crate::fleetconfig::{ConfigError, ConfigStore, ConfigStoreConfig};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig, RegistryError};
+use crate::rollouts::{RolloutStore, RolloutStoreError, Rollouts, RolloutsConfig, RolloutsHandle};
 use crate::txstore::{TxStore, TxStoreConfig, TxStoreError};
 
 /// Default MQTT listen address of `serve` and `demo`.
@@ -129,6 +131,8 @@ pub enum AppError {
     DeviceTls(TlsSetupError),
     #[error("--device-url {url:?}: {detail}")]
     DeviceUrl { url: String, detail: &'static str },
+    #[error("rollout store: {0}")]
+    Rollouts(#[from] RolloutStoreError),
     #[error(transparent)]
     Controller(#[from] ControllerError),
     #[error("startup task failed: {0}")]
@@ -156,6 +160,8 @@ pub struct Running {
     pub config: Arc<ConfigStore>,
     /// The command plane.
     pub commands: CommandsHandle,
+    /// The rollout engine.
+    pub rollouts: RolloutsHandle,
     pub metrics: Arc<Metrics>,
     /// True if this start created the PKI.
     pub pki_created: bool,
@@ -166,6 +172,25 @@ pub struct Running {
 /// Starts every subsystem on `tracker`; they stop when `cancel` is cancelled.
 pub async fn start(
     opts: &ServeOptions,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> Result<Running, AppError> {
+    start_inner(opts, None, tracker, cancel).await
+}
+
+/// [`start`] with another artifact catalog for rollouts than the artifact store (tests).
+pub async fn start_with_catalog(
+    opts: &ServeOptions,
+    catalog: Arc<dyn ArtifactCatalog>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> Result<Running, AppError> {
+    start_inner(opts, Some(catalog), tracker, cancel).await
+}
+
+async fn start_inner(
+    opts: &ServeOptions,
+    catalog: Option<Arc<dyn ArtifactCatalog>>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> Result<Running, AppError> {
@@ -300,8 +325,35 @@ pub async fn start(
         cancel.child_token(),
     )?;
 
+    let catalog: Arc<dyn ArtifactCatalog> = match catalog {
+        Some(catalog) => catalog,
+        None => artifacts.clone(),
+    };
+    let rollouts = {
+        let dir = data.rollouts_dir();
+        let commands = controller.commands.store().clone();
+        // Store open and load (members, command statuses): off the runtime.
+        tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+            let store = Arc::new(RolloutStore::open(&dir, ROLLOUTS_CACHE)?);
+            Ok(Rollouts::load(RolloutsConfig::default(), store, &commands)?)
+        })
+        .await??
+    };
+    let rollouts = rollouts.spawn(
+        controller.commands.clone(),
+        registry.clone(),
+        transactions.clone(),
+        catalog.clone(),
+        events.clone(),
+        metrics.clone(),
+        crate::controller::system_clock(),
+        tracker,
+        cancel.child_token(),
+    );
+    // Deleting an artifact an unfinished rollout uses is refused.
+    artifacts.set_users(Arc::new(rollouts.clone()));
+
     let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
-    // Device groups live in the registry; until they are wired in, no device is in a group.
     let state = ApiState::new(
         registry.clone(),
         transactions.clone(),
@@ -311,7 +363,8 @@ pub async fn start(
         metrics.clone(),
         token,
     )
-    .with_artifacts(artifacts.clone());
+    .with_artifacts(artifacts.clone())
+    .with_rollouts(rollouts.clone(), catalog);
     let limits = state.limits;
     tracker.spawn(api::serve(
         api_listener,
@@ -351,6 +404,7 @@ pub async fn start(
         transactions,
         config,
         commands: controller.commands,
+        rollouts,
         metrics,
         pki_created,
         token_created,
@@ -418,6 +472,8 @@ fn check_device_url(url: &str) -> Result<(), AppError> {
     }
     Ok(())
 }
+/// sled page cache of the rollout store.
+const ROLLOUTS_CACHE: u64 = 16 * 1024 * 1024;
 
 /// Grace period for tasks to stop after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

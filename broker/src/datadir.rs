@@ -123,6 +123,11 @@ impl DataDir {
         self.root.join("artifacts")
     }
 
+    /// The rollout store (ADR 0008).
+    pub fn rollouts_dir(&self) -> PathBuf {
+        self.root.join("rollouts")
+    }
+
     /// Creates the directory (0700) if needed.
     pub fn create(&self) -> Result<(), DataDirError> {
         use std::os::unix::fs::DirBuilderExt;

@@ -14,6 +14,7 @@
 //! - [`commands`]: the signed command plane (store, dispatch, results, reconciliation,
 //!   lease, log uploads).
 //! - [`artifacts`]: signed software artifacts and the device download endpoint (ADR 0008).
+//! - [`rollouts`]: staged, health-gated software rollouts (waves, payment gate, rollback).
 //! - [`fleetconfig`]: layered, versioned configuration (fleet → group → device).
 //! - [`events`]: the in-process live event bus feeding the stream.
 //! - [`metrics`]: Prometheus metrics shared by every subsystem.
@@ -36,5 +37,6 @@ pub mod fleetconfig;
 pub mod metrics;
 pub mod posctl;
 pub mod registry;
+pub mod rollouts;
 pub mod txstore;
 pub mod views;

@@ -91,6 +91,13 @@ pub struct Metrics {
     pub command_leases_sent_total: Counter,
     /// Artifact bytes sent to terminals by the device endpoint.
     pub artifact_bytes_served_total: Counter,
+    /// Rollouts by state (running, soaking, paused, completed, aborted).
+    pub rollouts: Family<StatusLabel, Gauge>,
+    /// Terminals of unfinished rollouts by the status of their update (`not_started`: their
+    /// wave has not started): the rollout progress.
+    pub rollout_members: Family<StatusLabel, Gauge>,
+    /// Waves that ended, by outcome (passed, failed).
+    pub rollout_waves_total: Family<StatusLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -138,6 +145,20 @@ impl Metrics {
         let command_log_chunks_refused_total = Family::default();
         let command_leases_sent_total = Counter::default();
         let artifact_bytes_served_total = Counter::default();
+        let rollouts = Family::<StatusLabel, Gauge>::default();
+        let rollout_members = Family::<StatusLabel, Gauge>::default();
+        let rollout_waves_total = Family::<StatusLabel, Counter>::default();
+        registry.register("rollouts", "Rollouts by state", rollouts.clone());
+        registry.register(
+            "rollout_members",
+            "Terminals of unfinished rollouts by the status of their update",
+            rollout_members.clone(),
+        );
+        registry.register(
+            "rollout_waves",
+            "Rollout waves that ended, by outcome",
+            rollout_waves_total.clone(),
+        );
 
         registry.register(
             "edge_connections",
@@ -317,6 +338,9 @@ impl Metrics {
             command_log_chunks_refused_total,
             command_leases_sent_total,
             artifact_bytes_served_total,
+            rollouts,
+            rollout_members,
+            rollout_waves_total,
         }
     }
 

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 mod artifacts;
 mod config;
 pub use artifacts::*;
+mod rollout;
 pub use config::*;
+pub use rollout::*;
 
 /// Lifecycle of a device in the registry (DESIGN.md §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,6 +339,17 @@ pub enum FleetEvent {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         message: String,
     },
+    /// A rollout changed state or a wave ended.
+    Rollout {
+        id: String,
+        /// `running`, `soaking`, `paused`, `completed` or `aborted`.
+        state: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wave: Option<u32>,
+        /// What happened, for people.
+        message: String,
+        at_ms: u64,
+    },
     /// The subscriber fell behind and `missed` events were skipped.
     Lagged { missed: u64 },
 }
@@ -353,7 +366,7 @@ impl FleetEvent {
             | FleetEvent::Command {
                 device_id: device, ..
             } => Some(device),
-            FleetEvent::Lagged { .. } => None,
+            FleetEvent::Rollout { .. } | FleetEvent::Lagged { .. } => None,
         }
     }
 
@@ -366,6 +379,7 @@ impl FleetEvent {
             FleetEvent::Transaction { .. } => "transaction",
             FleetEvent::Alert { .. } => "alert",
             FleetEvent::Command { .. } => "command",
+            FleetEvent::Rollout { .. } => "rollout",
             FleetEvent::Lagged { .. } => "lagged",
         }
     }
@@ -484,6 +498,30 @@ pub enum CommandBody {
         since_ms: u64,
         max_bytes: u32,
     },
+    /// Install an artifact (issued by a rollout, never directly through the API).
+    SoftwareUpdate {
+        artifact_id: String,
+        version: String,
+        /// Where the terminal downloads it (the device endpoint).
+        url: String,
+        size_bytes: u64,
+        /// SHA-256 of the artifact, lowercase hex.
+        sha256: String,
+        /// Release signature, base64.
+        release_signature: String,
+        release_key_id: String,
+        /// `payment_app`, `firmware` or `agent`.
+        component: String,
+        rollout_id: String,
+        confirm_timeout_s: u32,
+    },
+    /// Undo the last update of `component` (issued when a rollout is aborted).
+    RollbackUpdate {
+        rollout_id: String,
+        component: String,
+        /// The version the terminal reported before the rollout.
+        to_version: String,
+    },
 }
 
 impl CommandBody {
@@ -496,6 +534,8 @@ impl CommandBody {
             CommandBody::Reboot {} => "reboot",
             CommandBody::Wipe { .. } => "wipe",
             CommandBody::CollectLogs { .. } => "collect_logs",
+            CommandBody::SoftwareUpdate { .. } => "software_update",
+            CommandBody::RollbackUpdate { .. } => "rollback_update",
         }
     }
 }

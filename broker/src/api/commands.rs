@@ -42,6 +42,8 @@ const MAX_TARGETS: usize = 50_000;
 const DEFAULT_MAX_BYTES: u32 = 1024 * 1024;
 const MAX_MAX_BYTES: u32 = 16 * 1024 * 1024;
 const KINDS: [&str; 5] = ["lock", "unlock", "reboot", "wipe", "collect_logs"];
+/// Kinds only the controller issues (reconciler, rollouts): listed, never created here.
+const ISSUED_KINDS: [&str; 3] = ["config_push", "software_update", "rollback_update"];
 
 pub(crate) async fn create(
     State(state): State<ApiState>,
@@ -119,6 +121,10 @@ fn parse_create(body: &Value) -> Result<(Action, Selector, Duration), ApiError> 
         let why = if kind == "config_push" {
             "configuration is pushed by the controller when the desired configuration changes; \
              change it with the configuration API"
+                .to_owned()
+        } else if kind == "software_update" || kind == "rollback_update" {
+            "software updates are issued by rollouts (POST /api/v1/rollouts), which also roll \
+             them back"
                 .to_owned()
         } else {
             format!("unknown kind {kind:?}; one of {}", KINDS.join(", "))
@@ -207,7 +213,7 @@ fn parse_create(body: &Value) -> Result<(Action, Selector, Duration), ApiError> 
     ))
 }
 
-fn parse_target(target: Option<&Value>) -> Result<Selector, ApiError> {
+pub(super) fn parse_target(target: Option<&Value>) -> Result<Selector, ApiError> {
     let field = |f: &str, e: &str| ApiError::field(f, e, CREATE_HINT);
     let obj: &Map<String, Value> = target
         .and_then(Value::as_object)
@@ -315,7 +321,7 @@ pub(crate) async fn list(
     let kind = p
         .kind
         .map(|k| {
-            if KINDS.contains(&k.as_str()) || k == "config_push" {
+            if KINDS.contains(&k.as_str()) || ISSUED_KINDS.contains(&k.as_str()) {
                 Ok(k)
             } else {
                 Err(ApiError::field(

@@ -10,7 +10,8 @@
 //! - one file per resource: `health.rs` (`GET /healthz`), `devices.rs`
 //!   (`GET /api/v1/devices[/{id}]`, `.../desired`, `PUT .../groups`, `PUT .../labels`),
 //!   `commands.rs` (`POST|GET /api/v1/commands`, `GET /api/v1/commands/{id}`,
-//!   `POST .../cancel`, `GET .../logs`), `transactions.rs` (`GET /api/v1/transactions`,
+//!   `POST .../cancel`, `GET .../logs`), `rollouts.rs` (`POST|GET /api/v1/rollouts`,
+//!   `GET /api/v1/rollouts/{id}`, `POST .../pause|resume|abort`), `transactions.rs` (`GET /api/v1/transactions`,
 //!   `GET /api/v1/devices/{id}/transactions/summary`), `stream.rs` (`GET /api/v1/stream`,
 //!   server-sent events),
 //!   `metrics.rs` (`GET /metrics`), `config.rs` (`/api/v1/config/...` layers, history, diff,
@@ -26,6 +27,7 @@ mod devices;
 mod error;
 mod health;
 mod metrics;
+mod rollouts;
 mod server;
 mod stream;
 #[cfg(test)]
@@ -47,12 +49,14 @@ pub(crate) use transactions::parse_time;
 
 pub use artifacts::{KEY_ID_HEADER, SHA256_HEADER, SIGNATURE_HEADER};
 
+use crate::artifacts::ArtifactCatalog;
 use crate::artifacts::Artifacts;
 use crate::commands::CommandsHandle;
 use crate::events::EventBus;
 use crate::fleetconfig::ConfigStore;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::rollouts::{NoArtifacts, RolloutsHandle};
 use crate::txstore::TxStore;
 
 /// Resource limits of the API server.
@@ -116,6 +120,20 @@ pub struct ApiState {
     /// Signed software artifacts; `None` answers 503 on `/api/v1/artifacts` (servers built
     /// without a data directory, e.g. some tests).
     pub(crate) artifacts: Option<Arc<Artifacts>>,
+    /// The rollout engine (`None`: the rollout routes answer 503).
+    pub(crate) rollouts: Option<RolloutsHandle>,
+    /// Artifacts rollouts may use.
+    pub(crate) catalog: Catalog,
+}
+
+/// The artifact catalog (a trait object without `Debug`).
+#[derive(Clone)]
+pub(crate) struct Catalog(pub(crate) Arc<dyn ArtifactCatalog>);
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Catalog")
+    }
 }
 
 impl ApiState {
@@ -141,12 +159,25 @@ impl ApiState {
             limits: ApiLimits::default(),
             shutdown: CancellationToken::new(),
             artifacts: None,
+            rollouts: None,
+            catalog: Catalog(Arc::new(NoArtifacts)),
         }
     }
 
     /// The same state serving artifacts from `artifacts`.
     pub fn with_artifacts(mut self, artifacts: Arc<Artifacts>) -> Self {
         self.artifacts = Some(artifacts);
+        self
+    }
+
+    /// The same state serving rollouts with `rollouts`, checking artifacts in `catalog`.
+    pub fn with_rollouts(
+        mut self,
+        rollouts: RolloutsHandle,
+        catalog: Arc<dyn ArtifactCatalog>,
+    ) -> Self {
+        self.rollouts = Some(rollouts);
+        self.catalog = Catalog(catalog);
         self
     }
 
@@ -218,6 +249,14 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
             "/api/v1/artifacts/{id}",
             get(artifacts::detail).delete(artifacts::delete),
         ),
+        (
+            "/api/v1/rollouts",
+            get(rollouts::list).post(rollouts::create),
+        ),
+        ("/api/v1/rollouts/{id}", get(rollouts::detail)),
+        ("/api/v1/rollouts/{id}/pause", post(rollouts::pause)),
+        ("/api/v1/rollouts/{id}/resume", post(rollouts::resume)),
+        ("/api/v1/rollouts/{id}/abort", post(rollouts::abort)),
         ("/api/v1/stream", get(stream::stream)),
         ("/metrics", get(metrics::render)),
     ]

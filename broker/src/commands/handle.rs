@@ -14,7 +14,7 @@ use super::plane::Msg;
 use super::store::CommandStore;
 use crate::fleetconfig::ConfigSource;
 use crate::registry::Registry;
-use crate::views::{CommandView, DesiredLockView, DesiredView, ReportedView};
+use crate::views::{CommandBody, CommandView, DesiredLockView, DesiredView, ReportedView};
 
 /// Longest the API waits for the worker to commit and answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,6 +38,16 @@ pub struct CreateRequest {
     pub author: String,
     /// Validity from now.
     pub ttl: Duration,
+}
+
+/// A command the caller names itself (the rollout engine): its id is chosen and stored by
+/// the caller before it asks, so asking again after a crash never creates a second command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IssueCommand {
+    /// A fresh id from `posfleet_proto::signing::new_command_id`.
+    pub id: String,
+    pub device: DeviceId,
+    pub body: CommandBody,
 }
 
 /// Why commands were not created (nothing changed).
@@ -120,11 +130,43 @@ impl CommandsHandle {
             .ok_or(CreateError::Unavailable)?
     }
 
+    /// Creates the named commands durably (one commit) and returns the ones created. An id
+    /// that is live already is skipped, so a repeated request is harmless while the command
+    /// lives; callers check the store for ids that may be final already.
+    pub async fn issue(
+        &self,
+        commands: Vec<IssueCommand>,
+        author: &str,
+        ttl: Duration,
+    ) -> Result<Vec<CommandView>, CreateError> {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::Issue {
+            commands,
+            author: author.to_owned(),
+            ttl,
+            reply,
+        };
+        self.ask(msg, rx).await.ok_or(CreateError::Unavailable)?
+    }
+
     /// Cancels a live command durably.
     pub async fn cancel(&self, id: &str) -> Result<CommandView, CancelError> {
         let (reply, rx) = oneshot::channel();
         let msg = Msg::Cancel {
             id: id.to_owned(),
+            reply,
+        };
+        self.ask(msg, rx).await.ok_or(CancelError::Unavailable)?
+    }
+
+    /// Cancels every live command of `ids` that may be cancelled (not lock/unlock) in one
+    /// durable commit; ids that are final or unknown are skipped. Returns how many were
+    /// cancelled.
+    pub async fn cancel_many(&self, ids: Vec<String>, why: &str) -> Result<usize, CancelError> {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::CancelMany {
+            ids,
+            why: why.to_owned(),
             reply,
         };
         self.ask(msg, rx).await.ok_or(CancelError::Unavailable)?

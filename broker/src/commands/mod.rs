@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 
 pub use downlink::{Downlink, DownlinkError};
 pub(crate) use handle::CommandInbox;
-pub use handle::{Action, CancelError, CommandsHandle, CreateError, CreateRequest};
+pub use handle::{Action, CancelError, CommandsHandle, CreateError, CreateRequest, IssueCommand};
 pub(crate) use logs::path as log_path;
 pub use record::TransitionError;
 pub use selector::{Selector, valid_name};

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::downlink::{Downlink, DownlinkError};
-use super::handle::{Action, CancelError, CreateError, CreateRequest, Shared};
+use super::handle::{Action, CancelError, CreateError, CreateRequest, IssueCommand, Shared};
 use super::logs;
 use super::record::{apply_result, new_command, to_wire, transition};
 use super::store::{Changes, CommandStore};
@@ -64,6 +64,19 @@ pub(crate) enum Msg {
     Create {
         req: CreateRequest,
         reply: oneshot::Sender<Result<Vec<CommandView>, CreateError>>,
+    },
+    /// Rollouts: create commands with the given ids.
+    Issue {
+        commands: Vec<IssueCommand>,
+        author: String,
+        ttl: Duration,
+        reply: oneshot::Sender<Result<Vec<CommandView>, CreateError>>,
+    },
+    /// Rollouts: cancel these commands (those still live).
+    CancelMany {
+        ids: Vec<String>,
+        why: String,
+        reply: oneshot::Sender<Result<usize, CancelError>>,
     },
     /// API: cancel a command.
     Cancel {
@@ -131,6 +144,8 @@ pub(crate) struct Plane {
         oneshot::Sender<Result<CommandView, CancelError>>,
         CommandView,
     )>,
+    /// Bulk cancellations waiting for the commit, with how many they cancelled.
+    bulk_cancels: Vec<(oneshot::Sender<Result<usize, CancelError>>, usize)>,
 }
 
 impl Plane {
@@ -149,6 +164,7 @@ impl Plane {
             pending_desired: BTreeMap::new(),
             replies: Vec::new(),
             cancels: Vec::new(),
+            bulk_cancels: Vec::new(),
         };
         for cmd in live {
             plane.insert_live(cmd);
@@ -237,7 +253,34 @@ impl Plane {
             }
             Msg::Log { device, chunk } => self.on_log(&device, chunk, tracker).await,
             Msg::Create { req, reply } => self.on_create(req, reply, now),
+            Msg::Issue {
+                commands,
+                author,
+                ttl,
+                reply,
+            } => self.on_issue(commands, &author, ttl, reply, now),
             Msg::Cancel { id, reply } => self.on_cancel(&id, reply, now),
+            Msg::CancelMany { ids, why, reply } => {
+                let mut n = 0;
+                for id in ids {
+                    let Some(cmd) = self.live.get_mut(&id) else {
+                        continue;
+                    };
+                    if matches!(
+                        cmd.body,
+                        CommandBody::Lock { .. } | CommandBody::Unlock { .. }
+                    ) || transition(cmd, CommandState::Cancelled, now).is_err()
+                    {
+                        continue;
+                    }
+                    cmd.message.clone_from(&why);
+                    let cmd = cmd.clone();
+                    self.count_status(CommandState::Cancelled);
+                    self.changed(cmd);
+                    n += 1;
+                }
+                self.bulk_cancels.push((reply, n));
+            }
         }
     }
 
@@ -406,6 +449,31 @@ impl Plane {
                 .entry(device.clone())
                 .or_default()
                 .push(cmd.clone());
+            commands.push(cmd);
+        }
+        self.replies.push(PendingReply { reply, commands });
+    }
+
+    fn on_issue(
+        &mut self,
+        requested: Vec<IssueCommand>,
+        author: &str,
+        ttl: Duration,
+        reply: oneshot::Sender<Result<Vec<CommandView>, CreateError>>,
+        now: u64,
+    ) {
+        let not_after = now.saturating_add(ms(ttl));
+        let mut commands = Vec::with_capacity(requested.len());
+        for c in requested {
+            let pending = self
+                .pending
+                .get(&c.device)
+                .is_some_and(|p| p.iter().any(|p| p.id == c.id));
+            if self.live.contains_key(&c.id) || pending {
+                continue;
+            }
+            let cmd = new_command(c.id, c.device.as_str(), c.body, author, now, not_after);
+            self.pending.entry(c.device).or_default().push(cmd.clone());
             commands.push(cmd);
         }
         self.replies.push(PendingReply { reply, commands });
@@ -827,6 +895,9 @@ impl Plane {
     fn answer_cancels(&mut self, ok: bool) {
         for (reply, cmd) in self.cancels.drain(..) {
             let _ = reply.send(if ok { Ok(cmd) } else { Err(CancelError::Store) });
+        }
+        for (reply, n) in self.bulk_cancels.drain(..) {
+            let _ = reply.send(if ok { Ok(n) } else { Err(CancelError::Store) });
         }
     }
 }

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use posfleet_proto::pb;
 use serde::{Deserialize, Serialize};
 
@@ -211,6 +213,42 @@ pub(crate) fn to_wire(cmd: &CommandView) -> pb::Command {
         } => Body::CollectLogs(pb::CollectLogs {
             since_ms: *since_ms,
             max_bytes: *max_bytes,
+        }),
+        CommandBody::SoftwareUpdate {
+            artifact_id,
+            version,
+            url,
+            size_bytes,
+            sha256,
+            release_signature,
+            release_key_id,
+            component,
+            rollout_id,
+            confirm_timeout_s,
+        } => Body::SoftwareUpdate(pb::SoftwareUpdate {
+            artifact_id: artifact_id.clone(),
+            version: version.clone(),
+            url: url.clone(),
+            size_bytes: *size_bytes,
+            // Both are written by the rollout engine from the catalog and are valid; a
+            // damaged record sends empty bytes, which the terminal refuses (`tampered`).
+            sha256: hex::decode(sha256).unwrap_or_default(),
+            release_signature: BASE64
+                .decode(release_signature.as_bytes())
+                .unwrap_or_default(),
+            release_key_id: release_key_id.clone(),
+            component: component.clone(),
+            rollout_id: rollout_id.clone(),
+            confirm_timeout_s: *confirm_timeout_s,
+        }),
+        CommandBody::RollbackUpdate {
+            rollout_id,
+            component,
+            to_version,
+        } => Body::RollbackUpdate(pb::RollbackUpdate {
+            rollout_id: rollout_id.clone(),
+            component: component.clone(),
+            to_version: to_version.clone(),
         }),
     };
     pb::Command {

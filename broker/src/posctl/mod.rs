@@ -14,6 +14,7 @@
 //!   `commands list|show|cancel`, `devices set-groups|set-labels`.
 //! - `transactions`: `tx list` and `tx summary`.
 //! - `config`: `config set|get|history|diff|schema` (fleet configuration layers).
+//! - `rollouts`: `rollout create|list|show [--follow]|pause|resume|abort`.
 //! - `watch`: `watch`, rendering the live stream, over the bounded parser in `sse`.
 //! - `output`: tables, times and sizes, and neutralising control characters in strings that
 //!   terminals reported.
@@ -27,6 +28,7 @@ mod devices;
 mod endpoint;
 mod output;
 mod pki;
+mod rollouts;
 mod sse;
 #[cfg(test)]
 mod tests;
@@ -219,6 +221,75 @@ enum ApiCommand {
     /// List, inspect and cancel commands.
     #[command(subcommand)]
     Commands(CommandsCommand),
+    /// Staged software rollouts: waves, thresholds, payment health gate, rollback.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Roll an uploaded artifact out to terminals in waves.
+    Create(RolloutCreateArgs),
+    /// Every rollout, newest first.
+    List,
+    /// One rollout: state, waves, gate figures.
+    Show {
+        id: String,
+        /// Draw one progress bar per wave until the rollout is completed or aborted, then
+        /// print the summary (with -o json: the final view).
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: how often to ask the controller.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = output::parse_duration)]
+        interval: Duration,
+        /// With --follow: give up after this long (the rollout goes on).
+        #[arg(long, value_name = "DURATION", value_parser = output::parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// No new wave starts; updates already sent continue.
+    Pause { id: String },
+    /// Continue a paused rollout.
+    Resume { id: String },
+    /// Stop the rollout and roll back every terminal it updated (or may be updating).
+    Abort {
+        id: String,
+        /// Why (kept in the rollout's state).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// Arguments of `posctl rollout create`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["device", "group", "label"])))]
+pub(crate) struct RolloutCreateArgs {
+    /// The artifact's id (its SHA-256, as `posctl artifact upload` printed).
+    pub(crate) artifact_id: String,
+    /// A target device; repeat for several.
+    #[arg(long, value_parser = parse_device_id)]
+    pub(crate) device: Vec<DeviceId>,
+    /// Every member of this group.
+    #[arg(long)]
+    pub(crate) group: Option<String>,
+    /// key=value; repeat for several (all must match).
+    #[arg(long, value_parser = parse_label)]
+    pub(crate) label: Vec<(String, String)>,
+    /// Cumulative percentages of the target, ending at 100. [default: 1,10,50,100]
+    #[arg(long, value_delimiter = ',', value_name = "P,P,...")]
+    pub(crate) waves: Option<Vec<u32>>,
+    /// Share of a wave that must succeed (0-1). [default: 0.95]
+    #[arg(long, value_name = "RATIO")]
+    pub(crate) success_threshold: Option<f64>,
+    /// Share of a wave whose failure aborts the rollout (0-1). [default: 0.05]
+    #[arg(long, value_name = "RATIO")]
+    pub(crate) failure_threshold: Option<f64>,
+    /// Wait this long after a wave reaches its success threshold (e.g. 10m). [default: 0]
+    #[arg(long, value_name = "DURATION", value_parser = output::parse_duration)]
+    pub(crate) soak: Option<Duration>,
+    /// Terminals that have not finished this long after their wave started count as failed.
+    /// [default: 30m]
+    #[arg(long, value_name = "DURATION", value_parser = output::parse_duration)]
+    pub(crate) wave_timeout: Option<Duration>,
 }
 
 /// Which terminals a command targets: one device, a group, or labels (all must match;
@@ -278,7 +349,7 @@ pub(crate) struct CommandsListArgs {
     pub(crate) device: Option<DeviceId>,
     #[arg(long, value_parser = ["queued", "delivered", "in_progress", "succeeded", "failed", "rejected", "expired", "cancelled"])]
     pub(crate) status: Option<String>,
-    #[arg(long, value_parser = ["lock", "unlock", "config_push", "reboot", "wipe", "collect_logs"])]
+    #[arg(long, value_parser = ["lock", "unlock", "config_push", "reboot", "wipe", "collect_logs", "software_update", "rollback_update"])]
     pub(crate) kind: Option<String>,
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub(crate) limit: u16,
@@ -734,6 +805,28 @@ async fn run_api(
         ApiCommand::Commands(CommandsCommand::Cancel { id }) => {
             commands::cancel(&api, &id, format, out).await?;
         }
+        ApiCommand::Rollout(cmd) => match cmd {
+            RolloutCommand::Create(args) => rollouts::create(&api, &args, format, out).await?,
+            RolloutCommand::List => rollouts::list(&api, format, out).await?,
+            RolloutCommand::Show {
+                id,
+                follow,
+                interval,
+                timeout,
+            } => {
+                let follow = follow.then_some((interval, timeout));
+                rollouts::show(&api, &id, follow, format, out, stop).await?;
+            }
+            RolloutCommand::Pause { id } => {
+                rollouts::control(&api, &id, "pause", None, format, out).await?;
+            }
+            RolloutCommand::Resume { id } => {
+                rollouts::control(&api, &id, "resume", None, format, out).await?;
+            }
+            RolloutCommand::Abort { id, reason } => {
+                rollouts::control(&api, &id, "abort", reason.as_deref(), format, out).await?;
+            }
+        },
     }
     Ok(ExitCode::SUCCESS)
 }

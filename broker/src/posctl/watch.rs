@@ -239,6 +239,9 @@ pub(crate) fn line(sse_kind: &str, value: Value, now_ms: u64) -> String {
             }
             (now_ms, text)
         }
+        FleetEvent::Rollout {
+            id, message, at_ms, ..
+        } => (*at_ms, format!("{}: {}", printable(id), printable(message))),
         FleetEvent::Lagged { missed } => (
             now_ms,
             format!("{missed} events skipped: posctl fell behind the stream"),

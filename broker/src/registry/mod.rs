@@ -288,6 +288,24 @@ impl Registry {
         self.read().devices.get(id).map(|d| d.record.groups.clone())
     }
 
+    /// The software versions the device last reported (`None` for an unknown device).
+    pub(crate) fn versions(&self, id: &DeviceId) -> Option<VersionsView> {
+        self.read()
+            .devices
+            .get(id)
+            .map(|d| d.record.versions.clone())
+    }
+
+    /// The outbox depth of the device's last heartbeat since this start (`None`: unknown
+    /// device or no heartbeat yet).
+    pub(crate) fn outbox_depth(&self, id: &DeviceId) -> Option<u32> {
+        self.read()
+            .devices
+            .get(id)
+            .and_then(|d| d.hot.last_heartbeat.as_ref())
+            .map(|h| h.outbox_depth)
+    }
+
     /// Every device with its groups.
     pub(crate) fn membership(&self) -> Vec<(DeviceId, BTreeSet<String>)> {
         self.read()

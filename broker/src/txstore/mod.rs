@@ -43,7 +43,7 @@ use posfleet_proto::DeviceId;
 
 pub(crate) use commit::{CommitOutcome, DeviceOutcome, Submission};
 pub use error::{QueryError, TxStoreError};
-pub(crate) use query::{DEFAULT_LIMIT, MAX_LIMIT, Order, TxQuery};
+pub(crate) use query::{DEFAULT_LIMIT, MAX_LIMIT, Order, Outcomes, TxQuery};
 pub(crate) use record::parse_status;
 #[cfg(test)]
 pub(crate) use tests::submission as test_submission;

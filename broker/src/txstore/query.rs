@@ -76,7 +76,65 @@ pub(crate) struct Gap {
     pub since_ms: u64,
 }
 
+/// How a device's transactions in a time window ended (the rollout health gate).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Outcomes {
+    pub approved: u64,
+    pub declined: u64,
+    /// Status `error` (the terminal or acquirer failed).
+    pub errors: u64,
+    /// True if the scan stopped at its bound (the counts cover the most recent records).
+    pub truncated: bool,
+}
+
+impl Outcomes {
+    /// Every transaction counted.
+    pub(crate) fn total(&self) -> u64 {
+        self.approved + self.declined + self.errors
+    }
+}
+
 impl TxStore {
+    /// Counts the outcomes of `device`'s transactions stamped at or after `from_ms` (terminal
+    /// clock, the device time index), newest first, reading at most `max_scan` records.
+    pub(crate) fn outcomes_since(
+        &self,
+        device: &DeviceId,
+        from_ms: u64,
+        max_scan: usize,
+    ) -> Result<Outcomes, TxStoreError> {
+        let prefix = keys::device_prefix(keys::BY_DEVICE_TIME, device);
+        let mut lower = prefix.clone();
+        lower.extend_from_slice(&from_ms.to_be_bytes());
+        let upper = keys::prefix_end(&prefix).map_or(Bound::Unbounded, Bound::Excluded);
+        let mut out = Outcomes::default();
+        let range = self
+            .tree
+            .range::<Vec<u8>, _>((Bound::Included(lower), upper));
+        for (scanned, item) in range.rev().enumerate() {
+            if scanned == max_scan {
+                out.truncated = true;
+                break;
+            }
+            let (key, _) = item.map_err(|e| self.read_error(e))?;
+            let (device, seq) = keys::parse_by_device_time(&key)
+                .ok_or_else(|| self.corrupt(&key, "bad index key"))?;
+            let record_key = keys::record(&device, seq);
+            let value = self
+                .tree
+                .get(&record_key)
+                .map_err(|e| self.read_error(e))?
+                .ok_or_else(|| self.corrupt(&key, "index entry without its record"))?;
+            let stored = StoredTx::decode(&value).map_err(|e| self.corrupt(&record_key, e))?;
+            match pb::TransactionStatus::try_from(stored.tx.get().status) {
+                Ok(pb::TransactionStatus::Approved) => out.approved += 1,
+                Ok(pb::TransactionStatus::Declined) => out.declined += 1,
+                _ => out.errors += 1,
+            }
+        }
+        Ok(out)
+    }
+
     /// One page of transactions matching `query`, after `cursor` (from a previous page of the
     /// same query).
     pub(crate) fn list(

@@ -6,6 +6,7 @@
 //! - `config.rs`: configuration layers, history, diff, schema, effective configuration.
 //! - `devices.rs`: list/detail after ingest, 400/404, health and metrics.
 //! - `stream.rs`: server-sent events, device filter, lag, end at shutdown.
+//! - `rollouts.rs`: rollout creation (field errors), list, detail, pause/resume/abort.
 //! - `server.rs`: idle TCP clients, handshake timeout, connection cap.
 //! - `transactions.rs`: transaction list (pagination, filters, cursors) and summary.
 
@@ -14,6 +15,7 @@ mod auth;
 mod commands;
 mod config;
 mod devices;
+mod rollouts;
 mod server;
 mod stream;
 mod transactions;
@@ -144,6 +146,28 @@ impl TestServer {
         );
         let ingest = Ingest::new(Arc::clone(&registry), events.clone(), Arc::clone(&metrics))
             .with_commands(inbox);
+        let rollout_store = Arc::new(
+            crate::rollouts::RolloutStore::open(&tmp.path().join("rollouts"), 1 << 20).unwrap(),
+        );
+        let catalog: Arc<dyn crate::artifacts::ArtifactCatalog> =
+            Arc::new(crate::rollouts::tests::FakeCatalog);
+        let rollouts = crate::rollouts::Rollouts::load(
+            crate::rollouts::RolloutsConfig::default(),
+            rollout_store,
+            commands.store(),
+        )
+        .unwrap()
+        .spawn(
+            commands.clone(),
+            Arc::clone(&registry),
+            Arc::clone(&transactions),
+            Arc::clone(&catalog),
+            events.clone(),
+            Arc::clone(&metrics),
+            crate::controller::system_clock(),
+            &tracker,
+            cancel.child_token(),
+        );
         let state = ApiState::new(
             Arc::clone(&registry),
             Arc::clone(&transactions),
@@ -178,7 +202,9 @@ impl TestServer {
                 Arc::clone(&metrics),
             ))
         };
-        let state = state.with_artifacts(Arc::clone(&artifacts));
+        let state = state
+            .with_artifacts(Arc::clone(&artifacts))
+            .with_rollouts(rollouts, catalog);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));
