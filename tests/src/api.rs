@@ -127,6 +127,30 @@ impl Api {
             .with_context(|| format!("{method} {url}"))
     }
 
+    /// `method path` with the token, extra `headers` and a raw body.
+    pub async fn send_bytes(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(600))
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        request
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))
+    }
+
     /// `POST /api/v1/commands` with `body`; the created commands (error on any non-2xx).
     pub async fn create_commands(
         &self,

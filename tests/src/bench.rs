@@ -117,7 +117,7 @@ pub async fn run_connect(
     ));
 
     let broker_cpu_start = cpu_seconds(broker.process()?.pid())?;
-    let mut simulator = start_simulator(&broker, &params)?;
+    let mut simulator = start_simulator(&broker, &params, &[])?;
     let started = Instant::now();
     progress(&format!(
         "simulator started: {} terminals at up to {}/s",
@@ -226,7 +226,12 @@ pub(crate) async fn start_quiet_broker(
     .await
 }
 
-pub(crate) fn start_simulator(broker: &Broker, params: &ConnectBench) -> anyhow::Result<Process> {
+/// `pf-agent simulate` for `params`, with `extra` arguments appended.
+pub(crate) fn start_simulator(
+    broker: &Broker,
+    params: &ConnectBench,
+    extra: &[&str],
+) -> anyhow::Result<Process> {
     let pki = broker.pki().dir().display().to_string();
     let count = params.terminals.to_string();
     let rate = params.connect_rate.to_string();
@@ -235,30 +240,32 @@ pub(crate) fn start_simulator(broker: &Broker, params: &ConnectBench) -> anyhow:
     let url = broker.mqtt_url();
     let tx_rate = params.tx_rate.to_string();
     let data_dir = broker.scratch_dir("simulator")?.display().to_string();
+    let mut args: Vec<&str> = vec![
+        "simulate",
+        "--count",
+        &count,
+        "--pki-dir",
+        &pki,
+        "--broker",
+        &url,
+        "--id-prefix",
+        "bench-",
+        "--heartbeat-interval",
+        &hb,
+        "--telemetry-interval",
+        &tm,
+        "--connect-rate",
+        &rate,
+        "--tx-rate",
+        &tx_rate,
+        "--data-dir",
+        &data_dir,
+    ];
+    args.extend_from_slice(extra);
     Process::spawn_with_env(
         "pf-agent simulate",
         &broker.bins().agent,
-        [
-            "simulate",
-            "--count",
-            &count,
-            "--pki-dir",
-            &pki,
-            "--broker",
-            &url,
-            "--id-prefix",
-            "bench-",
-            "--heartbeat-interval",
-            &hb,
-            "--telemetry-interval",
-            &tm,
-            "--connect-rate",
-            &rate,
-            "--tx-rate",
-            &tx_rate,
-            "--data-dir",
-            &data_dir,
-        ],
+        args,
         &broker.log_dir(),
         "simulate",
         &[("RUST_LOG", "warn")],

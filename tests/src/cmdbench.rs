@@ -208,7 +208,7 @@ pub async fn run_commands(
         tx_rate: 0.0,
         timeout: params.timeout,
     };
-    let mut simulator = start_simulator(&broker, &connect)?;
+    let mut simulator = start_simulator(&broker, &connect, &[])?;
     let started = Instant::now();
     progress(&format!("simulator started: {n} terminals"));
     let timeline = wait_for_fleet(broker.api(), n, started, params.timeout, &mut simulator).await?;

@@ -52,6 +52,7 @@ pub mod payapp;
 pub mod posctl;
 pub mod process;
 pub mod proxy;
+pub mod rolloutbench;
 pub mod scrape;
 pub mod txbench;
 pub mod txdriver;

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- connect --terminals 1000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- commands --terminals 10000
+//! cargo run --release -p posfleet-tests --bin fleet-bench -- rollout --terminals 1000
 //! ```
 //!
 //! See `posfleet_tests::bench` for what is measured and `docs/benchmarks.md` for results.
@@ -17,6 +18,7 @@ use posfleet_tests::Binaries;
 use posfleet_tests::bench::{ConnectBench, run_connect};
 use posfleet_tests::cmdbench::{CommandsBench, run_commands};
 use posfleet_tests::host::raise_nofile_limit;
+use posfleet_tests::rolloutbench::{RolloutBench, run_rollout};
 use posfleet_tests::txbench::driver_beside_current_exe;
 use posfleet_tests::txbench::faults::{FaultsBench, run_faults};
 use posfleet_tests::txbench::ingest::{IngestBench, run_ingest};
@@ -68,6 +70,9 @@ enum Command {
     /// N connected simulated terminals: latency from the lock API call to the terminal's
     /// confirmed lock, and the time until all N confirm a new configuration version.
     Commands(CommandsBench),
+    /// A signed artifact rolled out in waves to N connected terminals: time per wave and the
+    /// controller's download throughput.
+    Rollout(RolloutBench),
 }
 
 fn progress(line: &str) {
@@ -131,6 +136,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !report.result.is_exact() {
                 anyhow::bail!("the store does not hold exactly what was accepted");
             }
+        }
+        Command::Rollout(params) => {
+            let report = runtime.block_on(run_rollout(&bins, params, progress))?;
+            println!("{report}");
         }
         Command::Commands(params) => {
             let report = runtime.block_on(run_commands(&bins, params, progress))?;
