@@ -13,6 +13,8 @@
 //! - [`api`]: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
 //! - [`commands`]: the signed command plane (store, dispatch, results, reconciliation,
 //!   lease, log uploads).
+//! - [`accounts`]: operator accounts, roles and who is asking ([`accounts::Principal`]).
+//! - [`audit`]: the tamper-evident audit log.
 //! - [`artifacts`]: signed software artifacts and the device download endpoint (ADR 0008).
 //! - [`rollouts`]: staged, health-gated software rollouts (waves, payment gate, rollback).
 //! - [`fleetconfig`]: layered, versioned configuration (fleet → group → device).
@@ -24,9 +26,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod api;
 pub mod app;
 pub mod artifacts;
+pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod controller;

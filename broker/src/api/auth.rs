@@ -13,10 +13,11 @@ use tracing::warn;
 use super::error::ApiError;
 use super::{AdminToken, ApiState};
 
-/// Middleware: passes the request on only with `Authorization: Bearer <admin token>`.
+/// Middleware: passes the request on only with `Authorization: Bearer <admin token>`, with a
+/// [`crate::accounts::Principal`] in its extensions.
 pub(crate) async fn require_token(
     State(state): State<ApiState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let verdict = match bearer(request.headers()) {
@@ -25,7 +26,12 @@ pub(crate) async fn require_token(
         Some(_) => Err("bad_token"),
     };
     match verdict {
-        Ok(()) => next.run(request).await,
+        Ok(()) => {
+            request
+                .extensions_mut()
+                .insert(crate::accounts::Principal::bootstrap_admin());
+            next.run(request).await
+        }
         Err(reason) => {
             state.metrics.api_auth_failures_total.inc();
             warn!(

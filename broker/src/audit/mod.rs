@@ -1,0 +1,52 @@
+//! The tamper-evident audit log (issue 6, PCI DSS 10). This file fixes the interface every
+//! subsystem records through; the hash-chained store, verification, export and retention live
+//! beside it.
+
+use serde::{Deserialize, Serialize};
+
+/// How an audited action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Failure,
+    Denied,
+}
+
+/// One thing to record. The store adds the time, the sequence number and the hash chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Who: an account, token or device name ("admin" for the bootstrap token).
+    pub actor: String,
+    /// From where: the client's IP address, or "local" for the CLI on the controller host.
+    pub source: String,
+    /// What, as `area.verb`: `auth.login`, `command.create`, `config.set`, `device.revoke`, ...
+    pub action: String,
+    /// On what: a device id, command id, user name, configuration scope, ...
+    pub target: String,
+    pub outcome: Outcome,
+    /// A short, secret-free detail (never a password, token, key or card number).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// Why a record could not be stored.
+#[derive(Debug, thiserror::Error)]
+#[error("audit log: {0}")]
+pub struct AuditError(pub String);
+
+/// Where records go. `record` returns once the record is durable: an action whose record
+/// cannot be stored must not be reported as done (DESIGN §7: nothing acknowledged is lost).
+pub trait AuditSink: Send + Sync + 'static {
+    fn record(&self, record: AuditRecord) -> Result<(), AuditError>;
+}
+
+/// Records nothing (tests and tools without an audit log).
+#[derive(Debug, Default)]
+pub struct NoAudit;
+
+impl AuditSink for NoAudit {
+    fn record(&self, _record: AuditRecord) -> Result<(), AuditError> {
+        Ok(())
+    }
+}
