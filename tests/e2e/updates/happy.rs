@@ -165,7 +165,7 @@ async fn a_download_cut_in_the_middle_resumes_with_a_range_request() {
         "{artifact:?}"
     );
     let served_before = served(api).await;
-    proxy.cut_after_down(SIZE / 4);
+    proxy.cut_after_down(SIZE / 2);
     let created = super::create_rollout(
         api,
         serde_json::json!({"artifact_id": artifact.id, "target": {"devices": ["cut-1"]},
@@ -194,7 +194,13 @@ async fn a_download_cut_in_the_middle_resumes_with_a_range_request() {
         served < 2.0 * SIZE as f64,
         "served {served} bytes for a {SIZE}-byte artifact: the download started over"
     );
-    assert!(proxy.down_bytes() < 2 * SIZE, "{}", proxy.down_bytes());
+    // Through the proxy: the first half once, then only the rest (plus TLS framing and
+    // what was in flight at the cut); starting over would cost at least 1.5x the size.
+    let relayed = proxy.down_bytes();
+    assert!(
+        relayed < SIZE + SIZE / 4,
+        "{relayed} bytes relayed for a {SIZE}-byte artifact: the download started over"
+    );
 }
 
 async fn served(api: &posfleet_tests::Api) -> f64 {
