@@ -389,8 +389,10 @@ async fn start_inner(
     let mqtt_url = broker.to_string();
     let client = {
         let data = data.clone();
-        tokio::task::spawn_blocking(move || data.write_client_file(&api_url, Some(&mqtt_url)))
-            .await??
+        tokio::task::spawn_blocking(move || {
+            data.write_client_file(&api_url, Some(&mqtt_url), Some(device_addr))
+        })
+        .await??
     };
     info!(mqtt = %broker, external = edge.is_none(), api = %client.api_url, device_url = %artifacts.config().device_url, "posfleet broker running");
     Ok(Running {

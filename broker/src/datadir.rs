@@ -20,6 +20,7 @@
 //! own large values in `<store>/blobs` and its recovery deletes numerically named files there.
 
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use posfleet_proto::pki::{PkiDir, PkiError, write_secret_file};
@@ -70,6 +71,10 @@ pub struct ClientFile {
     /// test harnesses; posctl does not use it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mqtt_url: Option<String>,
+    /// Where the device download endpoint listens (the bound address, e.g. `127.0.0.1:8884`;
+    /// informational like `mqtt_url`: terminals are told `--device-url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_addr: Option<SocketAddr>,
 }
 
 /// A data directory (nothing is created until asked).
@@ -163,6 +168,7 @@ impl DataDir {
         &self,
         api_url: &str,
         mqtt_url: Option<&str>,
+        device_addr: Option<SocketAddr>,
     ) -> Result<ClientFile, DataDirError> {
         let root = fs::canonicalize(&self.root).map_err(|source| DataDirError::Io {
             path: self.root.clone(),
@@ -174,6 +180,7 @@ impl DataDir {
             ca_file: data.pki().ca_cert(),
             token_file: data.admin_token_file(),
             mqtt_url: mqtt_url.map(str::to_owned),
+            device_addr,
         };
         let path = self.client_file();
         let json =
@@ -239,7 +246,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let data = DataDir::at(tmp.path());
         let written = data
-            .write_client_file("https://127.0.0.1:1", Some("mqtts://127.0.0.1:2"))
+            .write_client_file(
+                "https://127.0.0.1:1",
+                Some("mqtts://127.0.0.1:2"),
+                Some(SocketAddr::from(([127, 0, 0, 1], 3))),
+            )
             .unwrap();
         assert!(written.ca_file.is_absolute());
         assert_eq!(data.read_client_file().unwrap(), written);

@@ -19,6 +19,10 @@
 //! - `commands`: the signed command plane: lock/unlock, configuration pushes, wipe, reboot,
 //!   logs, groups and labels, offline convergence, the offline lease, forged and replayed
 //!   commands, crashes of either side with commands pending, refused API requests.
+//! - `updates`: signed software updates and staged rollouts: release keys, artifact upload
+//!   and refusals, downloads that resume, terminals that refuse tampered or untrusted
+//!   artifacts, failing canaries, health timeouts, offline members, a controller crash in the
+//!   middle of a rollout, pause/resume/abort.
 //! - `bad_input`: every kind of bad client is refused, counted in `/metrics`, changes nothing,
 //!   and does not disturb a well-behaved terminal; idle sockets do not delay a real terminal.
 
@@ -29,3 +33,4 @@ mod lifecycle;
 mod simulate;
 mod support;
 mod transactions;
+mod updates;

@@ -1,7 +1,7 @@
 //! A `pf-broker serve` (or `demo`) process on a temporary data directory.
 //!
 //! ```text
-//! TMP/data/      --data-dir: pki/, admin.token, posctl.json, registry/
+//! TMP/data/      --data-dir: pki/, admin.token, posctl.json, registry/, artifacts/, ...
 //! TMP/logs/      broker.stdout.log, broker.stderr.log (appended across restarts)
 //! ```
 //!
@@ -74,6 +74,9 @@ pub struct Broker {
     mqtt_addr: SocketAddr,
     /// Where the admin API listens (kept across restarts).
     api_addr: SocketAddr,
+    /// Where the device download endpoint listens (kept across restarts: the URL in an
+    /// issued SoftwareUpdate must stay valid).
+    device_addr: SocketAddr,
     /// Admin API client.
     api: Api,
 }
@@ -88,9 +91,18 @@ impl Broker {
             .context("cannot create a temp dir")?;
         let data = DataDir::at(tmp.path().join("data"));
         let loopback_any: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let (process, client) =
-            launch(bins, &opts, &tmp, &data, loopback_any, loopback_any).await?;
+        let (process, client) = launch(
+            bins,
+            &opts,
+            &tmp,
+            &data,
+            [loopback_any, loopback_any, loopback_any],
+        )
+        .await?;
         let (mqtt_addr, api_addr) = addresses(&client)?;
+        let device_addr = client
+            .device_addr
+            .ok_or_else(|| anyhow!("posctl.json has no device_addr: {client:?}"))?;
         let api = api_client(&data, &client)?;
         let mut broker = Self {
             bins: bins.clone(),
@@ -101,6 +113,7 @@ impl Broker {
             client,
             mqtt_addr,
             api_addr,
+            device_addr,
             api,
         };
         broker.wait_ready().await?;
@@ -127,8 +140,7 @@ impl Broker {
                 &self.opts,
                 &self.tmp,
                 &self.data,
-                self.mqtt_addr,
-                self.api_addr,
+                [self.mqtt_addr, self.api_addr, self.device_addr],
             )
             .await
             {
@@ -145,6 +157,15 @@ impl Broker {
             }
         }
         Err(last.unwrap_or_else(|| anyhow!("restart failed")))
+    }
+
+    /// [`Broker::restart`] with `extra` appended to the command line from now on (e.g.
+    /// `--device-url` of a proxy in front of the device endpoint).
+    pub async fn restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.opts
+            .extra_args
+            .extend(extra.iter().map(|a| (*a).to_owned()));
+        self.restart().await
     }
 
     /// SIGKILL (a crash, a power cut of the controller host).
@@ -198,6 +219,11 @@ impl Broker {
     /// Where terminals connect.
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// Where the device download endpoint listens (`--device-listen`, bound address).
+    pub fn device_addr(&self) -> SocketAddr {
+        self.device_addr
     }
 
     /// `mqtts://127.0.0.1:PORT`.
@@ -264,8 +290,7 @@ async fn launch(
     opts: &BrokerOptions,
     tmp: &tempfile::TempDir,
     data: &DataDir,
-    mqtt: SocketAddr,
-    api: SocketAddr,
+    [mqtt, api, device]: [SocketAddr; 3],
 ) -> anyhow::Result<(Process, ClientFile)> {
     // Never read the previous run's file.
     match std::fs::remove_file(data.client_file()) {
@@ -284,6 +309,9 @@ async fn launch(
         mqtt.to_string(),
         "--api-listen".into(),
         api.to_string(),
+        // Loopback, port 0 (its default is a fixed port on every interface).
+        "--device-listen".into(),
+        device.to_string(),
     ]);
     args.extend(opts.extra_args.iter().cloned());
     let log_dir = tmp.path().join("logs");

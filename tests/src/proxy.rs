@@ -12,6 +12,10 @@
 //!   notice through their keep-alive timeouts. [`Proxy::restore`] resumes relaying on every
 //!   surviving connection, so nothing is lost that the peers did not give up on themselves.
 //!
+//! [`Proxy::cut_after_down`] arms a one-shot cut in the middle of a transfer: once that many
+//! more bytes went from the target to the clients, every open connection is reset (as by
+//! [`Proxy::sever`]) but new ones are relayed at once, like a link that drops for a moment.
+//!
 //! Every task is tracked and stops when the proxy is dropped.
 
 use std::net::SocketAddr;
@@ -48,6 +52,33 @@ struct State {
     accepted: AtomicU64,
     /// Connections reset by a cut (open ones and refused new ones).
     reset: AtomicU64,
+    /// Bytes relayed from the target to the clients so far.
+    down_bytes: AtomicU64,
+    /// When `down_bytes` reaches this, the open connections are reset once
+    /// (`u64::MAX`: disarmed).
+    cut_at: AtomicU64,
+}
+
+impl State {
+    /// Resets every connection of the current era (new ones belong to the next).
+    fn cut_open_connections(&self) {
+        let old = std::mem::take(&mut *self.era.lock().unwrap_or_else(|e| e.into_inner()));
+        old.cancel();
+    }
+
+    /// Counts `n` bytes relayed downstream; fires an armed cut.
+    fn count_down(&self, n: usize) {
+        let total = self.down_bytes.fetch_add(n as u64, Ordering::AcqRel) + n as u64;
+        let at = self.cut_at.load(Ordering::Acquire);
+        if total >= at
+            && self
+                .cut_at
+                .compare_exchange(at, u64::MAX, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.cut_open_connections();
+        }
+    }
 }
 
 /// A running proxy (stops when dropped).
@@ -75,6 +106,8 @@ impl Proxy {
             era: std::sync::Mutex::new(CancellationToken::new()),
             accepted: AtomicU64::new(0),
             reset: AtomicU64::new(0),
+            down_bytes: AtomicU64::new(0),
+            cut_at: AtomicU64::new(u64::MAX),
         });
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -116,8 +149,23 @@ impl Proxy {
     /// Resets every open connection and every new one until [`Proxy::restore`].
     pub fn sever(&self) {
         self.state.mode.send_replace(ProxyMode::Severed);
-        let old = std::mem::take(&mut *self.state.era.lock().unwrap_or_else(|e| e.into_inner()));
-        old.cancel();
+        self.state.cut_open_connections();
+    }
+
+    /// Resets every open connection once `bytes` more bytes went from the target to the
+    /// clients; connections made after that are relayed normally (see the module docs).
+    pub fn cut_after_down(&self, bytes: u64) {
+        let at = self
+            .state
+            .down_bytes
+            .load(Ordering::Acquire)
+            .saturating_add(bytes);
+        self.state.cut_at.store(at, Ordering::Release);
+    }
+
+    /// Bytes relayed from the target to the clients so far.
+    pub fn down_bytes(&self) -> u64 {
+        self.state.down_bytes.load(Ordering::Acquire)
     }
 
     /// Stops relaying without closing anything, until [`Proxy::restore`].
@@ -199,8 +247,8 @@ async fn connection(
     let cut = {
         let (client_read, client_write) = client.split();
         let (server_read, server_write) = server.split();
-        let mut up = std::pin::pin!(relay(client_read, server_write, state.mode.subscribe()));
-        let mut down = std::pin::pin!(relay(server_read, client_write, state.mode.subscribe()));
+        let mut up = std::pin::pin!(relay(client_read, server_write, &state, false));
+        let mut down = std::pin::pin!(relay(server_read, client_write, &state, true));
         let (mut up_done, mut down_done) = (false, false);
         loop {
             tokio::select! {
@@ -230,12 +278,9 @@ async fn connection(
 }
 
 /// Copies `from` to `to` while the mode allows, and forwards EOF as a FIN. True on that
-/// graceful end, false on an error.
-async fn relay(
-    mut from: ReadHalf<'_>,
-    mut to: WriteHalf<'_>,
-    mut mode: watch::Receiver<ProxyMode>,
-) -> bool {
+/// graceful end, false on an error. `down`: target to client (counted).
+async fn relay(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, state: &State, down: bool) -> bool {
+    let mut mode = state.mode.subscribe();
     let mut buf = vec![0u8; BUFFER];
     loop {
         if mode.wait_for(|m| *m == ProxyMode::Forward).await.is_err() {
@@ -252,6 +297,9 @@ async fn relay(
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return false;
+        }
+        if down {
+            state.count_down(n);
         }
     }
     to.shutdown().await.is_ok()
@@ -331,5 +379,39 @@ mod tests {
         let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
         assert_eq!(roundtrip(&mut c, b"again").await.expect("echo"), b"again");
         assert!(proxy.reset() >= 2, "{}", proxy.reset());
+    }
+
+    #[tokio::test]
+    async fn cuts_once_in_the_middle_of_a_transfer() {
+        let (echo, _tracker, _guard) = echo_server().await;
+        let proxy = Proxy::start(echo).await.expect("proxy");
+        let mut a = TcpStream::connect(proxy.addr()).await.expect("connect");
+        assert_eq!(roundtrip(&mut a, b"warm").await.expect("echo"), b"warm");
+        proxy.cut_after_down(1000);
+        // Far more than the limit: the connection is reset before all of it came back.
+        let sent = vec![7u8; 1 << 20];
+        let (mut r, mut w) = a.split();
+        let write = async {
+            let _ = w.write_all(&sent).await;
+        };
+        let read = async {
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got += n,
+                }
+            }
+        };
+        let ((), got) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(write, read) })
+                .await
+                .expect("the cut ends the transfer");
+        assert!(got < sent.len(), "{got} bytes came back");
+        assert!(proxy.down_bytes() >= 1004, "{}", proxy.down_bytes());
+        // One-shot: the next connection is relayed.
+        let mut b = TcpStream::connect(proxy.addr()).await.expect("connect");
+        assert_eq!(roundtrip(&mut b, b"again").await.expect("echo"), b"again");
     }
 }

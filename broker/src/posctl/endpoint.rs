@@ -129,7 +129,7 @@ mod tests {
 
     fn write_client_file(dir: &Path) -> crate::datadir::ClientFile {
         DataDir::at(dir)
-            .write_client_file("https://127.0.0.1:8443", None)
+            .write_client_file("https://127.0.0.1:8443", None, None)
             .unwrap()
     }
 

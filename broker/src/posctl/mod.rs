@@ -283,8 +283,9 @@ pub(crate) struct RolloutCreateArgs {
     /// Share of a wave whose failure aborts the rollout (0-1). [default: 0.05]
     #[arg(long, value_name = "RATIO")]
     pub(crate) failure_threshold: Option<f64>,
-    /// Wait this long after a wave reaches its success threshold (e.g. 10m). [default: 0]
-    #[arg(long, value_name = "DURATION", value_parser = output::parse_duration)]
+    /// Wait this long after a wave reaches its success threshold (e.g. 10m; 0: none).
+    /// [default: 0]
+    #[arg(long, value_name = "DURATION", value_parser = output::parse_duration_or_zero)]
     pub(crate) soak: Option<Duration>,
     /// Terminals that have not finished this long after their wave started count as failed.
     /// [default: 30m]

@@ -199,8 +199,18 @@ pub(crate) fn percent(used: u64, total: u64) -> u64 {
     }
 }
 
-/// Parses "30", "30s", "500ms", "2m" or "1h" into a duration.
+/// Parses "30", "30s", "500ms", "2m" or "1h" into a duration (not zero).
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let duration = parse_duration_or_zero(s)?;
+    if duration.is_zero() {
+        return Err("the duration must be greater than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+/// [`parse_duration`] that also takes zero ("0", "0s"), for settings where zero means
+/// "none" (e.g. `rollout create --soak 0`).
+pub(crate) fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
@@ -218,9 +228,6 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
             ));
         }
     };
-    if duration.is_zero() {
-        return Err("the duration must be greater than zero".to_owned());
-    }
     Ok(duration)
 }
 
@@ -241,6 +248,15 @@ mod tests {
         assert_eq!(relative(now, now - 5 * 86_400_000), "5d ago");
         assert_eq!(relative(now, now + 3_000), "in 3s");
         assert_eq!(relative(now, now + 500), "now");
+    }
+
+    #[test]
+    fn zero_durations_only_where_allowed() {
+        assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("0"), Ok(Duration::ZERO));
+        assert!(parse_duration_or_zero("x").is_err());
     }
 
     #[test]

@@ -69,7 +69,7 @@ impl Fixture {
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://{}", listener.local_addr().unwrap());
-        data.write_client_file(&url, None).unwrap();
+        data.write_client_file(&url, None, None).unwrap();
 
         let certs = CertificateDer::pem_file_iter(pki.server_cert())
             .unwrap()
