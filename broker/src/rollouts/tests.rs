@@ -290,7 +290,14 @@ async fn a_rollout_goes_through_every_wave_and_completes() {
     assert_eq!(sizes, [1, 1, 8, 10]);
     for (wave, total) in [(1u32, 1usize), (2, 2), (3, 10), (4, 20)] {
         h.updates_are(total).await;
-        assert_eq!(h.view(&r.id).state, RolloutState::Running { wave });
+        // The engine issues a wave's commands before it publishes the new view.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while h.view(&r.id).state != (RolloutState::Running { wave }) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("wave {wave} never shown running: {:#?}", h.view(&r.id)));
         h.answer_all(pb::CommandStatus::InProgress);
         h.answer_all(pb::CommandStatus::Succeeded);
     }
