@@ -15,6 +15,7 @@
 //!   lease, log uploads).
 //! - [`accounts`]: operator accounts, roles and who is asking ([`accounts::Principal`]).
 //! - [`audit`]: the tamper-evident audit log.
+//! - [`approvals`]: two-person approval of wipes and large locks.
 //! - [`artifacts`]: signed software artifacts and the device download endpoint (ADR 0008).
 //! - [`rollouts`]: staged, health-gated software rollouts (waves, payment gate, rollback).
 //! - [`fleetconfig`]: layered, versioned configuration (fleet → group → device).
@@ -29,6 +30,7 @@
 pub mod accounts;
 pub mod api;
 pub mod app;
+pub mod approvals;
 pub mod artifacts;
 pub mod audit;
 pub mod cli;

@@ -284,6 +284,11 @@ async fn launch(
         mqtt.to_string(),
         "--api-listen".into(),
         api.to_string(),
+        // The harness has one principal (the bootstrap admin token), and a second admin is
+        // what two-person approval asks for; the approval flow is tested in the broker's API
+        // tests. An `extra_args` "--two-person-approval on" given later wins.
+        "--two-person-approval".into(),
+        "off".into(),
     ]);
     args.extend(opts.extra_args.iter().cloned());
     let log_dir = tmp.path().join("logs");

@@ -6,7 +6,8 @@
 //! "posfleet-audit-v1\0"
 //! seq      u64 big-endian
 //! at_ms    u64 big-endian
-//! actor, source, action, target, outcome ("success" | "failure" | "denied"), detail:
+//! actor, source, action, target, outcome ("requested" | "success" | "failure" | "denied"),
+//!          detail:
 //!          each as u32 big-endian byte length, then the UTF-8 bytes
 //! prev_hash 32 bytes
 //! ```
@@ -104,6 +105,7 @@ impl AuditEntry {
 /// The outcome as the hash encodes it (also its JSON name).
 pub(crate) fn outcome_name(outcome: Outcome) -> &'static str {
     match outcome {
+        Outcome::Requested => "requested",
         Outcome::Success => "success",
         Outcome::Failure => "failure",
         Outcome::Denied => "denied",

@@ -28,6 +28,9 @@ pub use store::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
+    /// Authorised and about to be carried out, written durably before the action; an entry
+    /// with the same action and target follows with how it ended (see `api::audit`).
+    Requested,
     Success,
     Failure,
     Denied,

@@ -32,3 +32,70 @@ pub struct AuditVerifyView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+/// Where an approval stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    /// Waiting for a second principal.
+    Pending,
+    /// Approved; `commands` lists what was created.
+    Approved,
+    Rejected,
+    /// Not decided before `expires_at_ms`.
+    Expired,
+}
+
+impl ApprovalState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// A command request that waits for a second principal (`GET /api/v1/approvals`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalView {
+    pub id: String,
+    /// The command kind (`wipe`, `lock`).
+    pub kind: String,
+    pub requested_by: String,
+    pub requested_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub state: ApprovalState,
+    /// The terminals the request resolved to when it was made (what is approved).
+    pub devices: Vec<String>,
+    /// The request body as sent to `POST /api/v1/commands`.
+    pub request: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at_ms: Option<u64>,
+    /// Ids of the commands created on approval.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<String>,
+}
+
+/// `202` answer of `POST /api/v1/commands` when a second principal must approve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRequired {
+    pub approval: ApprovalView,
+}
+
+/// `GET /api/v1/approvals`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalList {
+    pub approvals: Vec<ApprovalView>,
+}
+
+/// `POST /api/v1/approvals/{id}/approve`: the approval and the commands it created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalDecided {
+    pub approval: ApprovalView,
+    #[serde(default)]
+    pub commands: Vec<crate::views::CommandView>,
+}
