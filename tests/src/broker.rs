@@ -286,10 +286,11 @@ async fn launch(
         api.to_string(),
         // The harness has one principal (the bootstrap admin token), and a second admin is
         // what two-person approval asks for; the approval flow is tested in the broker's API
-        // tests. An `extra_args` "--two-person-approval on" given later wins.
-        "--two-person-approval".into(),
-        "off".into(),
+        // tests. A test that passes --two-person-approval in `extra_args` decides itself.
     ]);
+    if !opts.extra_args.iter().any(|a| a == "--two-person-approval") {
+        args.extend(["--two-person-approval".into(), "off".into()]);
+    }
     args.extend(opts.extra_args.iter().cloned());
     let log_dir = tmp.path().join("logs");
     let mut process = Process::spawn_with_env(
