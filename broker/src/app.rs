@@ -31,6 +31,7 @@ use crate::commands::{
     CommandPlane, CommandStore, CommandStoreError, CommandsConfig, CommandsHandle,
 };
 use crate::controller::{ControllerConfig, ControllerError, spawn_controller};
+use crate::custody::{CustodyError, CustodyLedger};
 use crate::datadir::{ClientFile, DataDir, DataDirError};
 use crate::edge::{EdgeConfig, EdgeHandle, TlsSetupError, mtls_server_config, spawn_edge};
 use crate::events::EventBus;
@@ -141,6 +142,8 @@ pub enum AppError {
     DeviceUrl { url: String, detail: &'static str },
     #[error("audit log: {0}")]
     Audit(#[from] AuditStoreError),
+    #[error("custody ledger: {0}")]
+    Custody(#[from] CustodyError),
     #[error("approval store: {0}")]
     Approvals(#[from] ApprovalStoreError),
     #[error("rollout store: {0}")]
@@ -385,6 +388,14 @@ async fn start_inner(
         )
     };
 
+    let custody = {
+        let (dir, key) = (data.custody_dir(), data.custody_key());
+        Arc::new(
+            tokio::task::spawn_blocking(move || CustodyLedger::open(&dir, &key, APPROVALS_CACHE))
+                .await??,
+        )
+    };
+
     let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
     let state = ApiState::new(
         registry.clone(),
@@ -398,7 +409,8 @@ async fn start_inner(
     .with_artifacts(artifacts.clone())
     .with_rollouts(rollouts.clone(), catalog)
     .with_audit_log(audit)
-    .with_approvals(approvals, opts.approvals);
+    .with_approvals(approvals, opts.approvals)
+    .with_custody(custody);
     let limits = state.limits;
     tracker.spawn(api::serve(
         api_listener,

@@ -143,6 +143,11 @@ impl DataDir {
         self.root.join("custody")
     }
 
+    /// The custody ledger's signing key (0600).
+    pub fn custody_key(&self) -> PathBuf {
+        self.root.join("custody.key")
+    }
+
     /// The rollout store (ADR 0008).
     pub fn rollouts_dir(&self) -> PathBuf {
         self.root.join("rollouts")

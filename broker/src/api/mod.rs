@@ -25,6 +25,7 @@ mod audit;
 pub(crate) mod auth;
 mod commands;
 mod config;
+mod custody;
 mod devices;
 mod error;
 mod health;
@@ -57,6 +58,7 @@ use crate::artifacts::Artifacts;
 use crate::audit::{AuditLog, AuditSink, NoAudit};
 use crate::commands::CommandsHandle;
 use crate::controller::Clock;
+use crate::custody::CustodyLedger;
 use crate::events::EventBus;
 use crate::fleetconfig::ConfigStore;
 use crate::metrics::Metrics;
@@ -135,6 +137,8 @@ pub struct ApiState {
     pub(crate) audit_log: Option<Arc<AuditLog>>,
     /// Pending two-person approvals (`None`: requests that need one answer 503).
     pub(crate) approvals: Option<Arc<ApprovalStore>>,
+    /// The custody ledger (`None`: the custody, lost and found routes answer 503).
+    pub(crate) custody: Option<Arc<CustodyLedger>>,
     /// Which command requests need a second principal.
     pub(crate) approval_policy: ApprovalPolicy,
     /// Wall clock (Unix ms) of approvals and custody entries; tests move it.
@@ -196,6 +200,7 @@ impl ApiState {
             audit: audit::Audit(Arc::new(NoAudit)),
             audit_log: None,
             approvals: None,
+            custody: None,
             approval_policy: ApprovalPolicy::default(),
             clock: ClockFn(crate::controller::system_clock()),
         }
@@ -205,6 +210,12 @@ impl ApiState {
     pub fn with_approvals(mut self, store: Arc<ApprovalStore>, policy: ApprovalPolicy) -> Self {
         self.approvals = Some(store);
         self.approval_policy = policy;
+        self
+    }
+
+    /// The same state keeping the custody ledger in `ledger`.
+    pub fn with_custody(mut self, ledger: Arc<CustodyLedger>) -> Self {
+        self.custody = Some(ledger);
         self
     }
 
@@ -266,6 +277,12 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         ("/api/v1/devices/{id}/desired", get(devices::desired)),
         ("/api/v1/devices/{id}/groups", put(devices::set_groups)),
         ("/api/v1/devices/{id}/labels", put(devices::set_labels)),
+        (
+            "/api/v1/devices/{id}/custody",
+            get(custody::history).post(custody::record),
+        ),
+        ("/api/v1/devices/{id}/lost", post(custody::lost)),
+        ("/api/v1/devices/{id}/found", post(custody::found)),
         (
             "/api/v1/commands",
             get(commands::list).post(commands::create),

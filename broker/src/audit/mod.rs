@@ -19,6 +19,7 @@ mod tests;
 use serde::{Deserialize, Serialize};
 
 pub use entry::AuditEntry;
+pub(crate) use entry::outcome_name as outcome_label;
 pub use store::{
     AuditConfig, AuditLog, AuditQuery, AuditStoreError, DEFAULT_LIMIT, DEFAULT_RETENTION,
     MAX_LIMIT, paths,

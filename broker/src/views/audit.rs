@@ -99,3 +99,52 @@ pub struct ApprovalDecided {
     #[serde(default)]
     pub commands: Vec<crate::views::CommandView>,
 }
+
+/// One entry of a device's custody ledger (`GET /api/v1/devices/{id}/custody`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustodyEntry {
+    pub device_id: String,
+    /// 1, 2, 3, ... per device.
+    pub seq: u64,
+    pub at_ms: u64,
+    /// `handover`, `lost` or `found`.
+    pub kind: String,
+    /// The principal who recorded it.
+    pub recorded_by: String,
+    #[serde(default)]
+    pub from: String,
+    #[serde(default)]
+    pub to: String,
+    #[serde(default)]
+    pub location: String,
+    #[serde(default)]
+    pub note: String,
+    /// The previous entry's signature (zeros for the first).
+    pub prev_signature: String,
+    /// Hex HMAC-SHA256 by the controller over this entry (see `custody`).
+    pub signature: String,
+}
+
+/// A device's custody ledger, oldest first, with the signature check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustodyHistory {
+    pub device_id: String,
+    /// True if every entry's signature and link verify.
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_bad_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub entries: Vec<CustodyEntry>,
+}
+
+/// `POST /api/v1/devices/{id}/lost` and `/found`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LostFoundView {
+    pub device_id: String,
+    pub lifecycle: crate::views::Lifecycle,
+    /// The lock command issued for a lost device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<crate::views::CommandView>,
+    pub custody: CustodyEntry,
+}

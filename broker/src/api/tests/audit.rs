@@ -471,3 +471,128 @@ async fn request_big_lock(server: &TestServer) -> crate::views::ApprovalView {
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     r.json::<ApprovalRequired>().await.unwrap().approval
 }
+
+#[tokio::test]
+async fn custody_is_recorded_signed_and_tampering_shows() {
+    let server = TestServer::start().await;
+    server.heartbeat("T-1", now());
+    let path = "/api/v1/devices/T-1/custody";
+    for (from, to) in [("depot", "alice"), ("alice", "Store 7")] {
+        let r = server
+            .as_principal(
+                "carol",
+                Method::POST,
+                path,
+                Some(json!({"from": from, "to": to, "location": "Leeds", "note": "boxed"})),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let bad = server
+        .send(Method::POST, path, Some(json!({"from": "a", "to": ""})))
+        .await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let unknown = server
+        .send(
+            Method::POST,
+            "/api/v1/devices/NOPE/custody",
+            Some(json!({"from": "a", "to": "b", "location": "c"})),
+        )
+        .await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let h: crate::views::CustodyHistory = server.get(path).await.json().await.unwrap();
+    assert!(h.ok, "{h:?}");
+    assert_eq!(h.entries.len(), 2);
+    assert_eq!(h.entries[0].recorded_by, "carol");
+    assert_eq!(h.entries[1].to, "Store 7");
+    assert!(
+        server
+            .entries()
+            .iter()
+            .any(|e| e.action == "custody.record" && e.actor == "carol" && e.target == "T-1")
+    );
+
+    let mut e = h.entries[0].clone();
+    e.to = "mallory".into();
+    let dev = posfleet_proto::DeviceId::new("T-1").unwrap();
+    server
+        .custody
+        .tree()
+        .insert(
+            crate::custody::entry_key(&dev, 1),
+            serde_json::to_vec(&e).unwrap(),
+        )
+        .unwrap();
+    let h: crate::views::CustodyHistory = server.get(path).await.json().await.unwrap();
+    assert!(!h.ok);
+    assert_eq!(h.first_bad_seq, Some(1));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_lost_device_is_locked_and_found_again() {
+    let server = TestServer::start().await;
+    server.heartbeat("T-1", now());
+    let r = server
+        .send(
+            Method::POST,
+            "/api/v1/devices/T-1/lost",
+            Some(json!({"reason": "stolen from till 3"})),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let view: crate::views::LostFoundView = r.json().await.unwrap();
+    assert_eq!(view.lifecycle, crate::views::Lifecycle::Lost);
+    assert_eq!(view.commands.len(), 1);
+    assert_eq!(view.custody.kind, "lost");
+    let detail: crate::views::DeviceDetail = server
+        .get("/api/v1/devices/T-1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(detail.summary.lifecycle, crate::views::Lifecycle::Lost);
+    let desired = detail.desired.unwrap().lock.unwrap();
+    assert!(desired.locked, "{desired:?}");
+    assert!(
+        server
+            .entries()
+            .iter()
+            .any(|e| e.action == "device.lost" && e.outcome == Outcome::Success)
+    );
+
+    let r = server
+        .send(Method::POST, "/api/v1/devices/T-1/found", Some(json!({})))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let detail: crate::views::DeviceDetail = server
+        .get("/api/v1/devices/T-1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(detail.summary.lifecycle, crate::views::Lifecycle::Active);
+    assert!(
+        detail.desired.unwrap().lock.unwrap().locked,
+        "found does not unlock"
+    );
+    let again = server
+        .send(Method::POST, "/api/v1/devices/T-1/found", Some(json!({})))
+        .await;
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    let h: crate::views::CustodyHistory = server
+        .get("/api/v1/devices/T-1/custody")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(h.ok);
+    assert_eq!(
+        h.entries
+            .iter()
+            .map(|e| e.kind.as_str())
+            .collect::<Vec<_>>(),
+        ["lost", "found"]
+    );
+    server.stop().await;
+}

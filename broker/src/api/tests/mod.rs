@@ -95,6 +95,8 @@ pub(super) struct TestServer {
     pub tracker: TaskTracker,
     /// The server's audit log.
     pub audit: Arc<crate::audit::AuditLog>,
+    /// The server's custody ledger.
+    pub custody: Arc<crate::custody::CustodyLedger>,
     /// The wall clock of approvals and audit entries (Unix ms); tests move it.
     pub now: Arc<std::sync::atomic::AtomicU64>,
     _tmp: tempfile::TempDir,
@@ -247,6 +249,14 @@ impl TestServer {
             };
             Arc::new(crate::audit::AuditLog::open(cfg, Arc::clone(&clock)).unwrap())
         };
+        let custody = Arc::new(
+            crate::custody::CustodyLedger::open(
+                &tmp.path().join("custody"),
+                &tmp.path().join("custody.key"),
+                1 << 20,
+            )
+            .unwrap(),
+        );
         let approvals = Arc::new(
             crate::approvals::ApprovalStore::open(&tmp.path().join("approvals"), 1 << 20).unwrap(),
         );
@@ -255,7 +265,8 @@ impl TestServer {
             .with_rollouts(rollouts, catalog)
             .with_audit_log(Arc::clone(&audit))
             .with_approvals(approvals, audit_setup.approvals)
-            .with_clock(clock);
+            .with_clock(clock)
+            .with_custody(Arc::clone(&custody));
         if let Some(sink) = audit_setup.sink {
             state = state.with_audit(sink);
         }
@@ -281,6 +292,7 @@ impl TestServer {
             cancel,
             tracker,
             audit,
+            custody,
             now,
             _tmp: tmp,
         }
