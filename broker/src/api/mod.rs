@@ -17,6 +17,13 @@
 //!   `metrics.rs` (`GET /metrics`), `config.rs` (`/api/v1/config/...` layers, history, diff,
 //!   schema; `GET /api/v1/devices/{id}/config`), `artifacts.rs` (`POST|GET /api/v1/artifacts`,
 //!   `GET|DELETE /api/v1/artifacts/{id}`: signed software artifacts, ADR 0008).
+//! - `audit.rs`: the audit middleware (every non-GET request: a `requested` entry before the
+//!   handler, refused with 503 if it cannot be stored, and the outcome after) and
+//!   `GET /api/v1/audit[/verify|/export]`.
+//! - `approvals.rs`: two-person approval (`GET /api/v1/approvals[/{id}]`,
+//!   `POST .../approve|reject`; `POST /api/v1/commands` answers 202 `{approval}` for a wipe
+//!   or a lock of more than the threshold).
+//! - `custody.rs`: `GET|POST /api/v1/devices/{id}/custody`, `POST .../lost`, `POST .../found`.
 //! - `tests/`: tests against a real TLS server on 127.0.0.1:0 with reqwest.
 
 mod approvals;
