@@ -20,15 +20,18 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::api::{self, ApiState, ServerTlsError, Site};
+use crate::approvals::{ApprovalPolicy, ApprovalStore, ApprovalStoreError};
 use crate::artifacts::ArtifactCatalog;
 use crate::artifacts::{
     ArtifactStore, ArtifactStoreError, Artifacts, ArtifactsConfig, device_router,
     device_tls_config, load_release_keys,
 };
+use crate::audit::{AuditConfig, AuditLog, AuditStoreError};
 use crate::commands::{
     CommandPlane, CommandStore, CommandStoreError, CommandsConfig, CommandsHandle,
 };
 use crate::controller::{ControllerConfig, ControllerError, spawn_controller};
+use crate::custody::{CustodyError, CustodyLedger};
 use crate::datadir::{ClientFile, DataDir, DataDirError};
 use crate::edge::{EdgeConfig, EdgeHandle, TlsSetupError, mtls_server_config, spawn_edge};
 use crate::events::EventBus;
@@ -72,6 +75,10 @@ pub struct ServeOptions {
     pub device_url: Option<String>,
     /// Largest artifact upload accepted.
     pub max_artifact_bytes: u64,
+    /// Audit entries older than this are pruned (PCI DSS 10.5.1: at least 12 months).
+    pub audit_retention: Duration,
+    /// Which command requests need a second admin (two-person approval).
+    pub approvals: ApprovalPolicy,
 }
 
 #[cfg(test)]
@@ -89,6 +96,8 @@ impl ServeOptions {
             device_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             device_url: None,
             max_artifact_bytes: crate::artifacts::DEFAULT_MAX_UPLOAD_BYTES,
+            audit_retention: crate::audit::DEFAULT_RETENTION,
+            approvals: ApprovalPolicy::default(),
         }
     }
 }
@@ -131,6 +140,12 @@ pub enum AppError {
     DeviceTls(TlsSetupError),
     #[error("--device-url {url:?}: {detail}")]
     DeviceUrl { url: String, detail: &'static str },
+    #[error("audit log: {0}")]
+    Audit(#[from] AuditStoreError),
+    #[error("custody ledger: {0}")]
+    Custody(#[from] CustodyError),
+    #[error("approval store: {0}")]
+    Approvals(#[from] ApprovalStoreError),
     #[error("rollout store: {0}")]
     Rollouts(#[from] RolloutStoreError),
     #[error(transparent)]
@@ -353,6 +368,34 @@ async fn start_inner(
     // Deleting an artifact an unfinished rollout uses is refused.
     artifacts.set_users(Arc::new(rollouts.clone()));
 
+    let audit = {
+        let mut cfg = AuditConfig::new(data.audit_dir(), data.audit_anchor());
+        cfg.retention = opts.audit_retention;
+        // Store open and anchor check (may append and fsync): off the runtime.
+        Arc::new(
+            tokio::task::spawn_blocking(move || {
+                AuditLog::open(cfg, crate::controller::system_clock())
+            })
+            .await??,
+        )
+    };
+    spawn_audit_retention(Arc::clone(&audit), tracker, cancel.child_token());
+    let approvals = {
+        let dir = data.approvals_dir();
+        Arc::new(
+            tokio::task::spawn_blocking(move || ApprovalStore::open(&dir, APPROVALS_CACHE))
+                .await??,
+        )
+    };
+
+    let custody = {
+        let (dir, key) = (data.custody_dir(), data.custody_key());
+        Arc::new(
+            tokio::task::spawn_blocking(move || CustodyLedger::open(&dir, &key, APPROVALS_CACHE))
+                .await??,
+        )
+    };
+
     let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
     let state = ApiState::new(
         registry.clone(),
@@ -364,7 +407,10 @@ async fn start_inner(
         token,
     )
     .with_artifacts(artifacts.clone())
-    .with_rollouts(rollouts.clone(), catalog);
+    .with_rollouts(rollouts.clone(), catalog)
+    .with_audit_log(audit)
+    .with_approvals(approvals, opts.approvals)
+    .with_custody(custody);
     let limits = state.limits;
     tracker.spawn(api::serve(
         api_listener,
@@ -411,6 +457,34 @@ async fn start_inner(
         pki_created,
         token_created,
     })
+}
+
+/// How often entries past the audit retention are pruned.
+const AUDIT_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+/// sled page cache of the approval store (a few small records).
+const APPROVALS_CACHE: u64 = 1 << 20;
+
+/// Prunes the audit log at start and every [`AUDIT_PRUNE_INTERVAL`] until `cancel`.
+fn spawn_audit_retention(audit: Arc<AuditLog>, tracker: &TaskTracker, cancel: CancellationToken) {
+    tracker.spawn(async move {
+        let mut every = tokio::time::interval(AUDIT_PRUNE_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let log = Arc::clone(&audit);
+            // Deletes and fsyncs: off the runtime.
+            let pruned =
+                tokio::task::spawn_blocking(move || log.prune(posfleet_proto::now_ms())).await;
+            match pruned {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "audit retention pruning failed"),
+                Err(e) => tracing::error!(error = %e, "audit retention task failed"),
+            }
+        }
+    });
 }
 
 /// Binds a listener and reads back the address it got (port 0 becomes a real port).

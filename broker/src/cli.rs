@@ -18,6 +18,7 @@ use crate::app::{
     self, DEFAULT_API_LISTEN, DEFAULT_DEVICE_LISTEN, DEFAULT_MQTT_LISTEN, Running, SHUTDOWN_GRACE,
     ServeOptions,
 };
+use crate::approvals::{ApprovalPolicy, DEFAULT_LOCK_THRESHOLD};
 use crate::artifacts::DEFAULT_MAX_UPLOAD_BYTES;
 use crate::datadir::DEFAULT_DATA_DIR;
 
@@ -85,6 +86,19 @@ struct ServeArgs {
     /// Largest artifact upload accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_UPLOAD_BYTES)]
     max_artifact_bytes: u64,
+    /// How long audit entries are kept (PCI DSS 10.5.1 asks for at least 12 months).
+    #[arg(long, value_name = "DURATION", default_value = "8760h", value_parser = parse_duration)]
+    audit_retention: Duration,
+    /// Two-person approval of wipes and large locks: `on`, or `off` (single-admin test and
+    /// lab setups only; every request is then issued at once).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    two_person_approval: String,
+    /// A lock of more than this many terminals at once needs a second admin's approval.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LOCK_THRESHOLD)]
+    approval_lock_threshold: usize,
+    /// How long a request waits for a second admin before it expires.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    approval_ttl: Duration,
 }
 
 impl ServeArgs {
@@ -100,6 +114,12 @@ impl ServeArgs {
             device_listen: self.device_listen,
             device_url: self.device_url.clone(),
             max_artifact_bytes: self.max_artifact_bytes,
+            audit_retention: self.audit_retention,
+            approvals: ApprovalPolicy {
+                enabled: self.two_person_approval == "on",
+                lock_threshold: self.approval_lock_threshold,
+                ttl: self.approval_ttl,
+            },
         }
     }
 }

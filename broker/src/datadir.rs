@@ -128,6 +128,31 @@ impl DataDir {
         self.root.join("artifacts")
     }
 
+    /// The audit log's sled store.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.root.join("audit")
+    }
+
+    /// The audit log's anchor: seq and hash of its newest entry (0600).
+    pub fn audit_anchor(&self) -> PathBuf {
+        self.root.join("audit.anchor")
+    }
+
+    /// Pending and decided two-person approvals.
+    pub fn approvals_dir(&self) -> PathBuf {
+        self.root.join("approvals")
+    }
+
+    /// The custody ledger (device issue register).
+    pub fn custody_dir(&self) -> PathBuf {
+        self.root.join("custody")
+    }
+
+    /// The custody ledger's signing key (0600).
+    pub fn custody_key(&self) -> PathBuf {
+        self.root.join("custody.key")
+    }
+
     /// The rollout store (ADR 0008).
     pub fn rollouts_dir(&self) -> PathBuf {
         self.root.join("rollouts")

@@ -15,6 +15,8 @@
 //!   lease, log uploads).
 //! - [`accounts`]: operator accounts, roles and who is asking ([`accounts::Principal`]).
 //! - [`audit`]: the tamper-evident audit log.
+//! - [`approvals`]: two-person approval of wipes and large locks.
+//! - [`custody`]: the custody ledger (device issue register), signed and chained per device.
 //! - [`artifacts`]: signed software artifacts and the device download endpoint (ADR 0008).
 //! - [`rollouts`]: staged, health-gated software rollouts (waves, payment gate, rollback).
 //! - [`fleetconfig`]: layered, versioned configuration (fleet → group → device).
@@ -29,11 +31,13 @@
 pub mod accounts;
 pub mod api;
 pub mod app;
+pub mod approvals;
 pub mod artifacts;
 pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod controller;
+pub mod custody;
 pub mod datadir;
 pub mod edge;
 pub mod events;

@@ -8,8 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 mod artifacts;
+mod audit;
 mod config;
 pub use artifacts::*;
+pub use audit::*;
 mod rollout;
 pub use config::*;
 pub use rollout::*;

@@ -313,6 +313,12 @@ async fn launch(
         "--device-listen".into(),
         device.to_string(),
     ]);
+    // The harness has one principal (the bootstrap admin token), and a second admin is
+    // what two-person approval asks for; the approval flow is tested in the broker's API
+    // tests. A test that passes --two-person-approval in `extra_args` decides itself.
+    if !opts.extra_args.iter().any(|a| a == "--two-person-approval") {
+        args.extend(["--two-person-approval".into(), "off".into()]);
+    }
     args.extend(opts.extra_args.iter().cloned());
     let log_dir = tmp.path().join("logs");
     let mut process = Process::spawn_with_env(

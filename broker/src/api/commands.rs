@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use posfleet_proto::DeviceId;
@@ -19,10 +19,12 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::ApiState;
+use super::audit::AuditNote;
 use super::error::ApiError;
+use crate::accounts::Principal;
 use crate::commands::{
-    AUTHOR_ADMIN, Action, CancelError, CommandQuery, CreateError, CreateRequest, DEFAULT_LIMIT,
-    ListError, MAX_LIMIT, MAX_TTL, Selector, log_path, valid_name,
+    Action, CancelError, CommandQuery, CreateError, CreateRequest, DEFAULT_LIMIT, ListError,
+    MAX_LIMIT, MAX_TTL, Selector, log_path, valid_name,
 };
 use crate::views::{CommandBody, CommandPage, CommandState, CommandView, CommandsCreated};
 
@@ -47,12 +49,62 @@ const ISSUED_KINDS: [&str; 3] = ["config_push", "software_update", "rollback_upd
 
 pub(crate) async fn create(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     body: Result<Json<Value>, JsonRejection>,
-) -> Result<(StatusCode, Json<CommandsCreated>), ApiError> {
+) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text(), CREATE_HINT))?;
     let (action, selector, ttl) = parse_create(&body)?;
+    let devices = resolve(&state, &selector)?;
+    let kind = body.get("kind").and_then(Value::as_str).unwrap_or_default();
+    if state.approval_policy.requires(kind, devices.len()) {
+        return super::approvals::request(&state, &principal, kind, body.clone(), &devices).await;
+    }
+    let req = CreateRequest {
+        action,
+        devices,
+        author: principal.name.clone(),
+        ttl,
+    };
+    let commands = create_now(&state, req).await?;
+    let note = created_note(&commands);
+    Ok(note.attach((StatusCode::ACCEPTED, Json(CommandsCreated { commands })).into_response()))
+}
+
+/// The audit note of created commands: their devices (the first few) and kind.
+pub(super) fn created_note(commands: &[CommandView]) -> AuditNote {
+    const SHOWN: usize = 20;
+    let mut devices: Vec<&str> = commands
+        .iter()
+        .take(SHOWN)
+        .map(|c| c.device_id.as_str())
+        .collect();
+    let more = commands.len().saturating_sub(SHOWN);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    devices.sort_unstable();
+    AuditNote {
+        target: Some(format!("{}{more}", devices.join(","))),
+        detail: format!(
+            "{} {} command(s): {}",
+            commands.len(),
+            commands.first().map(|c| c.body.kind()).unwrap_or_default(),
+            commands
+                .iter()
+                .take(SHOWN)
+                .map(|c| c.id.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    }
+}
+
+/// The devices a selector names; unknown devices and empty or oversized selections refused.
+pub(super) fn resolve(state: &ApiState, selector: &Selector) -> Result<Vec<DeviceId>, ApiError> {
     let devices = selector.resolve(&state.registry).map_err(|unknown| {
-        let field = match &selector {
+        let field = match selector {
             Selector::Devices(ids) => {
                 let i = ids.iter().position(|d| *d == unknown[0]).unwrap_or(0);
                 format!("target.devices[{i}]")
@@ -83,24 +135,25 @@ pub(crate) async fn create(
             "split the request",
         ));
     }
-    let req = CreateRequest {
-        action,
-        devices,
-        author: AUTHOR_ADMIN.to_owned(),
-        ttl,
-    };
-    match state.commands.create(req).await {
-        Ok(commands) => Ok((StatusCode::ACCEPTED, Json(CommandsCreated { commands }))),
-        Err(e @ (CreateError::Store | CreateError::Unavailable)) => Err(ApiError::new(
+    Ok(devices)
+}
+
+/// Asks the command plane to create `req`'s commands (all or none).
+pub(super) async fn create_now(
+    state: &ApiState,
+    req: CreateRequest,
+) -> Result<Vec<CommandView>, ApiError> {
+    state.commands.create(req).await.map_err(|e| match e {
+        CreateError::Store | CreateError::Unavailable => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             e.to_string(),
             Some("nothing was created; retry later and check the controller's log"),
-        )),
-    }
+        ),
+    })
 }
 
 /// Validates the whole body; the first problem is reported with its field.
-fn parse_create(body: &Value) -> Result<(Action, Selector, Duration), ApiError> {
+pub(super) fn parse_create(body: &Value) -> Result<(Action, Selector, Duration), ApiError> {
     let field = |f: &str, e: String| ApiError::field(f, e, CREATE_HINT);
     let obj = body
         .as_object()

@@ -17,12 +17,22 @@
 //!   `metrics.rs` (`GET /metrics`), `config.rs` (`/api/v1/config/...` layers, history, diff,
 //!   schema; `GET /api/v1/devices/{id}/config`), `artifacts.rs` (`POST|GET /api/v1/artifacts`,
 //!   `GET|DELETE /api/v1/artifacts/{id}`: signed software artifacts, ADR 0008).
+//! - `audit.rs`: the audit middleware (every non-GET request: a `requested` entry before the
+//!   handler, refused with 503 if it cannot be stored, and the outcome after) and
+//!   `GET /api/v1/audit[/verify|/export]`.
+//! - `approvals.rs`: two-person approval (`GET /api/v1/approvals[/{id}]`,
+//!   `POST .../approve|reject`; `POST /api/v1/commands` answers 202 `{approval}` for a wipe
+//!   or a lock of more than the threshold).
+//! - `custody.rs`: `GET|POST /api/v1/devices/{id}/custody`, `POST .../lost`, `POST .../found`.
 //! - `tests/`: tests against a real TLS server on 127.0.0.1:0 with reqwest.
 
+mod approvals;
 mod artifacts;
-mod auth;
+mod audit;
+pub(crate) mod auth;
 mod commands;
 mod config;
+mod custody;
 mod devices;
 mod error;
 mod health;
@@ -49,9 +59,13 @@ pub(crate) use transactions::parse_time;
 
 pub use artifacts::{KEY_ID_HEADER, SHA256_HEADER, SIGNATURE_HEADER};
 
+use crate::approvals::{ApprovalPolicy, ApprovalStore};
 use crate::artifacts::ArtifactCatalog;
 use crate::artifacts::Artifacts;
+use crate::audit::{AuditLog, AuditSink, NoAudit};
 use crate::commands::CommandsHandle;
+use crate::controller::Clock;
+use crate::custody::CustodyLedger;
 use crate::events::EventBus;
 use crate::fleetconfig::ConfigStore;
 use crate::metrics::Metrics;
@@ -124,6 +138,35 @@ pub struct ApiState {
     pub(crate) rollouts: Option<RolloutsHandle>,
     /// Artifacts rollouts may use.
     pub(crate) catalog: Catalog,
+    /// Where every change and command is recorded (`audit::record`); [`NoAudit`] unless set.
+    pub(crate) audit: audit::Audit,
+    /// The audit log the audit routes read (`None`: they answer 503).
+    pub(crate) audit_log: Option<Arc<AuditLog>>,
+    /// Pending two-person approvals (`None`: requests that need one answer 503).
+    pub(crate) approvals: Option<Arc<ApprovalStore>>,
+    /// The custody ledger (`None`: the custody, lost and found routes answer 503).
+    pub(crate) custody: Option<Arc<CustodyLedger>>,
+    /// Which command requests need a second principal.
+    pub(crate) approval_policy: ApprovalPolicy,
+    /// Wall clock (Unix ms) of approvals and custody entries; tests move it.
+    pub(crate) clock: ClockFn,
+}
+
+/// The wall clock (a closure without `Debug`).
+#[derive(Clone)]
+pub(crate) struct ClockFn(pub(crate) Clock);
+
+impl std::fmt::Debug for ClockFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+impl std::ops::Deref for ClockFn {
+    type Target = Clock;
+    fn deref(&self) -> &Clock {
+        &self.0
+    }
 }
 
 /// The artifact catalog (a trait object without `Debug`).
@@ -161,7 +204,51 @@ impl ApiState {
             artifacts: None,
             rollouts: None,
             catalog: Catalog(Arc::new(NoArtifacts)),
+            audit: audit::Audit(Arc::new(NoAudit)),
+            audit_log: None,
+            approvals: None,
+            custody: None,
+            approval_policy: ApprovalPolicy::default(),
+            clock: ClockFn(crate::controller::system_clock()),
         }
+    }
+
+    /// The same state keeping two-person approvals in `store` under `policy`.
+    pub fn with_approvals(mut self, store: Arc<ApprovalStore>, policy: ApprovalPolicy) -> Self {
+        self.approvals = Some(store);
+        self.approval_policy = policy;
+        self
+    }
+
+    /// The same state keeping the custody ledger in `ledger`.
+    pub fn with_custody(mut self, ledger: Arc<CustodyLedger>) -> Self {
+        self.custody = Some(ledger);
+        self
+    }
+
+    /// The same state with another approval policy (e.g. [`ApprovalPolicy::off`]).
+    pub fn with_approval_policy(mut self, policy: ApprovalPolicy) -> Self {
+        self.approval_policy = policy;
+        self
+    }
+
+    /// The same state with another wall clock.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = ClockFn(clock);
+        self
+    }
+
+    /// The same state recording to `sink` (without the audit read routes).
+    pub fn with_audit(mut self, sink: Arc<dyn AuditSink>) -> Self {
+        self.audit = audit::Audit(sink);
+        self
+    }
+
+    /// The same state recording to, and serving the audit routes from, `log`.
+    pub fn with_audit_log(mut self, log: Arc<AuditLog>) -> Self {
+        self.audit = audit::Audit(log.clone());
+        self.audit_log = Some(log);
+        self
     }
 
     /// The same state serving artifacts from `artifacts`.
@@ -197,6 +284,12 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         ("/api/v1/devices/{id}/desired", get(devices::desired)),
         ("/api/v1/devices/{id}/groups", put(devices::set_groups)),
         ("/api/v1/devices/{id}/labels", put(devices::set_labels)),
+        (
+            "/api/v1/devices/{id}/custody",
+            get(custody::history).post(custody::record),
+        ),
+        ("/api/v1/devices/{id}/lost", post(custody::lost)),
+        ("/api/v1/devices/{id}/found", post(custody::found)),
         (
             "/api/v1/commands",
             get(commands::list).post(commands::create),
@@ -257,6 +350,13 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         ("/api/v1/rollouts/{id}/pause", post(rollouts::pause)),
         ("/api/v1/rollouts/{id}/resume", post(rollouts::resume)),
         ("/api/v1/rollouts/{id}/abort", post(rollouts::abort)),
+        ("/api/v1/approvals", get(approvals::list)),
+        ("/api/v1/approvals/{id}", get(approvals::detail)),
+        ("/api/v1/approvals/{id}/approve", post(approvals::approve)),
+        ("/api/v1/approvals/{id}/reject", post(approvals::reject)),
+        ("/api/v1/audit", get(audit::list)),
+        ("/api/v1/audit/verify", get(audit::verify)),
+        ("/api/v1/audit/export", get(audit::export)),
         ("/api/v1/stream", get(stream::stream)),
         ("/metrics", get(metrics::render)),
     ]
@@ -269,7 +369,13 @@ pub fn router(state: ApiState) -> Router {
     for (path, route) in protected_routes() {
         protected = protected.route(path, route);
     }
+    // Inside the token check (the principal is known) and on matched routes only (the
+    // action and target come from the route).
     let protected = protected
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::record,
+        ))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

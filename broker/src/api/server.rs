@@ -215,7 +215,8 @@ impl Connection {
                 }
             },
         };
-        let mut app = self.app;
+        // The client's address, for the audit log (`ConnectInfo<SocketAddr>`).
+        let mut app = self.app.layer(Extension(axum::extract::ConnectInfo(peer)));
         if self.client_identity {
             let identity = tls
                 .get_ref()

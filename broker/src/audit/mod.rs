@@ -1,13 +1,37 @@
 //! The tamper-evident audit log (issue 6, PCI DSS 10). This file fixes the interface every
 //! subsystem records through; the hash-chained store, verification, export and retention live
 //! beside it.
+//!
+//! # Layout
+//!
+//! - `mod.rs`: [`AuditSink`] (what handlers record through), [`AuditRecord`], [`Outcome`],
+//!   [`NoAudit`].
+//! - `entry.rs`: [`AuditEntry`] and its canonical encoding and SHA-256 chain hash.
+//! - `store.rs`: [`AuditLog`]: the sled store (`DATA/audit`), one writer, durable appends,
+//!   the anchor file (`DATA/audit.anchor`), `verify`, retention pruning, queries, export pages.
+//! - `tests.rs`: chain, tamper, truncation, reopen, retention and concurrency tests.
+
+mod entry;
+mod store;
+#[cfg(test)]
+mod tests;
 
 use serde::{Deserialize, Serialize};
+
+pub use entry::AuditEntry;
+pub(crate) use entry::outcome_name as outcome_label;
+pub use store::{
+    AuditConfig, AuditLog, AuditQuery, AuditStoreError, DEFAULT_LIMIT, DEFAULT_RETENTION,
+    MAX_LIMIT, paths,
+};
 
 /// How an audited action ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
+    /// Authorised and about to be carried out, written durably before the action; an entry
+    /// with the same action and target follows with how it ended (see `api::audit`).
+    Requested,
     Success,
     Failure,
     Denied,

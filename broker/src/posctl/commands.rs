@@ -14,7 +14,9 @@ use super::client::ApiClient;
 use super::devices::{print_json, typed};
 use super::output::{Table, datetime, or_dash, printable, relative};
 use super::{CommandsListArgs, OutputFormat, TargetArgs};
-use crate::views::{CommandPage, CommandView, CommandsCreated, GroupsBody, LabelsBody};
+use crate::views::{
+    ApprovalRequired, CommandPage, CommandView, CommandsCreated, GroupsBody, LabelsBody,
+};
 
 /// Largest log upload `logs get` accepts.
 const MAX_LOG_BYTES: usize = 64 * 1024 * 1024;
@@ -53,6 +55,10 @@ pub(crate) async fn create(
         .await?;
     match format {
         OutputFormat::Json => print_json(out, &value),
+        OutputFormat::Table if value.get("approval").is_some() => {
+            let required: ApprovalRequired = typed(&url, value)?;
+            Ok(out.write_all(super::audit::approval_required(&required.approval).as_bytes())?)
+        }
         OutputFormat::Table => {
             let created: CommandsCreated = typed(&url, value)?;
             let n = created.commands.len();

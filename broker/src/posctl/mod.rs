@@ -21,6 +21,7 @@
 //! - `tests`: the commands against a TLS axum server serving canned API views.
 
 mod artifacts;
+mod audit;
 mod client;
 mod commands;
 mod config;
@@ -224,6 +225,62 @@ enum ApiCommand {
     /// Staged software rollouts: waves, thresholds, payment health gate, rollback.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// The tamper-evident audit log: list, verify (exit 1 when broken), export.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Two-person approval of wipes and large locks: list, approve, reject.
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
+    /// The custody ledger (device issue register): record a handover, show the history.
+    #[command(subcommand)]
+    Custody(CustodyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Entries, newest first, filtered.
+    List(audit::AuditListArgs),
+    /// Walk the hash chain and compare it with the anchor; exit 1 when it is broken.
+    Verify,
+    /// Every entry as JSON lines, oldest first.
+    Export {
+        /// Write to this file (0600) instead of stdout (`-o` is the global output format).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApprovalsCommand {
+    /// Every approval, newest first.
+    List,
+    /// Approve another admin's request: its commands are created now.
+    Approve { id: String },
+    /// Reject another admin's request.
+    Reject { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum CustodyCommand {
+    /// Record a handover of a terminal.
+    Record {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        location: String,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// A terminal's handovers, lost and found reports; exit 1 when a signature does not
+    /// verify.
+    History {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -543,6 +600,20 @@ enum DevicesCommand {
         #[arg(value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
+    /// Report a terminal lost or stolen: lifecycle `lost`, and it is locked.
+    Lost {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+        #[arg(long)]
+        reason: String,
+    },
+    /// A lost terminal is back: lifecycle `active` (it stays locked until unlocked).
+    Found {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+        #[arg(long)]
+        note: Option<String>,
+    },
 }
 
 fn reason_param(reason: String) -> serde_json::Map<String, serde_json::Value> {
@@ -805,6 +876,51 @@ async fn run_api(
         }
         ApiCommand::Commands(CommandsCommand::Cancel { id }) => {
             commands::cancel(&api, &id, format, out).await?;
+        }
+        ApiCommand::Audit(AuditCommand::List(args)) => {
+            audit::list(&api, &args, format, out).await?
+        }
+        ApiCommand::Audit(AuditCommand::Verify) => return audit::verify(&api, format, out).await,
+        ApiCommand::Audit(AuditCommand::Export { out: file }) => {
+            audit::export(&api, file.as_deref(), out).await?;
+        }
+        ApiCommand::Approvals(ApprovalsCommand::List) => {
+            audit::approvals_list(&api, format, out).await?;
+        }
+        ApiCommand::Approvals(ApprovalsCommand::Approve { id }) => {
+            audit::approvals_decide(&api, &id, "approve", format, out).await?;
+        }
+        ApiCommand::Approvals(ApprovalsCommand::Reject { id }) => {
+            audit::approvals_decide(&api, &id, "reject", format, out).await?;
+        }
+        ApiCommand::Custody(CustodyCommand::Record {
+            id,
+            from,
+            to,
+            location,
+            note,
+        }) => {
+            let h = audit::Handover {
+                from: &from,
+                to: &to,
+                location: &location,
+                note: note.as_deref(),
+            };
+            audit::custody_record(&api, &id, &h, format, out).await?;
+        }
+        ApiCommand::Custody(CustodyCommand::History { id }) => {
+            return audit::custody_history(&api, &id, format, out).await;
+        }
+        ApiCommand::Devices(DevicesCommand::Lost { id, reason }) => {
+            let body = serde_json::json!({ "reason": reason });
+            audit::lost_found(&api, &id, "lost", body, format, out).await?;
+        }
+        ApiCommand::Devices(DevicesCommand::Found { id, note }) => {
+            let body = match note {
+                Some(n) => serde_json::json!({ "note": n }),
+                None => serde_json::json!({}),
+            };
+            audit::lost_found(&api, &id, "found", body, format, out).await?;
         }
         ApiCommand::Rollout(cmd) => match cmd {
             RolloutCommand::Create(args) => rollouts::create(&api, &args, format, out).await?,

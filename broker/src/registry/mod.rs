@@ -257,6 +257,21 @@ impl Registry {
         true
     }
 
+    /// Sets a device's lifecycle state (lost, found → active). Returns `false` for an
+    /// unknown device; like [`Registry::set_groups`], `flush` makes it durable.
+    pub(crate) fn set_lifecycle(&self, id: &DeviceId, lifecycle: crate::views::Lifecycle) -> bool {
+        let mut st = self.write();
+        let State { devices, book } = &mut *st;
+        let Some(dev) = devices.get_mut(id) else {
+            return false;
+        };
+        if dev.record.lifecycle != lifecycle {
+            dev.record.lifecycle = lifecycle;
+            book.significant(id);
+        }
+        true
+    }
+
     /// Replaces a device's labels; like [`Registry::set_groups`].
     pub(crate) fn set_labels(&self, id: &DeviceId, labels: BTreeMap<String, String>) -> bool {
         let mut st = self.write();

@@ -11,6 +11,7 @@
 //! - `transactions.rs`: transaction list (pagination, filters, cursors) and summary.
 
 mod artifacts;
+mod audit;
 mod auth;
 mod commands;
 mod config;
@@ -57,6 +58,24 @@ impl Default for ArtifactSetup {
     }
 }
 
+/// How the test server's audit log and approvals are set up.
+#[derive(Clone)]
+pub(super) struct AuditSetup {
+    /// Record here instead of the server's audit log (e.g. a failing sink).
+    pub sink: Option<Arc<dyn crate::audit::AuditSink>>,
+    pub approvals: crate::approvals::ApprovalPolicy,
+}
+
+impl Default for AuditSetup {
+    fn default() -> Self {
+        Self {
+            sink: None,
+            // Single-principal tests issue wipes directly; approval tests turn it on.
+            approvals: crate::approvals::ApprovalPolicy::off(),
+        }
+    }
+}
+
 /// A running API server with its fleet state.
 pub(super) struct TestServer {
     pub addr: SocketAddr,
@@ -74,6 +93,12 @@ pub(super) struct TestServer {
     pub release_key: Arc<posfleet_proto::signing::CommandKey>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
+    /// The server's audit log.
+    pub audit: Arc<crate::audit::AuditLog>,
+    /// The server's custody ledger.
+    pub custody: Arc<crate::custody::CustodyLedger>,
+    /// The wall clock of approvals and audit entries (Unix ms); tests move it.
+    pub now: Arc<std::sync::atomic::AtomicU64>,
     _tmp: tempfile::TempDir,
 }
 
@@ -107,6 +132,15 @@ impl TestServer {
         limits: ApiLimits,
         event_capacity: usize,
         setup: ArtifactSetup,
+    ) -> Self {
+        Self::start_audited(limits, event_capacity, setup, AuditSetup::default()).await
+    }
+
+    pub async fn start_audited(
+        limits: ApiLimits,
+        event_capacity: usize,
+        setup: ArtifactSetup,
+        audit_setup: AuditSetup,
     ) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let pki = PkiDir::at(tmp.path().join("pki"));
@@ -202,9 +236,40 @@ impl TestServer {
                 Arc::clone(&metrics),
             ))
         };
-        let state = state
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(posfleet_proto::now_ms()));
+        let clock: crate::controller::Clock = {
+            let now = Arc::clone(&now);
+            Arc::new(move || now.load(std::sync::atomic::Ordering::SeqCst))
+        };
+        let audit = {
+            let (dir, anchor) = crate::audit::paths(tmp.path());
+            let cfg = crate::audit::AuditConfig {
+                cache_capacity: 1 << 20,
+                ..crate::audit::AuditConfig::new(dir, anchor)
+            };
+            Arc::new(crate::audit::AuditLog::open(cfg, Arc::clone(&clock)).unwrap())
+        };
+        let custody = Arc::new(
+            crate::custody::CustodyLedger::open(
+                &tmp.path().join("custody"),
+                &tmp.path().join("custody.key"),
+                1 << 20,
+            )
+            .unwrap(),
+        );
+        let approvals = Arc::new(
+            crate::approvals::ApprovalStore::open(&tmp.path().join("approvals"), 1 << 20).unwrap(),
+        );
+        let mut state = state
             .with_artifacts(Arc::clone(&artifacts))
-            .with_rollouts(rollouts, catalog);
+            .with_rollouts(rollouts, catalog)
+            .with_audit_log(Arc::clone(&audit))
+            .with_approvals(approvals, audit_setup.approvals)
+            .with_clock(clock)
+            .with_custody(Arc::clone(&custody));
+        if let Some(sink) = audit_setup.sink {
+            state = state.with_audit(sink);
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));
@@ -226,6 +291,9 @@ impl TestServer {
             release_key,
             cancel,
             tracker,
+            audit,
+            custody,
+            now,
             _tmp: tmp,
         }
     }

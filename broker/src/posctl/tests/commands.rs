@@ -1,5 +1,7 @@
 //! posctl's command-plane subcommands against the real server (`app::start` on loopback).
 
+use std::process::ExitCode;
+
 use posfleet_proto::DeviceId;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -84,8 +86,56 @@ async fn lock_reboot_list_show_cancel_groups_labels_and_logs() {
     let logs_id = created["commands"][0]["id"].as_str().unwrap().to_owned();
     let (r, _) = run(&data, &["logs", "get", &logs_id]).await;
     assert!(error_text(r).contains("no uploaded logs yet"));
-    let (r, _) = run(&data, &["wipe", "T-2", "--force"]).await;
+    // Two-person approval is on by default: the wipe waits for a second admin, and the one
+    // bootstrap admin cannot approve its own request.
+    let (r, out) = run(&data, &["wipe", "T-2", "--force"]).await;
     r.unwrap();
+    assert!(out.contains("needs a second admin"), "{out}");
+    let (r, out) = run(&data, &["-o", "json", "approvals", "list"]).await;
+    r.unwrap();
+    let list: crate::views::ApprovalList = serde_json::from_str(&out).unwrap();
+    let (r, _) = run(&data, &["approvals", "approve", &list.approvals[0].id]).await;
+    assert!(error_text(r).contains("own request"));
+
+    // Everything above is on the audit chain, and the CLI reads it back.
+    let (r, out) = run(&data, &["audit", "verify"]).await;
+    assert_eq!(r.unwrap(), ExitCode::SUCCESS, "{out}");
+    assert!(out.contains("intact"), "{out}");
+    let (r, out) = run(&data, &["audit", "list", "--action", "approval.approve"]).await;
+    r.unwrap();
+    assert!(out.contains("denied"), "{out}");
+    let export = tmp.path().join("audit.jsonl");
+    let (r, _) = run(
+        &data,
+        &["audit", "export", "--out", export.to_str().unwrap()],
+    )
+    .await;
+    r.unwrap();
+    let lines = std::fs::read_to_string(&export).unwrap();
+    assert!(lines.lines().count() > 10);
+
+    // Custody and lost/found.
+    let (r, _) = run(
+        &data,
+        &[
+            "custody",
+            "record",
+            "T-1",
+            "--from",
+            "depot",
+            "--to",
+            "alice",
+            "--location",
+            "Leeds",
+        ],
+    )
+    .await;
+    r.unwrap();
+    let (r, _) = run(&data, &["devices", "lost", "T-1", "--reason", "stolen"]).await;
+    r.unwrap();
+    let (r, out) = run(&data, &["custody", "history", "T-1"]).await;
+    assert_eq!(r.unwrap(), ExitCode::SUCCESS);
+    assert!(out.contains("alice") && out.contains("lost"), "{out}");
 
     cancel.cancel();
     tracker.close();
