@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::accounts::{AccountStoreError, Accounts};
 use crate::api::{self, ApiState, ServerTlsError, Site};
 use crate::artifacts::ArtifactCatalog;
 use crate::artifacts::{
@@ -131,6 +132,8 @@ pub enum AppError {
     DeviceTls(TlsSetupError),
     #[error("--device-url {url:?}: {detail}")]
     DeviceUrl { url: String, detail: &'static str },
+    #[error("account store: {0}")]
+    Accounts(#[from] AccountStoreError),
     #[error("rollout store: {0}")]
     Rollouts(#[from] RolloutStoreError),
     #[error(transparent)]
@@ -163,6 +166,8 @@ pub struct Running {
     /// The rollout engine.
     pub rollouts: RolloutsHandle,
     pub metrics: Arc<Metrics>,
+    /// Operator accounts, sessions and API tokens.
+    pub accounts: Arc<Accounts>,
     /// True if this start created the PKI.
     pub pki_created: bool,
     /// True if this start created the admin token.
@@ -353,6 +358,22 @@ async fn start_inner(
     // Deleting an artifact an unfinished rollout uses is refused.
     artifacts.set_users(Arc::new(rollouts.clone()));
 
+    let accounts = {
+        let dir = data.accounts_dir();
+        let token = token.clone();
+        // Store open: off the runtime.
+        Arc::new(
+            tokio::task::spawn_blocking(move || {
+                Accounts::open(
+                    &dir,
+                    crate::accounts::DEFAULT_CACHE,
+                    token,
+                    crate::controller::system_clock(),
+                )
+            })
+            .await??,
+        )
+    };
     let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
     let state = ApiState::new(
         registry.clone(),
@@ -364,7 +385,8 @@ async fn start_inner(
         token,
     )
     .with_artifacts(artifacts.clone())
-    .with_rollouts(rollouts.clone(), catalog);
+    .with_rollouts(rollouts.clone(), catalog)
+    .with_accounts(accounts.clone());
     let limits = state.limits;
     tracker.spawn(api::serve(
         api_listener,
@@ -406,6 +428,7 @@ async fn start_inner(
         commands: controller.commands,
         rollouts,
         metrics,
+        accounts,
         pki_created,
         token_created,
     })

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use admin::{BOOTSTRAP_TOKEN_NAME, NewToken, TokenView, UserView, printable, validate_name};
 pub use error::AccountError;
+pub use secret::constant_time_eq;
 pub use service::{Accounts, Authenticated, Enrolment, LoginOutcome};
 pub use store::AccountStoreError;
 

@@ -21,8 +21,8 @@ use serde_json::{Map, Value};
 use super::ApiState;
 use super::error::ApiError;
 use crate::commands::{
-    AUTHOR_ADMIN, Action, CancelError, CommandQuery, CreateError, CreateRequest, DEFAULT_LIMIT,
-    ListError, MAX_LIMIT, MAX_TTL, Selector, log_path, valid_name,
+    Action, CancelError, CommandQuery, CreateError, CreateRequest, DEFAULT_LIMIT, ListError,
+    MAX_LIMIT, MAX_TTL, Selector, log_path, valid_name,
 };
 use crate::views::{CommandBody, CommandPage, CommandState, CommandView, CommandsCreated};
 
@@ -47,10 +47,25 @@ const ISSUED_KINDS: [&str; 3] = ["config_push", "software_update", "rollback_upd
 
 pub(crate) async fn create(
     State(state): State<ApiState>,
+    principal: Option<axum::Extension<crate::accounts::Principal>>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<(StatusCode, Json<CommandsCreated>), ApiError> {
     let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text(), CREATE_HINT))?;
     let (action, selector, ttl) = parse_create(&body)?;
+    let principal = principal.map_or_else(crate::accounts::Principal::bootstrap_admin, |p| p.0);
+    // The route needs operator; a wipe destroys the terminal's keys and data: admin only.
+    if matches!(action, Action::Wipe { .. }) && !principal.role.allows(crate::accounts::Role::Admin)
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "a wipe needs the admin role; {} has {}",
+                principal.name,
+                principal.role.name()
+            ),
+            Some("ask an admin to wipe the terminal"),
+        ));
+    }
     let devices = selector.resolve(&state.registry).map_err(|unknown| {
         let field = match &selector {
             Selector::Devices(ids) => {
@@ -86,7 +101,7 @@ pub(crate) async fn create(
     let req = CreateRequest {
         action,
         devices,
-        author: AUTHOR_ADMIN.to_owned(),
+        author: principal.name.clone(),
         ttl,
     };
     match state.commands.create(req).await {

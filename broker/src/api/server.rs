@@ -215,7 +215,8 @@ impl Connection {
                 }
             },
         };
-        let mut app = self.app;
+        // Every request knows its client's address (audit records name it).
+        let mut app = self.app.layer(Extension(super::ClientAddr(peer)));
         if self.client_identity {
             let identity = tls
                 .get_ref()

@@ -1,5 +1,6 @@
 //! API tests against a real TLS server on 127.0.0.1:0, with reqwest as the client.
 //!
+//! - `accounts.rs`: logins, PCI DSS rules, MFA, roles, API and bootstrap tokens.
 //! - `artifacts.rs`: uploads (good, tampered, unknown key, no release key, oversized, bad
 //!   fields), list, detail, delete.
 //! - `auth.rs`: the token on every route, 401 shape, failure counting.
@@ -10,6 +11,7 @@
 //! - `server.rs`: idle TCP clients, handshake timeout, connection cap.
 //! - `transactions.rs`: transaction list (pagination, filters, cursors) and summary.
 
+mod accounts;
 mod artifacts;
 mod auth;
 mod commands;
@@ -72,6 +74,12 @@ pub(super) struct TestServer {
     pub artifacts: Arc<crate::artifacts::Artifacts>,
     /// A release key whose public half the server trusts.
     pub release_key: Arc<posfleet_proto::signing::CommandKey>,
+    /// The account service (bootstrap token [`TOKEN`]).
+    pub accounts: Arc<crate::accounts::Accounts>,
+    /// The account service's clock (Unix ms): tests move it instead of waiting.
+    pub now: Arc<std::sync::atomic::AtomicU64>,
+    /// Every audit record, in order.
+    pub audit: Arc<RecordingAudit>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
     _tmp: tempfile::TempDir,
@@ -202,9 +210,25 @@ impl TestServer {
                 Arc::clone(&metrics),
             ))
         };
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(posfleet_proto::now_ms()));
+        let accounts = {
+            let now = Arc::clone(&now);
+            Arc::new(
+                crate::accounts::Accounts::open(
+                    &tmp.path().join("accounts"),
+                    1 << 20,
+                    TOKEN.to_owned(),
+                    Arc::new(move || now.load(std::sync::atomic::Ordering::SeqCst)),
+                )
+                .unwrap(),
+            )
+        };
+        let audit = Arc::new(RecordingAudit::default());
         let state = state
             .with_artifacts(Arc::clone(&artifacts))
-            .with_rollouts(rollouts, catalog);
+            .with_rollouts(rollouts, catalog)
+            .with_accounts(Arc::clone(&accounts))
+            .with_audit(audit.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));
@@ -224,6 +248,9 @@ impl TestServer {
             registry,
             artifacts,
             release_key,
+            accounts,
+            now,
+            audit,
             cancel,
             tracker,
             _tmp: tmp,
@@ -285,6 +312,23 @@ impl TestServer {
         tokio::time::timeout(Duration::from_secs(15), self.tracker.wait())
             .await
             .expect("the API server stops after cancel");
+    }
+}
+
+/// An audit sink keeping every record in memory.
+#[derive(Debug, Default)]
+pub(super) struct RecordingAudit(std::sync::Mutex<Vec<crate::audit::AuditRecord>>);
+
+impl crate::audit::AuditSink for RecordingAudit {
+    fn record(&self, record: crate::audit::AuditRecord) -> Result<(), crate::audit::AuditError> {
+        self.0.lock().unwrap().push(record);
+        Ok(())
+    }
+}
+
+impl RecordingAudit {
+    pub(super) fn records(&self) -> Vec<crate::audit::AuditRecord> {
+        self.0.lock().unwrap().clone()
     }
 }
 
