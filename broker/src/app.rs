@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::accounts::{AccountStoreError, Accounts};
 use crate::api::{self, ApiState, ServerTlsError, Site};
 use crate::approvals::{ApprovalPolicy, ApprovalStore, ApprovalStoreError};
 use crate::artifacts::ArtifactCatalog;
@@ -146,6 +147,8 @@ pub enum AppError {
     Custody(#[from] CustodyError),
     #[error("approval store: {0}")]
     Approvals(#[from] ApprovalStoreError),
+    #[error("account store: {0}")]
+    Accounts(#[from] AccountStoreError),
     #[error("rollout store: {0}")]
     Rollouts(#[from] RolloutStoreError),
     #[error(transparent)]
@@ -178,6 +181,8 @@ pub struct Running {
     /// The rollout engine.
     pub rollouts: RolloutsHandle,
     pub metrics: Arc<Metrics>,
+    /// Operator accounts, sessions and API tokens.
+    pub accounts: Arc<Accounts>,
     /// True if this start created the PKI.
     pub pki_created: bool,
     /// True if this start created the admin token.
@@ -379,6 +384,22 @@ async fn start_inner(
             .await??,
         )
     };
+    let accounts = {
+        let dir = data.accounts_dir();
+        let token = token.clone();
+        // Store open: off the runtime.
+        Arc::new(
+            tokio::task::spawn_blocking(move || {
+                Accounts::open(
+                    &dir,
+                    crate::accounts::DEFAULT_CACHE,
+                    token,
+                    crate::controller::system_clock(),
+                )
+            })
+            .await??,
+        )
+    };
     spawn_audit_retention(Arc::clone(&audit), tracker, cancel.child_token());
     let approvals = {
         let dir = data.approvals_dir();
@@ -410,7 +431,8 @@ async fn start_inner(
     .with_rollouts(rollouts.clone(), catalog)
     .with_audit_log(audit)
     .with_approvals(approvals, opts.approvals)
-    .with_custody(custody);
+    .with_custody(custody)
+    .with_accounts(accounts.clone());
     let limits = state.limits;
     tracker.spawn(api::serve(
         api_listener,
@@ -454,6 +476,7 @@ async fn start_inner(
         commands: controller.commands,
         rollouts,
         metrics,
+        accounts,
         pki_created,
         token_created,
     })

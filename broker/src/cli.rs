@@ -1,4 +1,4 @@
-//! The `posfleet-broker` command line: `serve` and `demo`.
+//! The `posfleet-broker` command line: `serve`, `demo` and `admin create`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +47,23 @@ enum Command {
         /// Telemetry interval of the simulated terminals.
         #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
         telemetry_interval: Duration,
+    },
+    /// Operator accounts on this controller's data directory (works while it is stopped).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Create an admin account and print its one-time password (to be changed at the first
+    /// login, followed by MFA enrolment). Refuses a name that exists.
+    Create {
+        /// Data directory of the controller.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// The account name: 1-64 of a-z, 0-9, '.', '_', '-' (a person's, not "admin").
+        #[arg(long)]
+        name: String,
     },
 }
 
@@ -148,6 +165,16 @@ fn init_tracing() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Admin(AdminCommand::Create { data_dir, name }) = &cli.command {
+        let password = admin_create(data_dir, name)?;
+        println!("created admin account {name}");
+        println!("one-time password: {password}");
+        println!(
+            "log in with `posctl login --user {name}`: the first login changes this password, \
+             then enrol MFA with `posctl mfa enrol` (required for admins)"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -157,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let cancel = CancellationToken::new();
         let outcome = match cli.command {
             Command::Serve(args) => serve(&args, &tracker, &cancel).await,
+            Command::Admin(_) => Ok(ExitCode::SUCCESS),
             Command::Demo {
                 serve,
                 terminals,
@@ -271,6 +299,30 @@ fn shell_path(path: &std::path::Path) -> String {
     path.display().to_string()
 }
 
+/// Creates admin account `name` in `data_dir`'s account store; returns its one-time password.
+/// The store is locked by a running server, so this fails (after a short wait) while it runs.
+pub fn admin_create(data_dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
+    use crate::accounts::{Accounts, Role};
+    let data = crate::datadir::DataDir::at(data_dir);
+    data.create()?;
+    let accounts = Accounts::open(
+        &data.accounts_dir(),
+        crate::accounts::DEFAULT_CACHE,
+        String::new(),
+        crate::controller::system_clock(),
+    )
+    .with_context(|| {
+        format!(
+            "cannot open the account store in {} (is posfleet-broker serve running on it? stop \
+             it first)",
+            data_dir.display()
+        )
+    })?;
+    accounts
+        .create_user(name, Role::Admin, "posfleet-broker admin create")
+        .with_context(|| format!("cannot create admin account {name:?}"))
+}
+
 /// Waits for SIGTERM/SIGINT (exit 0) or a fatal edge error (exit 1, so a supervisor restarts).
 async fn wait_for_end(running: &Running) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -336,5 +388,38 @@ mod tests {
         };
         assert_eq!(args.hosts, ["pos.example"]);
         assert_eq!(args.options().mqtt_listen.port(), 0);
+        let cli = Cli::try_parse_from([
+            "posfleet-broker",
+            "admin",
+            "create",
+            "--data-dir",
+            "/tmp/x",
+            "--name",
+            "ada",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Admin(AdminCommand::Create { .. })
+        ));
+    }
+
+    #[test]
+    fn admin_create_makes_an_admin_who_must_change_the_password_and_refuses_duplicates() {
+        let tmp = tempfile::tempdir().unwrap();
+        let password = admin_create(tmp.path(), "ada").unwrap();
+        let err = admin_create(tmp.path(), "ada").unwrap_err();
+        assert!(format!("{err:#}").contains("already exists"), "{err:#}");
+        assert!(admin_create(tmp.path(), "admin").is_err(), "reserved");
+        let accounts = crate::accounts::Accounts::open(
+            &crate::datadir::DataDir::at(tmp.path()).accounts_dir(),
+            1 << 20,
+            String::new(),
+            crate::controller::system_clock(),
+        )
+        .unwrap();
+        let login = accounts.login("ada", &password, None).unwrap();
+        assert!(login.must_change_password && login.mfa_enrolment_required);
+        assert_eq!(login.role, crate::accounts::Role::Admin);
     }
 }

@@ -5,6 +5,7 @@
 //! DATA/pki/            fleet PKI (see posfleet_proto::pki::PkiDir)
 //! DATA/admin.token     bootstrap admin API bearer token (0600), generated on first start
 //! DATA/posctl.json     API URL, CA file and token file for posctl (written at every start)
+//! DATA/accounts/       sled store of operator accounts and API tokens (ADR 0009)
 //! DATA/registry/       sled store of the device registry
 //! DATA/transactions/   sled store of the transactions (ADR 0006)
 //! DATA/config/         sled store of the fleet configuration layers and history (ADR 0007)
@@ -102,6 +103,11 @@ impl DataDir {
 
     pub fn client_file(&self) -> PathBuf {
         self.root.join("posctl.json")
+    }
+
+    /// The account store (ADR 0009).
+    pub fn accounts_dir(&self) -> PathBuf {
+        self.root.join("accounts")
     }
 
     pub fn registry_dir(&self) -> PathBuf {

@@ -1,7 +1,39 @@
-//! Operator accounts and roles (issue 6). This file fixes the types every handler uses to know
-//! who is asking; the account store, sessions, API tokens and MFA live beside it.
+//! Operator accounts and roles (issue 6, ADR 0009).
+//!
+//! # Layout
+//!
+//! - this file: [`Role`], [`Principal`] (who is asking; the auth middleware puts it into every
+//!   authenticated request).
+//! - `policy`: the PCI DSS v4.0.1 numbers and the password strength check.
+//! - `secret`: argon2id hashes, random bearer tokens stored as SHA-256.
+//! - `totp`: RFC 6238 codes, base32, `otpauth://` URLs.
+//! - `store`: the sled store `DATA/accounts` (users, API tokens, bootstrap revocation).
+//! - `sessions`: login sessions (in memory, bounded, idle and absolute timeouts).
+//! - `service`: [`Accounts`]: login, authentication, password change, MFA enrolment.
+//! - `admin`: account and token management.
+//! - `tests`: every rule against an injected clock.
+
+mod admin;
+mod error;
+pub mod policy;
+mod secret;
+mod service;
+mod sessions;
+mod store;
+#[cfg(test)]
+mod tests;
+pub mod totp;
 
 use serde::{Deserialize, Serialize};
+
+pub use admin::{BOOTSTRAP_TOKEN_NAME, NewToken, TokenView, UserView, printable, validate_name};
+pub use error::AccountError;
+pub use secret::constant_time_eq;
+pub use service::{Accounts, Authenticated, Enrolment, LoginOutcome};
+pub use store::AccountStoreError;
+
+/// Default page cache of the account store (a few records).
+pub const DEFAULT_CACHE: u64 = 4 * 1024 * 1024;
 
 /// What an operator may do; each role includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -16,6 +48,16 @@ pub enum Role {
 }
 
 impl Role {
+    /// Parses `viewer`, `operator` or `admin`.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Role::Viewer => "viewer",
@@ -59,18 +101,5 @@ impl Principal {
             role: Role::Admin,
             kind: PrincipalKind::BootstrapToken,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn roles_are_ordered() {
-        assert!(Role::Admin.allows(Role::Operator));
-        assert!(Role::Operator.allows(Role::Viewer));
-        assert!(!Role::Viewer.allows(Role::Operator));
-        assert!(!Role::Operator.allows(Role::Admin));
     }
 }

@@ -36,7 +36,7 @@ pub const KEY_ID_HEADER: &str = "x-posfleet-key-id";
 pub const SHA256_HEADER: &str = "x-posfleet-sha256";
 
 /// Who uploads (there is one admin token).
-const AUTHOR: &str = "admin";
+use super::Actor;
 
 /// Query of an upload.
 #[derive(Debug, Deserialize)]
@@ -157,12 +157,13 @@ pub(crate) async fn delete(
 /// `POST /api/v1/artifacts`.
 pub(crate) async fn upload(
     State(state): State<ApiState>,
+    Actor(author): Actor,
     Query(query): Query<UploadQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<ArtifactView>), ApiError> {
     let artifacts = Arc::clone(service(&state)?);
-    let request = upload_request(query, &headers)?;
+    let request = upload_request(query, &headers, author)?;
     match artifacts.upload(request, body).await {
         Ok(Inserted::Created(meta)) => Ok((StatusCode::CREATED, Json(view(&artifacts, meta)))),
         Ok(Inserted::Existing(meta)) => Ok((StatusCode::OK, Json(view(&artifacts, meta)))),
@@ -172,7 +173,11 @@ pub(crate) async fn upload(
 
 /// Validates the query and headers (every invalid field reported at once) before any byte
 /// of the body is read.
-fn upload_request(query: UploadQuery, headers: &HeaderMap) -> Result<UploadRequest, ApiError> {
+fn upload_request(
+    query: UploadQuery,
+    headers: &HeaderMap,
+    author: String,
+) -> Result<UploadRequest, ApiError> {
     let mut fields = Vec::new();
     let mut bad = |key: &str, message: String| {
         fields.push(FieldMessage {
@@ -265,7 +270,7 @@ fn upload_request(query: UploadQuery, headers: &HeaderMap) -> Result<UploadReque
         signature,
         expected_sha256,
         content_length,
-        uploaded_by: AUTHOR.to_owned(),
+        uploaded_by: author,
     })
 }
 

@@ -20,13 +20,12 @@
 //! they know (the devices a selector resolved to, an approval id) as an [`AuditNote`] in the
 //! response's extensions.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, MatchedPath, Query, Request, State};
+use axum::extract::{MatchedPath, Query, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -88,10 +87,7 @@ impl Caller {
                 .extensions()
                 .get::<Principal>()
                 .map_or_else(|| "unauthenticated".to_owned(), |p| p.name.clone()),
-            source: request
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string()),
+            source: super::auth::source(request.extensions().get::<super::ClientAddr>()),
         }
     }
 }

@@ -1,37 +1,72 @@
-//! Bearer-token authentication of every route except `/healthz`.
+//! Authentication and authorisation of every route except the open ones (ADR 0009).
 //!
-//! The presented token is compared with the admin token in constant time (for tokens of the
-//! same length; the length of the generated token is public anyway). Failures are counted in
-//! `api_auth_failures_total` and logged without the token.
+//! - [`authenticate`] (around the whole protected router): the bearer token is an API token
+//!   (`pft_...`), the bootstrap token of `DATA/admin.token` (compared in constant time; refused
+//!   once revoked) or a login session. It puts the [`Principal`] and the [`Authenticated`]
+//!   record into the request's extensions; anything else is a 401, counted in
+//!   `api_auth_failures_total` and logged without the token.
+//! - [`authorize`] (around each route of the table): the principal's role must reach the
+//!   route's role for the method (GET/HEAD: `read`, others: `write`), and a restricted
+//!   session (password change or MFA enrolment due) only reaches the routes marked for it.
+//!   Refusals are 403, audited as `denied`.
+//! - [`Actor`]: extractor giving handlers the principal's name, recorded as author.
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, header};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::warn;
 
 use super::error::ApiError;
 use super::{AdminToken, ApiState};
+use crate::accounts::{Authenticated, Principal, Role};
+use crate::audit::{AuditRecord, Outcome};
 
-/// Middleware: passes the request on only with `Authorization: Bearer <admin token>`, with a
-/// [`crate::accounts::Principal`] in its extensions.
-pub(crate) async fn require_token(
+/// The client's address, put into every request's extensions by the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddr(pub(crate) SocketAddr);
+
+/// What a route of the table requires.
+#[derive(Debug, Clone)]
+pub(crate) struct RouteAuth {
+    pub(crate) state: ApiState,
+    /// Least role for GET and HEAD.
+    pub(crate) read: Role,
+    /// Least role for every other method.
+    pub(crate) write: Role,
+    /// A restricted session may call it (password change, MFA enrolment, logout).
+    pub(crate) restricted_ok: bool,
+}
+
+/// Middleware: passes the request on only with a valid bearer token, with its
+/// [`Principal`] and [`Authenticated`] in the extensions.
+pub(crate) async fn authenticate(
     State(state): State<ApiState>,
     mut request: Request,
     next: Next,
 ) -> Response {
     let verdict = match bearer(request.headers()) {
         None => Err("missing_token"),
-        Some(presented) if state.token.matches(presented) => Ok(()),
-        Some(_) => Err("bad_token"),
+        Some(presented) => match resolve(&state, presented.to_owned()).await {
+            Ok(Some(auth)) => Ok(auth),
+            Ok(None) => Err("bad_token"),
+            Err(e) => return e.into_response(),
+        },
     };
     match verdict {
-        Ok(()) => {
-            let principal = crate::accounts::Principal::bootstrap_admin();
-            // Unit tests act as other principals (two-person approval) until accounts exist.
+        Ok(auth) => {
+            // Unit tests act as other principals (two-person approval) with a header.
             #[cfg(test)]
-            let principal = test_principal(request.headers()).unwrap_or(principal);
-            request.extensions_mut().insert(principal);
+            let auth = match test_principal(request.headers()) {
+                Some(principal) => Authenticated { principal, ..auth },
+                None => auth,
+            };
+            request.extensions_mut().insert(auth.principal.clone());
+            request.extensions_mut().insert(auth);
             next.run(request).await
         }
         Err(reason) => {
@@ -62,6 +97,106 @@ fn test_principal(headers: &HeaderMap) -> Option<crate::accounts::Principal> {
     })
 }
 
+/// Who `presented` is: through the account service when there is one, else only the
+/// bootstrap token.
+async fn resolve(state: &ApiState, presented: String) -> Result<Option<Authenticated>, ApiError> {
+    let Some(accounts) = state.accounts.clone() else {
+        return Ok(state.token.matches(&presented).then(|| Authenticated {
+            principal: Principal::bootstrap_admin(),
+            restricted: false,
+            session: None,
+        }));
+    };
+    // A sled read (API tokens); off the runtime.
+    tokio::task::spawn_blocking(move || accounts.authenticate(&presented))
+        .await
+        .map_err(|e| ApiError::internal("authentication", &e.to_string()))?
+        .map_err(super::accounts::account_error)
+}
+
+/// Middleware of each route: the role check and the restricted-session check.
+pub(crate) async fn authorize(
+    State(route): State<RouteAuth>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(auth) = request.extensions().get::<Authenticated>().cloned() else {
+        return ApiError::unauthorized().into_response();
+    };
+    let needed = if matches!(*request.method(), Method::GET | Method::HEAD) {
+        route.read
+    } else {
+        route.write
+    };
+    let refusal = if auth.restricted && !route.restricted_ok {
+        Some(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this session may only change its password and enrol MFA",
+            Some(
+                "change the password (posctl password) and, for admins, enrol MFA (posctl mfa \
+                 enrol), then log in again",
+            ),
+        ))
+    } else if !auth.principal.role.allows(needed) {
+        Some(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this needs the {} role; {} has {}",
+                needed.name(),
+                auth.principal.name,
+                auth.principal.role.name()
+            ),
+            Some("ask an admin to do it, or for an account with that role"),
+        ))
+    } else {
+        None
+    };
+    let Some(refusal) = refusal else {
+        return next.run(request).await;
+    };
+    warn!(
+        actor = %auth.principal.name,
+        role = auth.principal.role.name(),
+        method = %request.method(),
+        path = request.uri().path(),
+        "admin API request denied"
+    );
+    let record = AuditRecord {
+        actor: auth.principal.name.clone(),
+        source: source(request.extensions().get::<ClientAddr>()),
+        action: "api.denied".into(),
+        target: format!("{} {}", request.method(), request.uri().path()),
+        outcome: Outcome::Denied,
+        detail: format!("needs {}", needed.name()),
+    };
+    if let Err(e) = route.state.audit(record).await {
+        return e.into_response();
+    }
+    refusal.into_response()
+}
+
+/// The audit source of a request: the client's IP address.
+pub(crate) fn source(addr: Option<&ClientAddr>) -> String {
+    addr.map_or_else(|| "unknown".to_owned(), |a| a.0.ip().to_string())
+}
+
+/// The principal's name, for handlers that record an author.
+#[derive(Debug, Clone)]
+pub(crate) struct Actor(pub(crate) String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Actor {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Infallible> {
+        // Every protected route runs behind `authenticate`; the fallback only matters for
+        // handlers called without it (never in the router).
+        Ok(Actor(parts.extensions.get::<Principal>().map_or_else(
+            || Principal::bootstrap_admin().name,
+            |p| p.name.clone(),
+        )))
+    }
+}
+
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -73,18 +208,9 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 impl AdminToken {
     /// True if `presented` is the admin token. An empty admin token matches nothing.
     pub(crate) fn matches(&self, presented: &str) -> bool {
-        !self.0.is_empty() && constant_time_eq(self.0.as_bytes(), presented.as_bytes())
+        !self.0.is_empty()
+            && crate::accounts::constant_time_eq(self.0.as_bytes(), presented.as_bytes())
     }
-}
-
-/// Compares two byte strings without an early exit on the first difference.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    // Keeps the optimiser from turning the fold back into an early-exit comparison.
-    std::hint::black_box(diff) == 0
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use posfleet_proto::DeviceId;
@@ -21,7 +21,6 @@ use serde_json::{Map, Value};
 use super::ApiState;
 use super::audit::AuditNote;
 use super::error::ApiError;
-use crate::accounts::Principal;
 use crate::commands::{
     Action, CancelError, CommandQuery, CreateError, CreateRequest, DEFAULT_LIMIT, ListError,
     MAX_LIMIT, MAX_TTL, Selector, log_path, valid_name,
@@ -49,11 +48,25 @@ const ISSUED_KINDS: [&str; 3] = ["config_push", "software_update", "rollback_upd
 
 pub(crate) async fn create(
     State(state): State<ApiState>,
-    Extension(principal): Extension<Principal>,
+    principal: Option<axum::Extension<crate::accounts::Principal>>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text(), CREATE_HINT))?;
     let (action, selector, ttl) = parse_create(&body)?;
+    let principal = principal.map_or_else(crate::accounts::Principal::bootstrap_admin, |p| p.0);
+    // The route needs operator; a wipe destroys the terminal's keys and data: admin only.
+    if matches!(action, Action::Wipe { .. }) && !principal.role.allows(crate::accounts::Role::Admin)
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "a wipe needs the admin role; {} has {}",
+                principal.name,
+                principal.role.name()
+            ),
+            Some("ask an admin to wipe the terminal"),
+        ));
+    }
     let devices = resolve(&state, &selector)?;
     let kind = body.get("kind").and_then(Value::as_str).unwrap_or_default();
     if state.approval_policy.requires(kind, devices.len()) {

@@ -48,7 +48,7 @@ use crate::views::{
 pub(crate) const MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// Who changes configuration through the API until operator accounts exist.
-const AUTHOR: &str = "admin";
+use super::Actor;
 
 const SCHEMA_HINT: &str = "GET /api/v1/config/schema (or `posctl config schema`) lists the keys \
      and their rules; your own keys go under custom.";
@@ -123,32 +123,35 @@ macro_rules! layer_handlers {
 
         pub(crate) async fn $patch(
             State(state): State<ApiState>,
+            Actor(author): Actor,
             $($path: Result<Path<String>, PathRejection>,)?
             body: Result<Json<PatchBody>, JsonRejection>,
         ) -> Result<Json<ConfigLayerView>, ApiError> {
             let scope = $scope($($path)?)?;
             let Json(body) = body.map_err(json_error)?;
             blocking(state.config, move |store| {
-                store.set(&scope, body.set, &body.unset, AUTHOR, &body.comment)
+                store.set(&scope, body.set, &body.unset, &author, &body.comment)
             })
             .await
         }
 
         pub(crate) async fn $put(
             State(state): State<ApiState>,
+            Actor(author): Actor,
             $($path: Result<Path<String>, PathRejection>,)?
             body: Result<Json<PutBody>, JsonRejection>,
         ) -> Result<Json<ConfigLayerView>, ApiError> {
             let scope = $scope($($path)?)?;
             let Json(body) = body.map_err(json_error)?;
             blocking(state.config, move |store| {
-                store.replace(&scope, body.document, AUTHOR, &body.comment)
+                store.replace(&scope, body.document, &author, &body.comment)
             })
             .await
         }
 
         pub(crate) async fn $delete(
             State(state): State<ApiState>,
+            Actor(author): Actor,
             $($path: Result<Path<String>, PathRejection>,)?
             params: Result<Query<DeleteParams>, QueryRejection>,
         ) -> Result<Json<ConfigLayerView>, ApiError> {
@@ -156,7 +159,7 @@ macro_rules! layer_handlers {
             let Query(params) = params
                 .map_err(|e| ApiError::bad_request(e.body_text(), "parameters: comment=<text>"))?;
             blocking(state.config, move |store| {
-                store.delete_layer(&scope, AUTHOR, &params.comment)
+                store.delete_layer(&scope, &author, &params.comment)
             })
             .await
         }

@@ -10,9 +10,10 @@ use axum::extract::{Path, Query, State};
 use posfleet_proto::DeviceId;
 use serde_json::Value;
 
+use super::Actor;
 use super::ApiState;
 use super::error::ApiError;
-use crate::commands::{AUTHOR_ADMIN, Selector, valid_name};
+use crate::commands::{Selector, valid_name};
 use crate::views::{DesiredView, DeviceDetail, DeviceList, GroupsBody, LabelsBody};
 
 /// Hint for a malformed device id.
@@ -108,6 +109,7 @@ pub(crate) async fn desired(
 /// records the membership change, so its effective configuration version rises.
 pub(crate) async fn set_groups(
     State(state): State<ApiState>,
+    Actor(author): Actor,
     id: Result<Path<String>, PathRejection>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<GroupsBody>, ApiError> {
@@ -146,7 +148,7 @@ pub(crate) async fn set_groups(
         let config = state.commands.config().clone();
         let device = id.clone();
         // The configuration store writes durably: off the runtime.
-        tokio::task::spawn_blocking(move || config.touch_membership(&device, AUTHOR_ADMIN))
+        tokio::task::spawn_blocking(move || config.touch_membership(&device, &author))
             .await
             .map_err(|e| ApiError::internal("the membership update", &e.to_string()))?
             .map_err(|e| ApiError::internal("the membership update", &e.to_string()))?;

@@ -5,7 +5,10 @@
 //! - `mod.rs`: [`ApiState`], [`ApiLimits`], [`router`] and the route table.
 //! - `server.rs`: [`serve`] (accept loop: connection semaphore, per-connection task with a TLS
 //!   handshake timeout, hyper HTTP/1.1, graceful stop) and [`server_tls_config`].
-//! - `auth.rs`: bearer-token check (constant time) for every route except `/healthz`.
+//! - `auth.rs`: authentication (sessions, API tokens, the bootstrap token) of every route
+//!   except the open ones, and the per-route role check (ADR 0009).
+//! - `accounts.rs`: `/api/v1/auth/...` (login, logout, password, MFA enrolment, whoami);
+//!   `users.rs`: `/api/v1/users` and `/api/v1/tokens`.
 //! - `error.rs`: [`ApiError`] (JSON `ErrorBody` responses) and [`ServerTlsError`].
 //! - one file per resource: `health.rs` (`GET /healthz`), `devices.rs`
 //!   (`GET /api/v1/devices[/{id}]`, `.../desired`, `PUT .../groups`, `PUT .../labels`),
@@ -26,6 +29,7 @@
 //! - `custody.rs`: `GET|POST /api/v1/devices/{id}/custody`, `POST .../lost`, `POST .../found`.
 //! - `tests/`: tests against a real TLS server on 127.0.0.1:0 with reqwest.
 
+mod accounts;
 mod approvals;
 mod artifacts;
 mod audit;
@@ -43,6 +47,7 @@ mod stream;
 #[cfg(test)]
 mod tests;
 mod transactions;
+mod users;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,13 +57,17 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{MethodRouter, get, post, put};
 use tokio_util::sync::CancellationToken;
 
+pub use accounts::{EnrolResponse, LoginResponse, WhoAmI};
+pub(crate) use auth::{Actor, ClientAddr};
 pub(crate) use devices::parse_label;
 pub use error::{ApiError, ServerTlsError};
 pub use server::{Site, serve, serve_site, server_tls_config};
 pub(crate) use transactions::parse_time;
+pub use users::{CreatedToken, InitialPassword, TokenList, UserList};
 
 pub use artifacts::{KEY_ID_HEADER, SHA256_HEADER, SIGNATURE_HEADER};
 
+use crate::accounts::{Accounts, Role};
 use crate::approvals::{ApprovalPolicy, ApprovalStore};
 use crate::artifacts::ArtifactCatalog;
 use crate::artifacts::Artifacts;
@@ -125,8 +134,11 @@ pub struct ApiState {
     pub(crate) events: EventBus,
     /// Rendered by `/metrics`; counts auth failures.
     pub(crate) metrics: Arc<Metrics>,
-    /// The token every request except `/healthz` must present.
+    /// The bootstrap token (used directly only when there is no account service).
     pub(crate) token: AdminToken,
+    /// Operator accounts, sessions and API tokens (ADR 0009); `None`: only the bootstrap
+    /// token is accepted and the account routes answer 503.
+    pub(crate) accounts: Option<Arc<Accounts>>,
     /// Connection and timing limits.
     pub(crate) limits: ApiLimits,
     /// Cancelled when the server stops, so that endless responses (streams) end.
@@ -138,7 +150,8 @@ pub struct ApiState {
     pub(crate) rollouts: Option<RolloutsHandle>,
     /// Artifacts rollouts may use.
     pub(crate) catalog: Catalog,
-    /// Where every change and command is recorded (`audit::record`); [`NoAudit`] unless set.
+    /// Where every login, refusal, change and command is recorded (`audit::record`);
+    /// [`NoAudit`] unless set.
     pub(crate) audit: audit::Audit,
     /// The audit log the audit routes read (`None`: they answer 503).
     pub(crate) audit_log: Option<Arc<AuditLog>>,
@@ -199,6 +212,7 @@ impl ApiState {
             events,
             metrics,
             token: AdminToken(admin_token.into()),
+            accounts: None,
             limits: ApiLimits::default(),
             shutdown: CancellationToken::new(),
             artifacts: None,
@@ -268,6 +282,13 @@ impl ApiState {
         self
     }
 
+    /// The same state authenticating through `accounts` (sessions, API tokens, and the
+    /// bootstrap token until it is revoked).
+    pub fn with_accounts(mut self, accounts: Arc<Accounts>) -> Self {
+        self.accounts = Some(accounts);
+        self
+    }
+
     /// The same state with other limits.
     pub fn with_limits(mut self, limits: ApiLimits) -> Self {
         self.limits = limits;
@@ -275,99 +296,330 @@ impl ApiState {
     }
 }
 
-/// Every route that requires the admin token. The router is built from this table, so the
-/// test that walks it covers every protected route.
-fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
+/// One route of the table: its path, the least role for reads (GET, HEAD) and for every other
+/// method, and whether a restricted session (password change or MFA enrolment due) may call it.
+pub(crate) struct Route {
+    pub(crate) path: &'static str,
+    pub(crate) read: Role,
+    pub(crate) write: Role,
+    pub(crate) restricted_ok: bool,
+    pub(crate) methods: MethodRouter<ApiState>,
+}
+
+fn route(path: &'static str, read: Role, write: Role, methods: MethodRouter<ApiState>) -> Route {
+    Route {
+        path,
+        read,
+        write,
+        restricted_ok: false,
+        methods,
+    }
+}
+
+/// A self-service route of any authenticated principal, restricted sessions included.
+fn self_service(path: &'static str, methods: MethodRouter<ApiState>) -> Route {
+    Route {
+        restricted_ok: true,
+        ..route(path, Role::Viewer, Role::Viewer, methods)
+    }
+}
+
+/// Routes that answer without authentication. Everything else is in [`protected_routes`].
+fn open_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
     vec![
-        ("/api/v1/devices", get(devices::list)),
-        ("/api/v1/devices/{id}", get(devices::detail)),
-        ("/api/v1/devices/{id}/desired", get(devices::desired)),
-        ("/api/v1/devices/{id}/groups", put(devices::set_groups)),
-        ("/api/v1/devices/{id}/labels", put(devices::set_labels)),
+        ("/healthz", get(health::healthz)),
         (
-            "/api/v1/devices/{id}/custody",
-            get(custody::history).post(custody::record),
+            "/api/v1/auth/login",
+            post(accounts::login).layer(DefaultBodyLimit::max(accounts::MAX_BODY_BYTES)),
         ),
-        ("/api/v1/devices/{id}/lost", post(custody::lost)),
-        ("/api/v1/devices/{id}/found", post(custody::found)),
-        (
+    ]
+}
+
+/// Every route that requires authentication, with the role it requires (ADR 0009). The
+/// router is built from this table, so the tests that walk it cover every protected route.
+fn protected_routes() -> Vec<Route> {
+    use Role::{Admin, Operator, Viewer};
+    vec![
+        route("/api/v1/devices", Viewer, Operator, get(devices::list)),
+        route(
+            "/api/v1/devices/{id}",
+            Viewer,
+            Operator,
+            get(devices::detail),
+        ),
+        route(
+            "/api/v1/devices/{id}/desired",
+            Viewer,
+            Operator,
+            get(devices::desired),
+        ),
+        route(
+            "/api/v1/devices/{id}/groups",
+            Viewer,
+            Operator,
+            put(devices::set_groups),
+        ),
+        route(
+            "/api/v1/devices/{id}/labels",
+            Viewer,
+            Operator,
+            put(devices::set_labels),
+        ),
+        // Wipe additionally needs admin (checked in the handler).
+        route(
             "/api/v1/commands",
+            Viewer,
+            Operator,
             get(commands::list).post(commands::create),
         ),
-        ("/api/v1/commands/{id}", get(commands::detail)),
-        ("/api/v1/commands/{id}/cancel", post(commands::cancel)),
-        ("/api/v1/commands/{id}/logs", get(commands::logs)),
-        (
+        route(
+            "/api/v1/commands/{id}",
+            Viewer,
+            Operator,
+            get(commands::detail),
+        ),
+        route(
+            "/api/v1/commands/{id}/cancel",
+            Viewer,
+            Operator,
+            post(commands::cancel),
+        ),
+        // Terminal logs and transactions: need-to-know (PCI DSS 7.2), operators and up.
+        route(
+            "/api/v1/commands/{id}/logs",
+            Operator,
+            Operator,
+            get(commands::logs),
+        ),
+        route(
             "/api/v1/devices/{id}/transactions/summary",
+            Operator,
+            Operator,
             get(transactions::summary),
         ),
-        ("/api/v1/devices/{id}/config", get(config::device_config)),
-        ("/api/v1/transactions", get(transactions::list)),
-        ("/api/v1/config/layers", get(config::list_layers)),
-        (
+        route(
+            "/api/v1/devices/{id}/config",
+            Viewer,
+            Operator,
+            get(config::device_config),
+        ),
+        route(
+            "/api/v1/transactions",
+            Operator,
+            Operator,
+            get(transactions::list),
+        ),
+        route(
+            "/api/v1/config/layers",
+            Viewer,
+            Operator,
+            get(config::list_layers),
+        ),
+        route(
             "/api/v1/config/fleet",
+            Viewer,
+            Operator,
             get(config::get_fleet)
                 .patch(config::patch_fleet)
                 .put(config::put_fleet)
                 .delete(config::delete_fleet)
                 .layer(DefaultBodyLimit::max(config::MAX_BODY_BYTES)),
         ),
-        (
+        route(
             "/api/v1/config/groups/{name}",
+            Viewer,
+            Operator,
             get(config::get_group)
                 .patch(config::patch_group)
                 .put(config::put_group)
                 .delete(config::delete_group)
                 .layer(DefaultBodyLimit::max(config::MAX_BODY_BYTES)),
         ),
-        (
+        route(
             "/api/v1/config/devices/{id}",
+            Viewer,
+            Operator,
             get(config::get_device)
                 .patch(config::patch_device)
                 .put(config::put_device)
                 .delete(config::delete_device)
                 .layer(DefaultBodyLimit::max(config::MAX_BODY_BYTES)),
         ),
-        ("/api/v1/config/history", get(config::history)),
-        ("/api/v1/config/diff", get(config::diff)),
-        ("/api/v1/config/schema", get(config::schema)),
-        (
+        route(
+            "/api/v1/config/history",
+            Viewer,
+            Operator,
+            get(config::history),
+        ),
+        route("/api/v1/config/diff", Viewer, Operator, get(config::diff)),
+        route(
+            "/api/v1/config/schema",
+            Viewer,
+            Operator,
+            get(config::schema),
+        ),
+        route(
             "/api/v1/artifacts",
+            Viewer,
+            Admin,
             get(artifacts::list)
                 .post(artifacts::upload)
                 // The upload streams its body to disk under its own cap.
                 .layer(DefaultBodyLimit::disable()),
         ),
-        (
+        route(
             "/api/v1/artifacts/{id}",
+            Viewer,
+            Admin,
             get(artifacts::detail).delete(artifacts::delete),
         ),
-        (
+        route(
             "/api/v1/rollouts",
+            Viewer,
+            Admin,
             get(rollouts::list).post(rollouts::create),
         ),
-        ("/api/v1/rollouts/{id}", get(rollouts::detail)),
-        ("/api/v1/rollouts/{id}/pause", post(rollouts::pause)),
-        ("/api/v1/rollouts/{id}/resume", post(rollouts::resume)),
-        ("/api/v1/rollouts/{id}/abort", post(rollouts::abort)),
-        ("/api/v1/approvals", get(approvals::list)),
-        ("/api/v1/approvals/{id}", get(approvals::detail)),
-        ("/api/v1/approvals/{id}/approve", post(approvals::approve)),
-        ("/api/v1/approvals/{id}/reject", post(approvals::reject)),
-        ("/api/v1/audit", get(audit::list)),
-        ("/api/v1/audit/verify", get(audit::verify)),
-        ("/api/v1/audit/export", get(audit::export)),
-        ("/api/v1/stream", get(stream::stream)),
-        ("/metrics", get(metrics::render)),
+        route(
+            "/api/v1/rollouts/{id}",
+            Viewer,
+            Admin,
+            get(rollouts::detail),
+        ),
+        route(
+            "/api/v1/rollouts/{id}/pause",
+            Viewer,
+            Admin,
+            post(rollouts::pause),
+        ),
+        route(
+            "/api/v1/rollouts/{id}/resume",
+            Viewer,
+            Admin,
+            post(rollouts::resume),
+        ),
+        route(
+            "/api/v1/rollouts/{id}/abort",
+            Viewer,
+            Admin,
+            post(rollouts::abort),
+        ),
+        route("/api/v1/stream", Viewer, Operator, get(stream::stream)),
+        route("/metrics", Viewer, Operator, get(metrics::render)),
+        self_service("/api/v1/auth/whoami", get(accounts::whoami)),
+        self_service("/api/v1/auth/logout", post(accounts::logout)),
+        self_service(
+            "/api/v1/auth/password",
+            post(accounts::change_password).layer(DefaultBodyLimit::max(accounts::MAX_BODY_BYTES)),
+        ),
+        self_service("/api/v1/auth/mfa/enrol", post(accounts::mfa_enrol)),
+        self_service(
+            "/api/v1/auth/mfa/confirm",
+            post(accounts::mfa_confirm).layer(DefaultBodyLimit::max(accounts::MAX_BODY_BYTES)),
+        ),
+        route(
+            "/api/v1/users",
+            Admin,
+            Admin,
+            get(users::list_users).post(users::create_user),
+        ),
+        route(
+            "/api/v1/users/{name}",
+            Admin,
+            Admin,
+            axum::routing::delete(users::delete_user),
+        ),
+        route(
+            "/api/v1/users/{name}/reset",
+            Admin,
+            Admin,
+            post(users::reset_user),
+        ),
+        route(
+            "/api/v1/users/{name}/disable",
+            Admin,
+            Admin,
+            post(users::disable_user),
+        ),
+        route(
+            "/api/v1/users/{name}/enable",
+            Admin,
+            Admin,
+            post(users::enable_user),
+        ),
+        // Operators manage their own tokens; the role of a token is at most its creator's.
+        route(
+            "/api/v1/tokens",
+            Operator,
+            Operator,
+            get(users::list_tokens).post(users::create_token),
+        ),
+        route(
+            "/api/v1/tokens/{name}",
+            Operator,
+            Operator,
+            axum::routing::delete(users::revoke_token),
+        ),
+        route(
+            "/api/v1/devices/{id}/custody",
+            Viewer,
+            Operator,
+            get(custody::history).post(custody::record),
+        ),
+        route(
+            "/api/v1/devices/{id}/lost",
+            Viewer,
+            Operator,
+            post(custody::lost),
+        ),
+        route(
+            "/api/v1/devices/{id}/found",
+            Viewer,
+            Operator,
+            post(custody::found),
+        ),
+        // Approving is an admin's second pair of eyes; listing is open to every role.
+        route("/api/v1/approvals", Viewer, Admin, get(approvals::list)),
+        route(
+            "/api/v1/approvals/{id}",
+            Viewer,
+            Admin,
+            get(approvals::detail),
+        ),
+        route(
+            "/api/v1/approvals/{id}/approve",
+            Viewer,
+            Admin,
+            post(approvals::approve),
+        ),
+        route(
+            "/api/v1/approvals/{id}/reject",
+            Viewer,
+            Admin,
+            post(approvals::reject),
+        ),
+        // The audit log: admins (PCI DSS 10.3.1: read access limited to a need to know).
+        route("/api/v1/audit", Admin, Admin, get(audit::list)),
+        route("/api/v1/audit/verify", Admin, Admin, get(audit::verify)),
+        route("/api/v1/audit/export", Admin, Admin, get(audit::export)),
     ]
 }
 
-/// The API's router: `/healthz` open, everything else (including unknown routes, which get a
-/// JSON 404) behind the bearer token.
+/// The API's router: the open routes, and everything else (including unknown routes, which
+/// get a JSON 404) behind authentication and each route's role check.
 pub fn router(state: ApiState) -> Router {
     let mut protected = Router::new();
-    for (path, route) in protected_routes() {
-        protected = protected.route(path, route);
+    for r in protected_routes() {
+        let need = auth::RouteAuth {
+            state: state.clone(),
+            read: r.read,
+            write: r.write,
+            restricted_ok: r.restricted_ok,
+        };
+        protected = protected.route(
+            r.path,
+            r.methods
+                .layer(axum::middleware::from_fn_with_state(need, auth::authorize)),
+        );
     }
     // Inside the token check (the principal is known) and on matched routes only (the
     // action and target come from the route).
@@ -380,10 +632,11 @@ pub fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            auth::require_token,
+            auth::authenticate,
         ));
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .merge(protected)
-        .with_state(state)
+    let mut open = Router::new();
+    for (path, methods) in open_routes() {
+        open = open.route(path, methods);
+    }
+    open.merge(protected).with_state(state)
 }

@@ -13,9 +13,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::Value;
 
+use super::Actor;
 use super::ApiState;
 use super::error::ApiError;
-use crate::commands::{AUTHOR_ADMIN, MAX_TTL, Selector};
+use crate::commands::{MAX_TTL, Selector};
 use crate::rollouts::{Control, ControlError, CreateRolloutError, NewRollout, RolloutsHandle};
 use crate::views::{FieldMessage, HealthGateView, RolloutList, RolloutView, TargetView};
 
@@ -49,11 +50,12 @@ fn engine(state: &ApiState) -> Result<&RolloutsHandle, ApiError> {
 
 pub(crate) async fn create(
     State(state): State<ApiState>,
+    Actor(author): Actor,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     let rollouts = engine(&state)?;
     let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text(), CREATE_HINT))?;
-    let req = parse_create(&state, &body)?;
+    let req = parse_create(&state, &body, author)?;
     match rollouts.create(req).await {
         Ok(view) => Ok((StatusCode::CREATED, Json(view))),
         Err(e @ (CreateRolloutError::Store | CreateRolloutError::Unavailable)) => {
@@ -67,7 +69,7 @@ pub(crate) async fn create(
 }
 
 /// Checks every field; all problems are reported together.
-fn parse_create(state: &ApiState, body: &Value) -> Result<NewRollout, ApiError> {
+fn parse_create(state: &ApiState, body: &Value, author: String) -> Result<NewRollout, ApiError> {
     let obj = body
         .as_object()
         .ok_or_else(|| ApiError::bad_request("the body must be a JSON object", CREATE_HINT))?;
@@ -236,7 +238,7 @@ fn parse_create(state: &ApiState, body: &Value) -> Result<NewRollout, ApiError> 
         wave_timeout: Duration::from_secs(wave_timeout_s),
         confirm_timeout_s: u32::try_from(confirm_timeout_s).unwrap_or(300),
         health_gate,
-        author: AUTHOR_ADMIN.to_owned(),
+        author,
     })
 }
 

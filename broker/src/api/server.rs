@@ -215,8 +215,8 @@ impl Connection {
                 }
             },
         };
-        // The client's address, for the audit log (`ConnectInfo<SocketAddr>`).
-        let mut app = self.app.layer(Extension(axum::extract::ConnectInfo(peer)));
+        // Every request knows its client's address (audit records name it).
+        let mut app = self.app.layer(Extension(super::ClientAddr(peer)));
         if self.client_identity {
             let identity = tls
                 .get_ref()

@@ -41,12 +41,17 @@ impl std::fmt::Debug for Token {
 pub(crate) struct ApiClient {
     http: reqwest::Client,
     endpoint: Endpoint,
-    token: Token,
+    /// `None`: requests go without a token (login).
+    token: Option<Token>,
 }
 
 impl ApiClient {
     /// Reads the token and CA files and builds the client (no network traffic yet).
     pub(crate) fn new(endpoint: Endpoint) -> anyhow::Result<Self> {
+        if let Some(session) = &endpoint.session {
+            let token = session.token.clone();
+            return Self::build(endpoint, Some(Token(token)));
+        }
         let token = read_token_file(&endpoint.token_file).map_err(|e| match e {
             DataDirError::Io { path, source } => anyhow!(
                 "cannot read the API token file {}: {source}; pass --token-file, or --data-dir \
@@ -55,6 +60,20 @@ impl ApiClient {
             ),
             other => other.into(),
         })?;
+        Self::build(endpoint, Some(Token(token)))
+    }
+
+    /// A client that sends no token (for the open login route).
+    pub(crate) fn anonymous(endpoint: Endpoint) -> anyhow::Result<Self> {
+        Self::build(endpoint, None)
+    }
+
+    /// The API's base URL.
+    pub(crate) fn api_url(&self) -> &Url {
+        &self.endpoint.api_url
+    }
+
+    fn build(endpoint: Endpoint, token: Option<Token>) -> anyhow::Result<Self> {
         let tls = tls_config(&endpoint.ca_file)?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
@@ -67,7 +86,7 @@ impl ApiClient {
         Ok(Self {
             http,
             endpoint,
-            token: Token(token),
+            token,
         })
     }
 
@@ -79,6 +98,58 @@ impl ApiClient {
             path.pop_if_empty().extend(segments);
         }
         url
+    }
+
+    /// The endpoint this client talks to.
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// POSTs JSON and returns the status and the JSON answer whatever the status (the login
+    /// route, whose refusals carry fields the caller needs).
+    pub(crate) async fn post_any(
+        &self,
+        url: Url,
+        body: &Value,
+    ) -> Result<(StatusCode, Value), ApiError> {
+        let request = self
+            .http
+            .post(url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .timeout(REQUEST_TIMEOUT)
+            .json(body);
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(&token.0),
+            None => request,
+        };
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&url, e))?;
+        let status = response.status();
+        let bytes = read_capped(response, MAX_ERROR_BYTES)
+            .await
+            .map_err(|e| self.transport_error(&url, e))?
+            .unwrap_or_default();
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((status, value))
+    }
+
+    /// Sends `method` with an optional JSON body; success answers have no body (204).
+    pub(crate) async fn send_empty(
+        &self,
+        method: reqwest::Method,
+        url: Url,
+        body: Option<&Value>,
+    ) -> Result<(), ApiError> {
+        let mut request = self
+            .http
+            .request(method, url.clone())
+            .timeout(REQUEST_TIMEOUT);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        self.send(request, &url).await.map(drop)
     }
 
     /// GET a JSON document.
@@ -200,8 +271,11 @@ impl ApiClient {
         request: reqwest::RequestBuilder,
         url: &Url,
     ) -> Result<reqwest::Response, ApiError> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(&token.0),
+            None => request,
+        };
         let response = request
-            .bearer_auth(&self.token.0)
             .send()
             .await
             .map_err(|e| self.transport_error(url, e))?;
@@ -216,12 +290,21 @@ impl ApiClient {
             .and_then(|bytes| serde_json::from_slice::<ErrorBody>(&bytes).ok());
         let url = url.to_string();
         Err(match status {
-            StatusCode::UNAUTHORIZED => ApiError::Unauthorized {
-                url,
-                token_file: self.endpoint.token_file.clone(),
+            StatusCode::UNAUTHORIZED => match &self.endpoint.session {
+                Some(session) => ApiError::SessionEnded {
+                    user: session.user.clone(),
+                    detail: detail(body.as_ref()),
+                },
+                None => ApiError::Unauthorized {
+                    url,
+                    token_file: self.endpoint.token_file.clone(),
+                },
             },
             StatusCode::FORBIDDEN => ApiError::Forbidden {
-                token_file: self.endpoint.token_file.clone(),
+                credential: match &self.endpoint.session {
+                    Some(session) => format!("the session of {}", session.user),
+                    None => format!("the token in {}", self.endpoint.token_file.display()),
+                },
                 detail: detail(body.as_ref()),
             },
             StatusCode::NOT_FOUND => ApiError::NotFound { url, body },
@@ -340,8 +423,13 @@ pub(crate) enum ApiError {
         token_file.display()
     )]
     Unauthorized { url: String, token_file: PathBuf },
-    #[error("the token in {} is not allowed to do this (403 Forbidden): {detail}", token_file.display())]
-    Forbidden { token_file: PathBuf, detail: String },
+    #[error("{credential} is not allowed to do this (403 Forbidden): {detail}")]
+    Forbidden { credential: String, detail: String },
+    #[error(
+        "the session of {user} was refused (401 Unauthorized: {detail}); it ended (15 minutes \
+         idle, 12 hours at most, logout or password change): run `posctl login` again"
+    )]
+    SessionEnded { user: String, detail: String },
     #[error(
         "{url} answered 404 Not Found{}; is --server the admin API of a posfleet-broker of the \
          same version as posctl?",
@@ -437,6 +525,7 @@ mod tests {
             api_url: parse_api_url("https://h:1/prefix", "x").unwrap(),
             ca_file: pki.ca_cert(),
             token_file: tmp.path().join("token"),
+            session: None,
         })
         .unwrap();
         assert_eq!(

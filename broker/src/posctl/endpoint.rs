@@ -1,5 +1,8 @@
 //! Where the admin API is: `DATA_DIR/posctl.json` (written by `serve`/`demo`), or explicit
 //! `--server`/`--ca`/`--token-file`, each of which overrides the file.
+//!
+//! The credential, in order: `--token-file`, the session `posctl login` stored for this
+//! server, the token file named by `posctl.json` (the bootstrap `DATA/admin.token`).
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +21,9 @@ pub(crate) struct Endpoint {
     pub(crate) ca_file: PathBuf,
     /// File with the bearer token.
     pub(crate) token_file: PathBuf,
+    /// The stored login session for this server, used instead of `token_file` unless
+    /// `--token-file` was given.
+    pub(crate) session: Option<super::session::StoredSession>,
 }
 
 /// Combines explicit flags with `DATA_DIR/posctl.json`: every flag given overrides the file,
@@ -29,6 +35,7 @@ pub(crate) fn resolve(args: &ConnectArgs) -> anyhow::Result<Endpoint> {
             api_url: parse_api_url(server, "--server")?,
             ca_file: ca.clone(),
             token_file: token.clone(),
+            session: None,
         });
     }
     let dir = args.data_dir();
@@ -54,10 +61,18 @@ pub(crate) fn resolve(args: &ConnectArgs) -> anyhow::Result<Endpoint> {
             &format!("api_url in {}", data.client_file().display()),
         )?,
     };
+    let session = match (
+        token,
+        super::session::config_dir(args.config_dir.as_deref()),
+    ) {
+        (None, Some(dir)) => super::session::load(&dir, api_url.as_str())?,
+        _ => None,
+    };
     Ok(Endpoint {
         api_url,
         ca_file: ca.clone().unwrap_or_else(|| in_dir(file.ca_file)),
         token_file: token.clone().unwrap_or_else(|| in_dir(file.token_file)),
+        session,
     })
 }
 
@@ -123,6 +138,8 @@ mod tests {
     fn args(data_dir: &Path) -> ConnectArgs {
         ConnectArgs {
             data_dir: Some(data_dir.to_owned()),
+            // Never the real user's sessions.
+            config_dir: Some(data_dir.join("no-config")),
             ..ConnectArgs::default()
         }
     }
@@ -153,6 +170,7 @@ mod tests {
             server: Some("https://fleet.example:9443/admin".into()),
             ca: Some("ca.pem".into()),
             token_file: Some("tok".into()),
+            config_dir: None,
         })
         .unwrap();
         assert_eq!(

@@ -15,11 +15,15 @@
 //! - `transactions`: `tx list` and `tx summary`.
 //! - `config`: `config set|get|history|diff|schema` (fleet configuration layers).
 //! - `rollouts`: `rollout create|list|show [--follow]|pause|resume|abort`.
+//! - `accounts`: `login`, `logout`, `password`, `whoami`, `mfa enrol|confirm`,
+//!   `token create|list|revoke`, `user create|list|reset|disable|enable|delete` (ADR 0009);
+//!   `session`: the stored login sessions.
 //! - `watch`: `watch`, rendering the live stream, over the bounded parser in `sse`.
 //! - `output`: tables, times and sizes, and neutralising control characters in strings that
 //!   terminals reported.
 //! - `tests`: the commands against a TLS axum server serving canned API views.
 
+mod accounts;
 mod artifacts;
 mod audit;
 mod client;
@@ -30,6 +34,7 @@ mod endpoint;
 mod output;
 mod pki;
 mod rollouts;
+mod session;
 mod sse;
 #[cfg(test)]
 mod tests;
@@ -95,6 +100,10 @@ pub(crate) struct ConnectArgs {
     /// File holding the API bearer token (overrides posctl.json).
     #[arg(long, global = true, value_name = "FILE", env = "POSCTL_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Where `posctl login` keeps sessions (session.json, 0600).
+    /// [default: $XDG_CONFIG_HOME/posfleet or ~/.config/posfleet]
+    #[arg(long, global = true, value_name = "DIR", env = "POSCTL_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
 }
 
 impl ConnectArgs {
@@ -234,6 +243,35 @@ enum ApiCommand {
     /// The custody ledger (device issue register): record a handover, show the history.
     #[command(subcommand)]
     Custody(CustodyCommand),
+    /// Log in (password, then TOTP when needed) and keep the session for this server in
+    /// CONFIG_DIR/session.json (0600); later commands use it.
+    Login {
+        /// The account. [default: $USER]
+        #[arg(long, env = "USER")]
+        user: String,
+        /// Read the password (and further answers: TOTP code, new password) from stdin
+        /// lines instead of the terminal.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// End the stored session on the server and forget it.
+    Logout,
+    /// Change the password of the logged-in account (every session of it ends).
+    Password {
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Who the current credential is.
+    Whoami,
+    /// TOTP multi-factor authentication of the logged-in account.
+    #[command(subcommand)]
+    Mfa(MfaCommand),
+    /// API tokens for automation (role at most yours, with an expiry).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Operator accounts (admin).
+    #[command(subcommand)]
+    User(UserCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,6 +285,17 @@ enum AuditCommand {
         /// Write to this file (0600) instead of stdout (`-o` is the global output format).
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MfaCommand {
+    /// Start an enrolment: prints the secret and otpauth:// URL once.
+    Enrol,
+    /// Finish it with a code from the authenticator.
+    Confirm {
+        #[arg(long)]
+        password_stdin: bool,
     },
 }
 
@@ -280,6 +329,50 @@ enum CustodyCommand {
     History {
         #[arg(value_parser = parse_device_id)]
         id: DeviceId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; it is printed once.
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// Lifetime, e.g. 12h, 30d (at most 366d).
+        #[arg(long, value_parser = output::parse_duration)]
+        expires: Duration,
+    },
+    /// Tokens (yours; an admin sees all).
+    List,
+    /// Revoke a token; `bootstrap` revokes DATA/admin.token for good (admin).
+    Revoke { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Create an account; prints its one-time password.
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+    },
+    /// Every account.
+    List,
+    /// New one-time password, lockout cleared; --mfa also removes the authenticator.
+    Reset {
+        name: String,
+        #[arg(long)]
+        mfa: bool,
+    },
+    Disable {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
+    Delete {
+        name: String,
     },
 }
 
@@ -708,11 +801,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
+            let mut prompt = accounts::TerminalPrompt {
+                stdin: cmd.password_stdin(),
+            };
             runtime.block_on(run_api(
                 &cli.conn,
                 cli.output,
                 cmd,
                 &mut out,
+                &mut prompt,
                 shutdown_signal(),
             ))
         }
@@ -795,10 +892,40 @@ async fn run_api(
     format: OutputFormat,
     cmd: ApiCommand,
     out: &mut dyn Write,
+    prompt: &mut dyn accounts::Prompt,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<ExitCode> {
-    let api = client::ApiClient::new(endpoint::resolve(conn)?)?;
+    let endpoint = endpoint::resolve(conn)?;
+    match &cmd {
+        ApiCommand::Login { user, .. } => {
+            accounts::login(endpoint, conn.config_dir.as_deref(), user, prompt, out).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        ApiCommand::Logout => {
+            accounts::logout(endpoint, conn.config_dir.as_deref(), out).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    let api = client::ApiClient::new(endpoint)?;
     match cmd {
+        ApiCommand::Login { .. } | ApiCommand::Logout => {}
+        ApiCommand::Password { .. } => accounts::password(&api, prompt, out).await?,
+        ApiCommand::Whoami => accounts::whoami(&api, out).await?,
+        ApiCommand::Mfa(MfaCommand::Enrol) => accounts::mfa_enrol(&api, format, out).await?,
+        ApiCommand::Mfa(MfaCommand::Confirm { .. }) => {
+            accounts::mfa_confirm(&api, prompt, out).await?;
+        }
+        ApiCommand::Token(TokenCommand::Create {
+            name,
+            role,
+            expires,
+        }) => accounts::token_create(&api, &name, &role, expires, format, out).await?,
+        ApiCommand::Token(TokenCommand::List) => accounts::token_list(&api, format, out).await?,
+        ApiCommand::Token(TokenCommand::Revoke { name }) => {
+            accounts::token_revoke(&api, &name, out).await?;
+        }
+        ApiCommand::User(cmd) => run_user(&api, cmd, format, out).await?,
         ApiCommand::Devices(DevicesCommand::List) => devices::list(&api, format, out).await?,
         ApiCommand::Devices(DevicesCommand::Show { id }) => {
             devices::show(&api, &id, format, out).await?;
@@ -946,6 +1073,80 @@ async fn run_api(
         },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn run_user(
+    api: &client::ApiClient,
+    cmd: UserCommand,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let users = |rest: &[&str]| {
+        let mut segments = vec!["api", "v1", "users"];
+        segments.extend_from_slice(rest);
+        api.url(&segments)
+    };
+    match cmd {
+        UserCommand::Create { name, role } => {
+            let body = serde_json::json!({"name": name, "role": role});
+            accounts::user_create_or_reset(api, users(&[]), body, format, out).await
+        }
+        UserCommand::List => accounts::user_list(api, format, out).await,
+        UserCommand::Reset { name, mfa } => {
+            let body = serde_json::json!({"reset_mfa": mfa});
+            accounts::user_create_or_reset(api, users(&[&name, "reset"]), body, format, out).await
+        }
+        UserCommand::Disable { name } => {
+            let url = users(&[&name, "disable"]);
+            accounts::user_action(
+                api,
+                reqwest::Method::POST,
+                url,
+                &format!("disabled {name}"),
+                out,
+            )
+            .await
+        }
+        UserCommand::Enable { name } => {
+            let url = users(&[&name, "enable"]);
+            accounts::user_action(
+                api,
+                reqwest::Method::POST,
+                url,
+                &format!("enabled {name}"),
+                out,
+            )
+            .await
+        }
+        UserCommand::Delete { name } => {
+            let url = users(&[&name]);
+            accounts::user_action(
+                api,
+                reqwest::Method::DELETE,
+                url,
+                &format!("deleted {name}"),
+                out,
+            )
+            .await
+        }
+    }
+}
+
+impl ApiCommand {
+    /// True if secrets are to be read from stdin lines.
+    fn password_stdin(&self) -> bool {
+        matches!(
+            self,
+            ApiCommand::Login {
+                password_stdin: true,
+                ..
+            } | ApiCommand::Password {
+                password_stdin: true
+            } | ApiCommand::Mfa(MfaCommand::Confirm {
+                password_stdin: true
+            })
+        )
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM. If the handlers cannot be installed, never resolves (the

@@ -222,9 +222,10 @@ pub(crate) fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
         "ms" => Duration::from_millis(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
         _ => {
             return Err(format!(
-                "unknown unit {unit:?} in {s:?}; use ms, s, m or h (e.g. 30s)"
+                "unknown unit {unit:?} in {s:?}; use ms, s, m, h or d (e.g. 30s)"
             ));
         }
     };
@@ -322,7 +323,8 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("1d").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
+        assert!(parse_duration("1w").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("").is_err());
     }

@@ -1,5 +1,6 @@
 //! API tests against a real TLS server on 127.0.0.1:0, with reqwest as the client.
 //!
+//! - `accounts.rs`: logins, PCI DSS rules, MFA, roles, API and bootstrap tokens.
 //! - `artifacts.rs`: uploads (good, tampered, unknown key, no release key, oversized, bad
 //!   fields), list, detail, delete.
 //! - `auth.rs`: the token on every route, 401 shape, failure counting.
@@ -10,6 +11,7 @@
 //! - `server.rs`: idle TCP clients, handshake timeout, connection cap.
 //! - `transactions.rs`: transaction list (pagination, filters, cursors) and summary.
 
+mod accounts;
 mod artifacts;
 mod audit;
 mod auth;
@@ -91,6 +93,10 @@ pub(super) struct TestServer {
     pub artifacts: Arc<crate::artifacts::Artifacts>,
     /// A release key whose public half the server trusts.
     pub release_key: Arc<posfleet_proto::signing::CommandKey>,
+    /// The account service (bootstrap token [`TOKEN`]).
+    pub accounts: Arc<crate::accounts::Accounts>,
+    /// Every audit record, in order (also passed on to [`TestServer::audit`]).
+    pub recorded: Arc<RecordingAudit>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
     /// The server's audit log.
@@ -260,16 +266,31 @@ impl TestServer {
         let approvals = Arc::new(
             crate::approvals::ApprovalStore::open(&tmp.path().join("approvals"), 1 << 20).unwrap(),
         );
-        let mut state = state
+        let accounts = Arc::new(
+            crate::accounts::Accounts::open(
+                &tmp.path().join("accounts"),
+                1 << 20,
+                TOKEN.to_owned(),
+                Arc::clone(&clock),
+            )
+            .unwrap(),
+        );
+        // Every record is kept for the tests and passed on to the audit log (or to the sink
+        // a test asked for).
+        let inner: Arc<dyn crate::audit::AuditSink> = match audit_setup.sink {
+            Some(sink) => sink,
+            None => audit.clone(),
+        };
+        let recorded = Arc::new(RecordingAudit::forwarding(inner));
+        let state = state
             .with_artifacts(Arc::clone(&artifacts))
             .with_rollouts(rollouts, catalog)
             .with_audit_log(Arc::clone(&audit))
             .with_approvals(approvals, audit_setup.approvals)
             .with_clock(clock)
-            .with_custody(Arc::clone(&custody));
-        if let Some(sink) = audit_setup.sink {
-            state = state.with_audit(sink);
-        }
+            .with_custody(Arc::clone(&custody))
+            .with_accounts(Arc::clone(&accounts))
+            .with_audit(recorded.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));
@@ -289,6 +310,8 @@ impl TestServer {
             registry,
             artifacts,
             release_key,
+            accounts,
+            recorded,
             cancel,
             tracker,
             audit,
@@ -353,6 +376,32 @@ impl TestServer {
         tokio::time::timeout(Duration::from_secs(15), self.tracker.wait())
             .await
             .expect("the API server stops after cancel");
+    }
+}
+
+/// An audit sink keeping every record in memory.
+pub(super) struct RecordingAudit {
+    seen: std::sync::Mutex<Vec<crate::audit::AuditRecord>>,
+    inner: Arc<dyn crate::audit::AuditSink>,
+}
+
+impl crate::audit::AuditSink for RecordingAudit {
+    fn record(&self, record: crate::audit::AuditRecord) -> Result<(), crate::audit::AuditError> {
+        self.seen.lock().unwrap().push(record.clone());
+        self.inner.record(record)
+    }
+}
+
+impl RecordingAudit {
+    pub(super) fn forwarding(inner: Arc<dyn crate::audit::AuditSink>) -> Self {
+        Self {
+            seen: std::sync::Mutex::new(Vec::new()),
+            inner,
+        }
+    }
+
+    pub(super) fn records(&self) -> Vec<crate::audit::AuditRecord> {
+        self.seen.lock().unwrap().clone()
     }
 }
 

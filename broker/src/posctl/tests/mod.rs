@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 use super::devices::tests::{NOW, detail, summary, telemetry};
 use super::{Cli, Command, run_api};
 
+mod accounts;
 mod artifacts;
 mod commands;
 mod config;
@@ -135,8 +136,21 @@ pub(super) async fn posctl(
         panic!("not an API command: {args:?}");
     };
     let mut out = Vec::new();
-    let result = run_api(&cli.conn, cli.output, cmd, &mut out, stop).await;
+    let mut prompt = Answers::default();
+    let result = run_api(&cli.conn, cli.output, cmd, &mut out, &mut prompt, stop).await;
     (result, String::from_utf8(out).unwrap())
+}
+
+/// Canned answers to posctl's prompts, in order.
+#[derive(Debug, Default)]
+pub(crate) struct Answers(pub(crate) std::collections::VecDeque<String>);
+
+impl super::accounts::Prompt for Answers {
+    fn secret(&mut self, label: &str) -> anyhow::Result<String> {
+        self.0
+            .pop_front()
+            .ok_or_else(|| anyhow::anyhow!("no answer for {label}"))
+    }
 }
 
 pub(super) fn error_text(result: anyhow::Result<ExitCode>) -> String {
