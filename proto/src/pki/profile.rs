@@ -101,11 +101,12 @@ impl Ca {
     /// extended key usage client auth. The key is generated here; enrolment (where the terminal
     /// keeps its key) signs a CSR instead.
     pub fn issue_device(&self, id: &DeviceId) -> Result<CertifiedKey, PkiError> {
-        let mut params = base_params(id.as_str(), DEVICE_OU, CLIENT_VALIDITY)?;
-        params.subject_alt_names =
-            vec![SanType::URI(format!("{DEVICE_URI_PREFIX}{id}").try_into()?)];
-        client_profile(&mut params);
-        self.issue(params)
+        self.issue(device_params(id)?)
+    }
+
+    /// The signing half of the CA, for CSRs and CRLs (`csr.rs`).
+    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
     }
 
     /// A controller certificate: CN = `controller:<name>`, OU = controller, client auth.
@@ -143,6 +144,14 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// The device profile for `id`, with a fresh serial and validity from now.
+pub(crate) fn device_params(id: &DeviceId) -> Result<CertificateParams, PkiError> {
+    let mut params = base_params(id.as_str(), DEVICE_OU, CLIENT_VALIDITY)?;
+    params.subject_alt_names = vec![SanType::URI(format!("{DEVICE_URI_PREFIX}{id}").try_into()?)];
+    client_profile(&mut params);
+    Ok(params)
 }
 
 fn client_profile(params: &mut CertificateParams) {
