@@ -3,7 +3,7 @@
 //! Startup order: data dir and PKI (created on first start), admin token, trusted release
 //! keys, every listener bound (so a port clash fails before anything runs), the edge with its
 //! router, the registry, the transaction store, the configuration store and the artifact
-//! store, the controller (an ordinary mTLS MQTT client of the edge), the admin API, the
+//! store, the enrolment service, the controller (an ordinary mTLS MQTT client of the edge), the admin API, the
 //! device download endpoint, and finally `posctl.json` so `posctl --data-dir DIR` finds the
 //! running server.
 
@@ -31,6 +31,7 @@ use crate::commands::{
 use crate::controller::{ControllerConfig, ControllerError, spawn_controller};
 use crate::datadir::{ClientFile, DataDir, DataDirError};
 use crate::edge::{EdgeConfig, EdgeHandle, TlsSetupError, mtls_server_config, spawn_edge};
+use crate::enrolment::{EnrolError, Enrolment, EnrolmentConfig, EnrolmentStoreError, renew_router};
 use crate::events::EventBus;
 use crate::fleetconfig::ConfigSource;
 use crate::fleetconfig::{ConfigError, ConfigStore, ConfigStoreConfig};
@@ -131,6 +132,10 @@ pub enum AppError {
     DeviceTls(TlsSetupError),
     #[error("--device-url {url:?}: {detail}")]
     DeviceUrl { url: String, detail: &'static str },
+    #[error("enrolment store: {0}")]
+    EnrolmentStore(#[from] EnrolmentStoreError),
+    #[error("enrolment: {0}")]
+    Enrolment(#[from] EnrolError),
     #[error("rollout store: {0}")]
     Rollouts(#[from] RolloutStoreError),
     #[error(transparent)]
@@ -162,6 +167,8 @@ pub struct Running {
     pub commands: CommandsHandle,
     /// The rollout engine.
     pub rollouts: RolloutsHandle,
+    /// Enrolment, revocation, CRL and renewal.
+    pub enrolment: Arc<Enrolment>,
     pub metrics: Arc<Metrics>,
     /// True if this start created the PKI.
     pub pki_created: bool,
@@ -242,12 +249,18 @@ async fn start_inner(
     let device_tls = device_tls_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())
         .map_err(AppError::DeviceTls)?;
 
+    let (enrol_store, revocations) = {
+        let dir = data.enrolment_dir();
+        tokio::task::spawn_blocking(move || crate::enrolment::open(&dir)).await??
+    };
+
     let metrics = Arc::new(Metrics::new());
     let (broker, edge) = match (mqtt, &opts.external_broker) {
         (Some((listener, addr)), _) => {
             let tls = mtls_server_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())?;
             let mut config = EdgeConfig::new(tls);
             config.wait_for_controller = Some(CONTROLLER_WAIT);
+            config.revocations = Some(revocations.clone());
             let edge = spawn_edge(
                 listener,
                 addr,
@@ -353,6 +366,34 @@ async fn start_inner(
     // Deleting an artifact an unfinished rollout uses is refused.
     artifacts.set_users(Arc::new(rollouts.clone()));
 
+    let enrolment = {
+        let mqtt_url = match (&opts.external_broker, opts.hosts.first()) {
+            (Some(external), _) => external.to_string(),
+            (None, Some(host)) => BrokerUrl {
+                host: host.clone(),
+                port: broker.port,
+            }
+            .to_string(),
+            (None, None) => broker.to_string(),
+        };
+        let cfg = EnrolmentConfig::new(mqtt_url, artifacts.config().device_url.clone());
+        let (pki, registry, edge) = (pki.clone(), registry.clone(), edge.clone());
+        // CA key read and the first CRL signed: off the runtime.
+        tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+            let ca = pki.load_ca()?;
+            Ok(Arc::new(Enrolment::new(
+                cfg,
+                enrol_store,
+                revocations,
+                ca,
+                pki,
+                registry,
+                edge,
+            )?))
+        })
+        .await??
+    };
+
     let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
     let state = ApiState::new(
         registry.clone(),
@@ -364,7 +405,8 @@ async fn start_inner(
         token,
     )
     .with_artifacts(artifacts.clone())
-    .with_rollouts(rollouts.clone(), catalog);
+    .with_rollouts(rollouts.clone(), catalog)
+    .with_enrolment(enrolment.clone());
     let limits = state.limits;
     tracker.spawn(api::serve(
         api_listener,
@@ -374,7 +416,7 @@ async fn start_inner(
     ));
     let device_site = Site {
         name: "device endpoint",
-        app: device_router(artifacts.clone()),
+        app: device_router(artifacts.clone()).merge(renew_router(enrolment.clone())),
         limits,
         client_identity: true,
     };
@@ -405,6 +447,7 @@ async fn start_inner(
         config,
         commands: controller.commands,
         rollouts,
+        enrolment,
         metrics,
         pki_created,
         token_created,

@@ -15,6 +15,8 @@
 //!   lease, log uploads).
 //! - [`accounts`]: operator accounts, roles and who is asking ([`accounts::Principal`]).
 //! - [`audit`]: the tamper-evident audit log.
+//! - [`enrolment`]: enrolment tokens, CSR enrolment, revocation/decommission, the CRL and
+//!   certificate renewal.
 //! - [`artifacts`]: signed software artifacts and the device download endpoint (ADR 0008).
 //! - [`rollouts`]: staged, health-gated software rollouts (waves, payment gate, rollback).
 //! - [`fleetconfig`]: layered, versioned configuration (fleet → group → device).
@@ -36,6 +38,7 @@ pub mod commands;
 pub mod controller;
 pub mod datadir;
 pub mod edge;
+pub mod enrolment;
 pub mod events;
 pub mod fleetconfig;
 pub mod metrics;

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 mod artifacts;
 mod config;
+mod enrolment;
 pub use artifacts::*;
+pub use enrolment::*;
 mod rollout;
 pub use config::*;
 pub use rollout::*;
@@ -23,6 +25,8 @@ pub enum Lifecycle {
     Locked,
     Decommissioned,
     Lost,
+    /// Its certificate(s) are revoked; refused at connect. The record stays visible.
+    Revoked,
 }
 
 /// Software versions a device reports.

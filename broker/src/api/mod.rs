@@ -24,6 +24,7 @@ mod auth;
 mod commands;
 mod config;
 mod devices;
+mod enrolment;
 mod error;
 mod health;
 mod metrics;
@@ -44,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) use devices::parse_label;
 pub use error::{ApiError, ServerTlsError};
-pub use server::{Site, serve, serve_site, server_tls_config};
+pub use server::{PeerAddr, PeerCertificate, Site, serve, serve_site, server_tls_config};
 pub(crate) use transactions::parse_time;
 
 pub use artifacts::{KEY_ID_HEADER, SHA256_HEADER, SIGNATURE_HEADER};
@@ -124,6 +125,8 @@ pub struct ApiState {
     pub(crate) rollouts: Option<RolloutsHandle>,
     /// Artifacts rollouts may use.
     pub(crate) catalog: Catalog,
+    /// Enrolment, revocation and the CRL (`None`: those routes answer 503).
+    pub(crate) enrolment: Option<Arc<crate::enrolment::Enrolment>>,
 }
 
 /// The artifact catalog (a trait object without `Debug`).
@@ -161,7 +164,14 @@ impl ApiState {
             artifacts: None,
             rollouts: None,
             catalog: Catalog(Arc::new(NoArtifacts)),
+            enrolment: None,
         }
+    }
+
+    /// The same state serving enrolment, revocation and the CRL from `enrolment`.
+    pub fn with_enrolment(mut self, enrolment: Arc<crate::enrolment::Enrolment>) -> Self {
+        self.enrolment = Some(enrolment);
+        self
     }
 
     /// The same state serving artifacts from `artifacts`.
@@ -258,11 +268,37 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         ("/api/v1/rollouts/{id}/resume", post(rollouts::resume)),
         ("/api/v1/rollouts/{id}/abort", post(rollouts::abort)),
         ("/api/v1/stream", get(stream::stream)),
+        (
+            "/api/v1/enrolment-tokens",
+            get(enrolment::list_tokens).post(enrolment::create_token),
+        ),
+        (
+            "/api/v1/enrolment-tokens/{id}",
+            axum::routing::delete(enrolment::delete_token),
+        ),
+        ("/api/v1/devices/{id}/revoke", post(enrolment::revoke)),
+        (
+            "/api/v1/devices/{id}/decommission",
+            post(enrolment::decommission),
+        ),
+        ("/api/v1/pki/crl", get(enrolment::crl)),
         ("/metrics", get(metrics::render)),
     ]
 }
 
-/// The API's router: `/healthz` open, everything else (including unknown routes, which get a
+/// Routes that answer without a bearer token, besides `/healthz`: enrolment is authorised by
+/// the one-time enrolment token in its body.
+fn open_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
+    vec![(
+        "/api/v1/enroll",
+        post(enrolment::enroll).layer(DefaultBodyLimit::max(ENROLL_BODY_LIMIT)),
+    )]
+}
+
+/// Largest enrolment request body (a CSR is under 1 KiB).
+const ENROLL_BODY_LIMIT: usize = 16 * 1024;
+
+/// The API's router: `/healthz` and [`open_routes`] open, everything else (including unknown routes, which get a
 /// JSON 404) behind the bearer token.
 pub fn router(state: ApiState) -> Router {
     let mut protected = Router::new();
@@ -276,8 +312,9 @@ pub fn router(state: ApiState) -> Router {
             state.clone(),
             auth::require_token,
         ));
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .merge(protected)
-        .with_state(state)
+    let mut open = Router::new().route("/healthz", get(health::healthz));
+    for (path, route) in open_routes() {
+        open = open.route(path, route);
+    }
+    open.merge(protected).with_state(state)
 }

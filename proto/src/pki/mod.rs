@@ -17,7 +17,7 @@ pub mod store;
 
 pub use csr::{CertFacts, CsrError, DeviceKeyRequest, RevokedSerial, verify_csr};
 pub use identity::Identity;
-pub use profile::{Ca, CertifiedKey};
+pub use profile::{BACKDATE_SECONDS, Ca, CertifiedKey};
 pub use store::{
     DeviceBundle, PkiDir, parse_pem_certs, read_public_keys, write_public_file, write_secret_file,
 };

@@ -16,6 +16,9 @@ use crate::DeviceId;
 const ORGANISATION: &str = "posfleet";
 /// Certificates are valid from a little before issue, to tolerate clock skew on terminals.
 const BACKDATE: Duration = Duration::hours(1);
+/// [`BACKDATE`] in seconds: a certificate issued at `t` has `not_before = t - BACKDATE_SECONDS`
+/// (the edge uses it to tell certificates issued before a revocation).
+pub const BACKDATE_SECONDS: i64 = BACKDATE.whole_seconds();
 const CA_VALIDITY: Duration = Duration::days(3650);
 const SERVER_VALIDITY: Duration = Duration::days(825);
 /// Client certificates (device, controller); renewal happens well before expiry.
