@@ -49,19 +49,19 @@ fn refused(e: EnrolError) -> Response {
     error(status, e.to_string())
 }
 
-/// The device and its certificate facts, or the refusal.
+/// The device and its certificate facts, or why not.
 fn device(
     identity: &PeerIdentity,
     cert: &PeerCertificate,
-) -> Result<(posfleet_proto::DeviceId, CertFacts), Response> {
+) -> Result<(posfleet_proto::DeviceId, CertFacts), (StatusCode, String)> {
     let Identity::Device(id) = &identity.0 else {
-        return Err(error(
+        return Err((
             StatusCode::FORBIDDEN,
             "only devices renew their certificate".into(),
         ));
     };
     let facts = CertFacts::from_der(&cert.0)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("client certificate: {e}")))?;
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("client certificate: {e}")))?;
     Ok((id.clone(), facts))
 }
 
@@ -74,7 +74,7 @@ async fn renew(
 ) -> Response {
     let (id, facts) = match device(&identity, &cert) {
         Ok(d) => d,
-        Err(r) => return r,
+        Err((status, message)) => return error(status, message),
     };
     let Json(body) = match body {
         Ok(b) => b,
@@ -104,7 +104,7 @@ async fn confirm(
 ) -> Response {
     let (id, facts) = match device(&identity, &cert) {
         Ok(d) => d,
-        Err(r) => return r,
+        Err((status, message)) => return error(status, message),
     };
     let now = posfleet_proto::now_ms();
     let result = tokio::task::spawn_blocking(move || {

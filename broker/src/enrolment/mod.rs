@@ -527,7 +527,9 @@ impl Enrolment {
             ));
         }
         let mut book = self.lock();
-        let known = self.registry.lifecycle(id).is_some() || book.devices.contains_key(id.as_str());
+        let known = self.registry.lifecycle(id).is_some()
+            || book.devices.contains_key(id.as_str())
+            || self.revocations.seen_serial(id.as_str()).is_some();
         if !known {
             drop(book);
             self.audit(
@@ -607,6 +609,15 @@ impl Enrolment {
             _ => Lifecycle::Revoked,
         };
         self.registry.set_lifecycle(id, lifecycle);
+        // A kicked session leaves no last will: say so in the registry ourselves.
+        if self.registry.is_online(id) {
+            let _ = self.registry.presence_offline(
+                id,
+                now_ms,
+                0,
+                status_name(record.status).to_owned(),
+            );
+        }
         let session_closed = self
             .edge
             .as_ref()

@@ -55,15 +55,17 @@ impl Revocations {
     /// The standing of a certificate presented by `identity`.
     pub fn check(&self, identity: &Identity, facts: &CertFacts) -> Standing {
         let st = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(id) = identity.device()
+            && st.decommissioned.contains(id.as_str())
+        {
+            return Standing::Decommissioned;
+        }
         if st.serials.contains(&facts.serial) {
             return Standing::Revoked;
         }
         let Some(id) = identity.device() else {
             return Standing::Good;
         };
-        if st.decommissioned.contains(id.as_str()) {
-            return Standing::Decommissioned;
-        }
         if let Some(at) = st.revoked_ids.get(id.as_str()) {
             // Our profile backdates not_before; a certificate issued before `at` starts
             // before `at - BACKDATE`.

@@ -197,6 +197,24 @@ impl Ca {
     }
 }
 
+/// The serials (hex) listed by a DER CRL, after checking that the first CA of `ca_pem` signed
+/// it (for tests, posctl and operators checking what external brokers receive).
+pub fn crl_serials(der: &[u8], ca_pem: &str) -> Result<Vec<String>, PkiError> {
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let ca_der = super::parse_pem_certs(ca_pem.as_bytes())?
+        .into_iter()
+        .next()
+        .ok_or(PkiError::NoIdentity("no CA certificate in PEM"))?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    crl.verify_signature(ca.public_key())
+        .map_err(|_| PkiError::Parse("the CRL is not signed by the fleet CA".into()))?;
+    Ok(crl
+        .iter_revoked_certificates()
+        .map(|r| hex::encode(r.raw_serial()))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -202,9 +202,29 @@ impl TestServer {
                 Arc::clone(&metrics),
             ))
         };
+        let enrolment = {
+            let (store, revocations) =
+                crate::enrolment::open(&tmp.path().join("enrolment")).unwrap();
+            Arc::new(
+                crate::enrolment::Enrolment::new(
+                    crate::enrolment::EnrolmentConfig::new(
+                        "mqtts://127.0.0.1:8883".into(),
+                        "https://127.0.0.1:8884".into(),
+                    ),
+                    store,
+                    revocations,
+                    pki.load_ca().unwrap(),
+                    pki.clone(),
+                    Arc::clone(&registry),
+                    None,
+                )
+                .unwrap(),
+            )
+        };
         let state = state
             .with_artifacts(Arc::clone(&artifacts))
-            .with_rollouts(rollouts, catalog);
+            .with_rollouts(rollouts, catalog)
+            .with_enrolment(enrolment);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));
