@@ -535,3 +535,44 @@ async fn renewal_issues_a_new_certificate_and_revokes_the_old_one() {
     );
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_enroll_writes_an_identity_and_a_config_that_loads() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::start().await;
+    let token = f
+        .token(json!({"serial": "SN-42", "expires_in": "1h"}))
+        .await;
+    let out = f._tmp.path().join("terminal");
+    let ca_file = DataDir::at(f._tmp.path().join("data")).pki().ca_cert();
+    let mut opts = posfleet_agent::enroll::EnrollOptions {
+        server: f.api(""),
+        token: token.token.clone(),
+        device_id: DeviceId::new("T-42").unwrap(),
+        serial: "SN-42".into(),
+        ca_file,
+        out_dir: out.clone(),
+        config_out: None,
+    };
+    assert!(!format!("{opts:?}").contains(&token.token));
+    let enrolled = posfleet_agent::enroll::enroll(&opts).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&out.join("device.key")), 0o600);
+    for name in ["device.crt", "ca.crt", "command.pub", "agent.toml"] {
+        assert!(out.join(name).exists(), "{name}");
+    }
+    let config = posfleet_agent::config::Config::load(&enrolled.config).unwrap();
+    let tls = &config.tls;
+    let cert = std::fs::read_to_string(&tls.cert).unwrap();
+    let key = std::fs::read_to_string(&tls.key).unwrap();
+    let mut events = f.session("T-42", &cert, &key);
+    connected(&mut events).await;
+
+    // The same token again: refused, with the controller's reason and without the token.
+    opts.out_dir = f._tmp.path().join("again");
+    let err = posfleet_agent::enroll::enroll(&opts).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("already used"), "{text}");
+    assert!(!text.contains(&token.token));
+    f.stop().await;
+}
