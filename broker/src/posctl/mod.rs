@@ -26,6 +26,7 @@ mod commands;
 mod config;
 mod devices;
 mod endpoint;
+mod enrol;
 mod output;
 mod pki;
 mod rollouts;
@@ -224,6 +225,36 @@ enum ApiCommand {
     /// Staged software rollouts: waves, thresholds, payment health gate, rollback.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Terminal enrolment: one-time tokens for `posfleet-agent enroll`.
+    #[command(subcommand)]
+    Enroll(EnrollCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrollCommand {
+    /// One-time enrolment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a one-time token (printed once).
+    Create {
+        /// Only a terminal with this serial number may use it.
+        #[arg(long)]
+        serial: Option<String>,
+        /// The enrolled terminal joins this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Lifetime, e.g. 24h (at most 7d).
+        #[arg(long, default_value = "24h")]
+        expires: String,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Delete a token so it cannot enrol anything.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -542,6 +573,21 @@ enum DevicesCommand {
         #[arg(value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
+    /// Revoke a device's certificates: its live session closes at once, reconnects are
+    /// refused, the certificates go on the CRL.
+    Revoke {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Revoke and retire a device: hidden from `devices list`, kept for history.
+    Decommission {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 fn reason_param(reason: String) -> serde_json::Map<String, serde_json::Value> {
@@ -804,6 +850,21 @@ async fn run_api(
         }
         ApiCommand::Commands(CommandsCommand::Cancel { id }) => {
             commands::cancel(&api, &id, format, out).await?;
+        }
+        ApiCommand::Enroll(EnrollCommand::Token(cmd)) => match cmd {
+            TokenCommand::Create {
+                serial,
+                group,
+                expires,
+            } => enrol::create_token(&api, serial, group, expires, format, out).await?,
+            TokenCommand::List => enrol::list_tokens(&api, format, out).await?,
+            TokenCommand::Revoke { id } => enrol::revoke_token(&api, &id, format, out).await?,
+        },
+        ApiCommand::Devices(DevicesCommand::Revoke { id, reason }) => {
+            enrol::revoke_device(&api, &id, reason, false, format, out).await?
+        }
+        ApiCommand::Devices(DevicesCommand::Decommission { id, reason }) => {
+            enrol::revoke_device(&api, &id, reason, true, format, out).await?
         }
         ApiCommand::Rollout(cmd) => match cmd {
             RolloutCommand::Create(args) => rollouts::create(&api, &args, format, out).await?,
