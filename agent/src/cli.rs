@@ -49,6 +49,37 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Enrol this terminal: generate its key here, send a CSR with a one-time enrolment
+    /// token over HTTPS, write its certificate, the fleet CA, the command key and a config.
+    Enroll {
+        /// The controller's admin API, https://HOST:PORT.
+        #[arg(long, value_name = "URL")]
+        server: String,
+        /// The one-time enrolment token (`posctl enroll token create`); also read from
+        /// POSFLEET_ENROL_TOKEN so it stays out of the process list.
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            env = "POSFLEET_ENROL_TOKEN",
+            hide_env_values = true
+        )]
+        token: String,
+        #[arg(long, value_name = "ID")]
+        device_id: String,
+        /// This terminal's serial number (a token may be pinned to it).
+        #[arg(long, value_name = "SERIAL")]
+        serial: String,
+        /// The CA certificate that signs the controller's server certificate; required
+        /// (there is no trust-on-first-use).
+        #[arg(long, value_name = "CA.pem")]
+        ca_file: PathBuf,
+        /// Where device.key (0600), device.crt, ca.crt, command.pub and agent.toml go.
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+        /// Where to write the agent config (default DIR/agent.toml).
+        #[arg(long, value_name = "FILE")]
+        config_out: Option<PathBuf>,
+    },
     /// Run N virtual terminals in this process, each with its own certificate issued from the
     /// fleet CA in DIR, for demos and load tests.
     Simulate {
@@ -162,7 +193,7 @@ pub fn error_report(error: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let default_filter = match cli.command {
-        Command::Run { .. } => "info",
+        Command::Run { .. } | Command::Enroll { .. } => "info",
         // Thousands of terminals: per-terminal chatter only from warnings up.
         Command::Simulate { .. } => "info,posfleet_agent::agent=warn,posfleet_agent::mqtt=warn",
     };
@@ -174,6 +205,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         match cli.command {
             Command::Run { config } => run_agent(config).await,
+            Command::Enroll {
+                server,
+                token,
+                device_id,
+                serial,
+                ca_file,
+                out_dir,
+                config_out,
+            } => {
+                let opts = crate::enroll::EnrollOptions {
+                    server,
+                    token,
+                    device_id: posfleet_proto::DeviceId::new(device_id)
+                        .context("--device-id")?,
+                    serial,
+                    ca_file,
+                    out_dir,
+                    config_out,
+                };
+                let enrolled = crate::enroll::enroll(&opts).await?;
+                println!(
+                    "enrolled {}: certificate {}, config {} (start it with `posfleet-agent run --config {}`)",
+                    opts.device_id,
+                    enrolled.cert.display(),
+                    enrolled.config.display(),
+                    enrolled.config.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Simulate {
                 count,
                 pki_dir,

@@ -40,6 +40,7 @@ pub mod backoff;
 pub mod cli;
 pub mod command;
 pub mod config;
+pub mod enroll;
 pub mod mqtt;
 pub mod outbox;
 pub mod simulate;

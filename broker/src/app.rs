@@ -3,7 +3,7 @@
 //! Startup order: data dir and PKI (created on first start), admin token, trusted release
 //! keys, every listener bound (so a port clash fails before anything runs), the edge with its
 //! router, the registry, the transaction store, the configuration store and the artifact
-//! store, the controller (an ordinary mTLS MQTT client of the edge), the admin API, the
+//! store, the enrolment service, the controller (an ordinary mTLS MQTT client of the edge), the admin API, the
 //! device download endpoint, and finally `posctl.json` so `posctl --data-dir DIR` finds the
 //! running server.
 
@@ -35,6 +35,7 @@ use crate::controller::{ControllerConfig, ControllerError, spawn_controller};
 use crate::custody::{CustodyError, CustodyLedger};
 use crate::datadir::{ClientFile, DataDir, DataDirError};
 use crate::edge::{EdgeConfig, EdgeHandle, TlsSetupError, mtls_server_config, spawn_edge};
+use crate::enrolment::{EnrolError, Enrolment, EnrolmentConfig, EnrolmentStoreError, renew_router};
 use crate::events::EventBus;
 use crate::fleetconfig::ConfigSource;
 use crate::fleetconfig::{ConfigError, ConfigStore, ConfigStoreConfig};
@@ -149,6 +150,10 @@ pub enum AppError {
     Approvals(#[from] ApprovalStoreError),
     #[error("account store: {0}")]
     Accounts(#[from] AccountStoreError),
+    #[error("enrolment store: {0}")]
+    EnrolmentStore(#[from] EnrolmentStoreError),
+    #[error("enrolment: {0}")]
+    Enrolment(#[from] EnrolError),
     #[error("rollout store: {0}")]
     Rollouts(#[from] RolloutStoreError),
     #[error(transparent)]
@@ -180,6 +185,8 @@ pub struct Running {
     pub commands: CommandsHandle,
     /// The rollout engine.
     pub rollouts: RolloutsHandle,
+    /// Enrolment, revocation, CRL and renewal.
+    pub enrolment: Arc<Enrolment>,
     pub metrics: Arc<Metrics>,
     /// Operator accounts, sessions and API tokens.
     pub accounts: Arc<Accounts>,
@@ -262,12 +269,18 @@ async fn start_inner(
     let device_tls = device_tls_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())
         .map_err(AppError::DeviceTls)?;
 
+    let (enrol_store, revocations) = {
+        let dir = data.enrolment_dir();
+        tokio::task::spawn_blocking(move || crate::enrolment::open(&dir)).await??
+    };
+
     let metrics = Arc::new(Metrics::new());
     let (broker, edge) = match (mqtt, &opts.external_broker) {
         (Some((listener, addr)), _) => {
             let tls = mtls_server_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())?;
             let mut config = EdgeConfig::new(tls);
             config.wait_for_controller = Some(CONTROLLER_WAIT);
+            config.revocations = Some(revocations.clone());
             let edge = spawn_edge(
                 listener,
                 addr,
@@ -417,6 +430,30 @@ async fn start_inner(
         )
     };
 
+    let enrolment = {
+        let mqtt_url = match (&opts.external_broker, opts.hosts.first()) {
+            (Some(external), _) => external.to_string(),
+            (None, Some(host)) => BrokerUrl {
+                host: host.clone(),
+                port: broker.port,
+            }
+            .to_string(),
+            (None, None) => broker.to_string(),
+        };
+        let cfg = EnrolmentConfig::new(mqtt_url, artifacts.config().device_url.clone());
+        let (pki, registry, edge) = (pki.clone(), registry.clone(), edge.clone());
+        let sink: Arc<dyn crate::audit::AuditSink> = audit.clone();
+        // CA key read and the first CRL signed: off the runtime.
+        tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+            let ca = pki.load_ca()?;
+            Ok(Arc::new(
+                Enrolment::new(cfg, enrol_store, revocations, ca, pki, registry, edge)?
+                    .with_audit(sink),
+            ))
+        })
+        .await??
+    };
+
     let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
     let state = ApiState::new(
         registry.clone(),
@@ -429,10 +466,11 @@ async fn start_inner(
     )
     .with_artifacts(artifacts.clone())
     .with_rollouts(rollouts.clone(), catalog)
-    .with_audit_log(audit)
+    .with_audit_log(audit.clone())
     .with_approvals(approvals, opts.approvals)
     .with_custody(custody)
-    .with_accounts(accounts.clone());
+    .with_accounts(accounts.clone())
+    .with_enrolment(enrolment.clone());
     let limits = state.limits;
     tracker.spawn(api::serve(
         api_listener,
@@ -442,7 +480,7 @@ async fn start_inner(
     ));
     let device_site = Site {
         name: "device endpoint",
-        app: device_router(artifacts.clone()),
+        app: device_router(artifacts.clone()).merge(renew_router(enrolment.clone())),
         limits,
         client_identity: true,
     };
@@ -475,6 +513,7 @@ async fn start_inner(
         config,
         commands: controller.commands,
         rollouts,
+        enrolment,
         metrics,
         accounts,
         pki_created,

@@ -10,6 +10,7 @@
 //! DATA/transactions/   sled store of the transactions (ADR 0006)
 //! DATA/config/         sled store of the fleet configuration layers and history (ADR 0007)
 //! DATA/commands/       sled store of commands and desired lock state (ADR 0007)
+//! DATA/enrolment/    sled store of enrolment tokens, issued serials and revocations (CRL)
 //! DATA/logs/           log uploads of collect_logs commands, one file per command id
 //! DATA/artifacts/      signed software artifacts (ADR 0008):
 //!   meta/              sled store of their metadata
@@ -160,6 +161,10 @@ impl DataDir {
     }
 
     /// The rollout store (ADR 0008).
+    pub fn enrolment_dir(&self) -> PathBuf {
+        self.root.join("enrolment")
+    }
+
     pub fn rollouts_dir(&self) -> PathBuf {
         self.root.join("rollouts")
     }

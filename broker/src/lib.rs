@@ -17,6 +17,8 @@
 //! - [`audit`]: the tamper-evident audit log.
 //! - [`approvals`]: two-person approval of wipes and large locks.
 //! - [`custody`]: the custody ledger (device issue register), signed and chained per device.
+//! - [`enrolment`]: enrolment tokens, CSR enrolment, revocation/decommission, the CRL and
+//!   certificate renewal.
 //! - [`artifacts`]: signed software artifacts and the device download endpoint (ADR 0008).
 //! - [`rollouts`]: staged, health-gated software rollouts (waves, payment gate, rollback).
 //! - [`fleetconfig`]: layered, versioned configuration (fleet → group → device).
@@ -40,6 +42,7 @@ pub mod controller;
 pub mod custody;
 pub mod datadir;
 pub mod edge;
+pub mod enrolment;
 pub mod events;
 pub mod fleetconfig;
 pub mod metrics;

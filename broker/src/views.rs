@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 mod artifacts;
 mod audit;
 mod config;
+mod enrolment;
 pub use artifacts::*;
 pub use audit::*;
+pub use enrolment::*;
 mod rollout;
 pub use config::*;
 pub use rollout::*;
@@ -25,6 +27,8 @@ pub enum Lifecycle {
     Locked,
     Decommissioned,
     Lost,
+    /// Its certificate(s) are revoked; refused at connect. The record stays visible.
+    Revoked,
 }
 
 /// Software versions a device reports.

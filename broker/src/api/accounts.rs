@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
 use super::ApiState;
-use super::auth::{ClientAddr, source};
+use super::auth::{PeerAddr, source};
 use super::error::ApiError;
 use crate::accounts::{AccountError, Accounts, Authenticated, Principal, Role, printable};
 use crate::audit::{AuditRecord, Outcome};
@@ -113,7 +113,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 
 pub(crate) async fn login(
     State(state): State<ApiState>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
     body: Bytes,
 ) -> Result<Json<LoginResponse>, ApiError> {
     let req: LoginRequest = secret_body(&body, "{user, password, totp?}")?;
@@ -173,7 +173,7 @@ pub(crate) async fn login(
 pub(crate) async fn logout(
     State(state): State<ApiState>,
     Extension(auth): Extension<Authenticated>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
 ) -> Result<StatusCode, ApiError> {
     let Some(digest) = auth.session else {
         return Err(ApiError::bad_request(
@@ -197,7 +197,7 @@ pub(crate) async fn logout(
 pub(crate) async fn change_password(
     State(state): State<ApiState>,
     Extension(auth): Extension<Authenticated>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let req: PasswordRequest = secret_body(&body, "{old, new}")?;
@@ -222,7 +222,7 @@ pub(crate) async fn change_password(
 pub(crate) async fn mfa_enrol(
     State(state): State<ApiState>,
     Extension(auth): Extension<Authenticated>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
 ) -> Result<Json<EnrolResponse>, ApiError> {
     let user = session_user(&auth)?;
     let name = user.clone();
@@ -245,7 +245,7 @@ pub(crate) async fn mfa_enrol(
 pub(crate) async fn mfa_confirm(
     State(state): State<ApiState>,
     Extension(auth): Extension<Authenticated>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let req: ConfirmRequest = secret_body(&body, "{code}")?;
@@ -290,7 +290,7 @@ impl ApiState {
     pub(crate) async fn audited<T>(
         &self,
         principal: &Principal,
-        addr: Option<&ClientAddr>,
+        addr: Option<&PeerAddr>,
         action: &str,
         target: &str,
         result: Result<T, AccountError>,

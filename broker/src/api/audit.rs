@@ -87,7 +87,7 @@ impl Caller {
                 .extensions()
                 .get::<Principal>()
                 .map_or_else(|| "unauthenticated".to_owned(), |p| p.name.clone()),
-            source: super::auth::source(request.extensions().get::<super::ClientAddr>()),
+            source: super::auth::source(request.extensions().get::<super::PeerAddr>()),
         }
     }
 }

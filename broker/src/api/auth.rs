@@ -12,7 +12,6 @@
 //! - [`Actor`]: extractor giving handlers the principal's name, recorded as author.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -21,14 +20,11 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::warn;
 
+pub(crate) use super::PeerAddr;
 use super::error::ApiError;
 use super::{AdminToken, ApiState};
 use crate::accounts::{Authenticated, Principal, Role};
 use crate::audit::{AuditRecord, Outcome};
-
-/// The client's address, put into every request's extensions by the accept loop.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ClientAddr(pub(crate) SocketAddr);
 
 /// What a route of the table requires.
 #[derive(Debug, Clone)]
@@ -163,7 +159,7 @@ pub(crate) async fn authorize(
     );
     let record = AuditRecord {
         actor: auth.principal.name.clone(),
-        source: source(request.extensions().get::<ClientAddr>()),
+        source: source(request.extensions().get::<PeerAddr>()),
         action: "api.denied".into(),
         target: format!("{} {}", request.method(), request.uri().path()),
         outcome: Outcome::Denied,
@@ -176,7 +172,7 @@ pub(crate) async fn authorize(
 }
 
 /// The audit source of a request: the client's IP address.
-pub(crate) fn source(addr: Option<&ClientAddr>) -> String {
+pub(crate) fn source(addr: Option<&PeerAddr>) -> String {
     addr.map_or_else(|| "unknown".to_owned(), |a| a.0.ip().to_string())
 }
 

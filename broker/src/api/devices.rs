@@ -21,8 +21,8 @@ pub(crate) const ID_HINT: &str =
     "device ids are 1-64 characters: a letter or digit, then letters, digits, '.', '_' or '-'";
 /// Hint for group and label names.
 pub(crate) const NAME_HINT: &str = "group names, label keys and label values are 1-64 characters: letters, digits, '.', '_' or '-'";
-const LIST_HINT: &str =
-    "parameters: group=<name>, label=<key>=<value> (repeatable; all must match)";
+const LIST_HINT: &str = "parameters: group=<name>, label=<key>=<value> (repeatable; all must \
+                         match), all=true (include decommissioned devices)";
 /// Most groups or labels on one device.
 const MAX_PER_DEVICE: usize = 64;
 
@@ -34,8 +34,16 @@ pub(crate) async fn list(
     let Query(pairs) = query.map_err(|e| ApiError::bad_request(e.body_text(), LIST_HINT))?;
     let mut selectors = Vec::new();
     let mut labels = BTreeMap::new();
+    let mut all = false;
     for (name, value) in pairs {
         match name.as_str() {
+            "all" => {
+                all = match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(ApiError::field("all", "true or false", LIST_HINT)),
+                };
+            }
             "group" => {
                 if !valid_name(&value) {
                     return Err(ApiError::field(
@@ -60,6 +68,10 @@ pub(crate) async fn list(
         selectors.push(Selector::Labels(labels));
     }
     let mut devices = state.registry.list();
+    if !all {
+        // Retired terminals stay on record but out of the everyday list.
+        devices.retain(|d| d.lifecycle != crate::views::Lifecycle::Decommissioned);
+    }
     if !selectors.is_empty() {
         let keep: BTreeSet<DeviceId> = state
             .registry

@@ -38,6 +38,7 @@ mod commands;
 mod config;
 mod custody;
 mod devices;
+mod enrolment;
 mod error;
 mod health;
 mod metrics;
@@ -58,10 +59,10 @@ use axum::routing::{MethodRouter, get, post, put};
 use tokio_util::sync::CancellationToken;
 
 pub use accounts::{EnrolResponse, LoginResponse, WhoAmI};
-pub(crate) use auth::{Actor, ClientAddr};
+pub(crate) use auth::Actor;
 pub(crate) use devices::parse_label;
 pub use error::{ApiError, ServerTlsError};
-pub use server::{Site, serve, serve_site, server_tls_config};
+pub use server::{PeerAddr, PeerCertificate, Site, serve, serve_site, server_tls_config};
 pub(crate) use transactions::parse_time;
 pub use users::{CreatedToken, InitialPassword, TokenList, UserList};
 
@@ -163,6 +164,8 @@ pub struct ApiState {
     pub(crate) approval_policy: ApprovalPolicy,
     /// Wall clock (Unix ms) of approvals and custody entries; tests move it.
     pub(crate) clock: ClockFn,
+    /// Enrolment, revocation and the CRL (`None`: those routes answer 503).
+    pub(crate) enrolment: Option<Arc<crate::enrolment::Enrolment>>,
 }
 
 /// The wall clock (a closure without `Debug`).
@@ -224,6 +227,7 @@ impl ApiState {
             custody: None,
             approval_policy: ApprovalPolicy::default(),
             clock: ClockFn(crate::controller::system_clock()),
+            enrolment: None,
         }
     }
 
@@ -262,6 +266,12 @@ impl ApiState {
     pub fn with_audit_log(mut self, log: Arc<AuditLog>) -> Self {
         self.audit = audit::Audit(log.clone());
         self.audit_log = Some(log);
+        self
+    }
+
+    /// The same state serving enrolment, revocation and the CRL from `enrolment`.
+    pub fn with_enrolment(mut self, enrolment: Arc<crate::enrolment::Enrolment>) -> Self {
+        self.enrolment = Some(enrolment);
         self
     }
 
@@ -331,6 +341,11 @@ fn open_routes() -> Vec<(&'static str, MethodRouter<ApiState>)> {
         (
             "/api/v1/auth/login",
             post(accounts::login).layer(DefaultBodyLimit::max(accounts::MAX_BODY_BYTES)),
+        ),
+        // Authorised by the one-time enrolment token in its body.
+        (
+            "/api/v1/enroll",
+            post(enrolment::enroll).layer(DefaultBodyLimit::max(ENROLL_BODY_LIMIT)),
         ),
     ]
 }
@@ -601,8 +616,37 @@ fn protected_routes() -> Vec<Route> {
         route("/api/v1/audit", Admin, Admin, get(audit::list)),
         route("/api/v1/audit/verify", Admin, Admin, get(audit::verify)),
         route("/api/v1/audit/export", Admin, Admin, get(audit::export)),
+        // Enrolment tokens, revocation and decommission: admin. The CRL is public data.
+        route(
+            "/api/v1/enrolment-tokens",
+            Admin,
+            Admin,
+            get(enrolment::list_tokens).post(enrolment::create_token),
+        ),
+        route(
+            "/api/v1/enrolment-tokens/{id}",
+            Admin,
+            Admin,
+            axum::routing::delete(enrolment::delete_token),
+        ),
+        route(
+            "/api/v1/devices/{id}/revoke",
+            Viewer,
+            Admin,
+            post(enrolment::revoke),
+        ),
+        route(
+            "/api/v1/devices/{id}/decommission",
+            Viewer,
+            Admin,
+            post(enrolment::decommission),
+        ),
+        route("/api/v1/pki/crl", Viewer, Admin, get(enrolment::crl)),
     ]
 }
+
+/// Largest enrolment request body (a CSR is under 1 KiB).
+const ENROLL_BODY_LIMIT: usize = 16 * 1024;
 
 /// The API's router: the open routes, and everything else (including unknown routes, which
 /// get a JSON 404) behind authentication and each route's role check.

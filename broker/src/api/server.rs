@@ -33,6 +33,14 @@ use super::error::ServerTlsError;
 use super::{ApiLimits, ApiState, router};
 use crate::artifacts::PeerIdentity;
 
+/// The client's address (every site), for per-source limits and the audit log.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// The DER of the client certificate (mutual-TLS sites), for its serial and validity.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub Arc<[u8]>);
+
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -216,21 +224,26 @@ impl Connection {
             },
         };
         // Every request knows its client's address (audit records name it).
-        let mut app = self.app.layer(Extension(super::ClientAddr(peer)));
+        let mut app = self.app.layer(Extension(super::PeerAddr(peer)));
         if self.client_identity {
-            let identity = tls
+            let leaf = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|certs| certs.first())
-                .map(|cert| Identity::from_cert_der(cert));
-            match identity {
-                Some(Ok(identity)) => app = app.layer(Extension(PeerIdentity(identity))),
-                Some(Err(e)) => {
+                .map(|cert| cert.to_vec());
+            let identity = leaf.as_deref().map(Identity::from_cert_der);
+            match (identity, leaf) {
+                (Some(Ok(identity)), Some(leaf)) => {
+                    app = app
+                        .layer(Extension(PeerIdentity(identity)))
+                        .layer(Extension(PeerCertificate(leaf.into())));
+                }
+                (Some(Err(e)), _) => {
                     debug!(error = %e, "client certificate carries no posfleet identity");
                     return;
                 }
-                None => {
+                _ => {
                     debug!("no client certificate");
                     return;
                 }

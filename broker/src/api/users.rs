@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ApiState;
 use super::accounts::{blocking, service};
-use super::auth::ClientAddr;
+use super::auth::PeerAddr;
 use super::error::ApiError;
 use crate::accounts::{Principal, Role, TokenView, UserView};
 
@@ -78,7 +78,7 @@ fn body<T>(
 pub(crate) async fn create_user(
     State(state): State<ApiState>,
     Extension(by): Extension<Principal>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
     req: Result<Json<CreateUser>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<InitialPassword>), ApiError> {
     let req = body(req, USER_HINT)?;
@@ -110,7 +110,7 @@ pub(crate) async fn list_users(State(state): State<ApiState>) -> Result<Json<Use
 pub(crate) async fn reset_user(
     State(state): State<ApiState>,
     Extension(by): Extension<Principal>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
     Path(name): Path<String>,
     req: Option<Json<ResetUser>>,
 ) -> Result<Json<InitialPassword>, ApiError> {
@@ -130,7 +130,7 @@ pub(crate) async fn reset_user(
 pub(crate) async fn disable_user(
     state: State<ApiState>,
     by: Extension<Principal>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
     name: Path<String>,
 ) -> Result<StatusCode, ApiError> {
     set_enabled(state, by, addr, name, false).await
@@ -139,7 +139,7 @@ pub(crate) async fn disable_user(
 pub(crate) async fn enable_user(
     state: State<ApiState>,
     by: Extension<Principal>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
     name: Path<String>,
 ) -> Result<StatusCode, ApiError> {
     set_enabled(state, by, addr, name, true).await
@@ -148,7 +148,7 @@ pub(crate) async fn enable_user(
 async fn set_enabled(
     State(state): State<ApiState>,
     Extension(by): Extension<Principal>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
     Path(name): Path<String>,
     enabled: bool,
 ) -> Result<StatusCode, ApiError> {
@@ -171,7 +171,7 @@ async fn set_enabled(
 pub(crate) async fn delete_user(
     State(state): State<ApiState>,
     Extension(by): Extension<Principal>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let (target, author) = (name.clone(), by.name.clone());
@@ -185,7 +185,7 @@ pub(crate) async fn delete_user(
 pub(crate) async fn create_token(
     State(state): State<ApiState>,
     Extension(by): Extension<Principal>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
     req: Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     let req = body(req, TOKEN_HINT)?;
@@ -220,7 +220,7 @@ pub(crate) async fn list_tokens(
 pub(crate) async fn revoke_token(
     State(state): State<ApiState>,
     Extension(by): Extension<Principal>,
-    addr: Option<Extension<ClientAddr>>,
+    addr: Option<Extension<PeerAddr>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let (revoker, target) = (by.clone(), name.clone());

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use posfleet_proto::MAX_PACKET_SIZE;
-use posfleet_proto::pki::Identity;
+use posfleet_proto::pki::{CertFacts, Identity};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
@@ -27,6 +27,7 @@ use super::gate::DeviceGate;
 use super::pump::{Ledger, inbound, outbound, send_to_router};
 use super::router::RouterHandle;
 use super::sessions::{ClaimError, Sessions};
+use crate::enrolment::{Revocations, Standing};
 use crate::metrics::Metrics;
 
 /// Timeouts of one connection.
@@ -59,6 +60,17 @@ pub(crate) struct Shared {
     pub(crate) fatal: Fatal,
     /// Closed until the controller has subscribed (embedded setup).
     pub(crate) device_gate: DeviceGate,
+    /// Revoked certificates and retired devices (see `EdgeConfig::revocations`).
+    pub(crate) revocations: Option<Arc<Revocations>>,
+}
+
+impl Shared {
+    /// The standing of a certificate; always good without a revocation view.
+    fn standing(&self, identity: &Identity, cert: &CertFacts) -> Standing {
+        self.revocations
+            .as_ref()
+            .map_or(Standing::Good, |r| r.check(identity, cert))
+    }
 }
 
 /// How a connection ended, which decides the teardown.
@@ -88,6 +100,7 @@ pub(crate) async fn run<S>(
     stream: S,
     peer: SocketAddr,
     identity: Identity,
+    cert: CertFacts,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) where
@@ -141,6 +154,12 @@ pub(crate) async fn run<S>(
         }
     };
 
+    // Revoked certificates and retired terminals are refused before they use anything.
+    let standing = shared.standing(&identity, &cert);
+    if standing != Standing::Good {
+        return refuse_with(&shared, &mut writer, &identity, standing.reason()).await;
+    }
+
     // Before the rate limit: waiting for the controller must not use up a terminal's connects.
     if identity.device().is_some() && !shared.device_gate.is_open() {
         debug!(device = %identity, "controller not subscribed yet; terminal told to retry");
@@ -164,6 +183,18 @@ pub(crate) async fn run<S>(
             return;
         }
     };
+
+    // A revocation between the check above and the claim found no session to close: check
+    // again now that this session can be kicked.
+    let standing = shared.standing(&identity, &cert);
+    if standing != Standing::Good {
+        slot.detached();
+        shared.sessions.release(&slot);
+        return refuse_with(&shared, &mut writer, &identity, standing.reason()).await;
+    }
+    if let Some(revocations) = &shared.revocations {
+        revocations.note_connected(&identity, &cert);
+    }
 
     // LinkBuilder::build blocks until the router answers.
     let router = shared.router.clone();

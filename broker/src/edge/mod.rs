@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use posfleet_proto::pki::Identity;
+use posfleet_proto::pki::{CertFacts, Identity};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -59,6 +59,9 @@ pub struct EdgeConfig {
     /// subscribed, at most this long after start. `None` admits them at once. `serve` sets
     /// it so no ONLINE presence is lost in the reconnect storm after a restart.
     pub wait_for_controller: Option<Duration>,
+    /// Revoked certificates and retired devices, refused at CONNECT (CONNACK "not
+    /// authorized", counted as `revoked` / `decommissioned`). `None`: no revocation check.
+    pub revocations: Option<Arc<crate::enrolment::Revocations>>,
 }
 
 impl EdgeConfig {
@@ -72,6 +75,7 @@ impl EdgeConfig {
             rate_limit: ConnectRateLimit::default(),
             router: RouterSettings::default(),
             wait_for_controller: None,
+            revocations: None,
         }
     }
 }
@@ -158,6 +162,7 @@ pub fn spawn_edge(
         limits: config.limits,
         fatal: Fatal::default(),
         device_gate: gate::DeviceGate::new(config.wait_for_controller.is_none()),
+        revocations: config.revocations.clone(),
     });
     if let Some(deadline) = config.wait_for_controller {
         let shared = shared.clone();
@@ -263,13 +268,16 @@ async fn accept_loop(
                 }
                 Ok(Ok(stream)) => stream,
             };
-            let identity = stream
+            let leaf = stream
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|certs| certs.first())
-                .map(|cert| Identity::from_cert_der(cert));
-            let identity = match identity {
+                .and_then(|certs| certs.first());
+            let identity = leaf.map(|cert| {
+                Identity::from_cert_der(cert)
+                    .and_then(|identity| CertFacts::from_der(cert).map(|facts| (identity, facts)))
+            });
+            let (identity, cert) = match identity {
                 Some(Ok(identity)) => identity,
                 Some(Err(error)) => {
                     warn!(%peer, %error, "client certificate carries no posfleet identity");
@@ -281,7 +289,7 @@ async fn accept_loop(
                     return;
                 }
             };
-            connection::run(stream, peer, identity, shared, cancel).await;
+            connection::run(stream, peer, identity, cert, shared, cancel).await;
         });
     }
 }

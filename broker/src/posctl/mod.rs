@@ -31,6 +31,7 @@ mod commands;
 mod config;
 mod devices;
 mod endpoint;
+mod enrol;
 mod output;
 mod pki;
 mod rollouts;
@@ -272,6 +273,9 @@ enum ApiCommand {
     /// Operator accounts (admin).
     #[command(subcommand)]
     User(UserCommand),
+    /// Terminal enrolment: one-time tokens for `posfleet-agent enroll`.
+    #[command(subcommand)]
+    Enroll(EnrollCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -374,6 +378,33 @@ enum UserCommand {
     Delete {
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrollCommand {
+    /// One-time enrolment tokens.
+    #[command(subcommand)]
+    Token(EnrolTokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrolTokenCommand {
+    /// Create a one-time token (printed once).
+    Create {
+        /// Only a terminal with this serial number may use it.
+        #[arg(long)]
+        serial: Option<String>,
+        /// The enrolled terminal joins this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Lifetime, e.g. 24h (at most 7d).
+        #[arg(long, default_value = "24h")]
+        expires: String,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Delete a token so it cannot enrol anything.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -706,6 +737,21 @@ enum DevicesCommand {
         id: DeviceId,
         #[arg(long)]
         note: Option<String>,
+    },
+    /// Revoke a device's certificates: its live session closes at once, reconnects are
+    /// refused, the certificates go on the CRL.
+    Revoke {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Revoke and retire a device: hidden from `devices list`, kept for history.
+    Decommission {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -1048,6 +1094,21 @@ async fn run_api(
                 None => serde_json::json!({}),
             };
             audit::lost_found(&api, &id, "found", body, format, out).await?;
+        }
+        ApiCommand::Enroll(EnrollCommand::Token(cmd)) => match cmd {
+            EnrolTokenCommand::Create {
+                serial,
+                group,
+                expires,
+            } => enrol::create_token(&api, serial, group, expires, format, out).await?,
+            EnrolTokenCommand::List => enrol::list_tokens(&api, format, out).await?,
+            EnrolTokenCommand::Revoke { id } => enrol::revoke_token(&api, &id, format, out).await?,
+        },
+        ApiCommand::Devices(DevicesCommand::Revoke { id, reason }) => {
+            enrol::revoke_device(&api, &id, reason, false, format, out).await?
+        }
+        ApiCommand::Devices(DevicesCommand::Decommission { id, reason }) => {
+            enrol::revoke_device(&api, &id, reason, true, format, out).await?
         }
         ApiCommand::Rollout(cmd) => match cmd {
             RolloutCommand::Create(args) => rollouts::create(&api, &args, format, out).await?,

@@ -45,7 +45,9 @@ pub(crate) use device::test_support;
 pub(crate) use device::{DeviceRecord, TelemetrySample};
 pub(crate) use state::{Change, DeviceInfo, PresenceChange, StalePresence};
 
-use crate::views::{DeviceDetail, DeviceSummary, HeartbeatView, ReportedView, VersionsView};
+use crate::views::{
+    DeviceDetail, DeviceSummary, HeartbeatView, Lifecycle, ReportedView, VersionsView,
+};
 use committer::Durability;
 use device::{Device, HotState};
 use state::State;
@@ -284,6 +286,43 @@ impl Registry {
             book.significant(id);
         }
         true
+    }
+
+    /// Registers an enrolled device (lifecycle `pending` until it connects) with its serial
+    /// number and groups. Returns `false` if the id is already known. A significant change:
+    /// `flush` makes it durable.
+    pub(crate) fn enroll(
+        &self,
+        id: &DeviceId,
+        serial: &str,
+        groups: BTreeSet<String>,
+        at_ms: u64,
+    ) -> bool {
+        let mut st = self.write();
+        let State { devices, book } = &mut *st;
+        if devices.contains_key(id) {
+            return false;
+        }
+        let mut record = DeviceRecord::new(id.as_str(), at_ms);
+        record.lifecycle = Lifecycle::Pending;
+        record.serial = serial.to_owned();
+        record.groups = groups;
+        devices.insert(
+            id.clone(),
+            Device {
+                record,
+                hot: HotState::default(),
+            },
+        );
+        book.significant(id);
+        drop(st);
+        self.wake.notify_one();
+        true
+    }
+
+    /// The device's lifecycle (`None` for an unknown device).
+    pub(crate) fn lifecycle(&self, id: &DeviceId) -> Option<Lifecycle> {
+        self.read().devices.get(id).map(|d| d.record.lifecycle)
     }
 
     /// Remembers what a device reported about its lock and configuration (memory only).

@@ -8,7 +8,7 @@ use posfleet_proto::DeviceId;
 
 use super::device::{Device, DeviceRecord, HotState, TelemetrySample};
 use super::{REASON_MISSED_HEARTBEATS, RegistryConfig};
-use crate::views::{HeartbeatView, VersionsView};
+use crate::views::{HeartbeatView, Lifecycle, VersionsView};
 
 /// A presence transition to announce.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +93,11 @@ impl State {
         }
         if !info.serial.is_empty() {
             changed |= replace(&mut dev.record.serial, info.serial);
+        }
+        // An enrolled terminal becomes active when it first connects.
+        if dev.record.lifecycle == Lifecycle::Pending {
+            dev.record.lifecycle = Lifecycle::Active;
+            changed = true;
         }
         if changed {
             book.significant(id);

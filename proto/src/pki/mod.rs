@@ -6,14 +6,18 @@
 //!   controller, broker server), ECDSA P-256 via rcgen.
 //! - [`identity`]: [`Identity`], the role and name a certificate proves; the edge, the
 //!   controller and the agent all read identities through it.
+//! - [`csr`]: enrolment and renewal: the terminal's CSR, its signing under the device
+//!   profile, certificate facts (serial, validity) and the fleet CRL.
 //! - [`store`]: [`PkiDir`], the on-disk layout of a PKI directory, key files written 0600.
 
+pub mod csr;
 pub mod identity;
 pub mod profile;
 pub mod store;
 
+pub use csr::{CertFacts, CsrError, DeviceKeyRequest, RevokedSerial, crl_serials, verify_csr};
 pub use identity::Identity;
-pub use profile::{Ca, CertifiedKey};
+pub use profile::{BACKDATE_SECONDS, Ca, CertifiedKey};
 pub use store::{
     DeviceBundle, PkiDir, parse_pem_certs, read_public_keys, write_public_file, write_secret_file,
 };

@@ -16,6 +16,9 @@ use crate::DeviceId;
 const ORGANISATION: &str = "posfleet";
 /// Certificates are valid from a little before issue, to tolerate clock skew on terminals.
 const BACKDATE: Duration = Duration::hours(1);
+/// [`BACKDATE`] in seconds: a certificate issued at `t` has `not_before = t - BACKDATE_SECONDS`
+/// (the edge uses it to tell certificates issued before a revocation).
+pub const BACKDATE_SECONDS: i64 = BACKDATE.whole_seconds();
 const CA_VALIDITY: Duration = Duration::days(3650);
 const SERVER_VALIDITY: Duration = Duration::days(825);
 /// Client certificates (device, controller); renewal happens well before expiry.
@@ -101,11 +104,12 @@ impl Ca {
     /// extended key usage client auth. The key is generated here; enrolment (where the terminal
     /// keeps its key) signs a CSR instead.
     pub fn issue_device(&self, id: &DeviceId) -> Result<CertifiedKey, PkiError> {
-        let mut params = base_params(id.as_str(), DEVICE_OU, CLIENT_VALIDITY)?;
-        params.subject_alt_names =
-            vec![SanType::URI(format!("{DEVICE_URI_PREFIX}{id}").try_into()?)];
-        client_profile(&mut params);
-        self.issue(params)
+        self.issue(device_params(id)?)
+    }
+
+    /// The signing half of the CA, for CSRs and CRLs (`csr.rs`).
+    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
     }
 
     /// A controller certificate: CN = `controller:<name>`, OU = controller, client auth.
@@ -143,6 +147,14 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// The device profile for `id`, with a fresh serial and validity from now.
+pub(crate) fn device_params(id: &DeviceId) -> Result<CertificateParams, PkiError> {
+    let mut params = base_params(id.as_str(), DEVICE_OU, CLIENT_VALIDITY)?;
+    params.subject_alt_names = vec![SanType::URI(format!("{DEVICE_URI_PREFIX}{id}").try_into()?)];
+    client_profile(&mut params);
+    Ok(params)
 }
 
 fn client_profile(params: &mut CertificateParams) {

@@ -149,12 +149,12 @@ async fn the_right_token_is_accepted_and_healthz_needs_none() {
 }
 
 #[test]
-fn only_health_and_login_are_open_and_every_route_declares_a_role() {
+fn only_health_login_and_enrolment_are_open_and_every_route_declares_a_role() {
     let open: Vec<&str> = super::super::open_routes()
         .iter()
         .map(|(p, _)| *p)
         .collect();
-    assert_eq!(open, ["/healthz", "/api/v1/auth/login"]);
+    assert_eq!(open, ["/healthz", "/api/v1/auth/login", "/api/v1/enroll"]);
     let routes = protected_routes();
     let mut seen = std::collections::HashSet::new();
     for r in &routes {
@@ -287,6 +287,7 @@ async fn a_viewer_is_refused_every_mutating_route_and_an_operator_every_admin_ro
                     | "/api/v1/audit"
                     | "/api/v1/audit/verify"
                     | "/api/v1/audit/export"
+                    | "/api/v1/pki/crl"
                     | "/api/v1/stream"
                     | "/metrics"
             )

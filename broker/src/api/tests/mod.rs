@@ -242,6 +242,25 @@ impl TestServer {
                 Arc::clone(&metrics),
             ))
         };
+        let enrolment = {
+            let (store, revocations) =
+                crate::enrolment::open(&tmp.path().join("enrolment")).unwrap();
+            Arc::new(
+                crate::enrolment::Enrolment::new(
+                    crate::enrolment::EnrolmentConfig::new(
+                        "mqtts://127.0.0.1:8883".into(),
+                        "https://127.0.0.1:8884".into(),
+                    ),
+                    store,
+                    revocations,
+                    pki.load_ca().unwrap(),
+                    pki.clone(),
+                    Arc::clone(&registry),
+                    None,
+                )
+                .unwrap(),
+            )
+        };
         let now = Arc::new(std::sync::atomic::AtomicU64::new(posfleet_proto::now_ms()));
         let clock: crate::controller::Clock = {
             let now = Arc::clone(&now);
@@ -290,7 +309,8 @@ impl TestServer {
             .with_clock(clock)
             .with_custody(Arc::clone(&custody))
             .with_accounts(Arc::clone(&accounts))
-            .with_audit(recorded.clone());
+            .with_audit(recorded.clone())
+            .with_enrolment(enrolment);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));

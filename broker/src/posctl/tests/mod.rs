@@ -30,6 +30,7 @@ mod artifacts;
 mod commands;
 mod config;
 mod devices;
+mod enrol;
 mod rollouts;
 pub(crate) mod transactions;
 mod watch;
