@@ -35,7 +35,9 @@ use crate::controller::{ControllerConfig, ControllerError, spawn_controller};
 use crate::custody::{CustodyError, CustodyLedger};
 use crate::datadir::{ClientFile, DataDir, DataDirError};
 use crate::edge::{EdgeConfig, EdgeHandle, TlsSetupError, mtls_server_config, spawn_edge};
-use crate::enrolment::{EnrolError, Enrolment, EnrolmentConfig, EnrolmentStoreError, renew_router};
+use crate::enrolment::{
+    EnrolError, Enrolment, EnrolmentConfig, EnrolmentStoreError, refuse_revoked, renew_router,
+};
 use crate::events::EventBus;
 use crate::fleetconfig::ConfigSource;
 use crate::fleetconfig::{ConfigError, ConfigStore, ConfigStoreConfig};
@@ -480,7 +482,10 @@ async fn start_inner(
     ));
     let device_site = Site {
         name: "device endpoint",
-        app: device_router(artifacts.clone()).merge(renew_router(enrolment.clone())),
+        app: refuse_revoked(
+            enrolment.clone(),
+            device_router(artifacts.clone()).merge(renew_router(enrolment.clone())),
+        ),
         limits,
         client_identity: true,
     };

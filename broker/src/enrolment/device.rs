@@ -17,6 +17,40 @@ use crate::api::{PeerAddr, PeerCertificate};
 use crate::artifacts::PeerIdentity;
 use crate::views::{ErrorBody, RenewConfirmed, RenewRequest};
 
+/// The whole device endpoint (artifact downloads included) refuses a revoked or decommissioned
+/// certificate with 403, like the MQTT edge refuses it at CONNECT.
+pub fn refuse_revoked(enrolment: Arc<Enrolment>, router: Router) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(enrolment, standing))
+}
+
+async fn standing(
+    State(enrolment): State<Arc<Enrolment>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let found = (
+        request.extensions().get::<PeerIdentity>(),
+        request.extensions().get::<PeerCertificate>(),
+    );
+    let (Some(identity), Some(cert)) = found else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "a client certificate is required".into(),
+        );
+    };
+    let facts = match CertFacts::from_der(&cert.0) {
+        Ok(facts) => facts,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("client certificate: {e}")),
+    };
+    match enrolment.revocations().check(&identity.0, &facts) {
+        super::Standing::Good => next.run(request).await,
+        refused => error(
+            StatusCode::FORBIDDEN,
+            format!("this certificate is {}", refused.reason()),
+        ),
+    }
+}
+
 /// The renewal routes, to merge into the device endpoint's router.
 pub fn renew_router(enrolment: Arc<Enrolment>) -> Router {
     Router::new()

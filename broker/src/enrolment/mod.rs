@@ -34,7 +34,7 @@ use posfleet_proto::DeviceId;
 use posfleet_proto::pki::{Ca, CertFacts, CsrError, Identity, PkiDir, RevokedSerial, verify_csr};
 use tracing::{info, warn};
 
-pub use device::renew_router;
+pub use device::{refuse_revoked, renew_router};
 pub use revocations::{Revocations, Standing};
 pub use store::{EnrolmentStore, EnrolmentStoreError};
 

@@ -358,6 +358,15 @@ async fn enrolled_identity_connects_revocation_closes_and_refuses_it() {
     let mut events = f.session("T-1", &enrolled.certificate_pem, &key);
     connected(&mut events).await;
     let id = DeviceId::new("T-1").unwrap();
+    // Before the revocation the device endpoint serves it (an unknown artifact: 404).
+    let no_such_artifact = f.device_url(&format!("/device/v1/artifacts/{}", "0".repeat(64)));
+    let r = f
+        .device_client(&enrolled.certificate_pem, &key)
+        .get(no_such_artifact.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
     announce(&f, &id);
     assert_eq!(
         f.running.registry.detail(&id).unwrap().summary.lifecycle,
@@ -399,8 +408,11 @@ async fn enrolled_identity_connects_revocation_closes_and_refuses_it() {
             .contains(&serial)
     );
 
-    // A revoked certificate cannot renew.
+    // A revoked certificate downloads nothing and cannot renew.
     let device = f.device_client(&enrolled.certificate_pem, &key);
+    // (The TLS handshake does not know revocations; the endpoint answers.)
+    let r = device.get(no_such_artifact).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let csr = DeviceKeyRequest::generate(&id).unwrap().csr_pem;
     let r = device
         .post(f.device_url("/device/v1/renew"))
