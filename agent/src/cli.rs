@@ -13,20 +13,15 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-use crate::agent::{Agent, open_outbox, open_state};
-use crate::api::{ApiState, LocalApi};
 use crate::command::HookSettings;
-use crate::config::{BrokerUrl, Config, parse_duration};
+use crate::config::{BrokerUrl, parse_duration};
 use crate::simulate::{self, SimulatorConfig};
+use crate::terminal::stop;
 
-/// Exit status after a wipe: the terminal has no identity left, a supervisor must not
-/// restart the agent (the systemd unit says `RestartPreventExitStatus=3`).
-pub const EXIT_WIPED: u8 = 3;
-/// Time the tasks get to stop after SIGTERM/SIGINT.
-pub const GRACE: Duration = Duration::from_secs(5);
+pub use crate::terminal::{EXIT_WIPED, GRACE};
 /// How often `simulate` logs how many terminals are connected.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
@@ -275,46 +270,7 @@ fn init_tracing(default_filter: &str) {
 }
 
 async fn run_agent(path: PathBuf) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&path)?;
-    // Opening the store and reading the certificate files block: off the runtime.
-    let cfg = config.clone();
-    let (agent, outbox) = tokio::task::spawn_blocking(move || {
-        let outbox = open_outbox(&cfg)?;
-        let state = open_state(&cfg)?;
-        let agent = Agent::from_config(&cfg, &outbox, &state)?;
-        anyhow::Ok((agent, outbox))
-    })
-    .await
-    .context("starting the agent panicked")?
-    .with_context(|| format!("cannot start the agent configured in {}", path.display()))?;
-    info!(device_id = %agent.device_id(), broker = %config.broker, "posfleet-agent starting");
-    let api = LocalApi::bind(&config.local_api).context("cannot start the local API")?;
-    let tracker = TaskTracker::new();
-    let cancel = CancellationToken::new();
-    let handle = agent.spawn(&tracker, cancel.child_token())?;
-    api.serve(
-        ApiState::new(handle.clone()),
-        &tracker,
-        cancel.child_token(),
-    );
-    let outcome = tokio::select! {
-        signal = shutdown_signal() => signal.map(|()| ExitCode::SUCCESS),
-        () = handle.wiped() => {
-            warn!("the terminal was wiped by command; the agent exits and must be re-enrolled");
-            Ok(ExitCode::from(EXIT_WIPED))
-        }
-        () = handle.mqtt().closed() => if handle.is_wiped() {
-            Ok(ExitCode::from(EXIT_WIPED))
-        } else {
-            Err(anyhow::anyhow!(
-                "the MQTT session ended unexpectedly; exiting so the supervisor restarts the agent"
-            ))
-        },
-    };
-    stop(cancel, tracker).await;
-    // Everything accepted is already durable; this only finishes queued removals.
-    outbox.close().await;
-    outcome
+    crate::terminal::run_terminal(&path, shutdown_signal()).await
 }
 
 async fn run_simulator(cfg: SimulatorConfig) -> anyhow::Result<()> {
@@ -351,21 +307,6 @@ async fn run_simulator(cfg: SimulatorConfig) -> anyhow::Result<()> {
     stop(cancel, tracker).await;
     sim.outbox().close().await;
     outcome
-}
-
-/// Cancels everything and waits up to [`GRACE`] for the tasks to finish.
-async fn stop(cancel: CancellationToken, tracker: TaskTracker) {
-    cancel.cancel();
-    tracker.close();
-    if tokio::time::timeout(GRACE, tracker.wait()).await.is_err() {
-        warn!(
-            grace = ?GRACE,
-            remaining = tracker.len(),
-            "tasks did not stop within the grace period"
-        );
-    } else {
-        info!("stopped");
-    }
 }
 
 /// Waits for SIGTERM or SIGINT.

@@ -92,6 +92,8 @@ struct Answer {
     #[serde(default)]
     release_pub_pem: Option<String>,
     mqtt_url: String,
+    /// The device endpoint (renewal), written to the config as `tls.device_url`.
+    device_url: String,
 }
 
 /// What was written.
@@ -184,7 +186,7 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
         .clone()
         .unwrap_or_else(|| out.join("agent.toml"));
     let text = config_text(
-        &answer.mqtt_url,
+        (&answer.mqtt_url, &answer.device_url),
         &ca,
         &cert,
         &key_path,
@@ -221,7 +223,7 @@ fn quoted(s: &str) -> String {
 
 #[allow(clippy::too_many_arguments)]
 fn config_text(
-    mqtt_url: &str,
+    (mqtt_url, device_url): (&str, &str),
     ca: &Path,
     cert: &Path,
     key: &Path,
@@ -233,13 +235,14 @@ fn config_text(
     let p = |path: &Path| quoted(&path.display().to_string());
     let mut text = format!(
         "# Written by `posfleet-agent enroll`; see deploy/agent/agent.example.toml for every \
-         setting.\n\n[broker]\nurl = {}\n\n[tls]\nca = {}\ncert = {}\nkey = {}\n\n[agent]\n\
+         setting.\n\n[broker]\nurl = {}\n\n[tls]\nca = {}\ncert = {}\nkey = {}\ndevice_url = {}\n\n[agent]\n\
          data_dir = {}\n\n[device]\nserial = {}\n\n[local_api]\nsocket = {}\n\n[commands]\n\
          trusted_keys = [{}]\n",
         quoted(mqtt_url),
         p(ca),
         p(cert),
         p(key),
+        quoted(device_url),
         p(&out.join("data")),
         quoted(serial),
         p(&out.join("api.sock")),

@@ -27,6 +27,9 @@
 //! - [`telemetry`]: system metric and sensor providers (real and simulated).
 //! - [`simulate`]: N virtual terminals in one process running the same [`Agent`] code, with
 //!   synthetic transactions and one shared outbox store.
+//! - [`renew`]: automatic renewal of the terminal's certificate (new key and CSR, the device
+//!   endpoint's renew/confirm calls, resumable file swap).
+//! - [`terminal`]: the body of `run`: one terminal, restarted in-process after a renewal.
 //! - [`cli`]: the `posfleet-agent` command line (`run`, `simulate`); `main.rs` only calls
 //!   [`cli::main`].
 //! - `testing` (unit tests only): an in-memory fleet PKI and a fake MQTT broker over mTLS on
@@ -43,10 +46,12 @@ pub mod config;
 pub mod enroll;
 pub mod mqtt;
 pub mod outbox;
+pub mod renew;
 pub mod simulate;
 pub mod sledstore;
 pub mod state;
 pub mod telemetry;
+pub mod terminal;
 pub mod tls;
 pub mod transaction;
 

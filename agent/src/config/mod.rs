@@ -69,6 +69,20 @@ pub struct Config {
     pub hooks: HookSettings,
     /// Software updates.
     pub updates: UpdatesConfig,
+    /// Automatic certificate renewal (`[tls]` device_url, renew_before, renew_check_interval).
+    pub renewal: RenewalConfig,
+}
+
+/// Certificate renewal settings of `[tls]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenewalConfig {
+    /// The controller's device endpoint, `https://host:port` (written by `enroll`); `None`:
+    /// automatic renewal is off.
+    pub device_url: Option<String>,
+    /// Renew when fewer than this remain before the certificate expires.
+    pub renew_before: Duration,
+    /// Time between validity checks (the first is at start).
+    pub check_interval: Duration,
 }
 
 /// `[updates]`.
@@ -260,6 +274,24 @@ impl Validator<'_> {
         let ca = self.path("tls.ca", tls_raw.ca);
         let cert = self.path("tls.cert", tls_raw.cert);
         let key = self.path("tls.key", tls_raw.key);
+        let renewal = RenewalConfig {
+            device_url: self.device_url(tls_raw.device_url),
+            renew_before: self.duration(
+                "tls.renew_before",
+                tls_raw.renew_before,
+                crate::renew::DEFAULT_RENEW_BEFORE,
+                (
+                    Duration::from_secs(3600),
+                    Duration::from_secs(3650 * 24 * 3600),
+                ),
+            ),
+            check_interval: self.duration(
+                "tls.renew_check_interval",
+                tls_raw.renew_check_interval,
+                crate::renew::DEFAULT_CHECK_INTERVAL,
+                (Duration::from_secs(60), Duration::from_secs(7 * 24 * 3600)),
+            ),
+        };
 
         let data_dir = self.resolve(
             raw.agent
@@ -324,7 +356,23 @@ impl Validator<'_> {
             commands,
             hooks,
             updates,
+            renewal,
         })
+    }
+
+    fn device_url(&mut self, raw: Option<String>) -> Option<String> {
+        let url = raw?;
+        let url = url.trim().trim_end_matches('/');
+        match url.strip_prefix("https://") {
+            Some(rest) if !rest.is_empty() && !rest.contains('/') => Some(url.to_owned()),
+            _ => {
+                self.problem(
+                    "tls.device_url",
+                    format!("{url:?}: use https://host:port (the device endpoint `enroll` wrote); leave it out to turn renewal off"),
+                );
+                None
+            }
+        }
     }
 
     fn updates(&mut self, raw: RawUpdates, data_dir: &Path) -> UpdatesConfig {

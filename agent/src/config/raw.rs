@@ -76,6 +76,9 @@ pub(super) struct RawTls {
     pub(super) ca: Option<PathBuf>,
     pub(super) cert: Option<PathBuf>,
     pub(super) key: Option<PathBuf>,
+    pub(super) device_url: Option<String>,
+    pub(super) renew_before: Option<String>,
+    pub(super) renew_check_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

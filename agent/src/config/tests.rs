@@ -126,7 +126,7 @@ timeout = "5s"
 
     let bad = text
         .replace(r#"["command.pub", "/keys/next.pub"]"#, "[]")
-        .replace(r#""0s""#, r#""1d""#)
+        .replace(r#""0s""#, r#""1y""#)
         .replace(r#""hooks/reboot""#, r#""""#)
         .replace(r#""5s""#, r#""0s""#);
     let fields: Vec<&str> = problems(&bad).iter().map(|p| p.field).collect();
@@ -417,4 +417,40 @@ fn load_reports_the_path() {
         "{err}"
     );
     assert!(err.contains("invalid setting"), "{err}");
+}
+
+#[test]
+fn renewal_settings_default_off_and_are_validated() {
+    let cfg = Config::parse(MINIMAL, Path::new("/etc/posfleet")).unwrap();
+    assert_eq!(cfg.renewal.device_url, None);
+    assert_eq!(cfg.renewal.renew_before, Duration::from_secs(30 * 86_400));
+    assert_eq!(cfg.renewal.check_interval, Duration::from_secs(86_400));
+
+    let on = MINIMAL.replacen(
+        "[tls]\n",
+        "[tls]\ndevice_url = \"https://fleet.example:8884/\"\nrenew_before = \"45d\"\nrenew_check_interval = \"6h\"\n",
+        1,
+    );
+    let cfg = Config::parse(&on, Path::new("/etc/posfleet")).unwrap();
+    assert_eq!(
+        cfg.renewal.device_url.as_deref(),
+        Some("https://fleet.example:8884")
+    );
+    assert_eq!(cfg.renewal.renew_before, Duration::from_secs(45 * 86_400));
+    assert_eq!(cfg.renewal.check_interval, Duration::from_secs(6 * 3600));
+
+    let bad = MINIMAL.replacen(
+        "[tls]\n",
+        "[tls]\ndevice_url = \"http://fleet.example:8884\"\nrenew_before = \"1s\"\nrenew_check_interval = \"1x\"\n",
+        1,
+    );
+    let fields: Vec<&str> = problems(&bad).iter().map(|p| p.field).collect();
+    assert_eq!(
+        fields,
+        [
+            "tls.device_url",
+            "tls.renew_before",
+            "tls.renew_check_interval"
+        ]
+    );
 }

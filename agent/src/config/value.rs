@@ -6,7 +6,7 @@ use std::time::Duration;
 /// Default port of MQTT over TLS.
 pub const DEFAULT_MQTTS_PORT: u16 = 8883;
 
-/// Parses `"500ms"`, `"10s"`, `"5m"`, `"1h"` (an unsigned integer and one unit).
+/// Parses `"500ms"`, `"10s"`, `"5m"`, `"1h"`, `"30d"` (an unsigned integer and one unit).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -21,9 +21,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => {
             return Err(format!(
-                "{text:?} has unknown unit {unit:?}; use ms, s, m or h"
+                "{text:?} has unknown unit {unit:?}; use ms, s, m, h or d"
             ));
         }
     };
@@ -125,6 +126,7 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration(" 5m "), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
         for bad in [
             "",
             "10",
@@ -132,7 +134,7 @@ mod tests {
             "-1s",
             "1.5s",
             "10 s",
-            "3d",
+            "3w",
             "99999999999999999999s",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");

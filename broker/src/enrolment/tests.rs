@@ -1,6 +1,8 @@
 //! Enrolment, revocation, CRL and renewal through the real process (`app::start`): the HTTPS
 //! admin API, the mTLS device endpoint and the MQTT edge with a real terminal session.
 
+mod agent_renewal;
+
 use std::sync::Arc;
 use std::time::Duration;
 
