@@ -75,3 +75,57 @@ fn edit_entry(dir: &std::path::Path, seq: u64) -> anyhow::Result<String> {
     db.flush()?;
     Ok(original)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_audit_verify_detects_entries_cut_off_the_end_across_a_restart() {
+    let mut broker = broker().await;
+    let posctl = Posctl::new(&broker);
+    create_user(&posctl, "vic", "viewer").await;
+    create_user(&posctl, "val", "viewer").await;
+    ok(&posctl, &["audit", "verify"]).await;
+
+    // Remove the two newest entries while the controller is down.
+    broker.terminate().await.expect("the broker stops");
+    let dir = DataDir::at(broker.data_dir()).audit_dir();
+    let removed = tokio::task::spawn_blocking(move || cut_newest(&dir, 2))
+        .await
+        .expect("the removal task ran")
+        .expect("entries removed");
+    broker.restart().await.expect("the broker starts again");
+
+    // The chain that is left is consistent, but the anchor knew it was longer: `verify`
+    // must not call the log intact after the restart.
+    let broken = run(&posctl, &["audit", "verify"], None).await;
+    assert!(
+        !broken.status.success()
+            && broken.stdout.contains("AUDIT LOG BROKEN")
+            && broken.stdout.contains("anchor"),
+        "entries {removed:?} were cut off the end unnoticed:\n{broken}"
+    );
+}
+
+/// Removes the `n` newest entries from the stopped controller's audit store; returns their
+/// sequence numbers.
+fn cut_newest(dir: &std::path::Path, n: usize) -> anyhow::Result<Vec<u64>> {
+    let db = posfleet_agent::sledstore::open(dir, 1 << 20)?;
+    let tree = db.open_tree("audit")?;
+    let keys: Vec<_> = tree
+        .scan_prefix([b'e'])
+        .keys()
+        .rev()
+        .take(n)
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(
+        keys.len() == n,
+        "fewer than {n} entries in {}",
+        dir.display()
+    );
+    let mut seqs = Vec::new();
+    for key in keys {
+        let seq: [u8; 8] = key[1..].try_into()?;
+        seqs.push(u64::from_be_bytes(seq));
+        tree.remove(key)?;
+    }
+    db.flush()?;
+    Ok(seqs)
+}
