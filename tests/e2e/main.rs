@@ -26,6 +26,7 @@
 //! - `bad_input`: every kind of bad client is refused, counted in `/metrics`, changes nothing,
 //!   and does not disturb a well-behaved terminal; idle sockets do not delay a real terminal.
 
+mod accounts;
 mod bad_input;
 mod commands;
 mod fleet;

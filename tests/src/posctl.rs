@@ -17,6 +17,8 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Posctl {
     bin: PathBuf,
     data_dir: PathBuf,
+    /// `--config-dir` (where `posctl login` keeps its session), never the real user's.
+    config_dir: PathBuf,
 }
 
 /// What one posctl run printed.
@@ -30,26 +32,69 @@ pub struct PosctlOutput {
 }
 
 impl Posctl {
+    /// posctl with no login session (it uses the bootstrap `DATA/admin.token`): its config
+    /// dir is an empty `posctl-config` beside the data dir, never the real user's.
     pub fn new(broker: &Broker) -> Self {
+        let data_dir = broker.data_dir().to_owned();
+        let config_dir = data_dir.with_file_name("posctl-config");
         Self {
             bin: broker.bins().posctl.clone(),
-            data_dir: broker.data_dir().to_owned(),
+            data_dir,
+            config_dir,
         }
     }
 
-    /// Runs `pf-posctl --data-dir DIR args...` (no stdin), at most [`RUN_TIMEOUT`].
+    /// The same posctl with its own `--config-dir` (one per logged-in principal).
+    pub fn with_config_dir(&self, dir: impl Into<PathBuf>) -> Self {
+        Self {
+            config_dir: dir.into(),
+            ..self.clone()
+        }
+    }
+
+    /// `--config-dir`: `session.json` of `posctl login` is kept there.
+    pub fn config_dir(&self) -> &std::path::Path {
+        &self.config_dir
+    }
+
+    /// Runs `pf-posctl --data-dir DIR --config-dir CFG args...` (no stdin), at most
+    /// [`RUN_TIMEOUT`].
     pub async fn run(&self, args: &[&str]) -> anyhow::Result<PosctlOutput> {
+        self.run_stdin(args, None).await
+    }
+
+    /// [`Posctl::run`] with `stdin` written to its standard input (`--password-stdin`
+    /// answers, one per line), then closed.
+    pub async fn run_stdin(
+        &self,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> anyhow::Result<PosctlOutput> {
+        use tokio::io::AsyncWriteExt as _;
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        let child = tokio::process::Command::new(&self.bin)
+        let mut child = tokio::process::Command::new(&self.bin)
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .arg("--config-dir")
+            .arg(&self.config_dir)
             .args(&args)
-            .stdin(Stdio::null())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            tokio::time::timeout(RUN_TIMEOUT, pipe.write_all(text.as_bytes()))
+                .await
+                .map_err(|_| anyhow!("posctl {args:?} did not read its stdin"))?
+                .with_context(|| format!("posctl {args:?}: writing stdin"))?;
+            // Dropped: posctl sees the end of its input.
+        }
         let output = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
             .await
             .map_err(|_| anyhow!("posctl {args:?} did not finish within {RUN_TIMEOUT:?}"))?

@@ -43,6 +43,8 @@ const MAX_SCAN: usize = 50_000;
 const PRUNE_BATCH: usize = 10_000;
 const BASE_KEY: &[u8] = b"b";
 const ENTRY_PREFIX: u8 = b'e';
+/// The action of the entry recorded when the anchor does not match the store at open.
+const ANCHOR_MISMATCH: &str = "audit.anchor_mismatch";
 
 /// Why the audit store failed.
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +258,9 @@ impl AuditLog {
         };
         let mut expected = base.seq + 1;
         let mut prev = base.hash;
+        // The first anchor mismatch found at an open: the anchor has moved on since, so the
+        // entry is the only evidence left that entries were cut off or the anchor replaced.
+        let mut mismatch: Option<(u64, String)> = None;
         for item in self.tree.scan_prefix([ENTRY_PREFIX]) {
             let (key, value) = item.map_err(|e| self.write_err("read", e))?;
             let Some(seq) = seq_of(&key) else {
@@ -305,6 +310,9 @@ impl AuditLog {
                 );
                 return Ok(report);
             };
+            if entry.action == ANCHOR_MISMATCH && mismatch.is_none() {
+                mismatch = Some((seq, entry.detail.clone()));
+            }
             report.entries += 1;
             report.first_seq.get_or_insert(seq);
             report.last_seq = Some(seq);
@@ -317,6 +325,15 @@ impl AuditLog {
         };
         if let Err((seq, reason)) = self.compare_anchor(&base, &last)? {
             bad(&mut report, seq, reason);
+        } else if let Some((seq, detail)) = mismatch {
+            bad(
+                &mut report,
+                seq,
+                format!(
+                    "entry {seq} records that the anchor did not match the log at start-up \
+                     ({detail}); compare with an exported copy"
+                ),
+            );
         }
         Ok(report)
     }
@@ -588,7 +605,7 @@ impl AuditLog {
             AuditRecord {
                 actor: "controller".into(),
                 source: "local".into(),
-                action: "audit.anchor_mismatch".into(),
+                action: ANCHOR_MISMATCH.into(),
                 target: "audit".into(),
                 outcome: Outcome::Failure,
                 detail: reason,

@@ -194,6 +194,9 @@ fn a_truncation_found_at_open_is_recorded_in_the_chain() {
     assert_eq!(newest.action, "audit.anchor_mismatch");
     assert_eq!(newest.seq, 4);
     assert!(newest.detail.contains("removed"), "{}", newest.detail);
+    // The anchor now names the mismatch entry, but `verify` still reports the cut.
+    let reason = broken_at(&log, 4);
+    assert!(reason.contains("anchor"), "{reason}");
 }
 
 #[test]
