@@ -64,6 +64,20 @@ pub fn open(dir: &Path, cache_capacity: u64) -> Result<sled::Db, OpenError> {
     }
 }
 
+/// [`open`], then the tree `name`: what most stores need (one tree, namespaced keys).
+pub fn open_tree(
+    dir: &Path,
+    cache_capacity: u64,
+    name: &str,
+) -> Result<(sled::Db, sled::Tree), OpenError> {
+    let db = open(dir, cache_capacity)?;
+    let tree = db.open_tree(name).map_err(|source| OpenError::Sled {
+        path: dir.to_owned(),
+        source,
+    })?;
+    Ok((db, tree))
+}
+
 /// True for sled's "could not acquire lock" error (the `db` file is locked).
 fn is_lock_busy(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))

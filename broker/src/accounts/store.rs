@@ -135,15 +135,10 @@ pub struct AccountStore {
 impl AccountStore {
     /// Opens (creating) the store in `dir` with a page cache of `cache_capacity` bytes.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, AccountStoreError> {
-        let db = sledstore::open(dir, cache_capacity).map_err(|e| match e {
-            OpenError::Io { path, source } => AccountStoreError::Io { path, source },
-            OpenError::Sled { path, source } => AccountStoreError::Open { path, source },
-        })?;
-        let tree = db
-            .open_tree("accounts")
-            .map_err(|source| AccountStoreError::Open {
-                path: dir.to_owned(),
-                source,
+        let (db, tree) =
+            sledstore::open_tree(dir, cache_capacity, "accounts").map_err(|e| match e {
+                OpenError::Io { path, source } => AccountStoreError::Io { path, source },
+                OpenError::Sled { path, source } => AccountStoreError::Open { path, source },
             })?;
         Ok(Self {
             dir: dir.to_owned(),

@@ -103,18 +103,13 @@ pub struct ApprovalStore {
 
 impl ApprovalStore {
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, ApprovalStoreError> {
-        let db = sledstore::open(dir, cache_capacity).map_err(|e| match e {
-            OpenError::Io { path, source } => ApprovalStoreError::Io { path, source },
-            OpenError::Sled { path, source } => ApprovalStoreError::Store {
-                path,
-                detail: source.to_string(),
-            },
-        })?;
-        let tree = db
-            .open_tree("approvals")
-            .map_err(|e| ApprovalStoreError::Store {
-                path: dir.to_owned(),
-                detail: e.to_string(),
+        let (db, tree) =
+            sledstore::open_tree(dir, cache_capacity, "approvals").map_err(|e| match e {
+                OpenError::Io { path, source } => ApprovalStoreError::Io { path, source },
+                OpenError::Sled { path, source } => ApprovalStoreError::Store {
+                    path,
+                    detail: source.to_string(),
+                },
             })?;
         Ok(Self {
             dir: dir.to_owned(),

@@ -97,15 +97,10 @@ impl ArtifactStore {
                     source,
                 })?;
         }
-        let db = sledstore::open(&meta_dir, cache_capacity).map_err(|e| match e {
-            OpenError::Io { path, source } => ArtifactStoreError::Io { path, source },
-            OpenError::Sled { path, source } => ArtifactStoreError::Open { path, source },
-        })?;
-        let tree = db
-            .open_tree("artifacts")
-            .map_err(|source| ArtifactStoreError::Open {
-                path: meta_dir.clone(),
-                source,
+        let (db, tree) =
+            sledstore::open_tree(&meta_dir, cache_capacity, "artifacts").map_err(|e| match e {
+                OpenError::Io { path, source } => ArtifactStoreError::Io { path, source },
+                OpenError::Sled { path, source } => ArtifactStoreError::Open { path, source },
             })?;
         let store = Self {
             meta_dir,

@@ -173,15 +173,10 @@ impl std::fmt::Debug for AuditLog {
 impl AuditLog {
     /// Opens (creating) the log and checks the anchor (module docs).
     pub fn open(cfg: AuditConfig, clock: Clock) -> Result<Self, AuditStoreError> {
-        let db = sledstore::open(&cfg.dir, cfg.cache_capacity).map_err(|e| match e {
-            OpenError::Io { path, source } => AuditStoreError::Io { path, source },
-            OpenError::Sled { path, source } => AuditStoreError::Open { path, source },
-        })?;
-        let tree = db
-            .open_tree("audit")
-            .map_err(|source| AuditStoreError::Open {
-                path: cfg.dir.clone(),
-                source,
+        let (db, tree) =
+            sledstore::open_tree(&cfg.dir, cfg.cache_capacity, "audit").map_err(|e| match e {
+                OpenError::Io { path, source } => AuditStoreError::Io { path, source },
+                OpenError::Sled { path, source } => AuditStoreError::Open { path, source },
             })?;
         let mut log = Self {
             dir: cfg.dir,

@@ -86,15 +86,10 @@ pub struct CommandStore {
 impl CommandStore {
     /// Opens (creating) the store in `dir` with a page cache of `cache_capacity` bytes.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, CommandStoreError> {
-        let db = sledstore::open(dir, cache_capacity).map_err(|e| match e {
-            OpenError::Io { path, source } => CommandStoreError::Io { path, source },
-            OpenError::Sled { path, source } => CommandStoreError::Open { path, source },
-        })?;
-        let tree = db
-            .open_tree("commands")
-            .map_err(|source| CommandStoreError::Open {
-                path: dir.to_owned(),
-                source,
+        let (db, tree) =
+            sledstore::open_tree(dir, cache_capacity, "commands").map_err(|e| match e {
+                OpenError::Io { path, source } => CommandStoreError::Io { path, source },
+                OpenError::Sled { path, source } => CommandStoreError::Open { path, source },
             })?;
         Ok(Self {
             dir: dir.to_owned(),

@@ -71,17 +71,14 @@ impl CustodyLedger {
     /// if missing).
     pub fn open(dir: &Path, key_file: &Path, cache_capacity: u64) -> Result<Self, CustodyError> {
         let secret = read_or_create_key(key_file)?;
-        let db = sledstore::open(dir, cache_capacity).map_err(|e| match e {
-            OpenError::Io { path, source } => CustodyError::Io { path, source },
-            OpenError::Sled { path, source } => CustodyError::Store {
-                path,
-                detail: source.to_string(),
-            },
-        })?;
-        let tree = db.open_tree("custody").map_err(|e| CustodyError::Store {
-            path: dir.to_owned(),
-            detail: e.to_string(),
-        })?;
+        let (db, tree) =
+            sledstore::open_tree(dir, cache_capacity, "custody").map_err(|e| match e {
+                OpenError::Io { path, source } => CustodyError::Io { path, source },
+                OpenError::Sled { path, source } => CustodyError::Store {
+                    path,
+                    detail: source.to_string(),
+                },
+            })?;
         Ok(Self {
             dir: dir.to_owned(),
             key: hmac::Key::new(hmac::HMAC_SHA256, &secret),

@@ -156,15 +156,10 @@ const CRL_NUMBER_KEY: &[u8] = b"crl_number";
 impl EnrolmentStore {
     /// Opens (creating) the store in `dir` with a page cache of `cache_capacity` bytes.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, EnrolmentStoreError> {
-        let db = sledstore::open(dir, cache_capacity).map_err(|e| match e {
-            OpenError::Io { path, source } => EnrolmentStoreError::Io { path, source },
-            OpenError::Sled { path, source } => EnrolmentStoreError::Sled { path, source },
-        })?;
-        let tree = db
-            .open_tree("enrolment")
-            .map_err(|source| EnrolmentStoreError::Sled {
-                path: dir.to_owned(),
-                source,
+        let (db, tree) =
+            sledstore::open_tree(dir, cache_capacity, "enrolment").map_err(|e| match e {
+                OpenError::Io { path, source } => EnrolmentStoreError::Io { path, source },
+                OpenError::Sled { path, source } => EnrolmentStoreError::Sled { path, source },
             })?;
         Ok(Self {
             dir: dir.to_owned(),

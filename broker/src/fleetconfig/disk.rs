@@ -113,13 +113,9 @@ pub(crate) struct Disk {
 
 impl Disk {
     pub(crate) fn open(dir: &Path, cache_capacity: u64) -> Result<Self, ConfigError> {
-        let db = sledstore::open(dir, cache_capacity).map_err(|e| match e {
+        let (db, tree) = sledstore::open_tree(dir, cache_capacity, TREE).map_err(|e| match e {
             OpenError::Io { path, source } => ConfigError::Io { path, source },
             OpenError::Sled { path, source } => ConfigError::Open { path, source },
-        })?;
-        let tree = db.open_tree(TREE).map_err(|source| ConfigError::Open {
-            path: dir.to_owned(),
-            source,
         })?;
         Ok(Self {
             dir: dir.to_owned(),

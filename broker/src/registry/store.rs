@@ -27,15 +27,10 @@ impl Store {
     /// Opens (creating if needed) the store in `dir` with a page cache of `cache_capacity`
     /// bytes.
     pub(crate) fn open(dir: &Path, cache_capacity: u64) -> Result<Self, RegistryError> {
-        let db = sledstore::open(dir, cache_capacity).map_err(|e| match e {
-            OpenError::Io { path, source } => RegistryError::Io { path, source },
-            OpenError::Sled { path, source } => RegistryError::Open { path, source },
-        })?;
-        let devices = db
-            .open_tree(DEVICES_TREE)
-            .map_err(|source| RegistryError::Open {
-                path: dir.to_owned(),
-                source,
+        let (db, devices) =
+            sledstore::open_tree(dir, cache_capacity, DEVICES_TREE).map_err(|e| match e {
+                OpenError::Io { path, source } => RegistryError::Io { path, source },
+                OpenError::Sled { path, source } => RegistryError::Open { path, source },
             })?;
         Ok(Self {
             dir: dir.to_owned(),

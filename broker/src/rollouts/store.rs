@@ -67,15 +67,10 @@ pub struct RolloutStore {
 impl RolloutStore {
     /// Opens (creating) the store in `dir` with a page cache of `cache_capacity` bytes.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, RolloutStoreError> {
-        let db = sledstore::open(dir, cache_capacity).map_err(|e| match e {
-            OpenError::Io { path, source } => RolloutStoreError::Io { path, source },
-            OpenError::Sled { path, source } => RolloutStoreError::Open { path, source },
-        })?;
-        let tree = db
-            .open_tree("rollouts")
-            .map_err(|source| RolloutStoreError::Open {
-                path: dir.to_owned(),
-                source,
+        let (db, tree) =
+            sledstore::open_tree(dir, cache_capacity, "rollouts").map_err(|e| match e {
+                OpenError::Io { path, source } => RolloutStoreError::Io { path, source },
+                OpenError::Sled { path, source } => RolloutStoreError::Open { path, source },
             })?;
         Ok(Self {
             dir: dir.to_owned(),

@@ -141,14 +141,11 @@ impl TxStore {
     /// I/O: call it at startup or from a blocking thread.
     pub fn open(cfg: TxStoreConfig) -> Result<Arc<Self>, TxStoreError> {
         let dir = cfg.dir.clone();
-        let db = sledstore::open(&dir, cfg.cache_capacity).map_err(|e| match e {
-            OpenError::Io { path, source } => TxStoreError::Io { path, source },
-            OpenError::Sled { path, source } => TxStoreError::Open { path, source },
-        })?;
-        let tree = db.open_tree(TREE).map_err(|source| TxStoreError::Open {
-            path: dir.clone(),
-            source,
-        })?;
+        let (db, tree) =
+            sledstore::open_tree(&dir, cfg.cache_capacity, TREE).map_err(|e| match e {
+                OpenError::Io { path, source } => TxStoreError::Io { path, source },
+                OpenError::Sled { path, source } => TxStoreError::Open { path, source },
+            })?;
         let cursor_key = CursorKey::new(&cursor_secret(&tree, &dir)?);
         let ledgers = load_ledgers(&tree, &dir)?;
         Ok(Arc::new(Self {
