@@ -24,7 +24,7 @@ use tokio_util::io::ReaderStream;
 
 use super::OutputFormat;
 use super::client::ApiClient;
-use super::devices::{print_json, typed};
+use super::devices::{print_json, print_view, typed};
 use super::output::{Table, datetime, or_dash, printable, relative};
 use crate::api::{KEY_ID_HEADER, SHA256_HEADER, SIGNATURE_HEADER};
 use crate::views::{ArtifactList, ArtifactView};
@@ -283,13 +283,9 @@ pub(crate) async fn show(
 ) -> anyhow::Result<()> {
     let url = api.url(&["api", "v1", "artifacts", id]);
     let value = api.get_json(url.clone()).await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let view: ArtifactView = typed(&url, value)?;
-            Ok(out.write_all(render_view(&view, now_ms()).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |view: &ArtifactView| {
+        render_view(view, now_ms())
+    })
 }
 
 /// `posctl artifact delete ID`.

@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Map, Value, json};
 
 use super::client::ApiClient;
-use super::devices::{print_json, typed};
+use super::devices::{print_json, print_view, typed};
 use super::output::{Table, datetime, or_dash, printable, relative};
 use super::{CommandsListArgs, OutputFormat, TargetArgs};
 use crate::views::{
@@ -126,13 +126,9 @@ pub(crate) async fn show(
 ) -> anyhow::Result<()> {
     let url = api.url(&["api", "v1", "commands", id]);
     let value = api.get_json(url.clone()).await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let cmd: CommandView = typed(&url, value)?;
-            Ok(out.write_all(render_detail(&cmd, now_ms()).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |cmd: &CommandView| {
+        render_detail(cmd, now_ms())
+    })
 }
 
 pub(crate) async fn cancel(
@@ -145,13 +141,9 @@ pub(crate) async fn cancel(
     let value = api
         .send_json(Method::POST, url.clone(), Some(&json!({})))
         .await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let cmd: CommandView = typed(&url, value)?;
-            Ok(out.write_all(render_detail(&cmd, now_ms()).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |cmd: &CommandView| {
+        render_detail(cmd, now_ms())
+    })
 }
 
 /// Writes the uploaded logs to `file` (or stdout).

@@ -12,7 +12,7 @@ use reqwest::{Method, Url};
 use serde_json::{Map, Value, json};
 
 use super::client::{ApiClient, ApiError};
-use super::devices::{print_json, typed};
+use super::devices::{print_json, print_view, typed};
 use super::output::{Table, datetime, printable};
 use super::{
     ConfigDiffArgs, ConfigGetArgs, ConfigHistoryArgs, ConfigSetArgs, OutputFormat, ScopeArgs,
@@ -115,13 +115,9 @@ pub(crate) async fn set(
     let value = api
         .send_json(Method::PATCH, url.clone(), Some(&body))
         .await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let layer: ConfigLayerView = typed(&url, value)?;
-            Ok(out.write_all(render_layer(&layer).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |layer: &ConfigLayerView| {
+        render_layer(layer)
+    })
 }
 
 pub(crate) async fn get(
@@ -160,13 +156,9 @@ pub(crate) async fn get(
         }
         Err(e) => return Err(e.into()),
     };
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let layer: ConfigLayerView = typed(&url, value)?;
-            Ok(out.write_all(render_layer(&layer).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |layer: &ConfigLayerView| {
+        render_layer(layer)
+    })
 }
 
 pub(crate) async fn history(
@@ -187,13 +179,9 @@ pub(crate) async fn history(
         }
     }
     let value = api.get_json(url.clone()).await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let page: ConfigHistoryPage = typed(&url, value)?;
-            Ok(out.write_all(render_history(&page).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |page: &ConfigHistoryPage| {
+        render_history(page)
+    })
 }
 
 pub(crate) async fn diff(
@@ -214,13 +202,9 @@ pub(crate) async fn diff(
         }
     }
     let value = api.get_json(url.clone()).await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let diff: ConfigDiffView = typed(&url, value)?;
-            Ok(out.write_all(render_diff(&diff).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |diff: &ConfigDiffView| {
+        render_diff(diff)
+    })
 }
 
 pub(crate) async fn schema(
@@ -230,13 +214,9 @@ pub(crate) async fn schema(
 ) -> anyhow::Result<()> {
     let url: Url = api.url(&["api", "v1", "config", "schema"]);
     let value = api.get_json(url.clone()).await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let schema: ConfigSchemaView = typed(&url, value)?;
-            Ok(out.write_all(render_schema(&schema).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |schema: &ConfigSchemaView| {
+        render_schema(schema)
+    })
 }
 
 /// A value as JSON (strings quoted, so `"5"` and `5` differ); `-` when absent.

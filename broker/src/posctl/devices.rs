@@ -26,13 +26,9 @@ pub(crate) async fn list(
 ) -> anyhow::Result<()> {
     let url = api.url(&["api", "v1", "devices"]);
     let value = api.get_json(url.clone()).await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let list: DeviceList = typed(&url, value)?;
-            Ok(out.write_all(render_list(&list, now_ms()).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |list: &DeviceList| {
+        render_list(list, now_ms())
+    })
 }
 
 /// GETs a resource of one device, turning the API's "no such device" into a hint.
@@ -60,13 +56,9 @@ pub(crate) async fn show(
 ) -> anyhow::Result<()> {
     let url = api.url(&["api", "v1", "devices", id.as_str()]);
     let value = get_device_json(api, url.clone(), id).await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let detail: DeviceDetail = typed(&url, value)?;
-            Ok(out.write_all(render_detail(&detail, now_ms()).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |detail: &DeviceDetail| {
+        render_detail(detail, now_ms())
+    })
 }
 
 /// Checks that the API's JSON has the expected shape.
@@ -75,6 +67,24 @@ pub(crate) fn typed<T: DeserializeOwned>(url: &Url, value: Value) -> Result<T, A
         url: url.to_string(),
         cause: format!("the JSON does not have the expected shape ({e})"),
     })
+}
+
+/// `value` as pretty JSON, or (tables) read as a `T` and drawn by `render`: what every
+/// `show`-like subcommand prints.
+pub(crate) fn print_view<T: DeserializeOwned>(
+    out: &mut dyn Write,
+    format: OutputFormat,
+    url: &Url,
+    value: Value,
+    render: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Json => print_json(out, &value),
+        OutputFormat::Table => {
+            let view: T = typed(url, value)?;
+            Ok(out.write_all(render(&view).as_bytes())?)
+        }
+    }
 }
 
 /// Pretty JSON as the API sent it, not run through the typed views, so fields and values this

@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Map, Value, json};
 
 use super::client::ApiClient;
-use super::devices::{print_json, typed};
+use super::devices::{print_json, print_view, typed};
 use super::output::{Table, datetime, printable, relative, span};
 use super::{OutputFormat, RolloutCreateArgs};
 use crate::views::{RolloutList, RolloutState, RolloutView, StatusCounts, TargetView};
@@ -152,13 +152,9 @@ pub(crate) async fn show(
         }
         bars.clear();
     }
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let view: RolloutView = typed(&url, value)?;
-            Ok(out.write_all(render_detail(&view, now_ms()).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |view: &RolloutView| {
+        render_detail(view, now_ms())
+    })
 }
 
 /// `pause`, `resume` or `abort`.
@@ -178,13 +174,9 @@ pub(crate) async fn control(
     let value = api
         .send_json(Method::POST, url.clone(), Some(&body))
         .await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let view: RolloutView = typed(&url, value)?;
-            Ok(out.write_all(render_detail(&view, now_ms()).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |view: &RolloutView| {
+        render_detail(view, now_ms())
+    })
 }
 
 /// One progress bar per wave.

@@ -6,7 +6,7 @@ use std::io::Write;
 use posfleet_proto::{DeviceId, now_ms};
 
 use super::client::ApiClient;
-use super::devices::{get_device_json, print_json, typed};
+use super::devices::{get_device_json, print_view};
 use super::output::{Table, datetime, money, or_dash, printable, relative};
 use super::{OutputFormat, TxListArgs};
 use crate::views::{TransactionPage, TransactionSummary};
@@ -39,13 +39,9 @@ pub(crate) async fn list(
         }
     }
     let value = api.get_json(url.clone()).await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let page: TransactionPage = typed(&url, value)?;
-            Ok(out.write_all(render_list(&page).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |page: &TransactionPage| {
+        render_list(page)
+    })
 }
 
 pub(crate) async fn summary(
@@ -63,13 +59,9 @@ pub(crate) async fn summary(
         "summary",
     ]);
     let value = get_device_json(api, url.clone(), id).await?;
-    match format {
-        OutputFormat::Json => print_json(out, &value),
-        OutputFormat::Table => {
-            let summary: TransactionSummary = typed(&url, value)?;
-            Ok(out.write_all(render_summary(&summary, now_ms()).as_bytes())?)
-        }
-    }
+    print_view(out, format, &url, value, |summary: &TransactionSummary| {
+        render_summary(summary, now_ms())
+    })
 }
 
 /// The `tx list` table, with the next page's cursor if there is one.
