@@ -145,6 +145,26 @@ mod tests {
         assert!(contains_pan("4111\u{00A0}1111\u{2013}1111 \t1111"));
     }
 
+    /// Issue 10 item 7: the notations the security review got through (other single
+    /// separators, mixed separators, letters between the groups).
+    #[test]
+    fn the_reviewers_separators_and_letters_are_found() {
+        for text in [
+            "4111.1111.1111.1111",
+            "4111:1111:1111:1111",
+            "4111_1111_1111_1111",
+            "4111+1111+1111+1111",
+            "4111,1111,1111,1111",
+            "4111*1111*1111*1111",
+            "4111/1111/1111/1111",
+            "4111.1111:1111_1111",
+            "4111+1111,1111*1111/",
+            "4111a1111b1111c1111",
+        ] {
+            assert!(contains_pan(text), "not found: {text}");
+        }
+    }
+
     #[test]
     fn masked_cards_tokens_and_short_numbers_pass() {
         for ok in [

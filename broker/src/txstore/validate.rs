@@ -269,6 +269,47 @@ pub(crate) mod tests {
         assert!(!contains_pan("411111******1111"));
     }
 
+    /// Issue 10 item 7: the notations the security review stored at the controller are
+    /// refused in every field it used, naming the field, never echoing the number.
+    #[test]
+    fn separated_and_letter_joined_pans_are_refused() {
+        for value in [
+            "4111.1111.1111.1111",
+            "4111:1111:1111:1111",
+            "4111_1111_1111_1111",
+            "4111+1111+1111+1111",
+            "4111,1111,1111,1111",
+            "4111*1111*1111*1111",
+            "4111/1111/1111/1111",
+            "4111.1111:1111_1111",
+            "4111a1111b1111c1111",
+        ] {
+            for field in ["txn_id", "merchant_id", "store_id", "card_token", "items.sku"] {
+                let mut tx = sale(1, 100);
+                match field {
+                    "txn_id" => tx.txn_id = value.into(),
+                    "merchant_id" => tx.merchant_id = value.into(),
+                    "store_id" => tx.store_id = value.into(),
+                    "card_token" => tx.card_token = value.into(),
+                    _ => tx.items.push(pb::LineItem {
+                        sku: value.into(),
+                        quantity: 1,
+                        unit_price_minor: 100,
+                    }),
+                }
+                let detail = ValidTx::try_from(tx)
+                    .map(|_| ())
+                    .map_err(|e| e.detail)
+                    .expect_err(&format!("{field} = {value} was accepted"));
+                assert!(
+                    detail.contains(field) && detail.contains("card number"),
+                    "{field} = {value}: {detail}"
+                );
+                assert!(!detail.contains("1111"), "{detail}");
+            }
+        }
+    }
+
     /// Whatever the agent's local API accepts, the controller must store: a record refused
     /// here would stall that terminal's outbox for good. Every agent limit at its extreme.
     #[test]

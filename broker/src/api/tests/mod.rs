@@ -21,6 +21,7 @@ mod devices;
 mod rollouts;
 mod server;
 mod stream;
+mod text;
 mod transactions;
 
 use std::net::SocketAddr;
