@@ -330,7 +330,13 @@ async fn separated_and_letter_joined_pans_are_refused_in_every_field() {
         "4111a1111b1111c1111",
     ];
     for value in values {
-        for field in ["txn_id", "merchant_id", "store_id", "card_token", "items[0].sku"] {
+        for field in [
+            "txn_id",
+            "merchant_id",
+            "store_id",
+            "card_token",
+            "items[0].sku",
+        ] {
             let mut body = sale_json("S-1", 100);
             if field == "items[0].sku" {
                 body["items"][0]["sku"] = json!(value);

@@ -77,6 +77,36 @@ mod tests {
         assert!(!verify_password("correct horse 1", "not a hash"));
     }
 
+    /// Issue 10 item 10: a generated API or session token, or a TOTP secret in any of its
+    /// written forms, never holds what the PAN guard (and card-data scanners) take for a card
+    /// number: 100,000 draws of each.
+    #[test]
+    fn generated_tokens_and_totp_secrets_never_look_like_card_numbers() {
+        use posfleet_proto::pan::contains_pan;
+        let draws = 100_000;
+        let kinds: [(&str, fn() -> Vec<String>); 3] = [
+            ("API token", || vec![new_token(API_TOKEN_PREFIX)]),
+            ("session token", || vec![new_token("")]),
+            ("TOTP secret", || {
+                let secret = super::super::totp::new_secret();
+                vec![
+                    super::super::totp::base32_encode(&secret),
+                    hex::encode(&secret),
+                    super::super::totp::otpauth_url("posfleet", "alice", &secret),
+                ]
+            }),
+        ];
+        for (kind, draw) in kinds {
+            let flagged = (0..draws)
+                .filter(|_| draw().iter().any(|text| contains_pan(text)))
+                .count();
+            assert_eq!(
+                flagged, 0,
+                "{kind}: {flagged} of {draws} draws look like a card number"
+            );
+        }
+    }
+
     #[test]
     fn tokens_are_random_and_digested() {
         let t = new_token(API_TOKEN_PREFIX);

@@ -263,7 +263,13 @@ fn card_numbers_and_bidi_controls_are_refused_in_values_and_keys() {
         let message = refused(key, json!("4111.1111.1111.1111"));
         assert!(message.contains("card number"), "{key}: {message}");
     }
-    for text in ["a\u{202E}b", "a\u{2066}b", "a\u{200F}b", "a\u{061C}b", "a\tb"] {
+    for text in [
+        "a\u{202E}b",
+        "a\u{2066}b",
+        "a\u{200F}b",
+        "a\u{061C}b",
+        "a\tb",
+    ] {
         refused("custom.note", json!(text));
         refused("store.name", json!(text));
     }

@@ -284,7 +284,13 @@ pub(crate) mod tests {
             "4111.1111:1111_1111",
             "4111a1111b1111c1111",
         ] {
-            for field in ["txn_id", "merchant_id", "store_id", "card_token", "items.sku"] {
+            for field in [
+                "txn_id",
+                "merchant_id",
+                "store_id",
+                "card_token",
+                "items.sku",
+            ] {
                 let mut tx = sale(1, 100);
                 match field {
                     "txn_id" => tx.txn_id = value.into(),

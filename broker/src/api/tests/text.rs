@@ -229,16 +229,24 @@ async fn card_numbers_and_bidi_controls_are_refused_in_every_text_field() {
     );
 
     // Nothing changed.
-    let device: crate::views::DeviceDetail =
-        server.get("/api/v1/devices/T-1").await.json().await.unwrap();
+    let device: crate::views::DeviceDetail = server
+        .get("/api/v1/devices/T-1")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert!(device.summary.groups.is_empty(), "{device:?}");
     assert!(device.summary.labels.is_empty(), "{device:?}");
     assert_eq!(device.summary.lifecycle, crate::views::Lifecycle::Active);
     let commands: crate::views::CommandPage =
         server.get("/api/v1/commands").await.json().await.unwrap();
     assert!(commands.items.is_empty(), "{commands:?}");
-    let layers: crate::views::ConfigLayerList =
-        server.get("/api/v1/config/layers").await.json().await.unwrap();
+    let layers: crate::views::ConfigLayerList = server
+        .get("/api/v1/config/layers")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert!(layers.layers.is_empty(), "{layers:?}");
     let custody: crate::views::CustodyHistory = server
         .get("/api/v1/devices/T-1/custody")
