@@ -17,8 +17,10 @@
 //!   `. : _ + , * / ' # ( )` … (`4111.1111:1111_1111`, mixed separators too).
 //!
 //! Zero-width characters, the soft hyphen and bidi controls in a gap are ignored (they
-//! neither count nor break). Letters, and gaps of two or more characters that are not all
-//! white space or dashes (`", "`, `" / "`, `"**"`), end a run. Every window of 13..=19
+//! neither count nor break). Letters, gaps of two or more characters that are not all white
+//! space or dashes (`", "`, `" / "`, `"**"`), and control characters other than white space
+//! end a run (text entry refuses control characters anyway; in binary files they are
+//! structure, such as the length bytes between short decimal strings in a sled file). Every window of 13..=19
 //! consecutive digits of a run is checked, so a PAN glued to other digits
 //! (`ref 0424111111111111111`) is found too.
 //!

@@ -63,8 +63,16 @@ pub fn until_clean<T, S: AsRef<str>>(
     mut generate: impl FnMut() -> T,
     written: impl Fn(&T) -> Vec<S>,
 ) -> Result<T, Unclean> {
+    try_until_clean(|| Ok::<T, Unclean>(generate()), written)
+}
+
+/// [`until_clean`] for a generator that can fail (its error is returned at once).
+pub fn try_until_clean<T, E: From<Unclean>, S: AsRef<str>>(
+    mut generate: impl FnMut() -> Result<T, E>,
+    written: impl Fn(&T) -> Vec<S>,
+) -> Result<T, E> {
     for _ in 0..MAX_DRAWS {
-        let candidate = generate();
+        let candidate = generate()?;
         if !written(&candidate)
             .iter()
             .any(|text| contains_pan(text.as_ref()))
@@ -72,7 +80,7 @@ pub fn until_clean<T, S: AsRef<str>>(
             return Ok(candidate);
         }
     }
-    Err(Unclean)
+    Err(Unclean.into())
 }
 
 /// Like [`until_clean`] for fully random content (keys): draws until a clean one comes, which
@@ -123,6 +131,37 @@ mod tests {
         assert_eq!(longest_digit_run(&token("pfe_999999999999_")), 12);
     }
 
+    /// PEM keys, key ids, certificates and CSRs: fewer draws (key generation is not cheap).
+    #[test]
+    fn pem_keys_and_certificates_never_look_like_card_numbers() {
+        for _ in 0..2_000 {
+            let key = crate::signing::CommandKey::generate();
+            for text in [
+                key.to_pem(),
+                key.public_key().to_pem(),
+                key.key_id().to_owned(),
+            ] {
+                assert!(!contains_pan(&text));
+            }
+        }
+        #[cfg(feature = "pki")]
+        {
+            use crate::pki::{Ca, DeviceKeyRequest, verify_csr};
+            let ca = Ca::generate("fleet test CA").expect("CA");
+            assert!(!contains_pan(ca.cert_pem()) && !contains_pan(ca.key_pem()));
+            for i in 0..100 {
+                let id = crate::DeviceId::new(format!("T-{i}")).expect("id");
+                let issued = ca.issue_device(&id).expect("issue");
+                assert!(!contains_pan(&issued.cert_pem) && !contains_pan(&issued.key_pem));
+                let request = DeviceKeyRequest::generate(&id).expect("csr");
+                assert!(!contains_pan(&request.csr_pem) && !contains_pan(&request.key_pem));
+                let csr = verify_csr(&request.csr_pem).expect("valid csr");
+                let cert = ca.sign_device_csr(&id, &csr).expect("sign");
+                assert!(!contains_pan(&cert));
+            }
+        }
+    }
+
     #[test]
     fn hex_keys_are_clean_and_until_clean_skips_flagged_candidates() {
         assert_eq!(
@@ -138,5 +177,7 @@ mod tests {
             until_clean(|| "4111.1111.1111.1111", |c| vec![*c]),
             Err(Unclean)
         );
+        let failing = try_until_clean(|| Err::<&str, _>(Unclean), |c| vec![*c]);
+        assert_eq!(failing, Err(Unclean));
     }
 }

@@ -41,10 +41,11 @@ pub fn dummy_verify(password: &str) {
     }
 }
 
-/// A new random 256-bit bearer token, hex encoded, with `prefix`.
+/// A new random bearer token with `prefix`: 256 bits as letters only, so that it can never
+/// look like a card number (`posfleet_proto::secret::token`). Tokens issued in the old form
+/// (`prefix` + 64 hex digits) keep working: only their SHA-256 is stored.
 pub fn new_token(prefix: &str) -> String {
-    let bytes: [u8; 32] = rand::random();
-    format!("{prefix}{}", hex::encode(bytes))
+    posfleet_proto::secret::token(prefix)
 }
 
 /// What is stored of a bearer token: its SHA-256.
@@ -110,7 +111,7 @@ mod tests {
     #[test]
     fn tokens_are_random_and_digested() {
         let t = new_token(API_TOKEN_PREFIX);
-        assert!(t.starts_with("pft_") && t.len() == 4 + 64);
+        assert!(t.starts_with("pft_") && posfleet_proto::secret::is_token_body(&t[4..]));
         assert_ne!(t, new_token(API_TOKEN_PREFIX));
         assert_eq!(token_digest(&t), token_digest(&t.clone()));
         assert!(constant_time_eq(b"abc", b"abc"));

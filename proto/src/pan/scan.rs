@@ -137,6 +137,15 @@ impl<'a> Tokens<'a> {
                         _ => None,
                     },
                 },
+                // Control characters other than white space end a run: no one writes a
+                // number with them, and in binary files they are structure (length bytes
+                // between short decimal strings).
+                Class::Other if members.iter().any(|c| c.is_control() && !c.is_whitespace()) => {
+                    Kind::Gap {
+                        joins: false,
+                        single: None,
+                    }
+                }
                 Class::Other => {
                     let visible: Vec<char> =
                         members.into_iter().filter(|c| !is_invisible(*c)).collect();

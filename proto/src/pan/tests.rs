@@ -107,6 +107,9 @@ fn masked_cards_tokens_and_short_numbers_pass() {
     ] {
         assert!(!contains_pan(ok), "{ok}");
     }
+    // Control characters other than white space end a run (binary structure).
+    assert!(!contains_pan("\u{2}4111\u{2}1111\u{2}1111\u{2}1111"));
+    assert!(contains_pan("4111\t1111\n1111\r\n1111"));
     // Two separators in a row, or ", ", end a run.
     assert!(!contains_pan("4111, 1111, 1111, 1111"));
     assert!(!contains_pan("4111..1111..1111..1111"));
