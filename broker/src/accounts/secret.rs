@@ -85,7 +85,8 @@ mod tests {
     fn generated_tokens_and_totp_secrets_never_look_like_card_numbers() {
         use posfleet_proto::pan::contains_pan;
         let draws = 100_000;
-        let kinds: [(&str, fn() -> Vec<String>); 3] = [
+        type Draw = fn() -> Vec<String>;
+        let kinds: [(&str, Draw); 3] = [
             ("API token", || vec![new_token(API_TOKEN_PREFIX)]),
             ("session token", || vec![new_token("")]),
             ("TOTP secret", || {

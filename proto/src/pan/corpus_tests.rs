@@ -12,15 +12,18 @@ use super::{TextKind, contains_pan_in, gs1_valid, luhn_valid};
 /// Values drawn per class.
 const DRAWS: usize = 20_000;
 
+/// Draws one value.
+type Draw = fn(&mut StdRng) -> String;
+
 /// One class: its name, a generator, the field kind, and the largest share refused.
 struct Class {
     name: &'static str,
-    draw: fn(&mut StdRng) -> String,
+    draw: Draw,
     kind: TextKind,
     max_refused: f64,
 }
 
-fn class(name: &'static str, draw: fn(&mut StdRng) -> String, max_refused: f64) -> Class {
+fn class(name: &'static str, draw: Draw, max_refused: f64) -> Class {
     Class {
         name,
         draw,
@@ -308,7 +311,7 @@ fn false_positives_and_misses_stay_within_their_bounds() {
         }
     }
     // Card numbers: the share found, and the least allowed.
-    let pans: [(&str, fn(&mut StdRng) -> String, f64); 3] = [
+    let pans: [(&str, Draw, f64); 3] = [
         ("PAN, groups of 4, any separator", pan_grouped, 1.0),
         ("PAN, letters between groups", pan_letters, 1.0),
         ("PAN, separators at random", pan_random_separators, 0.99),
