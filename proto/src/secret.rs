@@ -1,9 +1,10 @@
 //! Generated secrets that can never look like a card number.
 //!
 //! A hex token of 64 characters holds a Luhn-valid run of 13 or more digits about 1.6 % of
-//! the time (0.2 % starting with 2-6, the usual card prefixes): card-data scanners, and the
-//! [PAN guard](crate::pan) itself, flag such a file or log line. Two ways out, one per kind
-//! of format:
+//! the time (0.2 % starting with 2-6, the usual card prefixes): card-data scanners flag such
+//! a file or log line, and so does the [PAN guard](crate::pan) for about 0.17 % of them (it
+//! skips digits strictly inside long hex strings, not those at the edges). Two ways out, one
+//! per kind of format:
 //!
 //! - **Our own token formats** (the bootstrap admin token, API tokens `pft_...`, session
 //!   tokens, enrolment tokens `pfe_<id>_<secret>`) are made by [`token`]: a prefix, then
