@@ -405,6 +405,22 @@ mod tests {
     }
 
     #[test]
+    fn admin_unlock_and_reset_mfa_parse() {
+        for verb in ["unlock", "reset-mfa"] {
+            let parsed = Cli::try_parse_from([
+                "posfleet-broker",
+                "admin",
+                verb,
+                "--data-dir",
+                "/tmp/x",
+                "--name",
+                "ada",
+            ]);
+            assert!(parsed.is_ok(), "admin {verb}: {:?}", parsed.err());
+        }
+    }
+
+    #[test]
     fn admin_create_makes_an_admin_who_must_change_the_password_and_refuses_duplicates() {
         let tmp = tempfile::tempdir().unwrap();
         let password = admin_create(tmp.path(), "ada").unwrap();

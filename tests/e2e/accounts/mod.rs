@@ -10,10 +10,13 @@
 //!   reused and a token pinned to another serial is refused; revocation closes the live
 //!   session, refuses reconnects at the edge and lands in the CRL.
 //! - `approval`: a wipe under the two-person rule waits for a second principal.
+//! - `flood`: a login flood from several addresses: the broker's memory stays bounded, its
+//!   terminals online and its API answering.
 
 mod approval;
 mod audit;
 mod enrol;
+mod flood;
 mod mfa;
 
 use std::path::Path;

@@ -51,17 +51,17 @@ impl TestServer {
             .unwrap()
     }
 
-    fn advance(&self, ms: u64) {
+    pub(super) fn advance(&self, ms: u64) {
         self.now.fetch_add(ms, Ordering::SeqCst);
     }
 
-    fn clock(&self) -> u64 {
+    pub(super) fn clock(&self) -> u64 {
         self.now.load(Ordering::SeqCst)
     }
 }
 
 /// Creates `name` (through the API, with the bootstrap token) and returns its initial password.
-async fn create(server: &TestServer, name: &str, role: Role) -> String {
+pub(super) async fn create(server: &TestServer, name: &str, role: Role) -> String {
     let response = server
         .send(
             Method::POST,
@@ -75,7 +75,7 @@ async fn create(server: &TestServer, name: &str, role: Role) -> String {
     created.initial_password
 }
 
-async fn ok_login(
+pub(super) async fn ok_login(
     server: &TestServer,
     user: &str,
     password: &str,
@@ -86,7 +86,7 @@ async fn ok_login(
     response.json().await.unwrap()
 }
 
-async fn change_password(
+pub(super) async fn change_password(
     server: &TestServer,
     token: &str,
     old: &str,
@@ -103,7 +103,7 @@ async fn change_password(
 }
 
 /// Enrols MFA for the session's account; returns the secret.
-async fn enrol(server: &TestServer, token: &str) -> Vec<u8> {
+pub(super) async fn enrol(server: &TestServer, token: &str) -> Vec<u8> {
     let response = server
         .send_as(token, Method::POST, "/api/v1/auth/mfa/enrol", None)
         .await;
@@ -131,6 +131,15 @@ async fn enrol(server: &TestServer, token: &str) -> Vec<u8> {
 
 /// A full session of a new account `name` with password [`GOOD`] (admins with MFA).
 pub(super) async fn session(server: &TestServer, name: &str, role: Role) -> String {
+    session_and_secret(server, name, role).await.0
+}
+
+/// [`session`], and the TOTP secret of an admin (empty for other roles).
+pub(super) async fn session_and_secret(
+    server: &TestServer,
+    name: &str,
+    role: Role,
+) -> (String, Vec<u8>) {
     let initial = create(server, name, role).await;
     let first = ok_login(server, name, &initial, None).await;
     assert_eq!(
@@ -142,11 +151,12 @@ pub(super) async fn session(server: &TestServer, name: &str, role: Role) -> Stri
     let second = ok_login(server, name, GOOD, None).await;
     if role != Role::Admin {
         assert!(!second.must_change_password && !second.mfa_enrolment_required);
-        return second.token;
+        return (second.token, Vec::new());
     }
     let secret = enrol(server, &second.token).await;
     let code = totp::code_text(&secret, server.clock()).unwrap();
-    ok_login(server, name, GOOD, Some(&code)).await.token
+    let token = ok_login(server, name, GOOD, Some(&code)).await.token;
+    (token, secret)
 }
 
 async fn error(response: reqwest::Response, status: StatusCode) -> ErrorBody {
