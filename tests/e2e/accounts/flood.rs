@@ -56,7 +56,10 @@ async fn accounts_login_flood_keeps_memory_bounded_terminals_online_and_the_api_
     let api = broker.api().clone();
     eventually(WAIT, || async {
         let online = online_terminals(&api).await?;
-        anyhow::ensure!(online == TERMINALS, "{online} of {TERMINALS} terminals online");
+        anyhow::ensure!(
+            online == TERMINALS,
+            "{online} of {TERMINALS} terminals online"
+        );
         Ok(())
     })
     .await;
@@ -171,12 +174,12 @@ async fn accounts_login_flood_keeps_memory_bounded_terminals_online_and_the_api_
         growth / MIB,
         BOUND / MIB
     );
-    assert!(finished.is_ok(), "the flood did not end within {FLOOD_LIMIT:?}");
+    assert!(
+        finished.is_ok(),
+        "the flood did not end within {FLOOD_LIMIT:?}"
+    );
     match during {
-        Ok(Ok(online)) => assert_eq!(
-            online, TERMINALS,
-            "terminals went offline during the flood"
-        ),
+        Ok(Ok(online)) => assert_eq!(online, TERMINALS, "terminals went offline during the flood"),
         Ok(Err(error)) => panic!("the API did not answer during the flood: {error:#}"),
         Err(_) => panic!("the API check did not finish within {FLOOD_LIMIT:?}"),
     }
@@ -188,7 +191,10 @@ async fn accounts_login_flood_keeps_memory_bounded_terminals_online_and_the_api_
     );
     eventually(WAIT, || async {
         let online = online_terminals(&api).await?;
-        anyhow::ensure!(online == TERMINALS, "{online} of {TERMINALS} terminals online");
+        anyhow::ensure!(
+            online == TERMINALS,
+            "{online} of {TERMINALS} terminals online"
+        );
         Ok(())
     })
     .await;

@@ -174,7 +174,11 @@ async fn only_another_human_account_in_an_mfa_session_approves() {
             None,
         )
         .await;
-    assert_eq!(reject.status(), StatusCode::FORBIDDEN, "tokens do not decide");
+    assert_eq!(
+        reject.status(),
+        StatusCode::FORBIDDEN,
+        "tokens do not decide"
+    );
     assert_eq!(approve(&server, &ada, &id).await.status(), StatusCode::OK);
     assert_eq!(wipes(&server).await, 3);
     server.stop().await;

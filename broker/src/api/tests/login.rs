@@ -168,7 +168,8 @@ async fn an_address_guessing_across_accounts_is_throttled() {
         }
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     }
-    let (after, response) = throttled.expect("100 failed logins from one address were never throttled");
+    let (after, response) =
+        throttled.expect("100 failed logins from one address were never throttled");
     assert!(after <= 30, "throttled only after {after} failures");
     let retry: u64 = response
         .headers()
@@ -182,7 +183,14 @@ async fn an_address_guessing_across_accounts_is_throttled() {
     // The throttled address cannot log in even with the right password; others can.
     let r = login_from(&server, &sprayer, "bob", GOOD, None).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-    let r = login_from(&server, &client_from(&server, "127.0.0.5"), "bob", GOOD, None).await;
+    let r = login_from(
+        &server,
+        &client_from(&server, "127.0.0.5"),
+        "bob",
+        GOOD,
+        None,
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::OK);
     server.stop().await;
 }
@@ -209,10 +217,7 @@ async fn a_missing_totp_code_counts_as_a_failure() {
 /// The number of refusals an audit entry stands for: aggregated entries say
 /// "N refusals ..." in their detail, any other entry is one.
 fn refusals(detail: &str) -> u64 {
-    detail
-        .split_once(" refusals")
-        .and_then(|(n, _)| n.trim().parse().ok())
-        .unwrap_or(1)
+    crate::audit::refusal_count(detail).unwrap_or(1)
 }
 
 #[tokio::test]

@@ -316,6 +316,9 @@ impl TestServer {
             .with_accounts(Arc::clone(&accounts))
             .with_audit(recorded.clone())
             .with_enrolment(enrolment);
+        state
+            .refusals()
+            .spawn_flusher(&tracker, cancel.child_token());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));
