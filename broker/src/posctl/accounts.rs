@@ -394,21 +394,24 @@ pub(crate) async fn user_list(
     let list: UserList = serde_json::from_value(value).context("unexpected answer")?;
     writeln!(
         out,
-        "{:<24} {:<9} {:<8} {:<4} {:<6} LAST LOGIN",
+        "{:<24} {:<9} {:<8} {:<4} {:<7} LAST LOGIN",
         "NAME", "ROLE", "ENABLED", "MFA", "LOCKED"
     )?;
     for u in list.users {
         writeln!(
             out,
-            "{:<24} {:<9} {:<8} {:<4} {:<6} {}",
+            "{:<24} {:<9} {:<8} {:<4} {:<7} {}",
             u.name,
             u.role.name(),
             if u.enabled { "yes" } else { "no" },
             if u.mfa { "yes" } else { "no" },
             if u.locked_until_ms.is_some() {
-                "yes"
+                "all".to_owned()
+            } else if !u.locked_out_from.is_empty() {
+                // Locked out from some client addresses only (ADR 0009).
+                format!("{} addr", u.locked_out_from.len())
             } else {
-                "no"
+                "no".to_owned()
             },
             u.last_login_ms
                 .map(super::output::datetime)
