@@ -16,6 +16,8 @@
 //!   regeneration of standard formats (base32, hex keys, PEM) until the guard passes.
 //! - [`signing`]: Ed25519 command signatures: the controller's [`signing::CommandKey`], the
 //!   agent's [`signing::KeyRing`] and the reasons a command is refused.
+//! - [`version`]: version ordering and the `min_version` check shared by the rollout engine
+//!   and the agent.
 //! - `pki` (feature `pki`): certificate profiles (device, controller, broker server), the
 //!   fleet CA on disk, and reading an [`pki::Identity`] out of a certificate.
 
@@ -30,6 +32,7 @@ pub mod secret;
 pub mod signing;
 pub mod text;
 pub mod topic;
+pub mod version;
 
 /// Generated protobuf types of package `posfleet.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

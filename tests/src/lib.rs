@@ -22,6 +22,8 @@
 //! - [`eventually`]: [`eventually()`], the timed assertion every wait goes through.
 //! - [`bench`]: the `fleet-bench connect` scenario and its report.
 //! - [`host`]: the open-files limit, a process's resident memory, the machine's description.
+//! - [`loginbench`]: `fleet-bench logins`: login latency per refusal reason, and a login
+//!   flood's effect on a real broker (memory, API latency).
 //! - [`localapi`]: [`LocalApiClient`], a terminal's local API (HTTP over its Unix socket) as
 //!   the payment application uses it.
 //! - [`payapp`]: [`PaymentApp`], a payment application submitting to a real terminal's local
@@ -46,6 +48,7 @@ pub mod cmdbench;
 pub mod eventually;
 pub mod host;
 pub mod localapi;
+pub mod loginbench;
 pub mod mqtt;
 pub mod panscan;
 pub mod payapp;

@@ -117,7 +117,7 @@ pub(crate) fn check_text(
 /// Fallback for unknown routes (reached only with a valid token).
 pub(crate) async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(
-        format!("no route for {}", uri.path()),
+        format!("no route for {}", posfleet_proto::text::shown(uri.path())),
         "the API lives under /api/v1 (devices, commands, config, transactions, stream); \
          the README's route table lists every route",
     )

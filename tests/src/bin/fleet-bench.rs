@@ -4,6 +4,7 @@
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- connect --terminals 1000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- commands --terminals 10000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- rollout --terminals 1000
+//! cargo run --release -p posfleet-tests --bin fleet-bench -- logins --samples 20
 //! ```
 //!
 //! See `posfleet_tests::bench` for what is measured and `docs/benchmarks.md` for results.
@@ -18,6 +19,7 @@ use posfleet_tests::Binaries;
 use posfleet_tests::bench::{ConnectBench, run_connect};
 use posfleet_tests::cmdbench::{CommandsBench, run_commands};
 use posfleet_tests::host::raise_nofile_limit;
+use posfleet_tests::loginbench::{LoginBench, run_logins};
 use posfleet_tests::rolloutbench::{RolloutBench, run_rollout};
 use posfleet_tests::txbench::driver_beside_current_exe;
 use posfleet_tests::txbench::faults::{FaultsBench, run_faults};
@@ -73,6 +75,9 @@ enum Command {
     /// A signed artifact rolled out in waves to N connected terminals: time per wave and the
     /// controller's download throughput.
     Rollout(RolloutBench),
+    /// Login latency per refusal reason (all alike), and a login flood against a broker with
+    /// simulated terminals: its memory and the API's latency meanwhile.
+    Logins(LoginBench),
 }
 
 fn progress(line: &str) {
@@ -143,6 +148,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Commands(params) => {
             let report = runtime.block_on(run_commands(&bins, params, progress))?;
+            println!("{report}");
+        }
+        Command::Logins(params) => {
+            let report = runtime.block_on(run_logins(&bins, params, progress))?;
             println!("{report}");
         }
         Command::Ingest(params) => {

@@ -288,6 +288,7 @@ async fn card_numbers_in_paths_are_not_audited() {
         (Method::POST, "/api/v1/users/4111.1111.1111.1111/reset"),
         (Method::DELETE, "/api/v1/tokens/4111.1111.1111.1111"),
         (Method::DELETE, "/api/v1/config/groups/4111.1111.1111.1111"),
+        (Method::GET, "/api/v1/nothing/4111.1111.1111.1111"),
     ] {
         let response = server.send(method, path, None).await;
         assert!(response.status().is_client_error(), "{path}");
