@@ -32,7 +32,15 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_DATA_DIR: &str = "./posfleet-data";
 
 /// Bytes of randomness in a generated admin token.
-const TOKEN_BYTES: usize = 32;
+/// Prefix of generated bootstrap admin tokens (older data dirs hold 64 hex digits, which
+/// keep working: the token is compared as text).
+pub const ADMIN_TOKEN_PREFIX: &str = "pfa_";
+
+/// A new bootstrap admin token: letters only, never a digit run a card-data scanner could
+/// flag (`posfleet_proto::secret::token`).
+pub fn new_admin_token() -> String {
+    posfleet_proto::secret::token(ADMIN_TOKEN_PREFIX)
+}
 
 /// Why the data directory could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -189,8 +197,7 @@ impl DataDir {
         if path.exists() {
             return Ok((self.read_admin_token()?, false));
         }
-        let bytes: [u8; TOKEN_BYTES] = rand::random();
-        let token = hex::encode(bytes);
+        let token = new_admin_token();
         write_secret_file(&path, &format!("{token}\n"))?;
         Ok((token, true))
     }
@@ -266,7 +273,8 @@ mod tests {
         data.create().unwrap();
         let (token, created) = data.ensure_admin_token().unwrap();
         assert!(created);
-        assert_eq!(token.len(), TOKEN_BYTES * 2);
+        let body = token.strip_prefix(ADMIN_TOKEN_PREFIX).unwrap();
+        assert!(posfleet_proto::secret::is_token_body(body), "{token}");
         let mode = fs::metadata(data.admin_token_file())
             .unwrap()
             .permissions()
@@ -275,6 +283,26 @@ mod tests {
         let (again, created) = data.ensure_admin_token().unwrap();
         assert!(!created);
         assert_eq!(again, token);
+    }
+
+    /// Issue 10 item 10: a bootstrap admin token never looks like a card number (100,000
+    /// draws); one written by an older version (64 hex digits) is still read as it is.
+    #[test]
+    fn admin_tokens_never_look_like_card_numbers_and_old_ones_still_read() {
+        let draws = 100_000;
+        let flagged = (0..draws)
+            .filter(|_| posfleet_proto::pan::contains_pan(&new_admin_token()))
+            .count();
+        assert_eq!(
+            flagged, 0,
+            "{flagged} of {draws} admin tokens look like a card number"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let data = DataDir::at(tmp.path().join("d"));
+        data.create().unwrap();
+        let old = "0123abcd".repeat(8);
+        write_secret_file(&data.admin_token_file(), &format!("{old}\n")).unwrap();
+        assert_eq!(data.ensure_admin_token().unwrap(), (old, false));
     }
 
     #[test]

@@ -8,8 +8,12 @@
 //!   place that formats or parses topics.
 //! - [`device_id`]: [`DeviceId`], the validated id used at every boundary.
 //! - [`codec`]: size-checked encode/decode per channel ([`ChannelMessage`]).
-//! - [`pan`]: the PAN guard (13–19 digit Luhn-valid runs), shared by the agent's local API
-//!   and the controller's transaction validation.
+//! - [`pan`]: the PAN guard (13–19 digit Luhn-valid runs, any separators, recognised shapes
+//!   taken out), shared by the agent's local API, the controller and the repository's scan.
+//! - [`text`]: the one check of text that enters posfleet (control and bidi characters,
+//!   card numbers), used by the admin API's handlers, the configuration schema and the agent.
+//! - [`secret`]: the one generator of tokens (letters only, never a digit run) and the
+//!   regeneration of standard formats (base32, hex keys, PEM) until the guard passes.
 //! - [`signing`]: Ed25519 command signatures: the controller's [`signing::CommandKey`], the
 //!   agent's [`signing::KeyRing`] and the reasons a command is refused.
 //! - [`version`]: version ordering and the `min_version` check shared by the rollout engine
@@ -24,7 +28,9 @@ pub mod device_id;
 pub mod pan;
 #[cfg(feature = "pki")]
 pub mod pki;
+pub mod secret;
 pub mod signing;
+pub mod text;
 pub mod topic;
 pub mod version;
 

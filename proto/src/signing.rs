@@ -71,10 +71,19 @@ impl std::fmt::Debug for CommandKey {
 }
 
 impl CommandKey {
-    /// A new random key.
+    /// A new random key whose PEM forms and key id never look like a card number (drawn
+    /// again until the guard passes: `crate::secret`).
     pub fn generate() -> Self {
-        let seed: [u8; 32] = rand::random();
-        Self::from_signing(SigningKey::from_bytes(&seed))
+        crate::secret::random_until_clean(
+            || Self::from_signing(SigningKey::from_bytes(&rand::random::<[u8; 32]>())),
+            |key| {
+                vec![
+                    key.to_pem(),
+                    key.public_key().to_pem(),
+                    key.key_id().to_owned(),
+                ]
+            },
+        )
     }
 
     fn from_signing(signing: SigningKey) -> Self {

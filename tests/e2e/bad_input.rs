@@ -186,6 +186,10 @@ async fn bad_clients_are_refused_counted_and_change_nothing() {
         ),
         ("oversized payload and packet", Box::pin(oversized(&fx))),
         (
+            "card numbers with dots or letters in a transaction",
+            Box::pin(separated_card_numbers(&fx)),
+        ),
+        (
             "CONNECT never arrives",
             Box::pin(connect_never_arrives(&fx)),
         ),
@@ -410,6 +414,48 @@ async fn malformed_protobuf(fx: &Fixture) -> anyhow::Result<()> {
         device.last_heartbeat.is_none(),
         "a malformed heartbeat was ingested: {device:?}"
     );
+    rogue.disconnect().await?;
+    fx.good_is_undisturbed(seq).await
+}
+
+/// Issue 10 item 7: a terminal (an old agent, or a rogue one) that sends a card number in a
+/// notation the guard used to miss is refused whole by ingest (counted `invalid`); nothing
+/// is stored and the device is not registered by it.
+async fn separated_card_numbers(fx: &Fixture) -> anyhow::Result<()> {
+    let seq = fx.good_seq().await;
+    let id = "rogue-pan";
+    let mut rogue = fx.rogue(id).await?;
+    let before = fx.metric(INGEST_REJECTED, "invalid").await?;
+    let notations = ["4111.1111.1111.1111", "4111a1111b1111c1111"];
+    for (i, txn_id) in notations.iter().enumerate() {
+        let batch = pb::TransactionBatch {
+            transactions: vec![pb::Transaction {
+                seq: i as u64 + 1,
+                txn_id: (*txn_id).to_owned(),
+                timestamp_ms: posfleet_proto::now_ms(),
+                amount_minor: 100,
+                currency: "EUR".into(),
+                kind: pb::TransactionKind::Sale as i32,
+                status: pb::TransactionStatus::Approved as i32,
+                masked_card: "411111******1111".into(),
+                merchant_id: "MER-1".into(),
+                ..Default::default()
+            }],
+        };
+        rogue
+            .publish(&topic(id, Channel::Transactions)?, encode(&batch)?)
+            .await?;
+    }
+    fx.counted(INGEST_REJECTED, "invalid", before, notations.len() as f64)
+        .await?;
+    fx.unknown(id).await?;
+    let stored = fx
+        .api()
+        .get(&format!("/api/v1/transactions?device={id}"))
+        .await?
+        .text()
+        .await?;
+    ensure!(!stored.contains("1111"), "stored: {stored}");
     rogue.disconnect().await?;
     fx.good_is_undisturbed(seq).await
 }

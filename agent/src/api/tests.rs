@@ -313,6 +313,49 @@ async fn a_pan_is_refused_never_echoed_and_never_logged() {
     }
 }
 
+/// Issue 10 item 7: the card numbers the security review got through with 201, in every field
+/// it used, are refused with 400 `card_number_refused` naming the field; nothing is stored.
+#[tokio::test]
+async fn separated_and_letter_joined_pans_are_refused_in_every_field() {
+    let h = Harness::start().await;
+    let values = [
+        "4111.1111.1111.1111",
+        "4111:1111:1111:1111",
+        "4111_1111_1111_1111",
+        "4111+1111+1111+1111",
+        "4111,1111,1111,1111",
+        "4111*1111*1111*1111",
+        "4111/1111/1111/1111",
+        "4111.1111:1111_1111",
+        "4111a1111b1111c1111",
+    ];
+    for value in values {
+        for field in [
+            "txn_id",
+            "merchant_id",
+            "store_id",
+            "card_token",
+            "items[0].sku",
+        ] {
+            let mut body = sale_json("S-1", 100);
+            if field == "items[0].sku" {
+                body["items"][0]["sku"] = json!(value);
+            } else {
+                body[field] = json!(value);
+            }
+            let (code, answer) = h.post_json(&body).await;
+            assert_eq!(
+                (code, &answer["error"], &answer["problems"][0]["field"]),
+                (400, &json!("card_number_refused"), &json!(field)),
+                "{field} = {value}: {answer}"
+            );
+            assert!(!answer.to_string().contains("1111"), "echoed: {answer}");
+        }
+    }
+    assert_eq!(h.status().await["outbox"]["depth"], 0, "nothing was stored");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn locked_terminal_oversized_body_and_wrong_media_type() {
     let h = Harness::start().await;

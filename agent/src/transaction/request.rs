@@ -12,7 +12,8 @@
 //!
 //! [`from_json`] works in this order, so that no error message can echo card data:
 //! 1. parse as JSON (parser errors name a line and column, never the input);
-//! 2. scan **every** string value and every object key, known or not, with the PAN guard;
+//! 2. scan **every** string value and every object key, known or not, with the PAN guard
+//!    (SKUs as product codes: a lone GTIN with a valid GS1 check digit passes);
 //! 3. check the shape: every field known (`deny_unknown_fields`), of the right JSON type,
 //!    required fields present, enum values known. Messages name the field, never the value;
 //! 4. build the typed request. The field rules of [`super::validate`] run afterwards, in the
@@ -21,7 +22,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::pan::contains_pan;
+use super::pan::{TextKind, contains_pan, contains_pan_in};
 use super::{FieldProblem, Refusal};
 
 /// What happened at the till.
@@ -174,7 +175,7 @@ pub fn from_json(body: &[u8]) -> Result<TransactionRequest, Refusal> {
 fn scan_for_pans(value: &Value, path: &mut String, found: &mut Vec<String>) {
     match value {
         Value::String(s) => {
-            if contains_pan(s) {
+            if contains_pan_in(s, kind_of(path)) {
                 found.push(display_path(path));
             }
         }
@@ -205,6 +206,15 @@ fn scan_for_pans(value: &Value, path: &mut String, found: &mut Vec<String>) {
             }
         }
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+/// The kind of text at `path`: line-item SKUs are product codes (a GTIN passes the guard).
+pub(super) fn kind_of(path: &str) -> TextKind {
+    if path.starts_with("items[") && path.ends_with("].sku") {
+        TextKind::ProductCode
+    } else {
+        TextKind::General
     }
 }
 

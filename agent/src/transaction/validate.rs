@@ -14,12 +14,15 @@
 //! | `items` | at most 200; `sku` 1–64 printable ASCII, `quantity` 1–100000, `unit_price_minor` within ±10^12 |
 //!
 //! Optional strings, when present, must not be empty. Every string is also checked by the
-//! [PAN guard](super::pan); a PAN anywhere refuses the whole transaction.
+//! [PAN guard](super::pan) (SKUs as product codes); a PAN anywhere refuses the whole
+//! transaction. The separators the guard joins digit groups with include the `. _ : / + =`
+//! these fields allow, so an id must not hold 13 or more digits in groups (ids built from a
+//! date and a counter, `2026-12-07-000123`, pass: dates are recognised).
 
 use posfleet_proto::pb;
 use sha2::{Digest, Sha256};
 
-use super::pan::contains_pan;
+use super::pan::contains_pan_in;
 use super::request::{EntryMode, Kind, Status, TransactionRequest};
 use super::{FieldProblem, Refusal};
 
@@ -107,7 +110,7 @@ impl TransactionRequest {
     pub fn validate(&self) -> Result<ValidTransaction, Refusal> {
         let pans: Vec<String> = self
             .strings()
-            .filter(|(_, s)| contains_pan(s))
+            .filter(|(field, s)| contains_pan_in(s, super::request::kind_of(field)))
             .map(|(field, _)| field)
             .collect();
         if !pans.is_empty() {

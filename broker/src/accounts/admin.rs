@@ -76,7 +76,7 @@ impl std::fmt::Debug for NewToken {
     }
 }
 
-/// 1-64 of `a-z 0-9 . _ -`, starting with a letter or digit.
+/// 1-64 of `a-z 0-9 . _ -`, starting with a letter or digit, not holding a card number.
 pub fn validate_name(name: &str) -> Result<(), AccountError> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -87,7 +87,7 @@ pub fn validate_name(name: &str) -> Result<(), AccountError> {
             .bytes()
             .next()
             .is_some_and(|b| b.is_ascii_alphanumeric());
-    if !ok {
+    if !ok || posfleet_proto::pan::contains_pan(name) {
         return Err(AccountError::InvalidName(printable(name)));
     }
     if RESERVED_NAMES.contains(&name) {
@@ -96,10 +96,14 @@ pub fn validate_name(name: &str) -> Result<(), AccountError> {
     Ok(())
 }
 
-/// A name from a request, shortened and stripped of control characters for messages and
-/// the audit log.
+/// A name from a request, shortened and stripped of control and bidi characters for messages
+/// and the audit log; withheld if it holds a card number.
 pub fn printable(name: &str) -> String {
-    name.chars().filter(|c| !c.is_control()).take(64).collect()
+    posfleet_proto::text::shown(name)
+        .chars()
+        .filter(|c| !c.is_control() && !posfleet_proto::text::is_bidi_control(*c))
+        .take(64)
+        .collect()
 }
 
 impl Accounts {

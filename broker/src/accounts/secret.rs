@@ -45,10 +45,11 @@ pub fn dummy_hash() -> &'static str {
     })
 }
 
-/// A new random 256-bit bearer token, hex encoded, with `prefix`.
+/// A new random bearer token with `prefix`: 256 bits as letters only, so that it can never
+/// look like a card number (`posfleet_proto::secret::token`). Tokens issued in the old form
+/// (`prefix` + 64 hex digits) keep working: only their SHA-256 is stored.
 pub fn new_token(prefix: &str) -> String {
-    let bytes: [u8; 32] = rand::random();
-    format!("{prefix}{}", hex::encode(bytes))
+    posfleet_proto::secret::token(prefix)
 }
 
 /// What is stored of a bearer token: its SHA-256.
@@ -81,10 +82,41 @@ mod tests {
         assert!(!verify_password("correct horse 1", "not a hash"));
     }
 
+    /// Issue 10 item 10: a generated API or session token, or a TOTP secret in any of its
+    /// written forms, never holds what the PAN guard (and card-data scanners) take for a card
+    /// number: 100,000 draws of each.
+    #[test]
+    fn generated_tokens_and_totp_secrets_never_look_like_card_numbers() {
+        use posfleet_proto::pan::contains_pan;
+        let draws = 100_000;
+        type Draw = fn() -> Vec<String>;
+        let kinds: [(&str, Draw); 3] = [
+            ("API token", || vec![new_token(API_TOKEN_PREFIX)]),
+            ("session token", || vec![new_token("")]),
+            ("TOTP secret", || {
+                let secret = super::super::totp::new_secret();
+                vec![
+                    super::super::totp::base32_encode(&secret),
+                    hex::encode(&secret),
+                    super::super::totp::otpauth_url("posfleet", "alice", &secret),
+                ]
+            }),
+        ];
+        for (kind, draw) in kinds {
+            let flagged = (0..draws)
+                .filter(|_| draw().iter().any(|text| contains_pan(text)))
+                .count();
+            assert_eq!(
+                flagged, 0,
+                "{kind}: {flagged} of {draws} draws look like a card number"
+            );
+        }
+    }
+
     #[test]
     fn tokens_are_random_and_digested() {
         let t = new_token(API_TOKEN_PREFIX);
-        assert!(t.starts_with("pft_") && t.len() == 4 + 64);
+        assert!(t.starts_with("pft_") && posfleet_proto::secret::is_token_body(&t[4..]));
         assert_ne!(t, new_token(API_TOKEN_PREFIX));
         assert_eq!(token_digest(&t), token_digest(&t.clone()));
         assert!(constant_time_eq(b"abc", b"abc"));

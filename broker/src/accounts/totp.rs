@@ -12,10 +12,14 @@ pub const DIGITS: u32 = 6;
 /// Bytes of a generated secret (160 bits, RFC 4226's recommendation).
 pub const SECRET_BYTES: usize = 20;
 
-/// A new random secret.
+/// A new random secret whose written forms (base32 for the authenticator, hex in the account
+/// store) never look like a card number: base32 is fixed by the standard, so the secret is
+/// drawn again until the guard passes (`posfleet_proto::secret`).
 pub fn new_secret() -> Vec<u8> {
-    let bytes: [u8; SECRET_BYTES] = rand::random();
-    bytes.to_vec()
+    posfleet_proto::secret::random_until_clean(rand::random::<[u8; SECRET_BYTES]>, |bytes| {
+        vec![base32_encode(bytes), hex::encode(bytes)]
+    })
+    .to_vec()
 }
 
 /// The code of `secret` for time step `step`.

@@ -421,10 +421,12 @@ pub(crate) fn account_error(e: AccountError) -> ApiError {
         AccountError::UnknownUser(_) | AccountError::UnknownToken(_) => {
             ApiError::not_found(message, "see GET /api/v1/users or /api/v1/tokens")
         }
-        AccountError::InvalidName(_)
-        | AccountError::ReservedName(_)
-        | AccountError::Invalid(_)
-        | AccountError::CodeMismatch => ApiError::bad_request(message, "fix the request and retry"),
+        AccountError::InvalidName(_) | AccountError::ReservedName(_) => {
+            ApiError::field("name", message, "fix the request and retry")
+        }
+        AccountError::Invalid(_) | AccountError::CodeMismatch => {
+            ApiError::bad_request(message, "fix the request and retry")
+        }
         AccountError::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, message, None),
         AccountError::Store(_) | AccountError::Hash(_) => {
             error!(error = %message, "account store failed");

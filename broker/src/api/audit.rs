@@ -254,13 +254,15 @@ pub(crate) fn action_for(method: &Method, route: &str) -> String {
 }
 
 /// The target named by the path: the value of its `{id}`/`{name}` segment (configuration
-/// scopes as `fleet`, `group:NAME`, `device:ID`); `-` for a collection.
+/// scopes as `fleet`, `group:NAME`, `device:ID`), withheld if it holds a card number; `-` for
+/// a collection.
 pub(crate) fn target_for(route: &str, path: &str) -> String {
+    // A path segment is what the client typed: a card number in it is never recorded.
     let value = route
         .split('/')
         .zip(path.split('/'))
         .find(|(r, _)| r.starts_with('{'))
-        .map(|(_, p)| p.to_owned());
+        .map(|(_, p)| posfleet_proto::text::shown(p).into_owned());
     if route == "/api/v1/config/fleet" {
         return "fleet".to_owned();
     }

@@ -71,7 +71,8 @@ pub(crate) async fn authenticate(
             warn!(
                 reason,
                 method = %request.method(),
-                path = request.uri().path(),
+                // A card number typed into a path never reaches the log.
+                path = %posfleet_proto::text::shown(request.uri().path()),
                 "admin API request refused"
             );
             state
@@ -168,14 +169,14 @@ pub(crate) async fn authorize(
         actor = %auth.principal.name,
         role = auth.principal.role.name(),
         method = %request.method(),
-        path = request.uri().path(),
+        path = %posfleet_proto::text::shown(request.uri().path()),
         "admin API request denied"
     );
     let route_path = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(
-            || request.uri().path().to_owned(),
+            || posfleet_proto::text::shown(request.uri().path()).into_owned(),
             |m| m.as_str().to_owned(),
         );
     route

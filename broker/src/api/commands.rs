@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use super::ApiState;
 use super::approvals::LockGate;
 use super::audit::AuditNote;
-use super::error::ApiError;
+use super::error::{ApiError, check_text};
 use crate::commands::{
     Action, CancelError, CommandQuery, CreateError, CreateRequest, DEFAULT_LIMIT, ListError,
     MAX_LIMIT, MAX_TTL, Selector, log_path, valid_name,
@@ -239,9 +239,7 @@ pub(super) fn parse_create(body: &Value) -> Result<(Action, Selector, Duration),
                     format!("longer than {MAX_REASON_CHARS} characters"),
                 ));
             }
-            if reason.chars().any(char::is_control) {
-                return Err(field("reason", "contains control characters".into()));
-            }
+            check_text("reason", reason, CREATE_HINT)?;
             let reason = reason.to_owned();
             if kind == "lock" {
                 Action::Lock { reason }
@@ -334,7 +332,10 @@ pub(super) fn parse_target(target: Option<&Value>) -> Result<Selector, ApiError>
     }
     if let Some(group) = obj.get("group") {
         return match group.as_str() {
-            Some(g) if valid_name(g) => Ok(Selector::Group(g.to_owned())),
+            Some(g) if valid_name(g) => {
+                check_text("target.group", g, super::devices::NAME_HINT)?;
+                Ok(Selector::Group(g.to_owned()))
+            }
             _ => Err(ApiError::field(
                 "target.group",
                 "not a valid group name",
@@ -349,8 +350,10 @@ pub(super) fn parse_target(target: Option<&Value>) -> Result<Selector, ApiError>
             .ok_or_else(|| field("target.labels", "must be a non-empty object of key: value"))?;
         let mut out = std::collections::BTreeMap::new();
         for (k, v) in map {
+            check_text("target.labels", k, super::devices::NAME_HINT)?;
             match v.as_str() {
                 Some(v) if valid_name(k) && valid_name(v) => {
+                    check_text(format!("target.labels.{k}"), v, super::devices::NAME_HINT)?;
                     out.insert(k.clone(), v.to_owned());
                 }
                 _ => {

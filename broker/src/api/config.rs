@@ -128,6 +128,7 @@ macro_rules! layer_handlers {
             body: Result<Json<PatchBody>, JsonRejection>,
         ) -> Result<Json<ConfigLayerView>, ApiError> {
             let scope = $scope($($path)?)?;
+            new_layer_name(&scope)?;
             let Json(body) = body.map_err(json_error)?;
             blocking(state.config, move |store| {
                 store.set(&scope, body.set, &body.unset, &author, &body.comment)
@@ -142,6 +143,7 @@ macro_rules! layer_handlers {
             body: Result<Json<PutBody>, JsonRejection>,
         ) -> Result<Json<ConfigLayerView>, ApiError> {
             let scope = $scope($($path)?)?;
+            new_layer_name(&scope)?;
             let Json(body) = body.map_err(json_error)?;
             blocking(state.config, move |store| {
                 store.replace(&scope, body.document, &author, &body.comment)
@@ -164,6 +166,15 @@ macro_rules! layer_handlers {
             .await
         }
     };
+}
+
+/// A group layer is created or changed only under a name that is clean text (existing
+/// layers can still be read and deleted).
+fn new_layer_name(scope: &Scope) -> Result<(), ApiError> {
+    match scope {
+        Scope::Group(name) => super::error::check_text("group", name, SCOPE_HINT),
+        _ => Ok(()),
+    }
 }
 
 fn fleet_scope() -> Result<Scope, ApiError> {
@@ -320,7 +331,10 @@ fn store_error(e: ConfigError) -> ApiError {
             fields,
         ),
         ConfigError::NotFound { scope } => ApiError::not_found(
-            format!("there is no {scope} layer"),
+            format!(
+                "there is no {} layer",
+                posfleet_proto::text::shown(&scope.to_string())
+            ),
             "GET /api/v1/config/layers lists the layers; PATCH or PUT creates one",
         ),
         e @ (ConfigError::BadRange(_) | ConfigError::Pruned { .. }) => {

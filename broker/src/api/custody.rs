@@ -20,7 +20,7 @@ use super::approvals::{self, LockGate, lock_gate};
 use super::audit::AuditNote;
 use super::commands::{MAX_REASON_CHARS, create_now};
 use super::devices::{device_id, unknown};
-use super::error::ApiError;
+use super::error::{ApiError, check_text};
 use crate::accounts::Principal;
 use crate::approvals::LockReservation;
 use crate::commands::{Action, CreateRequest};
@@ -52,7 +52,8 @@ fn store_error(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
-/// A text field: trimmed, `1..=max` characters (or empty if optional), no control characters.
+/// A text field: trimmed, `1..=max` characters (or empty if optional), no control or bidi
+/// characters and no card number (`posfleet_proto::text`).
 fn text(
     obj: &serde_json::Map<String, Value>,
     name: &str,
@@ -78,9 +79,7 @@ fn text(
             hint,
         ));
     }
-    if value.chars().any(char::is_control) {
-        return Err(ApiError::field(name, "contains control characters", hint));
-    }
+    check_text(name, value, hint)?;
     Ok(value.to_owned())
 }
 

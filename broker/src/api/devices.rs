@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::Actor;
 use super::ApiState;
-use super::error::ApiError;
+use super::error::{ApiError, check_text};
 use crate::commands::{Selector, valid_name};
 use crate::views::{DesiredView, DeviceDetail, DeviceList, GroupsBody, LabelsBody};
 
@@ -136,6 +136,7 @@ pub(crate) async fn set_groups(
     for (i, g) in list.iter().enumerate() {
         match g.as_str() {
             Some(name) if valid_name(name) => {
+                check_text(format!("groups[{i}]"), name, NAME_HINT)?;
                 groups.insert(name.to_owned());
             }
             _ => {
@@ -183,12 +184,15 @@ pub(crate) async fn set_labels(
     at_most(map.len(), "labels", HINT)?;
     let mut labels = BTreeMap::new();
     for (k, v) in map {
+        // The key first: a field name must never carry a card number.
+        check_text("labels", k, NAME_HINT)?;
         let field = format!("labels.{k}");
         if !valid_name(k) {
             return Err(ApiError::field(field, "not a valid label key", NAME_HINT));
         }
         match v.as_str() {
             Some(v) if valid_name(v) => {
+                check_text(&field, v, NAME_HINT)?;
                 labels.insert(k.clone(), v.to_owned());
             }
             _ => return Err(ApiError::field(field, "not a valid label value", NAME_HINT)),

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::ApiState;
 use super::devices::device_id;
-use super::error::ApiError;
+use super::error::{ApiError, check_text};
 use super::server::PeerAddr;
 use crate::accounts::Principal;
 use crate::enrolment::{EnrolError, Enrolment};
@@ -88,6 +88,11 @@ pub(crate) async fn create_token(
 ) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
     let svc = service(&state)?;
     let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text(), TOKEN_HINT))?;
+    for (field, value) in [("serial", &body.serial), ("group", &body.group)] {
+        if let Some(value) = value {
+            check_text(field, value, TOKEN_HINT)?;
+        }
+    }
     let actor = actor(principal);
     let now = posfleet_proto::now_ms();
     let created =
@@ -154,6 +159,7 @@ async fn revoke_or_decommission(
     let svc = service(&state)?;
     let id = device_id(id)?;
     let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text(), REVOKE_HINT))?;
+    check_text("reason", &body.reason, REVOKE_HINT)?;
     let actor = actor(principal);
     let now = posfleet_proto::now_ms();
     let view = blocking(move || {

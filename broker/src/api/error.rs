@@ -102,10 +102,22 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Refuses operator-entered text of `field` (control or bidi characters, a card number:
+/// `posfleet_proto::text`) with a 400 naming the field, never the value. Every handler that
+/// takes text calls this; `field` must not contain the value.
+pub(crate) fn check_text(
+    field: impl Into<String>,
+    value: &str,
+    hint: &str,
+) -> Result<(), ApiError> {
+    posfleet_proto::text::check_operator_text(value)
+        .map_err(|problem| ApiError::field(field, problem.to_string(), hint))
+}
+
 /// Fallback for unknown routes (reached only with a valid token).
 pub(crate) async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(
-        format!("no route for {}", uri.path()),
+        format!("no route for {}", posfleet_proto::text::shown(uri.path())),
         "the API lives under /api/v1 (devices, commands, config, transactions, stream); \
          the README's route table lists every route",
     )

@@ -367,13 +367,14 @@ pub(crate) async fn abort(
         .filter(|r| !r.is_empty())
         .unwrap_or("no reason given")
         .to_owned();
-    if reason.chars().count() > MAX_REASON_CHARS || reason.chars().any(char::is_control) {
+    if reason.chars().count() > MAX_REASON_CHARS {
         return Err(ApiError::field(
             "reason",
-            format!("at most {MAX_REASON_CHARS} characters, no control characters"),
+            format!("at most {MAX_REASON_CHARS} characters"),
             "send {\"reason\": \"...\"}",
         ));
     }
+    super::error::check_text("reason", &reason, "send {\"reason\": \"...\"}")?;
     control(state, id, Control::Abort { reason }, "abort").await
 }
 

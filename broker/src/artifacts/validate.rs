@@ -9,7 +9,8 @@ pub const COMPONENTS: [&str; 3] = ["payment_app", "firmware", "agent"];
 /// The component when an upload names none.
 pub const DEFAULT_COMPONENT: &str = "payment_app";
 
-/// `[0-9A-Za-z.+-]{1,64}`; the message says what is wrong (never echoing the value).
+/// `[0-9A-Za-z.+-]{1,64}`, no card number; the message says what is wrong (never echoing
+/// the value).
 pub fn check_version(v: &str) -> Result<(), String> {
     if v.is_empty() || v.len() > MAX_VERSION_LEN {
         return Err(format!("must be 1 to {MAX_VERSION_LEN} characters"));
@@ -19,6 +20,9 @@ pub fn check_version(v: &str) -> Result<(), String> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-'))
     {
         return Err("may hold only letters, digits, '.', '+' and '-'".into());
+    }
+    if posfleet_proto::pan::contains_pan(v) {
+        return Err(posfleet_proto::text::TextProblem::CardNumber.to_string());
     }
     Ok(())
 }

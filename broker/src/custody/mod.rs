@@ -252,7 +252,8 @@ fn read_or_create_key(path: &Path) -> Result<Vec<u8>, CustodyError> {
             Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key: [u8; 32] = rand::random();
+            // Hex, as readers expect; drawn until its hex never looks like a card number.
+            let key: [u8; 32] = posfleet_proto::secret::hex_key();
             posfleet_proto::pki::write_secret_file(path, &format!("{}\n", hex::encode(key)))
                 .map_err(|e| bad(e.to_string()))?;
             Ok(key.to_vec())

@@ -1,5 +1,7 @@
 //! Enrolment tokens: `pfe_<id>_<secret>`. The id (12 hex digits) finds the record; the
 //! controller stores only the SHA-256 of the whole text and compares digests in constant time.
+//! The secret is 45 letters (`posfleet_proto::secret::token`: no digit, so the token can never
+//! look like a card number); tokens issued with 64 hex digits keep working.
 
 use std::time::Duration;
 
@@ -15,10 +17,8 @@ pub(super) struct Secret {
 }
 
 pub(super) fn generate() -> Secret {
-    let id: [u8; 6] = rand::random();
-    let secret: [u8; 32] = rand::random();
-    let id = hex::encode(id);
-    let text = format!("{PREFIX}{id}_{}", hex::encode(secret));
+    let id = hex::encode(rand::random::<[u8; 6]>());
+    let text = posfleet_proto::secret::token(&format!("{PREFIX}{id}_"));
     Secret { id, text }
 }
 
@@ -27,7 +27,8 @@ pub(super) fn id_of(text: &str) -> Option<&str> {
     let rest = text.strip_prefix(PREFIX)?;
     let (id, secret) = rest.split_once('_')?;
     let hex_len = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex_len(id, 12) && hex_len(secret, 64)).then_some(id)
+    let secret_ok = posfleet_proto::secret::is_token_body(secret) || hex_len(secret, 64);
+    (hex_len(id, 12) && secret_ok).then_some(id)
 }
 
 pub(super) fn digest(text: &str) -> String {
@@ -87,7 +88,28 @@ mod tests {
         assert!(matches(&d, &s.text));
         assert!(!matches(&d, &generate().text));
         assert_eq!(id_of("pfe_x_y"), None);
+        // Tokens issued in the old form (64 hex digits) are still recognised.
+        let old = format!("pfe_0123456789ab_{}", "ab12".repeat(16));
+        assert_eq!(id_of(&old), Some("0123456789ab"));
+        assert_eq!(
+            id_of(&format!("pfe_0123456789ab_{}", "ab12".repeat(15))),
+            None
+        );
         assert_eq!(id_of(""), None);
+    }
+
+    /// Issue 10 item 10: a generated enrolment token never holds what the PAN guard (and
+    /// card-data scanners) take for a card number: 100,000 draws.
+    #[test]
+    fn generated_tokens_never_look_like_card_numbers() {
+        let draws = 100_000;
+        let flagged = (0..draws)
+            .filter(|_| posfleet_proto::pan::contains_pan(&generate().text))
+            .count();
+        assert_eq!(
+            flagged, 0,
+            "{flagged} of {draws} enrolment tokens look like a card number"
+        );
     }
 
     #[test]

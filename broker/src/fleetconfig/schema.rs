@@ -6,9 +6,17 @@
 //! [`CUSTOM_PREFIX`] (any scalar; strings up to [`MAX_CUSTOM_STRING_CHARS`] characters).
 //! A document holds at most [`MAX_KEYS`] keys and [`MAX_DOCUMENT_BYTES`] of JSON.
 //!
+//! No value, of any type, may hold a card number, nor a key (the guard of
+//! `posfleet_proto::pan`, integers read as their decimal digits); free text (the `Text` rule
+//! and custom strings) is also free of control and bidi characters
+//! (`posfleet_proto::text`).
+//!
 //! Error messages name the key and what is wrong; they never repeat the value (it may be
-//! huge, or a secret typed into the wrong key).
+//! huge, or a secret typed into the wrong key), and a key that holds a card number is shown
+//! as a placeholder.
 
+use posfleet_proto::pan::contains_pan;
+use posfleet_proto::text::{TextProblem, check_operator_text, shown};
 use serde_json::{Map, Value};
 
 use crate::views::{ConfigKeyView, ConfigSchemaView, FieldMessage};
@@ -174,8 +182,9 @@ pub(crate) fn field(key: &str, message: impl Into<String>) -> FieldMessage {
 }
 
 fn shown_key(key: &str) -> String {
+    let key = shown(key);
     if key.chars().count() <= SHOWN_KEY_CHARS {
-        key.to_owned()
+        key.into_owned()
     } else {
         let mut cut: String = key.chars().take(SHOWN_KEY_CHARS).collect();
         cut.push('…');
@@ -213,17 +222,30 @@ pub fn check_key_syntax(key: &str) -> Result<(), String> {
 /// Checks one key and its value.
 pub fn check_entry(key: &str, value: &Value) -> Result<(), FieldMessage> {
     check_key_syntax(key).map_err(|m| field(key, m))?;
+    if contains_pan(key) {
+        return Err(field(key, TextProblem::CardNumber.to_string()));
+    }
     if let Some(spec) = spec(key) {
-        return check_rule(&spec.rule, value).map_err(|m| field(key, m));
+        check_rule(&spec.rule, value).map_err(|m| field(key, m))?;
+    } else if key.starts_with(CUSTOM_PREFIX) {
+        check_custom(value).map_err(|m| field(key, m))?;
+    } else {
+        return Err(field(
+            key,
+            "unknown key; use a key of the schema (GET /api/v1/config/schema, `posctl config \
+             schema`) or put your own under custom.",
+        ));
     }
-    if key.starts_with(CUSTOM_PREFIX) {
-        return check_custom(value).map_err(|m| field(key, m));
+    // Whatever the rule, no value holds a card number (an integer as its digits).
+    let card_number = match value {
+        Value::String(s) => contains_pan(s),
+        Value::Number(n) => contains_pan(&n.to_string()),
+        _ => false,
+    };
+    if card_number {
+        return Err(field(key, TextProblem::CardNumber.to_string()));
     }
-    Err(field(
-        key,
-        "unknown key; use a key of the schema (GET /api/v1/config/schema, `posctl config \
-         schema`) or put your own under custom.",
-    ))
+    Ok(())
 }
 
 /// Checks every entry of `document` and the document's size; returns every problem at once.
@@ -313,7 +335,7 @@ fn check_custom(value: &Value) -> Result<(), String> {
                      {MAX_CUSTOM_STRING_CHARS}"
                 ))
             } else {
-                Ok(())
+                check_operator_text(s).map_err(|problem| problem.to_string())
             }
         }
         other => Err(format!(
@@ -325,12 +347,7 @@ fn check_custom(value: &Value) -> Result<(), String> {
 
 fn check_str(rule: StrRule, s: &str) -> Result<(), String> {
     let ok = match rule {
-        StrRule::Text => {
-            if s.chars().any(char::is_control) {
-                return Err("must not contain control characters (newlines, tabs, escapes)".into());
-            }
-            true
-        }
+        StrRule::Text => return check_operator_text(s).map_err(|problem| problem.to_string()),
         StrRule::Currency => s.len() == 3 && s.bytes().all(|b| b.is_ascii_uppercase()),
         StrRule::Language => is_language(s),
         StrRule::Hostname => is_hostname(s),
@@ -347,7 +364,7 @@ fn check_str(rule: StrRule, s: &str) -> Result<(), String> {
 /// What a string rule expects, for messages and the schema view.
 fn str_rule_text(rule: StrRule) -> &'static str {
     match rule {
-        StrRule::Text => "text without control characters",
+        StrRule::Text => "text without control or bidi characters or a card number",
         StrRule::Currency => "three capital letters (ISO 4217, e.g. EUR)",
         StrRule::Language => "a language code like en or fr-CH",
         StrRule::Hostname => "a host name like pool.ntp.org",

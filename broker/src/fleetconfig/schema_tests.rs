@@ -245,3 +245,39 @@ fn the_schema_view_lists_every_key() {
     sorted.sort_unstable();
     assert_eq!(sorted, KEYS.iter().map(|k| k.key).collect::<Vec<_>>());
 }
+
+/// Issue 10 item 7: a card number in a value (any notation, string or integer) or in a key,
+/// and control or bidi characters in text, are refused naming the key, never echoing it.
+#[test]
+fn card_numbers_and_bidi_controls_are_refused_in_values_and_keys() {
+    for value in [
+        json!("4111.1111.1111.1111"),
+        json!("4111a1111b1111c1111"),
+        json!("ref 4111:1111:1111:1111"),
+        json!(4_111_111_111_111_111i64),
+    ] {
+        let message = refused("custom.ref", value.clone());
+        assert!(message.contains("card number"), "{value}: {message}");
+    }
+    for key in ["store.name", "receipt.footer", "network.ntp_server"] {
+        let message = refused(key, json!("4111.1111.1111.1111"));
+        assert!(message.contains("card number"), "{key}: {message}");
+    }
+    for text in [
+        "a\u{202E}b",
+        "a\u{2066}b",
+        "a\u{200F}b",
+        "a\u{061C}b",
+        "a\tb",
+    ] {
+        refused("custom.note", json!(text));
+        refused("store.name", json!(text));
+    }
+    let e = check_entry("custom.4111.1111.1111.1111", &json!("x")).unwrap_err();
+    assert!(!e.key.contains("1111.1111"), "the key is echoed: {e:?}");
+    // Legitimate values next to them still pass.
+    ok("custom.when", json!("2026-12-07 07:33:31.123456"));
+    ok("custom.amount", json!("1,234,567.89"));
+    ok("custom.iban", json!("DE89 3704 0044 0532 0130 00"));
+    ok("custom.when_ms", json!(1_764_242_400_000i64));
+}

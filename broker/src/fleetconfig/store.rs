@@ -516,11 +516,8 @@ fn check_meta(author: &str, comment: &str) -> Vec<FieldMessage> {
             "comment",
             format!("is {comment_chars} characters long; the maximum is {MAX_COMMENT_CHARS}"),
         ));
-    } else if comment.chars().any(char::is_control) {
-        errors.push(schema::field(
-            "comment",
-            "must not contain control characters",
-        ));
+    } else if let Err(problem) = posfleet_proto::text::check_operator_text(comment) {
+        errors.push(schema::field("comment", problem.to_string()));
     }
     errors
 }

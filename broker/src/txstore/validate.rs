@@ -2,12 +2,14 @@
 //! (ADR 0006). A batch holding one invalid record is refused whole by ingest.
 //!
 //! Everything ends up in API responses, reports and on admins' terminals, so text is bounded
-//! and free of control characters, amounts and times are in range, enums are known, and no
-//! field may hold a full card number (PCI DSS: a 13–19 digit Luhn-valid run, digits possibly
-//! separated by single spaces or dashes).
+//! and free of control and bidi characters, amounts and times are in range, enums are known,
+//! and no field may hold a full card number (PCI DSS; the guard of `posfleet_proto::pan`:
+//! a 13–19 digit Luhn-valid run in any notation; SKUs checked as product codes, as the agent
+//! does).
 
-use posfleet_proto::pan::contains_pan;
+use posfleet_proto::pan::TextKind;
 use posfleet_proto::pb;
+use posfleet_proto::text::{TextProblem, check_text};
 
 /// Longest `txn_id`, in bytes.
 pub const MAX_TXN_ID_LEN: usize = 64;
@@ -130,7 +132,8 @@ fn check(tx: &pb::Transaction) -> Result<(), String> {
         ));
     }
     for (i, item) in tx.items.iter().enumerate() {
-        text("items.sku", &item.sku, MAX_TEXT_LEN).map_err(|e| format!("item {i}: {e}"))?;
+        text_of("items.sku", &item.sku, MAX_TEXT_LEN, TextKind::ProductCode)
+            .map_err(|e| format!("item {i}: {e}"))?;
         if !(1..=MAX_QUANTITY).contains(&item.quantity) {
             return Err(format!(
                 "item {i}: quantity {} is outside 1..={MAX_QUANTITY}",
@@ -149,25 +152,26 @@ fn check(tx: &pb::Transaction) -> Result<(), String> {
     Ok(())
 }
 
-/// Bounded text without control characters or a card number.
+/// Bounded text without control or bidi characters or a card number.
 fn text(field: &str, value: &str, max: usize) -> Result<(), String> {
+    text_of(field, value, max, TextKind::General)
+}
+
+fn text_of(field: &str, value: &str, max: usize, kind: TextKind) -> Result<(), String> {
     if value.len() > max {
         return Err(format!(
             "{field} is {} bytes long; the limit is {max}",
             value.len()
         ));
     }
-    if value.chars().any(char::is_control) {
-        return Err(format!("{field} contains control characters"));
-    }
-    if contains_pan(value) {
-        // Never echo the value: it may be a card number.
-        return Err(format!(
+    // Never echo the value: it may be a card number.
+    check_text(value, kind).map_err(|problem| match problem {
+        TextProblem::CardNumber => format!(
             "{field} holds what looks like a full card number (PAN); only BIN + last four or \
              a token may be sent"
-        ));
-    }
-    Ok(())
+        ),
+        other => format!("{field} {other}"),
+    })
 }
 
 fn amount(field: &str, value: i64) -> Result<(), String> {
@@ -266,7 +270,54 @@ pub(crate) mod tests {
             }
         }
         // The guard itself is tested in posfleet_proto::pan; masked cards pass it.
-        assert!(!contains_pan("411111******1111"));
+        assert!(!posfleet_proto::pan::contains_pan("411111******1111"));
+    }
+
+    /// Issue 10 item 7: the notations the security review stored at the controller are
+    /// refused in every field it used, naming the field, never echoing the number.
+    #[test]
+    fn separated_and_letter_joined_pans_are_refused() {
+        for value in [
+            "4111.1111.1111.1111",
+            "4111:1111:1111:1111",
+            "4111_1111_1111_1111",
+            "4111+1111+1111+1111",
+            "4111,1111,1111,1111",
+            "4111*1111*1111*1111",
+            "4111/1111/1111/1111",
+            "4111.1111:1111_1111",
+            "4111a1111b1111c1111",
+        ] {
+            for field in [
+                "txn_id",
+                "merchant_id",
+                "store_id",
+                "card_token",
+                "items.sku",
+            ] {
+                let mut tx = sale(1, 100);
+                match field {
+                    "txn_id" => tx.txn_id = value.into(),
+                    "merchant_id" => tx.merchant_id = value.into(),
+                    "store_id" => tx.store_id = value.into(),
+                    "card_token" => tx.card_token = value.into(),
+                    _ => tx.items.push(pb::LineItem {
+                        sku: value.into(),
+                        quantity: 1,
+                        unit_price_minor: 100,
+                    }),
+                }
+                let detail = ValidTx::try_from(tx)
+                    .map(|_| ())
+                    .map_err(|e| e.detail)
+                    .expect_err(&format!("{field} = {value} was accepted"));
+                assert!(
+                    detail.contains(field) && detail.contains("card number"),
+                    "{field} = {value}: {detail}"
+                );
+                assert!(!detail.contains("1111"), "{detail}");
+            }
+        }
     }
 
     /// Whatever the agent's local API accepts, the controller must store: a record refused

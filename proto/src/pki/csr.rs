@@ -54,18 +54,24 @@ impl std::fmt::Debug for DeviceKeyRequest {
 
 impl DeviceKeyRequest {
     /// Generates an ECDSA P-256 key and a CSR for device `id` (the subject is informative;
-    /// the controller applies its own profile).
+    /// the controller applies its own profile), drawn again until neither PEM looks like a
+    /// card number (`crate::secret`).
     pub fn generate(id: &DeviceId) -> Result<Self, PkiError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, id.as_str());
-        let csr = params.serialize_request(&key)?;
-        Ok(Self {
-            csr_pem: csr.pem()?,
-            key_pem: key.serialize_pem(),
-        })
+        crate::secret::try_until_clean(
+            || {
+                let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+                let csr = params.serialize_request(&key)?;
+                Ok::<_, PkiError>(Self {
+                    csr_pem: csr.pem()?,
+                    key_pem: key.serialize_pem(),
+                })
+            },
+            |request| vec![request.csr_pem.clone(), request.key_pem.clone()],
+        )
     }
 }
 
@@ -157,7 +163,12 @@ impl Ca {
             params: super::profile::device_params(id)?,
             public_key: csr.public_key.clone(),
         };
-        Ok(request.signed_by(self.issuer())?.pem())
+        // The signature is randomised: signed again until the PEM does not look like a card
+        // number (`crate::secret`).
+        crate::secret::try_until_clean(
+            || Ok::<_, PkiError>(request.signed_by(self.issuer())?.pem()),
+            |pem| vec![pem.clone()],
+        )
     }
 
     /// A CRL of `revoked`, signed by the CA, valid from now for `next_update_s` seconds. DER.

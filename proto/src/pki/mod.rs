@@ -47,4 +47,6 @@ pub enum PkiError {
     AlreadyInitialised { path: std::path::PathBuf },
     #[error("invalid controller name {0:?}: use letters, digits, '.', '_' or '-'")]
     ControllerName(String),
+    #[error(transparent)]
+    Unclean(#[from] crate::secret::Unclean),
 }

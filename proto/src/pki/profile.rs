@@ -55,8 +55,16 @@ impl std::fmt::Debug for Ca {
 }
 
 impl Ca {
-    /// Generates a new self-signed fleet CA.
+    /// Generates a new self-signed fleet CA (drawn again until neither PEM looks like a card
+    /// number: `crate::secret`).
     pub fn generate(common_name: &str) -> Result<Self, PkiError> {
+        crate::secret::try_until_clean(
+            || Self::generate_once(common_name),
+            |ca| vec![ca.cert_pem.clone(), ca.key_pem.clone()],
+        )
+    }
+
+    fn generate_once(common_name: &str) -> Result<Self, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = base_params(common_name, "ca", CA_VALIDITY)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -139,13 +147,19 @@ impl Ca {
         self.issue(params)
     }
 
+    /// A new key and certificate, drawn again until neither PEM looks like a card number.
     fn issue(&self, params: CertificateParams) -> Result<CertifiedKey, PkiError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(CertifiedKey {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        crate::secret::try_until_clean(
+            || {
+                let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+                let cert = params.signed_by(&key, &self.issuer)?;
+                Ok::<_, PkiError>(CertifiedKey {
+                    cert_pem: cert.pem(),
+                    key_pem: key.serialize_pem(),
+                })
+            },
+            |issued| vec![issued.cert_pem.clone(), issued.key_pem.clone()],
+        )
     }
 }
 

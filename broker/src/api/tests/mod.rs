@@ -26,6 +26,7 @@ mod login;
 mod rollouts;
 mod server;
 mod stream;
+mod text;
 mod transactions;
 
 use std::net::SocketAddr;
