@@ -21,6 +21,8 @@
 //!   raw TLS sockets).
 //! - [`eventually`]: [`eventually()`], the timed assertion every wait goes through.
 //! - [`bench`]: the `fleet-bench connect` scenario and its report.
+//! - [`flood`]: [`flood::Flood`], a thousand idle or slow attacking sockets (one source address
+//!   or one each) against a listener, and the HTTPS client of the legitimate requests.
 //! - [`host`]: the open-files limit, a process's resident memory, the machine's description.
 //! - [`localapi`]: [`LocalApiClient`], a terminal's local API (HTTP over its Unix socket) as
 //!   the payment application uses it.
@@ -44,6 +46,7 @@ pub mod bins;
 pub mod broker;
 pub mod cmdbench;
 pub mod eventually;
+pub mod flood;
 pub mod host;
 pub mod localapi;
 pub mod mqtt;
