@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+use crate::admission::AdmissionArgs;
 use crate::app::{
     self, DEFAULT_API_LISTEN, DEFAULT_DEVICE_LISTEN, DEFAULT_MQTT_LISTEN, Running, SHUTDOWN_GRACE,
     ServeOptions,
@@ -116,6 +117,9 @@ struct ServeArgs {
     /// How long a request waits for a second admin before it expires.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     approval_ttl: Duration,
+    /// Connection admission of every listener (docs/decisions/0012-connection-admission.md).
+    #[command(flatten)]
+    admission: AdmissionArgs,
 }
 
 impl ServeArgs {
@@ -137,6 +141,7 @@ impl ServeArgs {
                 lock_threshold: self.approval_lock_threshold,
                 ttl: self.approval_ttl,
             },
+            admission: self.admission.options(),
         }
     }
 }

@@ -171,7 +171,12 @@ async fn kinds_delivered(server: &TestServer, token: &str) -> Vec<String> {
         server.events.publish(event);
     }
     // Every role may see presences: this one marks the end.
-    server.presence("T-end", true, 9);
+    server.events.publish(FleetEvent::Presence {
+        device: "T-end".into(),
+        online: true,
+        reason: None,
+        at_ms: 9,
+    });
     let mut kinds = Vec::new();
     loop {
         let (name, event) = stream.next().await.expect("the stream goes on");
@@ -218,7 +223,7 @@ async fn each_role_receives_only_the_event_kinds_it_may_read() {
 async fn one_principal_cannot_hold_more_than_its_share_of_streams() {
     use crate::accounts::Role;
     let server = TestServer::start().await;
-    let cap = 8;
+    let cap = crate::api::ApiLimits::default().max_streams_per_principal;
     let viewer = super::accounts::session(&server, "vera", Role::Viewer).await;
     let mut open = Vec::new();
     for _ in 0..cap {
