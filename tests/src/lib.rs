@@ -23,6 +23,8 @@
 //! - [`bench`]: the `fleet-bench connect` scenario and its report.
 //! - [`flood`]: [`flood::Flood`], a thousand idle or slow attacking sockets (one source address
 //!   or one each) against a listener, and the HTTPS client of the legitimate requests.
+//! - [`floodbench`]: `fleet-bench flood`: latency of a legitimate request (admin API, device
+//!   endpoint) or connect (MQTT edge) under a thousand attacking sockets.
 //! - [`host`]: the open-files limit, a process's resident memory, the machine's description.
 //! - [`localapi`]: [`LocalApiClient`], a terminal's local API (HTTP over its Unix socket) as
 //!   the payment application uses it.
@@ -47,6 +49,7 @@ pub mod broker;
 pub mod cmdbench;
 pub mod eventually;
 pub mod flood;
+pub mod floodbench;
 pub mod host;
 pub mod localapi;
 pub mod mqtt;
