@@ -81,7 +81,11 @@ pub struct FloodBench {
     #[arg(long, value_delimiter = ',', default_value = "api,device,mqtt")]
     pub listeners: Vec<Listener>,
     /// Attacks (the HTTP ones are skipped for the MQTT edge).
-    #[arg(long, value_delimiter = ',', default_value = "idle,stall-hello,trickle-headers")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,stall-hello,trickle-headers"
+    )]
     pub attacks: Vec<AttackArg>,
     /// Pause between two trickled bytes.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = posfleet_agent::config::parse_duration)]
@@ -139,9 +143,8 @@ pub async fn run_flood(
     let broker = start_quiet_broker(bins, Duration::from_secs(60)).await?;
     let ca_pem = std::fs::read(broker.pki().ca_cert()).context("ca.crt")?;
     let ca = broker.pki().load_ca().context("fleet CA")?;
-    let issue = |id: String| -> anyhow::Result<CertifiedKey> {
-        Ok(ca.issue_device(&DeviceId::new(id)?)?)
-    };
+    let issue =
+        |id: String| -> anyhow::Result<CertifiedKey> { Ok(ca.issue_device(&DeviceId::new(id)?)?) };
     let legit = Legit {
         api_url: format!("{}/healthz", broker.client_file().api_url),
         device_url: format!(
@@ -171,11 +174,8 @@ pub async fn run_flood(
             Listener::Device => broker.device_addr(),
             Listener::Mqtt => broker.mqtt_addr(),
         };
-        let mut tls = (*tls_config(
-            &ca_pem,
-            (listener == Listener::Device).then_some(&stolen),
-        )?)
-        .clone();
+        let mut tls =
+            (*tls_config(&ca_pem, (listener == Listener::Device).then_some(&stolen))?).clone();
         tls.alpn_protocols = vec![match listener {
             Listener::Mqtt => b"mqtt".to_vec(),
             _ => b"http/1.1".to_vec(),
@@ -209,10 +209,15 @@ pub async fn run_flood(
                     opts.request = "POST /device/v1/renew".to_owned();
                 }
                 let flood = Flood::start(opts)?;
-                let placed = try_eventually(params.timeout, || async { flood.in_place(HOLDING) })
-                    .await;
+                let placed =
+                    try_eventually(params.timeout, || async { flood.in_place(HOLDING) }).await;
                 let scenario = legit
-                    .measure(listener, Some((attack, sources)), Some(&flood), params.samples)
+                    .measure(
+                        listener,
+                        Some((attack, sources)),
+                        Some(&flood),
+                        params.samples,
+                    )
                     .await;
                 let scenario = match placed {
                     Ok(()) => scenario,
@@ -356,7 +361,12 @@ impl fmt::Display for FloodReport {
             )?;
         }
         for s in self.scenarios.iter().filter(|s| !s.failures.is_empty()) {
-            writeln!(f, "  failures of {:?} {:?}:", s.listener, s.attack.map(|a| a.0))?;
+            writeln!(
+                f,
+                "  failures of {:?} {:?}:",
+                s.listener,
+                s.attack.map(|a| a.0)
+            )?;
             for failure in s.failures.iter().take(3) {
                 writeln!(f, "    {failure}")?;
             }
