@@ -357,6 +357,10 @@ impl Admission {
         true
     }
 
+    fn is_pending(&self, id: u64) -> bool {
+        self.lock().conns.get(&id).is_some_and(|conn| conn.pending)
+    }
+
     fn release(&self, id: u64) {
         let mut table = self.lock();
         if table.remove(id).is_some() {
@@ -409,6 +413,11 @@ impl Ticket {
     /// evicted already (close it).
     pub(crate) fn establish(&self) -> bool {
         self.admission.establish(self.id)
+    }
+
+    /// True while the connection is pending (admitted, not established, not evicted).
+    pub(crate) fn is_pending(&self) -> bool {
+        self.admission.is_pending(self.id)
     }
 }
 

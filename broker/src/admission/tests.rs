@@ -296,3 +296,38 @@ async fn silent_and_slow_sockets_are_closed_at_their_deadlines_and_counted() {
     .await;
     listener.legit().await;
 }
+
+#[test]
+fn the_flags_default_to_the_documented_limits_and_refuse_limits_without_headroom() {
+    use clap::Parser;
+    #[derive(Debug, Parser)]
+    struct Flags {
+        #[command(flatten)]
+        admission: AdmissionArgs,
+    }
+    let defaults = Flags::try_parse_from(["serve"])
+        .unwrap()
+        .admission
+        .options();
+    assert_eq!(defaults, AdmissionOptions::default());
+    defaults.check().unwrap();
+    let flags = Flags::try_parse_from([
+        "serve",
+        "--api-max-connections",
+        "10",
+        "--api-max-per-address",
+        "10",
+        "--silent-timeout",
+        "2s",
+    ])
+    .unwrap()
+    .admission
+    .options();
+    assert_eq!(flags.api.silent_timeout, Duration::from_secs(2));
+    assert_eq!(flags.mqtt.silent_timeout, Duration::from_secs(2));
+    let error = flags.check().unwrap_err();
+    assert!(
+        error.contains("api") && error.contains("max_per_address"),
+        "{error}"
+    );
+}

@@ -297,7 +297,9 @@ impl Connection {
             }
         };
         if let Err(e) = result {
-            if e.is_timeout() {
+            // Before its first request: a slow or silent client (an idle keep-alive
+            // connection closing is routine, not counted).
+            if e.is_timeout() && self.ticket.is_pending() {
                 self.admission.count("header_timeout");
             }
             debug!(%peer, error = %e, "connection ended with an error");

@@ -154,7 +154,13 @@ async fn silent_and_idle_keep_alive_connections_are_closed_after_the_header_time
         .unwrap();
     let seen = read_to_close(&mut idle).await;
     assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    // The stop waits for both connection tasks: then the silent one is counted, the idle
+    // keep-alive one (it had a request) is not.
     server.stop().await;
+    assert_eq!(
+        server.metrics.admission_refusals("api", "header_timeout"),
+        1
+    );
 }
 
 #[tokio::test]
