@@ -214,6 +214,18 @@ impl Flood {
         Ok(())
     }
 
+    /// [`Flood::in_place`], and every socket has connected at least once.
+    pub fn fully_in_place(&self, holding: usize) -> anyhow::Result<()> {
+        self.in_place(holding)?;
+        anyhow::ensure!(
+            self.connected() >= self.sockets as u64,
+            "flood: {} of {} sockets connected so far",
+            self.connected(),
+            self.sockets
+        );
+        Ok(())
+    }
+
     /// Closes every attacking socket and waits (bounded) for their tasks.
     pub async fn stop(self) {
         self.cancel.cancel();

@@ -18,6 +18,7 @@
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,24 +27,43 @@ use posfleet_proto::DeviceId;
 use posfleet_proto::pki::CertifiedKey;
 use tokio::time::Instant;
 
+use crate::Broker;
 use crate::bench::start_quiet_broker;
 use crate::bins::Binaries;
 use crate::eventually::try_eventually;
 use crate::flood::{Attack, Flood, FloodOptions, Sources, https_client};
 use crate::host::Machine;
 use crate::mqtt::{MqttClient, tls_config};
+use crate::process::Process;
 
 /// Where the single-address floods come from.
 const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 /// Sockets that must hold their attack before the measurement starts.
 const HOLDING: usize = 8;
 
-/// A listener of the broker.
+/// A listener of the broker (`Mosquitto`: the peer comparison, with `--mosquitto`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Listener {
     Api,
     Device,
     Mqtt,
+    #[value(skip)]
+    Mosquitto,
+}
+
+impl Listener {
+    fn name(self) -> &'static str {
+        match self {
+            Listener::Api => "api",
+            Listener::Device => "device",
+            Listener::Mqtt => "mqtt",
+            Listener::Mosquitto => "mosquitto",
+        }
+    }
+
+    fn is_mqtt(self) -> bool {
+        matches!(self, Listener::Mqtt | Listener::Mosquitto)
+    }
 }
 
 /// An attack, as named on the command line.
@@ -96,6 +116,10 @@ pub struct FloodBench {
     /// Bound on each legitimate request, and on the wait for a flood to be in place.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = posfleet_agent::config::parse_duration)]
     pub timeout: Duration,
+    /// Also run the MQTT scenarios against this Mosquitto binary (peer comparison), set up
+    /// with the fleet PKI as in deploy/external-brokers/.
+    #[arg(long, value_name = "PATH")]
+    pub mosquitto: Option<PathBuf>,
 }
 
 /// One measured scenario.
@@ -145,7 +169,7 @@ pub async fn run_flood(
     let ca = broker.pki().load_ca().context("fleet CA")?;
     let issue =
         |id: String| -> anyhow::Result<CertifiedKey> { Ok(ca.issue_device(&DeviceId::new(id)?)?) };
-    let legit = Legit {
+    let mut legit = Legit {
         api_url: format!("{}/healthz", broker.client_file().api_url),
         device_url: format!(
             "https://{}/device/v1/artifacts/{}",
@@ -153,6 +177,7 @@ pub async fn run_flood(
             "0".repeat(64)
         ),
         mqtt: broker.mqtt_addr(),
+        mosquitto: None,
         api: https_client(&ca_pem, None, params.timeout)?,
         device: https_client(&ca_pem, Some(&issue("bench-legit".into())?), params.timeout)?,
         terminals: (0..params.samples)
@@ -166,32 +191,45 @@ pub async fn run_flood(
     };
     // The HTTP attacks need a handshake: on the device endpoint with a (stolen) certificate.
     let stolen = issue("bench-stolen".into())?;
+    let mut listeners = params.listeners.clone();
+    let _mosquitto = match &params.mosquitto {
+        Some(program) => {
+            let mosquitto = start_mosquitto(program, &broker, params.timeout).await?;
+            legit.mosquitto = Some(mosquitto.addr);
+            listeners.push(Listener::Mosquitto);
+            Some(mosquitto)
+        }
+        None => None,
+    };
     let mut scenarios = Vec::new();
     let mut many_first = 0;
-    for &listener in &params.listeners {
+    for listener in listeners {
         let target = match listener {
             Listener::Api => broker.api_addr(),
             Listener::Device => broker.device_addr(),
             Listener::Mqtt => broker.mqtt_addr(),
+            Listener::Mosquitto => legit.mosquitto.unwrap_or(broker.mqtt_addr()),
         };
         let mut tls =
             (*tls_config(&ca_pem, (listener == Listener::Device).then_some(&stolen))?).clone();
-        tls.alpn_protocols = vec![match listener {
-            Listener::Mqtt => b"mqtt".to_vec(),
-            _ => b"http/1.1".to_vec(),
+        tls.alpn_protocols = vec![if listener.is_mqtt() {
+            b"mqtt".to_vec()
+        } else {
+            b"http/1.1".to_vec()
         }];
         let tls = Arc::new(tls);
-        progress(&format!("{listener:?}: baseline"));
+        progress(&format!("{}: baseline", listener.name()));
         scenarios.push(legit.measure(listener, None, None, params.samples).await);
         for &attack in &params.attacks {
             let attack = Attack::from(attack);
-            if listener == Listener::Mqtt && attack.is_http() {
+            if listener.is_mqtt() && attack.is_http() {
                 continue;
             }
             for sources in [Sources::One(ATTACKER), Sources::Many { first: many_first }] {
                 many_first += params.attackers as usize;
                 progress(&format!(
-                    "{listener:?}: {} x {} from {}",
+                    "{}: {} x {} from {}",
+                    listener.name(),
                     params.attackers,
                     attack.name(),
                     sources.describe()
@@ -210,8 +248,9 @@ pub async fn run_flood(
                 }
                 let flood = Flood::start(opts)?;
                 let placed =
-                    try_eventually(params.timeout, || async { flood.in_place(HOLDING) }).await;
-                let scenario = legit
+                    try_eventually(params.timeout, || async { flood.fully_in_place(HOLDING) })
+                        .await;
+                let mut scenario = legit
                     .measure(
                         listener,
                         Some((attack, sources)),
@@ -219,13 +258,12 @@ pub async fn run_flood(
                         params.samples,
                     )
                     .await;
-                let scenario = match placed {
-                    Ok(()) => scenario,
-                    Err(e) => Scenario {
-                        failures: vec![format!("the flood never got in place: {e:#}")],
-                        ..scenario
-                    },
-                };
+                if let Err(e) = placed {
+                    // Measured anyway; the report says the flood was not complete.
+                    scenario
+                        .failures
+                        .push(format!("the flood was not fully in place: {e:#}"));
+                }
                 flood.stop().await;
                 scenarios.push(scenario);
             }
@@ -243,6 +281,8 @@ struct Legit {
     api_url: String,
     device_url: String,
     mqtt: SocketAddr,
+    /// The Mosquitto of the peer comparison.
+    mosquitto: Option<SocketAddr>,
     api: reqwest::Client,
     device: reqwest::Client,
     /// One MQTT identity per sample.
@@ -265,7 +305,11 @@ impl Legit {
             let outcome = match listener {
                 Listener::Api => get(&self.api, &self.api_url, 200).await,
                 Listener::Device => get(&self.device, &self.device_url, 404).await,
-                Listener::Mqtt => self.connack(i).await,
+                Listener::Mqtt => self.connack(self.mqtt, i).await,
+                Listener::Mosquitto => match self.mosquitto {
+                    Some(addr) => self.connack(addr, i).await,
+                    None => Err(anyhow::anyhow!("no Mosquitto")),
+                },
             };
             match outcome {
                 Ok(()) => latencies.push(started.elapsed()),
@@ -284,15 +328,13 @@ impl Legit {
         }
     }
 
-    async fn connack(&self, i: usize) -> anyhow::Result<()> {
+    async fn connack(&self, addr: SocketAddr, i: usize) -> anyhow::Result<()> {
         let (id, tls) = &self.terminals[i % self.terminals.len()];
-        let client = tokio::time::timeout(
-            self.timeout,
-            MqttClient::connect(self.mqtt, id, Arc::clone(tls)),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("no CONNACK within {:?}", self.timeout))??
-        .accepted()?;
+        let client =
+            tokio::time::timeout(self.timeout, MqttClient::connect(addr, id, Arc::clone(tls)))
+                .await
+                .map_err(|_| anyhow::anyhow!("no CONNACK within {:?}", self.timeout))??
+                .accepted()?;
         client.disconnect().await
     }
 }
@@ -340,11 +382,7 @@ impl fmt::Display for FloodReport {
                 Some((attack, sources)) => (attack.name().to_owned(), sources.describe()),
                 None => ("(none: baseline)".to_owned(), "-".to_owned()),
             };
-            let target = match s.listener {
-                Listener::Api => "api",
-                Listener::Device => "device",
-                Listener::Mqtt => "mqtt",
-            };
+            let target = s.listener.name();
             writeln!(
                 f,
                 "  {:<7} {:<26} {:<32} {:>9} {:>9} {:>9} {:>6} {:>8} {:>9} {:>9}",
@@ -373,4 +411,61 @@ impl fmt::Display for FloodReport {
         }
         Ok(())
     }
+}
+
+/// A Mosquitto for the peer comparison (killed on drop).
+struct Mosquitto {
+    _process: Process,
+    addr: SocketAddr,
+}
+
+/// Starts `program` on a free loopback port with the broker's fleet PKI: client
+/// certificates required, identity as user name, the ACL of deploy/external-brokers/.
+async fn start_mosquitto(
+    program: &Path,
+    broker: &Broker,
+    timeout: Duration,
+) -> anyhow::Result<Mosquitto> {
+    let dir = broker.scratch_dir("mosquitto")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let acl = dir.join("acl");
+    std::fs::write(
+        &acl,
+        include_str!("../../deploy/external-brokers/mosquitto.acl"),
+    )?;
+    let pki = broker.pki();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "per_listener_settings true\nuser root\nlistener {port} 127.0.0.1\n\
+             cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+             use_identity_as_username true\nallow_anonymous false\nacl_file {}\n",
+            pki.ca_cert().display(),
+            pki.server_cert().display(),
+            pki.server_key().display(),
+            acl.display()
+        ),
+    )?;
+    let conf_arg = conf.display().to_string();
+    let process = Process::spawn(
+        "mosquitto",
+        program,
+        ["-c", conf_arg.as_str()],
+        &broker.log_dir(),
+        "mosquitto",
+    )?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    try_eventually(timeout, || async {
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("Mosquitto on {addr}"))
+    })
+    .await?;
+    Ok(Mosquitto {
+        _process: process,
+        addr,
+    })
 }
