@@ -200,7 +200,7 @@ impl Metrics {
         );
         registry.register(
             "edge_handshakes_in_progress",
-            "TLS handshakes in progress",
+            "Sockets admitted and not yet through their TLS handshake",
             edge_handshakes_in_progress.clone(),
         );
         registry.register(
