@@ -183,6 +183,8 @@ pub async fn serve_site(
                 continue;
             }
         };
+        // Small responses go out at once (no 40 ms Nagle / delayed-ACK stall).
+        let _ = tcp.set_nodelay(true);
         let conn = Connection {
             acceptor: acceptor.clone(),
             app: app.clone(),
