@@ -156,6 +156,8 @@ pub enum AppError {
     Approvals(#[from] ApprovalStoreError),
     #[error("account store: {0}")]
     Accounts(#[from] AccountStoreError),
+    #[error("cannot record the offline account changes in the audit log: {0}")]
+    PendingAudit(String),
     #[error("enrolment store: {0}")]
     EnrolmentStore(#[from] EnrolmentStoreError),
     #[error("enrolment: {0}")]
@@ -423,6 +425,21 @@ async fn start_inner(
             .await??,
         )
     };
+    {
+        // What `posfleet-broker admin ...` did while the controller was stopped.
+        let (accounts, audit) = (Arc::clone(&accounts), Arc::clone(&audit));
+        let appended = tokio::task::spawn_blocking(move || {
+            accounts.drain_pending_audit(|record| audit.append(record).map(|_| ()))
+        })
+        .await?
+        .map_err(AppError::PendingAudit)?;
+        if appended > 0 {
+            info!(
+                appended,
+                "offline account changes recorded in the audit log"
+            );
+        }
+    }
     spawn_audit_retention(Arc::clone(&audit), tracker, cancel.child_token());
     let approvals = {
         let dir = data.approvals_dir();
@@ -482,6 +499,9 @@ async fn start_inner(
     .with_accounts(accounts.clone())
     .with_enrolment(enrolment.clone())
     .with_limits(opts.admission.http_limits(opts.admission.api));
+    state
+        .refusals()
+        .spawn_flusher(tracker, cancel.child_token());
     tracker.spawn(api::serve(
         api_listener,
         api_tls,

@@ -1,4 +1,4 @@
-//! The `posfleet-broker` command line: `serve`, `demo` and `admin create`.
+//! The `posfleet-broker` command line: `serve`, `demo` and `admin create|unlock|reset-mfa`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -66,6 +66,27 @@ enum AdminCommand {
         #[arg(long)]
         name: String,
     },
+    /// Lift every lockout of an account (from all client addresses and the account-wide
+    /// one), e.g. the last admin's once the bootstrap token is revoked. Audited at the next
+    /// start.
+    Unlock {
+        /// Data directory of the controller.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// The account name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Remove an account's authenticator (a lost phone): its password still works, and its
+    /// next login may only enrol MFA again. Audited at the next start.
+    ResetMfa {
+        /// Data directory of the controller.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// The account name.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -111,9 +132,15 @@ struct ServeArgs {
     /// lab setups only; every request is then issued at once).
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
     two_person_approval: String,
-    /// A lock of more than this many terminals at once needs a second admin's approval.
+    /// Locking more than this many terminals (lost reports included) within
+    /// --approval-lock-window needs a second admin's approval; counted per account (an API
+    /// token counts for the account that made it; the bootstrap token and its tokens for
+    /// "admin").
     #[arg(long, value_name = "N", default_value_t = DEFAULT_LOCK_THRESHOLD)]
     approval_lock_threshold: usize,
+    /// The rolling window in which one account's locks add up.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    approval_lock_window: Duration,
     /// How long a request waits for a second admin before it expires.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     approval_ttl: Duration,
@@ -139,6 +166,7 @@ impl ServeArgs {
             approvals: ApprovalPolicy {
                 enabled: self.two_person_approval == "on",
                 lock_threshold: self.approval_lock_threshold,
+                lock_window: self.approval_lock_window,
                 ttl: self.approval_ttl,
             },
             admission: self.admission.options(),
@@ -170,14 +198,8 @@ fn init_tracing() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::Admin(AdminCommand::Create { data_dir, name }) = &cli.command {
-        let password = admin_create(data_dir, name)?;
-        println!("created admin account {name}");
-        println!("one-time password: {password}");
-        println!(
-            "log in with `posctl login --user {name}`: the first login changes this password, \
-             then enrol MFA with `posctl mfa enrol` (required for admins)"
-        );
+    if let Command::Admin(admin) = &cli.command {
+        run_admin(admin)?;
         return Ok(ExitCode::SUCCESS);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -304,13 +326,40 @@ fn shell_path(path: &std::path::Path) -> String {
     path.display().to_string()
 }
 
-/// Creates admin account `name` in `data_dir`'s account store; returns its one-time password.
-/// The store is locked by a running server, so this fails (after a short wait) while it runs.
-pub fn admin_create(data_dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
-    use crate::accounts::{Accounts, Role};
+/// `posfleet-broker admin ...` (offline, on the data dir).
+fn run_admin(cmd: &AdminCommand) -> anyhow::Result<()> {
+    match cmd {
+        AdminCommand::Create { data_dir, name } => {
+            let password = admin_create(data_dir, name)?;
+            println!("created admin account {name}");
+            println!("one-time password: {password}");
+            println!(
+                "log in with `posctl login --user {name}`: the first login changes this \
+                 password, then enrol MFA with `posctl mfa enrol` (required for admins)"
+            );
+        }
+        AdminCommand::Unlock { data_dir, name } => {
+            admin_unlock(data_dir, name)?;
+            println!("unlocked {name} (recorded in the audit log at the next start)");
+        }
+        AdminCommand::ResetMfa { data_dir, name } => {
+            admin_reset_mfa(data_dir, name)?;
+            println!(
+                "removed the authenticator of {name}: the next login (password, no code) may \
+                 only enrol MFA again with `posctl mfa enrol` (recorded in the audit log at the \
+                 next start)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The account store of a stopped controller's data dir. The store is locked by a running
+/// server, so this fails (after a short wait) while it runs.
+fn offline_accounts(data_dir: &std::path::Path) -> anyhow::Result<crate::accounts::Accounts> {
     let data = crate::datadir::DataDir::at(data_dir);
     data.create()?;
-    let accounts = Accounts::open(
+    crate::accounts::Accounts::open(
         &data.accounts_dir(),
         crate::accounts::DEFAULT_CACHE,
         String::new(),
@@ -322,10 +371,36 @@ pub fn admin_create(data_dir: &std::path::Path, name: &str) -> anyhow::Result<St
              it first)",
             data_dir.display()
         )
-    })?;
-    accounts
-        .create_user(name, Role::Admin, "posfleet-broker admin create")
-        .with_context(|| format!("cannot create admin account {name:?}"))
+    })
+}
+
+/// Creates admin account `name` in `data_dir`'s account store; returns its one-time password.
+pub fn admin_create(data_dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
+    let accounts = offline_accounts(data_dir)?;
+    let password = accounts
+        .create_user(
+            name,
+            crate::accounts::Role::Admin,
+            "posfleet-broker admin create",
+        )
+        .with_context(|| format!("cannot create admin account {name:?}"))?;
+    accounts.record_offline("user.create", name, "admin account created offline".into())?;
+    Ok(password)
+}
+
+/// Lifts every lockout of `name` in `data_dir`'s account store.
+pub fn admin_unlock(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    offline_accounts(data_dir)?
+        .unlock_offline(name)
+        .with_context(|| format!("cannot unlock {name:?}"))
+}
+
+/// Removes the authenticator of `name` in `data_dir`'s account store (MFA enrolment at the
+/// next login).
+pub fn admin_reset_mfa(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    offline_accounts(data_dir)?
+        .reset_mfa_offline(name)
+        .with_context(|| format!("cannot reset the MFA of {name:?}"))
 }
 
 /// Waits for SIGTERM/SIGINT (exit 0) or a fatal edge error (exit 1, so a supervisor restarts).
@@ -410,6 +485,22 @@ mod tests {
     }
 
     #[test]
+    fn admin_unlock_and_reset_mfa_parse() {
+        for verb in ["unlock", "reset-mfa"] {
+            let parsed = Cli::try_parse_from([
+                "posfleet-broker",
+                "admin",
+                verb,
+                "--data-dir",
+                "/tmp/x",
+                "--name",
+                "ada",
+            ]);
+            assert!(parsed.is_ok(), "admin {verb}: {:?}", parsed.err());
+        }
+    }
+
+    #[test]
     fn admin_create_makes_an_admin_who_must_change_the_password_and_refuses_duplicates() {
         let tmp = tempfile::tempdir().unwrap();
         let password = admin_create(tmp.path(), "ada").unwrap();
@@ -423,8 +514,39 @@ mod tests {
             crate::controller::system_clock(),
         )
         .unwrap();
-        let login = accounts.login("ada", &password, None).unwrap();
+        let login = accounts
+            .login("ada", &password, None, [127, 0, 0, 1].into())
+            .unwrap();
         assert!(login.must_change_password && login.mfa_enrolment_required);
         assert_eq!(login.role, crate::accounts::Role::Admin);
+    }
+
+    #[test]
+    fn admin_unlock_and_reset_mfa_work_offline_and_are_queued_for_the_audit_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        admin_create(tmp.path(), "ada").unwrap();
+        admin_unlock(tmp.path(), "ada").unwrap();
+        admin_reset_mfa(tmp.path(), "ada").unwrap();
+        assert!(admin_unlock(tmp.path(), "nobody").is_err());
+        let accounts = offline_accounts(tmp.path()).unwrap();
+        // Refused while the store is held (as by a running server).
+        let busy = admin_unlock(tmp.path(), "ada").unwrap_err();
+        assert!(format!("{busy:#}").contains("stop it first"), "{busy:#}");
+        let mut actions = Vec::new();
+        accounts
+            .drain_pending_audit(|r| {
+                actions.push((r.action, r.target, r.actor));
+                Ok::<_, String>(())
+            })
+            .unwrap();
+        let actor = crate::accounts::OFFLINE_ACTOR.to_owned();
+        assert_eq!(
+            actions,
+            [
+                ("user.create".into(), "ada".into(), actor.clone()),
+                ("user.unlock".into(), "ada".into(), actor.clone()),
+                ("user.reset_mfa".into(), "ada".into(), actor),
+            ]
+        );
     }
 }

@@ -25,6 +25,7 @@
 //! - [`rollouts`]: staged, health-gated software rollouts (waves, payment gate, rollback).
 //! - [`fleetconfig`]: layered, versioned configuration (fleet → group → device).
 //! - [`events`]: the in-process live event bus feeding the stream.
+//! - `limit`: failures per key in a sliding window (enrolment and login throttling).
 //! - [`metrics`]: Prometheus metrics shared by every subsystem.
 //! - [`datadir`]: the data directory layout shared by `serve` and `posctl`.
 //! - [`views`]: the JSON contract of the admin API.
@@ -48,6 +49,7 @@ pub mod edge;
 pub mod enrolment;
 pub mod events;
 pub mod fleetconfig;
+pub(crate) mod limit;
 pub mod metrics;
 pub mod posctl;
 pub mod registry;

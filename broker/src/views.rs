@@ -520,6 +520,10 @@ pub enum CommandBody {
         component: String,
         rollout_id: String,
         confirm_timeout_s: u32,
+        /// The artifact's `min_version`: the terminal refuses the update (`rejected`,
+        /// `below_min_version`) unless its version of `component` is at least this.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_version: Option<String>,
     },
     /// Undo the last update of `component` (issued when a rollout is aborted).
     RollbackUpdate {

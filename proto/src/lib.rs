@@ -12,6 +12,8 @@
 //!   and the controller's transaction validation.
 //! - [`signing`]: Ed25519 command signatures: the controller's [`signing::CommandKey`], the
 //!   agent's [`signing::KeyRing`] and the reasons a command is refused.
+//! - [`version`]: version ordering and the `min_version` check shared by the rollout engine
+//!   and the agent.
 //! - `pki` (feature `pki`): certificate profiles (device, controller, broker server), the
 //!   fleet CA on disk, and reading an [`pki::Identity`] out of a certificate.
 
@@ -24,6 +26,7 @@ pub mod pan;
 pub mod pki;
 pub mod signing;
 pub mod topic;
+pub mod version;
 
 /// Generated protobuf types of package `posfleet.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -18,6 +18,38 @@ use crate::scrape::Scrape;
 /// Bound on one request (connect, TLS, response).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An HTTPS client trusting the CA certificate(s) in `ca_file`, without connection pooling
+/// unless `local` is set: then its connections come from that address (any 127.x.y.z on
+/// loopback, to act as many clients) and are kept alive.
+pub fn tls_client(
+    ca_file: &Path,
+    local: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> anyhow::Result<reqwest::Client> {
+    let pem = std::fs::read(ca_file)
+        .with_context(|| format!("cannot read the CA file {}", ca_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in parse_pem_certs(&pem)? {
+        roots.add(cert)?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let builder = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none());
+    let builder = match local {
+        Some(ip) => builder.local_address(ip),
+        None => builder.pool_max_idle_per_host(0),
+    };
+    builder.build().context("cannot build the HTTP client")
+}
+
 /// An admin API client.
 #[derive(Debug, Clone)]
 pub struct Api {
@@ -33,26 +65,7 @@ pub struct Api {
 impl Api {
     /// A client for `base` trusting the CA certificate(s) in `ca_file`.
     pub fn new(base: &str, ca_file: &Path, token: String) -> anyhow::Result<Self> {
-        let pem = std::fs::read(ca_file)
-            .with_context(|| format!("cannot read the CA file {}", ca_file.display()))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in parse_pem_certs(&pem)? {
-            roots.add(cert)?;
-        }
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .timeout(REQUEST_TIMEOUT)
-            .pool_max_idle_per_host(0)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .context("cannot build the HTTP client")?;
+        let http = tls_client(ca_file, None, REQUEST_TIMEOUT)?;
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_owned(),

@@ -65,7 +65,7 @@ pub struct CommandsBench {
 pub struct Latencies(Vec<Duration>);
 
 impl Latencies {
-    fn new(mut samples: Vec<Duration>) -> Self {
+    pub fn new(mut samples: Vec<Duration>) -> Self {
         samples.sort();
         Self(samples)
     }

@@ -26,6 +26,8 @@
 //! - [`floodbench`]: `fleet-bench flood`: latency of a legitimate request (admin API, device
 //!   endpoint) or connect (MQTT edge) under a thousand attacking sockets.
 //! - [`host`]: the open-files limit, a process's resident memory, the machine's description.
+//! - [`loginbench`]: `fleet-bench logins`: login latency per refusal reason, and a login
+//!   flood's effect on a real broker (memory, API latency).
 //! - [`localapi`]: [`LocalApiClient`], a terminal's local API (HTTP over its Unix socket) as
 //!   the payment application uses it.
 //! - [`payapp`]: [`PaymentApp`], a payment application submitting to a real terminal's local
@@ -52,6 +54,7 @@ pub mod flood;
 pub mod floodbench;
 pub mod host;
 pub mod localapi;
+pub mod loginbench;
 pub mod mqtt;
 pub mod panscan;
 pub mod payapp;

@@ -325,6 +325,7 @@ async fn simulated_terminals_run_software_updates_with_the_pki_release_key() {
                 component: "payment_app".into(),
                 rollout_id: "ro-sim".into(),
                 confirm_timeout_s: 10,
+                min_version: String::new(),
             })),
         };
         let topic = format!("posfleet/v1/d/{target}/down/cmd");

@@ -24,9 +24,12 @@ pub struct UserView {
     pub enabled: bool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub disabled_reason: String,
-    /// Set while the account is locked out.
+    /// Set while the account is locked out from everywhere (the per-account backstop).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_until_ms: Option<u64>,
+    /// Client sources (IPv4 addresses, IPv6 /64s) the account is locked out from now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locked_out_from: Vec<String>,
     pub mfa: bool,
     pub must_change_password: bool,
     pub created_at_ms: u64,
@@ -128,6 +131,7 @@ impl Accounts {
             last_login_ms: None,
             active_since_ms: now,
             totp: None,
+            mfa_reenrol: false,
         })?;
         Ok(password)
     }
@@ -145,6 +149,12 @@ impl Accounts {
                 enabled: u.enabled,
                 disabled_reason: u.disabled_reason.clone(),
                 locked_until_ms: (u.locked_until_ms > now).then_some(u.locked_until_ms),
+                locked_out_from: self
+                    .throttle
+                    .locked_sources(&u.name)
+                    .iter()
+                    .map(|(s, _)| s.to_string())
+                    .collect(),
                 mfa: u.mfa_enabled(),
                 must_change_password: u.must_change,
                 created_at_ms: u.created_ms,
@@ -173,7 +183,9 @@ impl Accounts {
                 user.totp = None;
             }
             self.store.put_user(&user)?;
+            self.store.clear_source_lockouts(name)?;
         }
+        self.throttle.unlock(name);
         self.end_sessions(name);
         Ok(password)
     }
@@ -200,8 +212,13 @@ impl Accounts {
                 user.disabled_reason = format!("disabled by {by}");
             }
             self.store.put_user(&user)?;
+            if enabled {
+                self.store.clear_source_lockouts(name)?;
+            }
         }
-        if !enabled {
+        if enabled {
+            self.throttle.unlock(name);
+        } else {
             self.end_sessions(name);
         }
         Ok(())

@@ -5,23 +5,49 @@ use super::policy::WeakPassword;
 use super::secret::HashError;
 use super::store::AccountStoreError;
 
+/// Why a login was refused: for the audit log and tests only. The client gets the same answer
+/// for every reason (ADR 0009), and every reason costs the same work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginRefusal {
+    UnknownUser,
+    WrongPassword,
+    /// Locked out (from this source, or the whole account), whatever the password.
+    Locked,
+    /// Disabled by an admin or for inactivity (right password).
+    Disabled,
+    /// The account has MFA and no code came (right password).
+    TotpMissing,
+    /// A wrong or replayed code (right password).
+    TotpWrong,
+}
+
+impl LoginRefusal {
+    /// As the audit log records it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::UnknownUser => "unknown user",
+            Self::WrongPassword => "wrong password",
+            Self::Locked => "locked out",
+            Self::Disabled => "disabled",
+            Self::TotpMissing => "TOTP code missing",
+            Self::TotpWrong => "TOTP code wrong",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
-    /// Unknown user or wrong password (not said which); `locked_now` if this attempt locked
-    /// the account.
-    #[error("invalid user name or password")]
-    InvalidCredentials { locked_now: bool },
-    #[error("a TOTP code is required for this account")]
-    TotpRequired,
-    /// A wrong or replayed code at login.
-    #[error("invalid or already used TOTP code")]
-    InvalidTotp { locked_now: bool },
+    /// Any refused login, said the same way whatever the reason; `lockout` if this attempt
+    /// locked the name out.
+    #[error("invalid user name, password or TOTP code")]
+    LoginRefused {
+        reason: LoginRefusal,
+        lockout: Option<super::NewLockout>,
+    },
     #[error(
         "the account is locked after too many failed attempts; retry after {until_ms} (Unix ms) or ask an admin to reset it"
     )]
     Locked { until_ms: u64 },
-    #[error("the account is disabled ({reason}); ask an admin to enable it")]
-    Disabled { reason: String },
     #[error(transparent)]
     Weak(#[from] WeakPassword),
     #[error("the current password is wrong")]

@@ -1,9 +1,10 @@
 //! Password hashes (argon2id), bearer tokens (random, stored as SHA-256) and the constant-time
 //! comparison both use. Nothing here logs or formats a secret.
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
+use argon2::password_hash::SaltString;
 use sha2::{Digest as _, Sha256};
+
+use super::hasher;
 
 /// Prefix of API tokens, so that they are recognisable (e.g. by secret scanners).
 pub const API_TOKEN_PREFIX: &str = "pft_";
@@ -14,31 +15,34 @@ pub const API_TOKEN_PREFIX: &str = "pft_";
 pub struct HashError(String);
 
 /// The argon2id PHC string of `password` (argon2 defaults: m = 19 MiB, t = 2, p = 1), with a
-/// random 16-byte salt.
+/// random 16-byte salt; computed in the bounded buffer pool of `hasher`.
 pub fn hash_password(password: &str) -> Result<String, HashError> {
     let salt_bytes: [u8; 16] = rand::random();
     let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| HashError(e.to_string()))?;
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| HashError(e.to_string()))
+    hasher::hash(password, &salt).map_err(|e| HashError(e.to_string()))
 }
 
-/// True if `password` matches the PHC string `hash` (false for a malformed hash).
+/// True if `password` matches the PHC string `hash` (false for a malformed hash). One argon2
+/// computation in the bounded buffer pool.
 pub fn verify_password(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|parsed| {
-        Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok()
-    })
+    hasher::verify(password, hash)
 }
 
-/// Spends the time of one verification, for unknown users (no timing oracle on user names).
+/// Spends the time of one verification against a hash with the same parameters as real ones,
+/// for unknown users (no timing oracle on user names).
 pub fn dummy_verify(password: &str) {
-    static DUMMY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if let Some(hash) = DUMMY.get_or_init(|| hash_password("dummy-password-0").ok()) {
-        let _ = verify_password(password, hash);
-    }
+    let _ = verify_password(password, dummy_hash());
+}
+
+/// The hash [`dummy_verify`] checks against, made once per process (call it at start so the
+/// first unknown user does not pay for it).
+pub fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| {
+        // A hash of a random password: nothing can match it.
+        let random = hex::encode(rand::random::<[u8; 16]>());
+        hash_password(&random).unwrap_or_default()
+    })
 }
 
 /// A new random 256-bit bearer token, hex encoded, with `prefix`.

@@ -8,17 +8,15 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::error::AccountError;
-use super::policy::{
-    self, INACTIVE_DISABLE_MS, LOCKOUT_MS, MAX_FAILED_ATTEMPTS, PASSWORD_HISTORY,
-    PASSWORD_MAX_AGE_MS,
-};
+use super::policy::{self, PASSWORD_HISTORY};
 use super::secret::{self, API_TOKEN_PREFIX};
-use super::sessions::{Session, Sessions};
+use super::sessions::Sessions;
 use super::store::{AccountStore, AccountStoreError, TotpState, UserRecord};
-use super::{Principal, PrincipalKind, Role, totp};
+use super::throttle::{LoginThrottle, Source};
+use super::{BOOTSTRAP_PARTY, Principal, PrincipalKind, Role, totp};
 use crate::controller::Clock;
 
 /// Issuer shown by authenticator apps.
@@ -72,10 +70,13 @@ impl std::fmt::Debug for Enrolment {
 
 /// Operator accounts, sessions and API tokens.
 pub struct Accounts {
-    pub(super) store: AccountStore,
+    pub(super) store: Arc<AccountStore>,
     sessions: Mutex<Sessions>,
-    /// Serialises read-modify-write of the store.
-    write: Mutex<()>,
+    /// Serialises read-modify-write of the store (shared with lockout writes that run after a
+    /// refused login has been answered: `login`).
+    pub(super) write: Arc<Mutex<()>>,
+    /// Login admission, lockouts and the per-account backstop.
+    pub(super) throttle: LoginThrottle,
     pub(super) clock: Clock,
     /// Content of `DATA/admin.token` (empty: none).
     bootstrap_token: String,
@@ -102,10 +103,21 @@ impl Accounts {
     ) -> Result<Self, AccountStoreError> {
         let store = AccountStore::open(dir, cache_capacity)?;
         let revoked = store.bootstrap_revoked()?;
+        let throttle = LoginThrottle::new(clock.clone());
+        let now = clock();
+        // Lockouts survive a restart (the counts before a lockout do not).
+        for (user, source, until_ms) in store.source_lockouts()? {
+            if let (true, Ok(source)) = (until_ms > now, source.parse::<Source>()) {
+                throttle.restore(&user, source, until_ms);
+            }
+        }
+        // The dummy hash of unknown names, made now rather than at the first one.
+        secret::dummy_hash();
         Ok(Self {
-            store,
+            store: Arc::new(store),
             sessions: Mutex::new(Sessions::default()),
-            write: Mutex::new(()),
+            write: Arc::new(Mutex::new(())),
+            throttle,
             clock,
             bootstrap_token,
             bootstrap_revoked: AtomicBool::new(revoked),
@@ -147,11 +159,15 @@ impl Accounts {
             if now >= token.expires_ms || !self.creator_active(&token.created_by)? {
                 return Ok(None);
             }
+            // A token acts for the account that made it (no MFA: it cannot approve).
+            let account = (token.created_by != BOOTSTRAP_PARTY).then_some(token.created_by);
             return Ok(Some(Authenticated {
                 principal: Principal {
                     name: format!("token:{}", token.name),
                     role: token.role,
                     kind: PrincipalKind::ApiToken,
+                    account,
+                    mfa: false,
                 },
                 restricted: false,
                 session: None,
@@ -174,9 +190,11 @@ impl Accounts {
             .touch(&digest, now)
             .map(|session| Authenticated {
                 principal: Principal {
+                    account: Some(session.user.clone()),
                     name: session.user,
                     role: session.role,
                     kind: PrincipalKind::Session,
+                    mfa: session.mfa,
                 },
                 restricted: session.restricted,
                 session: Some(digest),
@@ -190,89 +208,6 @@ impl Accounts {
             return Ok(!self.bootstrap_revoked());
         }
         Ok(self.store.user(creator)?.is_some_and(|u| u.enabled))
-    }
-
-    /// Logs `name` in with `password` (and `totp` when the account has MFA): 8.3.4 lockout,
-    /// 8.2.6 inactivity, 8.3.9 expiry, MFA with replay protection.
-    pub fn login(
-        &self,
-        name: &str,
-        password: &str,
-        totp_code: Option<&str>,
-    ) -> Result<LoginOutcome, AccountError> {
-        let now = self.now();
-        let Some(user) = self.store.user(name)? else {
-            secret::dummy_verify(password);
-            return Err(AccountError::InvalidCredentials { locked_now: false });
-        };
-        if user.locked_until_ms > now {
-            return Err(AccountError::Locked {
-                until_ms: user.locked_until_ms,
-            });
-        }
-        let password_ok = secret::verify_password(password, &user.password_hash);
-
-        let _write = self.write_lock();
-        let Some(mut user) = self.store.user(name)? else {
-            return Err(AccountError::InvalidCredentials { locked_now: false });
-        };
-        if user.locked_until_ms > now {
-            return Err(AccountError::Locked {
-                until_ms: user.locked_until_ms,
-            });
-        }
-        if !password_ok {
-            let locked_now = count_failure(&mut user, now);
-            self.store.put_user(&user)?;
-            return Err(AccountError::InvalidCredentials { locked_now });
-        }
-        if user.enabled && now.saturating_sub(user.active_since_ms) >= INACTIVE_DISABLE_MS {
-            user.enabled = false;
-            user.disabled_reason = "inactive for 90 days".into();
-            self.store.put_user(&user)?;
-        }
-        if !user.enabled {
-            return Err(AccountError::Disabled {
-                reason: user.disabled_reason.clone(),
-            });
-        }
-        if user.mfa_enabled() {
-            let Some(code) = totp_code else {
-                return Err(AccountError::TotpRequired);
-            };
-            if !accept_code(&mut user, code, now) {
-                let locked_now = count_failure(&mut user, now);
-                self.store.put_user(&user)?;
-                return Err(AccountError::InvalidTotp { locked_now });
-            }
-        }
-        if !user.mfa_enabled()
-            && now.saturating_sub(user.password_changed_ms) >= PASSWORD_MAX_AGE_MS
-        {
-            user.must_change = true;
-        }
-        let mfa_enrolment_required = user.role == Role::Admin && !user.mfa_enabled();
-        user.failed_attempts = 0;
-        user.last_login_ms = Some(now);
-        user.active_since_ms = now;
-        self.store.put_user(&user)?;
-
-        let token = secret::new_token("");
-        let session = Session {
-            user: user.name.clone(),
-            role: user.role,
-            created_ms: now,
-            last_seen_ms: now,
-            restricted: user.must_change || mfa_enrolment_required,
-        };
-        self.sessions()
-            .insert(secret::token_digest(&token), session, now);
-        Ok(LoginOutcome {
-            token,
-            role: user.role,
-            must_change_password: user.must_change,
-            mfa_enrolment_required,
-        })
     }
 
     /// Ends the session whose token has SHA-256 `digest`.
@@ -300,10 +235,8 @@ impl Accounts {
             });
         }
         if !secret::verify_password(old, &user.password_hash) {
-            let _write = self.write_lock();
-            if let Some(mut fresh) = self.store.user(name)? {
-                count_failure(&mut fresh, now);
-                self.store.put_user(&fresh)?;
+            if let Some(lockout) = self.throttle.failed_account(name) {
+                self.persist_lockout(name, None, lockout);
             }
             return Err(AccountError::WrongPassword);
         }
@@ -371,25 +304,15 @@ impl Accounts {
         if let Some(t) = user.totp.as_mut() {
             t.confirmed = true;
         }
+        user.mfa_reenrol = false;
         self.store.put_user(&user)?;
         Ok(())
     }
 }
 
-/// Counts a failed attempt (8.3.4); returns true if it locked the account.
-fn count_failure(user: &mut UserRecord, now: u64) -> bool {
-    user.failed_attempts += 1;
-    if user.failed_attempts >= MAX_FAILED_ATTEMPTS {
-        user.failed_attempts = 0;
-        user.locked_until_ms = now + LOCKOUT_MS;
-        return true;
-    }
-    false
-}
-
 /// Checks `code` against the user's authenticator (confirmed or pending) and uses up its
 /// step; false for a wrong code or a step already used (replay).
-fn accept_code(user: &mut UserRecord, code: &str, now: u64) -> bool {
+pub(super) fn accept_code(user: &mut UserRecord, code: &str, now: u64) -> bool {
     let Some(state) = user.totp.as_mut() else {
         return false;
     };

@@ -23,6 +23,8 @@ pub struct Session {
     /// May only change its password, enrol MFA and log out (first login, reset, expiry,
     /// admin without MFA).
     pub restricted: bool,
+    /// The login verified a TOTP code.
+    pub mfa: bool,
 }
 
 impl Session {
@@ -104,6 +106,7 @@ mod tests {
             created_ms: at,
             last_seen_ms: at,
             restricted: false,
+            mfa: false,
         }
     }
 

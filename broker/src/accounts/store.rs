@@ -8,6 +8,9 @@
 //! t/<token name>      TokenRecord (JSON): role, creator, expiry, SHA-256 of the token
 //! h/<sha256 hex>      token name (index for bearer lookups)
 //! m/bootstrap_revoked "1" once `DATA/admin.token` is refused
+//! x/<user>\0<source>  SourceLockout (JSON): the account is locked out from that source
+//! p/<seq u64 BE>      AuditRecord (JSON): done offline (`posfleet-broker admin ...`), to be
+//!                     appended to the audit log at the next start
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -80,9 +83,11 @@ pub struct UserRecord {
     /// Why the account is disabled ("admin", "inactive"), empty when enabled.
     #[serde(default)]
     pub disabled_reason: String,
-    /// Failed login attempts since the last success or lockout (8.3.4).
+    /// Unused since failures are counted in memory per source (`throttle`); kept for the
+    /// record format (always 0 in new records).
     pub failed_attempts: u32,
-    /// Logins are refused until then (0: not locked).
+    /// Logins are refused from every source until then (0: not locked): the per-account
+    /// backstop of `throttle`.
     pub locked_until_ms: u64,
     pub created_ms: u64,
     pub created_by: String,
@@ -90,6 +95,10 @@ pub struct UserRecord {
     /// Start of the current inactivity period (creation, last login, enable): 8.2.6.
     pub active_since_ms: u64,
     pub totp: Option<TotpState>,
+    /// The authenticator was removed offline (`posfleet-broker admin reset-mfa`): logins get a
+    /// restricted session until MFA is enrolled again, whatever the role.
+    #[serde(default)]
+    pub mfa_reenrol: bool,
 }
 
 impl std::fmt::Debug for UserRecord {
@@ -107,6 +116,13 @@ impl UserRecord {
     pub fn mfa_enabled(&self) -> bool {
         self.totp.as_ref().is_some_and(|t| t.confirmed)
     }
+}
+
+/// A lockout of an account from one source, kept so that a restart does not lift it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceLockout {
+    pub v: u32,
+    pub until_ms: u64,
 }
 
 /// An API token for automation (the token itself is never stored).
@@ -229,6 +245,122 @@ impl AccountStore {
         self.commit(batch)
     }
 
+    /// Records that `user` is locked out from `source` until `until_ms` (replacing an earlier
+    /// lockout), and forgets expired lockouts of every account (as of `now_ms`).
+    pub fn put_source_lockout(
+        &self,
+        user: &str,
+        source: &str,
+        until_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), AccountStoreError> {
+        let mut batch = sled::Batch::default();
+        for (k, lockout) in self.source_lockouts_raw()? {
+            if lockout.until_ms <= now_ms {
+                batch.remove(k);
+            }
+        }
+        let value = serde_json::to_vec(&SourceLockout {
+            v: RECORD_VERSION,
+            until_ms,
+        })
+        .map_err(|e| self.corrupt_key(user, e.to_string()))?;
+        batch.insert(lockout_key(user, source), value);
+        self.commit(batch)
+    }
+
+    /// Every stored lockout: (user, source, until).
+    pub fn source_lockouts(&self) -> Result<Vec<(String, String, u64)>, AccountStoreError> {
+        Ok(self
+            .source_lockouts_raw()?
+            .into_iter()
+            .filter_map(|(k, l)| {
+                let rest = k.strip_prefix(b"x/")?;
+                let split = rest.iter().position(|b| *b == 0)?;
+                let user = String::from_utf8(rest[..split].to_vec()).ok()?;
+                let source = String::from_utf8(rest[split + 1..].to_vec()).ok()?;
+                Some((user, source, l.until_ms))
+            })
+            .collect())
+    }
+
+    /// Removes every stored lockout of `user` (from sources); returns how many.
+    pub fn clear_source_lockouts(&self, user: &str) -> Result<usize, AccountStoreError> {
+        let mut prefix = key(b"x/", user);
+        prefix.push(0);
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in self.tree.scan_prefix(&prefix) {
+            let (k, _) = item.map_err(|e| self.sled(e))?;
+            batch.remove(k);
+            n += 1;
+        }
+        if n > 0 {
+            self.commit(batch)?;
+        }
+        Ok(n)
+    }
+
+    fn source_lockouts_raw(&self) -> Result<Vec<(Vec<u8>, SourceLockout)>, AccountStoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(b"x/") {
+            let (k, v) = item.map_err(|e| self.sled(e))?;
+            let lockout: SourceLockout = serde_json::from_slice(&v)
+                .map_err(|e| self.corrupt_key(&String::from_utf8_lossy(&k), e.to_string()))?;
+            out.push((k.to_vec(), lockout));
+        }
+        Ok(out)
+    }
+
+    /// Queues `record` (something done offline) for the audit log of the next start.
+    pub fn add_pending_audit(
+        &self,
+        record: &crate::audit::AuditRecord,
+    ) -> Result<(), AccountStoreError> {
+        let next = match self.tree.scan_prefix(b"p/").next_back() {
+            Some(item) => {
+                let (k, _) = item.map_err(|e| self.sled(e))?;
+                pending_seq(&k).map_or(0, |n| n + 1)
+            }
+            None => 0,
+        };
+        let value =
+            serde_json::to_vec(record).map_err(|e| self.corrupt_key("p/", e.to_string()))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(pending_key(next), value);
+        self.commit(batch)
+    }
+
+    /// The queued audit records, oldest first, with their sequence numbers.
+    pub fn pending_audit(
+        &self,
+    ) -> Result<Vec<(u64, crate::audit::AuditRecord)>, AccountStoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(b"p/") {
+            let (k, v) = item.map_err(|e| self.sled(e))?;
+            let Some(seq) = pending_seq(&k) else { continue };
+            let record = serde_json::from_slice(&v)
+                .map_err(|e| self.corrupt_key(&format!("p/{seq}"), e.to_string()))?;
+            out.push((seq, record));
+        }
+        Ok(out)
+    }
+
+    /// Removes the queued audit record `seq` (once it is in the audit log).
+    pub fn remove_pending_audit(&self, seq: u64) -> Result<(), AccountStoreError> {
+        let mut batch = sled::Batch::default();
+        batch.remove(pending_key(seq));
+        self.commit(batch)
+    }
+
+    fn corrupt_key(&self, k: &str, detail: String) -> AccountStoreError {
+        AccountStoreError::Corrupt {
+            path: self.dir.clone(),
+            key: k.to_owned(),
+            detail,
+        }
+    }
+
     fn commit(&self, batch: sled::Batch) -> Result<(), AccountStoreError> {
         self.tree.apply_batch(batch).map_err(|e| self.sled(e))?;
         sledstore::make_durable(&self.tree, &self.dir).map_err(|e| match e {
@@ -303,6 +435,23 @@ impl Versioned for TokenRecord {
 /// The version new records are written with.
 pub(crate) fn record_version() -> u32 {
     RECORD_VERSION
+}
+
+fn lockout_key(user: &str, source: &str) -> Vec<u8> {
+    let mut k = key(b"x/", user);
+    k.push(0);
+    k.extend_from_slice(source.as_bytes());
+    k
+}
+
+fn pending_key(seq: u64) -> Vec<u8> {
+    let mut k = b"p/".to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn pending_seq(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.strip_prefix(b"p/")?.try_into().ok()?))
 }
 
 fn key(prefix: &[u8], name: &str) -> Vec<u8> {

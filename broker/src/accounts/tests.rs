@@ -10,6 +10,13 @@ use super::*;
 const T0: u64 = 1_700_000_000_000;
 const BOOTSTRAP: &str = "bootstrap-token-for-tests-0123456789";
 const GOOD: &str = "correct horse 1";
+/// Where the tests' logins come from.
+const SRC: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+
+/// True if `result` is a refused login for `reason`.
+fn refused<T>(result: Result<T, AccountError>, reason: LoginRefusal) -> bool {
+    matches!(result, Err(AccountError::LoginRefused { reason: r, .. }) if r == reason)
+}
 
 struct Fixture {
     tmp: tempfile::TempDir,
@@ -93,7 +100,7 @@ fn first_login_must_change_the_password_and_is_restricted() {
         f.accounts.create_user("alice", Role::Viewer, "admin"),
         Err(AccountError::Exists(_))
     ));
-    let login = f.accounts.login("alice", &initial, None).unwrap();
+    let login = f.accounts.login("alice", &initial, None, SRC).unwrap();
     assert!(login.must_change_password);
     let auth = f.accounts.authenticate(&login.token).unwrap().unwrap();
     assert!(auth.restricted);
@@ -102,7 +109,7 @@ fn first_login_must_change_the_password_and_is_restricted() {
     f.accounts.change_password("alice", &initial, GOOD).unwrap();
     // The change ends the session; the next login is unrestricted.
     assert!(f.accounts.authenticate(&login.token).unwrap().is_none());
-    let login = f.accounts.login("alice", GOOD, None).unwrap();
+    let login = f.accounts.login("alice", GOOD, None, SRC).unwrap();
     assert!(!login.must_change_password);
     assert!(
         !f.accounts
@@ -128,7 +135,7 @@ fn weak_passwords_are_refused() {
         }
     }
     // The old password still works: nothing changed.
-    f.accounts.login("bob", GOOD, None).unwrap();
+    f.accounts.login("bob", GOOD, None, SRC).unwrap();
 }
 
 #[test]
@@ -161,38 +168,50 @@ fn the_last_four_passwords_cannot_be_reused() {
 }
 
 #[test]
-fn ten_failures_lock_for_thirty_minutes_and_the_count_survives_a_restart() {
+fn ten_failures_lock_out_the_source_for_thirty_minutes_across_a_restart() {
     let mut f = Fixture::new();
     f.user("dave", Role::Operator);
-    for _ in 0..5 {
-        assert!(matches!(
-            f.accounts.login("dave", "wrong password 1", None),
-            Err(AccountError::InvalidCredentials { locked_now: false })
-        ));
-    }
-    f.reopen();
-    for _ in 0..4 {
-        f.accounts
-            .login("dave", "wrong password 1", None)
-            .unwrap_err();
+    let other: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+    for i in 1..MAX_FAILED_ATTEMPTS {
+        assert!(
+            matches!(
+                f.accounts.login("dave", "wrong password 1", None, SRC),
+                Err(AccountError::LoginRefused {
+                    reason: LoginRefusal::WrongPassword,
+                    lockout: None
+                })
+            ),
+            "failure {i}"
+        );
     }
     assert!(matches!(
-        f.accounts.login("dave", "wrong password 1", None),
-        Err(AccountError::InvalidCredentials { locked_now: true })
+        f.accounts.login("dave", "wrong password 1", None, SRC),
+        Err(AccountError::LoginRefused {
+            lockout: Some(NewLockout::Source(_)),
+            ..
+        })
     ));
-    // Locked: even the right password is refused, for 30 minutes, across a restart.
-    assert!(matches!(
-        f.accounts.login("dave", GOOD, None),
-        Err(AccountError::Locked { .. })
+    // Locked out from there: even the right password, for 30 minutes, across a restart.
+    assert!(refused(
+        f.accounts.login("dave", GOOD, None, SRC),
+        LoginRefusal::Locked
     ));
     f.reopen();
+    assert!(refused(
+        f.accounts.login("dave", GOOD, None, SRC),
+        LoginRefusal::Locked
+    ));
+    let users = f.accounts.users().unwrap();
+    assert_eq!(users[0].locked_out_from, ["10.0.0.1"]);
+    // Not from elsewhere.
+    f.accounts.login("dave", GOOD, None, other).unwrap();
     f.advance(LOCKOUT_MS - 1);
-    assert!(matches!(
-        f.accounts.login("dave", GOOD, None),
-        Err(AccountError::Locked { .. })
+    assert!(refused(
+        f.accounts.login("dave", GOOD, None, SRC),
+        LoginRefusal::Locked
     ));
     f.advance(1);
-    f.accounts.login("dave", GOOD, None).unwrap();
+    f.accounts.login("dave", GOOD, None, SRC).unwrap();
 }
 
 #[test]
@@ -201,11 +220,11 @@ fn an_admin_reset_unlocks_and_forces_a_change() {
     f.user("erin", Role::Viewer);
     for _ in 0..MAX_FAILED_ATTEMPTS {
         f.accounts
-            .login("erin", "wrong password 1", None)
+            .login("erin", "wrong password 1", None, SRC)
             .unwrap_err();
     }
     let temp = f.accounts.reset_user("erin", false).unwrap();
-    let login = f.accounts.login("erin", &temp, None).unwrap();
+    let login = f.accounts.login("erin", &temp, None, SRC).unwrap();
     assert!(login.must_change_password);
     assert!(
         f.accounts
@@ -220,7 +239,7 @@ fn an_admin_reset_unlocks_and_forces_a_change() {
 fn idle_sessions_end_after_fifteen_minutes() {
     let f = Fixture::new();
     f.user("frank", Role::Viewer);
-    let login = f.accounts.login("frank", GOOD, None).unwrap();
+    let login = f.accounts.login("frank", GOOD, None, SRC).unwrap();
     f.advance(SESSION_IDLE_MS - 1);
     assert!(f.accounts.authenticate(&login.token).unwrap().is_some());
     f.advance(SESSION_IDLE_MS - 1);
@@ -231,7 +250,7 @@ fn idle_sessions_end_after_fifteen_minutes() {
     f.advance(SESSION_IDLE_MS);
     assert!(f.accounts.authenticate(&login.token).unwrap().is_none());
     // Logout ends a session at once.
-    let login = f.accounts.login("frank", GOOD, None).unwrap();
+    let login = f.accounts.login("frank", GOOD, None, SRC).unwrap();
     let auth = f.accounts.authenticate(&login.token).unwrap().unwrap();
     f.accounts.logout(&auth.session.unwrap());
     assert!(f.accounts.authenticate(&login.token).unwrap().is_none());
@@ -242,13 +261,13 @@ fn accounts_unused_for_ninety_days_are_disabled() {
     let f = Fixture::new();
     f.user("gina", Role::Viewer);
     f.user("hank", Role::Viewer);
-    f.accounts.login("hank", GOOD, None).unwrap();
+    f.accounts.login("hank", GOOD, None, SRC).unwrap();
     f.advance(INACTIVE_DISABLE_MS - 1);
-    f.accounts.login("hank", GOOD, None).unwrap();
+    f.accounts.login("hank", GOOD, None, SRC).unwrap();
     f.advance(1);
-    assert!(matches!(
-        f.accounts.login("gina", GOOD, None),
-        Err(AccountError::Disabled { .. })
+    assert!(refused(
+        f.accounts.login("gina", GOOD, None, SRC),
+        LoginRefusal::Disabled
     ));
     // Stays disabled, and shows so, until an admin enables it.
     let gina = f
@@ -260,7 +279,7 @@ fn accounts_unused_for_ninety_days_are_disabled() {
         .unwrap();
     assert!(!gina.enabled);
     f.accounts.set_enabled("gina", true, "root-admin").unwrap();
-    f.accounts.login("gina", GOOD, None).unwrap();
+    f.accounts.login("gina", GOOD, None, SRC).unwrap();
 }
 
 #[test]
@@ -275,14 +294,14 @@ fn passwords_expire_after_ninety_days_without_mfa() {
     f.advance(PASSWORD_MAX_AGE_MS - DAY);
     assert!(
         !f.accounts
-            .login("ivan", GOOD, None)
+            .login("ivan", GOOD, None, SRC)
             .unwrap()
             .must_change_password
     );
     let code = totp::code_text(&secret, f.now()).unwrap();
-    f.accounts.login("jane", GOOD, Some(&code)).unwrap();
+    f.accounts.login("jane", GOOD, Some(&code), SRC).unwrap();
     f.advance(DAY);
-    let ivan = f.accounts.login("ivan", GOOD, None).unwrap();
+    let ivan = f.accounts.login("ivan", GOOD, None, SRC).unwrap();
     assert!(ivan.must_change_password);
     assert!(
         f.accounts
@@ -292,7 +311,7 @@ fn passwords_expire_after_ninety_days_without_mfa() {
             .restricted
     );
     let code = totp::code_text(&secret, f.now()).unwrap();
-    let jane = f.accounts.login("jane", GOOD, Some(&code)).unwrap();
+    let jane = f.accounts.login("jane", GOOD, Some(&code), SRC).unwrap();
     assert!(
         !jane.must_change_password,
         "with MFA the password does not expire"
@@ -300,49 +319,58 @@ fn passwords_expire_after_ninety_days_without_mfa() {
 }
 
 #[test]
-fn totp_missing_invalid_and_replayed_codes_are_refused() {
+fn totp_missing_invalid_and_replayed_codes_are_refused_and_count() {
     let f = Fixture::new();
     f.user("kate", Role::Operator);
     let secret = f.totp("kate");
-    assert!(matches!(
-        f.accounts.login("kate", GOOD, None),
-        Err(AccountError::TotpRequired)
+    assert!(refused(
+        f.accounts.login("kate", GOOD, None, SRC),
+        LoginRefusal::TotpMissing
+    ));
+    assert!(refused(
+        f.accounts.login("kate", GOOD, Some(""), SRC),
+        LoginRefusal::TotpMissing
     ));
     let good = totp::code_text(&secret, f.now()).unwrap();
     let bad = format!("{:06}", (good.parse::<u32>().unwrap() + 1) % 1_000_000);
-    assert!(matches!(
-        f.accounts.login("kate", GOOD, Some(&bad)),
-        Err(AccountError::InvalidTotp { .. })
+    assert!(refused(
+        f.accounts.login("kate", GOOD, Some(&bad), SRC),
+        LoginRefusal::TotpWrong
     ));
-    assert!(matches!(
-        f.accounts.login("kate", GOOD, Some("abc")),
-        Err(AccountError::InvalidTotp { .. })
+    assert!(refused(
+        f.accounts.login("kate", GOOD, Some("abc"), SRC),
+        LoginRefusal::TotpWrong
     ));
-    f.accounts.login("kate", GOOD, Some(&good)).unwrap();
+    f.accounts.login("kate", GOOD, Some(&good), SRC).unwrap();
     assert!(
-        matches!(
-            f.accounts.login("kate", GOOD, Some(&good)),
-            Err(AccountError::InvalidTotp { .. })
+        refused(
+            f.accounts.login("kate", GOOD, Some(&good), SRC),
+            LoginRefusal::TotpWrong
         ),
         "replay within the window"
     );
-    // Wrong codes count (the success reset the count; the replay was 1): 8 more, then the
-    // tenth locks the account.
-    for _ in 0..8 {
-        f.accounts.login("kate", GOOD, Some(&bad)).unwrap_err();
+    // Missing and wrong codes count (the success reset the count; the replay was 1): 8 more,
+    // then the tenth locks the account out from this source.
+    for i in 0..8 {
+        let code = if i % 2 == 0 { None } else { Some(bad.as_str()) };
+        f.accounts.login("kate", GOOD, code, SRC).unwrap_err();
     }
     assert!(matches!(
-        f.accounts.login("kate", GOOD, Some(&bad)),
-        Err(AccountError::InvalidTotp { locked_now: true })
+        f.accounts.login("kate", GOOD, None, SRC),
+        Err(AccountError::LoginRefused {
+            lockout: Some(NewLockout::Source(_)),
+            ..
+        })
     ));
-    // A wrong password is refused before the code is looked at.
     f.advance(LOCKOUT_MS + totp::STEP_MS);
+    // A wrong password is refused before the code is looked at (and the code stays unused).
     let next = totp::code_text(&secret, f.now()).unwrap();
-    assert!(matches!(
-        f.accounts.login("kate", "wrong password 1", Some(&next)),
-        Err(AccountError::InvalidCredentials { .. })
+    assert!(refused(
+        f.accounts
+            .login("kate", "wrong password 1", Some(&next), SRC),
+        LoginRefusal::WrongPassword
     ));
-    f.accounts.login("kate", GOOD, Some(&next)).unwrap();
+    f.accounts.login("kate", GOOD, Some(&next), SRC).unwrap();
 }
 
 #[test]
@@ -352,10 +380,10 @@ fn admins_must_enrol_mfa_before_a_full_session() {
         .accounts
         .create_user("lena", Role::Admin, "admin")
         .unwrap();
-    let first = f.accounts.login("lena", &initial, None).unwrap();
+    let first = f.accounts.login("lena", &initial, None, SRC).unwrap();
     assert!(first.must_change_password && first.mfa_enrolment_required);
     f.accounts.change_password("lena", &initial, GOOD).unwrap();
-    let second = f.accounts.login("lena", GOOD, None).unwrap();
+    let second = f.accounts.login("lena", GOOD, None, SRC).unwrap();
     assert!(!second.must_change_password && second.mfa_enrolment_required);
     assert!(
         f.accounts
@@ -378,7 +406,7 @@ fn admins_must_enrol_mfa_before_a_full_session() {
         Err(AccountError::MfaEnrolled)
     ));
     let code = totp::code_text(&secret, f.now()).unwrap();
-    let full = f.accounts.login("lena", GOOD, Some(&code)).unwrap();
+    let full = f.accounts.login("lena", GOOD, Some(&code), SRC).unwrap();
     assert!(!full.mfa_enrolment_required);
     let auth = f.accounts.authenticate(&full.token).unwrap().unwrap();
     assert!(!auth.restricted);
@@ -389,7 +417,7 @@ fn admins_must_enrol_mfa_before_a_full_session() {
 fn api_tokens_have_a_role_no_higher_than_their_creator_and_expire() {
     let f = Fixture::new();
     f.user("mike", Role::Operator);
-    let login = f.accounts.login("mike", GOOD, None).unwrap();
+    let login = f.accounts.login("mike", GOOD, None, SRC).unwrap();
     let mike = f
         .accounts
         .authenticate(&login.token)
@@ -426,6 +454,8 @@ fn api_tokens_have_a_role_no_higher_than_their_creator_and_expire() {
         name: "mike".into(),
         role: Role::Operator,
         kind: PrincipalKind::Session,
+        account: Some("mike".into()),
+        mfa: false,
     };
     let a = f
         .accounts
@@ -464,6 +494,8 @@ fn the_bootstrap_token_works_until_revoked_for_good() {
         name: "v".into(),
         role: Role::Viewer,
         kind: PrincipalKind::Session,
+        account: Some("v".into()),
+        mfa: false,
     };
     assert!(
         f.accounts
@@ -518,7 +550,7 @@ fn errors_and_debug_output_carry_no_secret() {
         .accounts
         .create_user("omar", Role::Viewer, "admin")
         .unwrap();
-    let login = f.accounts.login("omar", &initial, None).unwrap();
+    let login = f.accounts.login("omar", &initial, None, SRC).unwrap();
     let text = format!("{login:?}");
     assert!(!text.contains(&login.token), "{text}");
     let err = f

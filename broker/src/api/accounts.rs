@@ -2,13 +2,15 @@
 //! mapping of [`AccountError`] to API errors. Bodies carrying secrets are parsed here with a
 //! fixed error message, because serde's messages can quote the offending value.
 
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
 use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
@@ -16,7 +18,10 @@ use tracing::{error, info};
 use super::ApiState;
 use super::auth::{PeerAddr, source};
 use super::error::ApiError;
-use crate::accounts::{AccountError, Accounts, Authenticated, Principal, Role, printable};
+use crate::accounts::{
+    AccountError, Accounts, Authenticated, LoginRefusal, NewLockout, Principal, Refused, Role,
+    printable,
+};
 use crate::audit::{AuditRecord, Outcome};
 use crate::views::FieldMessage;
 
@@ -111,62 +116,137 @@ pub(crate) async fn blocking<T: Send + 'static>(
         })
 }
 
+/// The one answer to every refused login (module docs of `accounts::login`): same status,
+/// same body, whatever the reason.
+pub(crate) fn login_refused() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        AccountError::LoginRefused {
+            reason: LoginRefusal::WrongPassword,
+            lockout: None,
+        }
+        .to_string(),
+        Some(
+            "send user, password and, for an account with MFA, totp (the current code); 10 \
+             failed attempts from one address lock the account from there for 30 minutes",
+        ),
+    )
+}
+
+/// A 429 or 503 with `Retry-After`.
+fn retry_later(status: StatusCode, message: &str, hint: &str, retry_after_s: u64) -> Response {
+    let mut response = ApiError::new(status, message, Some(hint)).into_response();
+    if let Ok(value) = axum::http::HeaderValue::from_str(&retry_after_s.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
 pub(crate) async fn login(
     State(state): State<ApiState>,
     addr: Option<Extension<PeerAddr>>,
     body: Bytes,
-) -> Result<Json<LoginResponse>, ApiError> {
-    let req: LoginRequest = secret_body(&body, "{user, password, totp?}")?;
-    let accounts = service(&state)?;
+) -> Response {
+    let req: LoginRequest = match secret_body(&body, "{user, password, totp?}") {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    let accounts = match service(&state) {
+        Ok(accounts) => accounts,
+        Err(e) => return e.into_response(),
+    };
     let user = printable(&req.user);
     let src = source(addr.as_deref());
-    let result = blocking(accounts, move |a| {
-        a.login(&req.user, &req.password, req.totp.as_deref())
-    })
-    .await;
-    let record = |action: &str, outcome, detail: String| AuditRecord {
-        actor: user.clone(),
+    let ip = addr.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |a| a.0.0.ip());
+    let record = |action: &str, target: &str, outcome, detail: String| AuditRecord {
+        actor: target.to_owned(),
         source: src.clone(),
         action: action.into(),
-        target: user.clone(),
+        target: target.to_owned(),
         outcome,
         detail,
     };
+    // Admission before any hashing: nothing here depends on the account.
+    let ticket = match accounts.admit_login(ip) {
+        Ok(ticket) => ticket,
+        Err(refused) => {
+            let (status, why, hint, retry) = match refused {
+                Refused::Throttled { retry_after_s } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many failed logins from this address",
+                    "wait for Retry-After seconds; logins from other addresses are not affected",
+                    retry_after_s,
+                ),
+                Refused::Busy { retry_after_s } => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many logins at once",
+                    "retry after Retry-After seconds",
+                    retry_after_s,
+                ),
+            };
+            // Counted per address: while refused, the names tried are not kept.
+            state
+                .refused(record("auth.login", "*", Outcome::Denied, why.to_owned()))
+                .await;
+            return retry_later(status, why, hint, retry);
+        }
+    };
+    let result = blocking(accounts, move |a| {
+        let _ticket = ticket;
+        a.login(&req.user, &req.password, req.totp.as_deref(), ip)
+    })
+    .await;
     match result {
         Ok(outcome) => {
-            state
-                .audit(record("auth.login", Outcome::Success, String::new()))
-                .await?;
+            if let Err(e) = state
+                .audit(record("auth.login", &user, Outcome::Success, String::new()))
+                .await
+            {
+                return e.into_response();
+            }
             info!(user = %user, role = outcome.role.name(), "login");
-            Ok(Json(LoginResponse {
+            Json(LoginResponse {
                 token: outcome.token,
                 expires_idle_s: crate::accounts::policy::SESSION_IDLE_MS / 1000,
                 role: outcome.role,
                 must_change_password: outcome.must_change_password,
                 mfa_enrolment_required: outcome.mfa_enrolment_required,
-            }))
+            })
+            .into_response()
         }
-        Err(e) => {
-            let locked_now = matches!(
-                e,
-                AccountError::InvalidCredentials { locked_now: true }
-                    | AccountError::InvalidTotp { locked_now: true }
-            );
+        Err(AccountError::LoginRefused { reason, lockout }) => {
             state
-                .audit(record("auth.login", Outcome::Failure, e.to_string()))
-                .await?;
-            if locked_now {
+                .refused(record(
+                    "auth.login",
+                    &user,
+                    Outcome::Failure,
+                    reason.name().to_owned(),
+                ))
+                .await;
+            if let Some(lockout) = lockout {
+                let detail = match lockout {
+                    NewLockout::Source(_) => {
+                        "10 failures from this address: locked out from it \
+                                              for 30 minutes"
+                    }
+                    NewLockout::Account(_) => {
+                        "100 failures from any addresses within 30 minutes: \
+                                               locked out everywhere for 30 minutes"
+                    }
+                };
                 state
-                    .audit(record(
+                    .refused(record(
                         "auth.lockout",
+                        &user,
                         Outcome::Success,
-                        "too many failed attempts".into(),
+                        detail.into(),
                     ))
-                    .await?;
+                    .await;
             }
-            info!(user = %user, reason = %e, "login refused");
-            Err(account_error(e))
+            info!(user = %user, reason = reason.name(), "login refused");
+            login_refused().into_response()
         }
+        Err(e) => account_error(e).into_response(),
     }
 }
 
@@ -317,25 +397,11 @@ impl ApiState {
 pub(crate) fn account_error(e: AccountError) -> ApiError {
     let message = e.to_string();
     match e {
-        AccountError::TotpRequired => {
-            let mut err = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                message,
-                Some("send the current code of your authenticator as totp"),
-            );
-            err.body.fields = vec![FieldMessage {
-                key: "totp".into(),
-                message: "required".into(),
-            }];
-            err
-        }
-        AccountError::InvalidCredentials { .. }
-        | AccountError::InvalidTotp { .. }
-        | AccountError::Locked { .. }
-        | AccountError::Disabled { .. } => ApiError::new(
-            StatusCode::UNAUTHORIZED,
+        AccountError::LoginRefused { .. } => login_refused(),
+        AccountError::Locked { .. } => ApiError::new(
+            StatusCode::FORBIDDEN,
             message,
-            Some("failed attempts count: 10 lock the account for 30 minutes"),
+            Some("10 failed attempts lock an account for 30 minutes; an admin's reset ends it"),
         ),
         AccountError::Weak(_) => ApiError::invalid_fields(
             message.clone(),

@@ -1,8 +1,11 @@
 //! Two-person approval (`crate::approvals`): `POST /api/v1/commands` answers 202
-//! `{"approval": {...}}` for a wipe or a large lock ([`request`]); `GET /api/v1/approvals`,
-//! `GET /api/v1/approvals/{id}`, `POST /api/v1/approvals/{id}/approve` (creates the commands,
-//! once) and `POST /api/v1/approvals/{id}/reject`. The audit middleware records each call;
-//! the approve note names the commands created.
+//! `{"approval": {...}}` for a wipe, or for a lock that takes the requester's locks within the
+//! window over the threshold ([`lock_gate`], [`request`]); so does `POST
+//! /api/v1/devices/{id}/lost`. `GET /api/v1/approvals`, `GET /api/v1/approvals/{id}`,
+//! `POST /api/v1/approvals/{id}/approve` (creates the commands, once) and
+//! `POST /api/v1/approvals/{id}/reject`: only by another human account in an MFA-verified
+//! session (`Principal::approver`). The audit middleware records each call; the approve note
+//! names the commands created.
 
 use std::sync::Arc;
 
@@ -18,8 +21,8 @@ use super::ApiState;
 use super::audit::AuditNote;
 use super::commands::{create_now, created_note, parse_create};
 use super::error::ApiError;
-use crate::accounts::Principal;
-use crate::approvals::{ApprovalStore, DecideError};
+use crate::accounts::{Principal, PrincipalKind};
+use crate::approvals::{ApprovalStore, DecideError, LockBudget, LockReservation};
 use crate::commands::CreateRequest;
 use crate::views::{ApprovalDecided, ApprovalList, ApprovalRequired, ApprovalState, ApprovalView};
 
@@ -44,6 +47,54 @@ fn store_error(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
+/// What a lock may do now.
+pub(super) enum LockGate {
+    /// Issue it; the reservation (if the ledger recorded one) is released if its commands
+    /// cannot be created.
+    Issue(Option<LockReservation>),
+    /// It would take the party over the threshold: ask for approval.
+    Approve,
+}
+
+/// Records a lock of `devices` terminals by `principal`'s party in the lock ledger, or says
+/// that it needs approval (crate::approvals docs).
+pub(super) async fn lock_gate(
+    state: &ApiState,
+    principal: &Principal,
+    devices: usize,
+) -> Result<LockGate, ApiError> {
+    if !state.approval_policy.counts_locks() {
+        return Ok(LockGate::Issue(None));
+    }
+    let store = store(state)?;
+    let (party, policy, now) = (
+        principal.party().to_owned(),
+        state.approval_policy,
+        (state.clock)(),
+    );
+    let budget =
+        tokio::task::spawn_blocking(move || store.reserve_locks(&party, devices, now, &policy))
+            .await
+            .map_err(store_error)?
+            .map_err(store_error)?;
+    Ok(match budget {
+        LockBudget::Reserved(r) => LockGate::Issue(Some(r)),
+        LockBudget::Exceeded { .. } => LockGate::Approve,
+    })
+}
+
+/// Gives back a reservation whose lock was not issued (a failure is logged: the ledger then
+/// counts a lock that did not happen, which errs on the side of asking for approval).
+pub(super) async fn release(state: &ApiState, reservation: Option<LockReservation>) {
+    let (Some(reservation), Some(store)) = (reservation, state.approvals.clone()) else {
+        return;
+    };
+    let released = tokio::task::spawn_blocking(move || store.release(&reservation)).await;
+    if !matches!(released, Ok(Ok(()))) {
+        tracing::error!("a lock reservation could not be released");
+    }
+}
+
 /// Stores a pending approval for a validated, resolved command request; 202
 /// `{"approval": ...}`.
 pub(super) async fn request(
@@ -60,6 +111,7 @@ pub(super) async fn request(
         id: posfleet_proto::signing::new_command_id(),
         kind: kind.to_owned(),
         requested_by: principal.name.clone(),
+        requested_for: principal.party().to_owned(),
         requested_at_ms: now,
         expires_at_ms: now.saturating_add(ttl_ms),
         state: ApprovalState::Pending,
@@ -171,9 +223,25 @@ async fn decide(
     to: ApprovalState,
 ) -> Result<ApprovalView, ApiError> {
     let Path(id) = id.map_err(|e| ApiError::bad_request(e.body_text(), ID_HINT))?;
+    let Some(by) = principal.approver().map(str::to_owned) else {
+        let why = match principal.kind {
+            PrincipalKind::BootstrapToken => "the bootstrap token cannot approve or reject",
+            PrincipalKind::ApiToken => "API tokens cannot approve or reject",
+            PrincipalKind::Session => {
+                "this session's login did not verify a TOTP code, so it cannot approve or reject"
+            }
+        };
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            why,
+            Some(
+                "another admin decides, logged in with their own account and MFA (posctl \
+                 login, then posctl approvals approve ID)",
+            ),
+        ));
+    };
     let store = store(state)?;
     let now = (state.clock)();
-    let by = principal.name.clone();
     let key = id.clone();
     let result = tokio::task::spawn_blocking(move || store.decide(&key, &by, to, now))
         .await
@@ -196,12 +264,31 @@ async fn decide(
     })
 }
 
-/// Creates the approved request's commands for the devices it resolved to when requested.
+/// Creates the approved request's commands for the devices it resolved to when requested (for
+/// a lost report: the lock, the lifecycle and the ledger entry).
 async fn issue(
     state: &ApiState,
     principal: &Principal,
     approval: &ApprovalView,
 ) -> Result<Vec<crate::views::CommandView>, ApiError> {
+    let author = format!("{} (approved by {})", approval.requested_by, principal.name);
+    if approval.kind == "lost" {
+        let stored = |what: &str| ApiError::internal("the stored approval", what);
+        let reason = approval
+            .request
+            .get("reason")
+            .and_then(Value::as_str)
+            .ok_or_else(|| stored("no reason"))?;
+        let device = approval
+            .devices
+            .first()
+            .map(DeviceId::new)
+            .transpose()
+            .map_err(|e| stored(&e.to_string()))?
+            .ok_or_else(|| stored("no device"))?;
+        let view = super::custody::lost_now(state, &author, &device, reason, None).await?;
+        return Ok(view.commands);
+    }
     let (action, _, ttl) = parse_create(&approval.request)?;
     let devices = approval
         .devices
@@ -212,7 +299,7 @@ async fn issue(
     let req = CreateRequest {
         action,
         devices,
-        author: format!("{} (approved by {})", approval.requested_by, principal.name),
+        author,
         ttl,
     };
     create_now(state, req).await

@@ -21,7 +21,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 
 use super::{ApiError, ApiState};
-use crate::artifacts::validate::{DEFAULT_COMPONENT, check_component, check_version, parse_id};
+use crate::artifacts::validate::{
+    DEFAULT_COMPONENT, check_component, check_min_version, check_version, parse_id,
+};
 use crate::artifacts::{
     ArtifactCatalog, ArtifactMeta, Artifacts, DeleteError, InsertError, Inserted, UploadError,
     UploadRequest,
@@ -196,7 +198,7 @@ fn upload_request(
         bad("component", m);
     }
     if let Some(min) = &query.min_version {
-        if let Err(m) = check_version(min) {
+        if let Err(m) = check_min_version(min) {
             bad("min_version", m);
         }
     }

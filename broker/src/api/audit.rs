@@ -14,6 +14,10 @@
 //!    entry cannot be stored the action has still happened; the response is kept and the
 //!    failure is logged, and the `requested` entry remains as the record of the attempt.
 //!
+//! The middleware runs inside the role check (`auth::authorize`): a request refused by role
+//! or without a valid token gets no `requested` entry; such refusals are counted and written
+//! aggregated, one entry per key and window ([`Refusals`]), like refused logins.
+//!
 //! The actor is the request's [`Principal`] name, the source the client's IP address. The
 //! action comes from [`action_for`]; a route missing there is still recorded (as
 //! `api.<method> <route>`), so no mutating route can escape the log. Handlers add what only
@@ -36,7 +40,7 @@ use super::ApiState;
 use super::error::ApiError;
 use crate::accounts::Principal;
 use crate::audit::{
-    AuditLog, AuditQuery, AuditRecord, AuditSink, DEFAULT_LIMIT, MAX_LIMIT, Outcome,
+    AuditLog, AuditQuery, AuditRecord, AuditSink, DEFAULT_LIMIT, MAX_LIMIT, Outcome, Refusals,
 };
 use crate::views::{AuditPage, AuditVerifyView};
 
@@ -47,9 +51,22 @@ const EXPORT_PAGE: usize = 500;
 const QUERY_HINT: &str = "parameters: actor=<name>, action=<area.verb or area>, target=<id>, \
      from=<Unix ms or RFC 3339>, to=<...>, limit=1..1000, cursor=<next_cursor>";
 
-/// Where the API records (a trait object without `Debug`).
+/// Where the API records (a trait object without `Debug`), and the counts of repeated
+/// refusals written to the same place (`crate::audit::Refusals`).
 #[derive(Clone)]
-pub(crate) struct Audit(pub(crate) Arc<dyn AuditSink>);
+pub(crate) struct Audit {
+    pub(crate) sink: Arc<dyn AuditSink>,
+    pub(crate) refusals: Arc<Refusals>,
+}
+
+impl Audit {
+    pub(crate) fn new(sink: Arc<dyn AuditSink>, clock: crate::controller::Clock) -> Self {
+        Self {
+            refusals: Arc::new(Refusals::new(Arc::clone(&sink), clock)),
+            sink,
+        }
+    }
+}
 
 impl std::fmt::Debug for Audit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,7 +113,7 @@ impl ApiState {
     /// Records one entry durably (on a blocking thread: the sink fsyncs). An error is the
     /// 503 the client should get.
     pub(crate) async fn audit(&self, record: AuditRecord) -> Result<(), ApiError> {
-        let sink = Arc::clone(&self.audit.0);
+        let sink = Arc::clone(&self.audit.sink);
         let action = record.action.clone();
         let stored = tokio::task::spawn_blocking(move || sink.record(record))
             .await
@@ -110,6 +127,31 @@ impl ApiState {
                 Some("the controller refuses changes it cannot audit; check its log and disk"),
             )
         })
+    }
+}
+
+impl ApiState {
+    /// Counts a refusal (`record.detail` is the reason) for the aggregated audit entry of its
+    /// window; never waits for the disk (except after the final flush at shutdown).
+    pub(crate) async fn refused(&self, record: AuditRecord) {
+        if let Some(record) = self.audit.refusals.note(record) {
+            let _ = self.audit(record).await;
+        }
+    }
+
+    /// The refusal counts, for the flusher task (`Refusals::spawn_flusher`).
+    pub fn refusals(&self) -> Arc<Refusals> {
+        Arc::clone(&self.audit.refusals)
+    }
+
+    /// Writes every pending refusal count, so that a read of the log shows them.
+    async fn flush_refusals(&self) -> Result<(), ApiError> {
+        let refusals = self.refusals();
+        tokio::task::spawn_blocking(move || refusals.flush(true))
+            .await
+            .map_err(store_error)?
+            .map_err(store_error)?;
+        Ok(())
     }
 }
 
@@ -294,6 +336,7 @@ pub(crate) async fn list(
         limit,
     };
     let log = log(&state)?;
+    state.flush_refusals().await?;
     // Reads up to thousands of entries: off the runtime.
     let page = tokio::task::spawn_blocking(move || log.query(&query, cursor))
         .await
@@ -306,6 +349,7 @@ pub(crate) async fn verify(
     State(state): State<ApiState>,
 ) -> Result<Json<AuditVerifyView>, ApiError> {
     let log = log(&state)?;
+    state.flush_refusals().await?;
     // Walks the whole chain: off the runtime.
     let report = tokio::task::spawn_blocking(move || log.verify())
         .await
@@ -317,6 +361,7 @@ pub(crate) async fn verify(
 /// Every entry, oldest first, one JSON object per line, streamed page by page.
 pub(crate) async fn export(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let log = log(&state)?;
+    state.flush_refusals().await?;
     let pages = futures_util::stream::unfold(Some(0u64), move |after| {
         let log = Arc::clone(&log);
         async move {

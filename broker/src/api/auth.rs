@@ -4,11 +4,12 @@
 //!   (`pft_...`), the bootstrap token of `DATA/admin.token` (compared in constant time; refused
 //!   once revoked) or a login session. It puts the [`Principal`] and the [`Authenticated`]
 //!   record into the request's extensions; anything else is a 401, counted in
-//!   `api_auth_failures_total` and logged without the token.
+//!   `api_auth_failures_total`, logged without the token and counted for the aggregated
+//!   `api.unauthenticated` audit entry of its source (`crate::audit::Refusals`).
 //! - [`authorize`] (around each route of the table): the principal's role must reach the
 //!   route's role for the method (GET/HEAD: `read`, others: `write`), and a restricted
 //!   session (password change or MFA enrolment due) only reaches the routes marked for it.
-//!   Refusals are 403, audited as `denied`.
+//!   Refusals are 403, counted for the aggregated `api.denied` audit entry (actor, route).
 //! - [`Actor`]: extractor giving handlers the principal's name, recorded as author.
 
 use std::convert::Infallible;
@@ -73,13 +74,24 @@ pub(crate) async fn authenticate(
                 path = request.uri().path(),
                 "admin API request refused"
             );
+            state
+                .refused(AuditRecord {
+                    actor: "unauthenticated".into(),
+                    source: source(request.extensions().get::<PeerAddr>()),
+                    action: "api.unauthenticated".into(),
+                    // Not the path: the key of the count stays bounded whatever is requested.
+                    target: "-".into(),
+                    outcome: Outcome::Denied,
+                    detail: reason.replace('_', " "),
+                })
+                .await;
             ApiError::unauthorized().into_response()
         }
     }
 }
 
 /// Unit tests only (never compiled into a binary): `x-test-principal: NAME` authenticates
-/// the request as admin `NAME` instead of the bootstrap admin.
+/// the request as admin `NAME` (a session with MFA) instead of the bootstrap admin.
 #[cfg(test)]
 pub(crate) const TEST_PRINCIPAL_HEADER: &str = "x-test-principal";
 
@@ -90,6 +102,8 @@ fn test_principal(headers: &HeaderMap) -> Option<crate::accounts::Principal> {
         name: name.to_owned(),
         role: crate::accounts::Role::Admin,
         kind: crate::accounts::PrincipalKind::Session,
+        account: Some(name.to_owned()),
+        mfa: true,
     })
 }
 
@@ -157,17 +171,28 @@ pub(crate) async fn authorize(
         path = request.uri().path(),
         "admin API request denied"
     );
-    let record = AuditRecord {
-        actor: auth.principal.name.clone(),
-        source: source(request.extensions().get::<PeerAddr>()),
-        action: "api.denied".into(),
-        target: format!("{} {}", request.method(), request.uri().path()),
-        outcome: Outcome::Denied,
-        detail: format!("needs {}", needed.name()),
-    };
-    if let Err(e) = route.state.audit(record).await {
-        return e.into_response();
-    }
+    let route_path = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(
+            || request.uri().path().to_owned(),
+            |m| m.as_str().to_owned(),
+        );
+    route
+        .state
+        .refused(AuditRecord {
+            actor: auth.principal.name.clone(),
+            source: source(request.extensions().get::<PeerAddr>()),
+            action: "api.denied".into(),
+            target: format!("{} {route_path}", request.method()),
+            outcome: Outcome::Denied,
+            detail: if auth.restricted && !route.restricted_ok {
+                "restricted session".into()
+            } else {
+                format!("needs {}", needed.name())
+            },
+        })
+        .await;
     refusal.into_response()
 }
 

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::ApiState;
+use super::approvals::LockGate;
 use super::audit::AuditNote;
 use super::error::ApiError;
 use crate::commands::{
@@ -69,8 +70,19 @@ pub(crate) async fn create(
     }
     let devices = resolve(&state, &selector)?;
     let kind = body.get("kind").and_then(Value::as_str).unwrap_or_default();
-    if state.approval_policy.requires(kind, devices.len()) {
+    if state.approval_policy.always(kind) {
         return super::approvals::request(&state, &principal, kind, body.clone(), &devices).await;
+    }
+    // Locks add up per party within the window (crate::approvals).
+    let mut reservation = None;
+    if kind == "lock" {
+        match super::approvals::lock_gate(&state, &principal, devices.len()).await? {
+            LockGate::Approve => {
+                return super::approvals::request(&state, &principal, kind, body.clone(), &devices)
+                    .await;
+            }
+            LockGate::Issue(r) => reservation = r,
+        }
     }
     let req = CreateRequest {
         action,
@@ -78,7 +90,13 @@ pub(crate) async fn create(
         author: principal.name.clone(),
         ttl,
     };
-    let commands = create_now(&state, req).await?;
+    let commands = match create_now(&state, req).await {
+        Ok(commands) => commands,
+        Err(e) => {
+            super::approvals::release(&state, reservation).await;
+            return Err(e);
+        }
+    };
     let note = created_note(&commands);
     Ok(note.attach((StatusCode::ACCEPTED, Json(CommandsCreated { commands })).into_response()))
 }

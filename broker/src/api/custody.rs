@@ -1,7 +1,8 @@
 //! The custody ledger (`crate::custody`): `POST|GET /api/v1/devices/{id}/custody`, and lost
 //! and found reports: `POST /api/v1/devices/{id}/lost {"reason"}` locks the terminal
 //! (desired lock through the command plane), puts it in lifecycle `lost` and writes a ledger
-//! entry; `POST /api/v1/devices/{id}/found {"note"?}` returns it to `active` (it stays locked
+//! entry (or, beyond the requester's lock window, answers 202 with an approval that does so
+//! when another admin approves it: `api::approvals`); `POST /api/v1/devices/{id}/found {"note"?}` returns it to `active` (it stays locked
 //! until someone unlocks it). The audit middleware records each call.
 
 use std::sync::Arc;
@@ -15,11 +16,13 @@ use posfleet_proto::DeviceId;
 use serde_json::Value;
 
 use super::ApiState;
+use super::approvals::{self, LockGate, lock_gate};
 use super::audit::AuditNote;
 use super::commands::{MAX_REASON_CHARS, create_now};
 use super::devices::{device_id, unknown};
 use super::error::ApiError;
 use crate::accounts::Principal;
+use crate::approvals::LockReservation;
 use crate::commands::{Action, CreateRequest};
 use crate::custody::{CustodyLedger, NewEntry};
 use crate::views::{CustodyEntry, CustodyHistory, Lifecycle, LostFoundView};
@@ -172,51 +175,77 @@ pub(crate) async fn lost(
     if state.registry.groups(&id).is_none() {
         return Err(unknown(&id));
     }
-    let ledger = ledger(&state)?;
-    // The lock first: if it cannot be made durable, nothing else changes.
-    let commands = create_now(
-        &state,
+    ledger(&state)?;
+    // A lost report locks: it counts in the requester's lock window like any lock.
+    let reservation = match lock_gate(&state, &principal, 1).await? {
+        LockGate::Approve => {
+            let body = serde_json::json!({ "reason": reason });
+            return approvals::request(&state, &principal, "lost", body, &[id]).await;
+        }
+        LockGate::Issue(r) => r,
+    };
+    let view = lost_now(&state, &principal.name, &id, &reason, reservation).await?;
+    let note = AuditNote {
+        target: None,
+        detail: format!(
+            "lifecycle lost, lock command {}: {reason}",
+            view.commands.first().map(|c| c.id.as_str()).unwrap_or("-")
+        ),
+    };
+    Ok(note.attach(Json(view).into_response()))
+}
+
+/// Carries out a lost report by `author`: the lock first (if it cannot be made durable,
+/// nothing else changes and `reservation` is given back), then lifecycle `lost` and the ledger
+/// entry.
+pub(super) async fn lost_now(
+    state: &ApiState,
+    author: &str,
+    id: &DeviceId,
+    reason: &str,
+    reservation: Option<LockReservation>,
+) -> Result<LostFoundView, ApiError> {
+    let ledger = ledger(state)?;
+    let commands = match create_now(
+        state,
         CreateRequest {
             action: Action::Lock {
                 reason: format!("reported lost: {reason}"),
             },
             devices: vec![id.clone()],
-            author: principal.name.clone(),
+            author: author.to_owned(),
             ttl: LOST_LOCK_TTL,
         },
     )
-    .await?;
+    .await
+    {
+        Ok(commands) => commands,
+        Err(e) => {
+            approvals::release(state, reservation).await;
+            return Err(e);
+        }
+    };
     let custody = set_lifecycle(
-        &state,
+        state,
         ledger,
-        &id,
+        id,
         Lifecycle::Lost,
         NewEntry {
             kind: "lost",
-            recorded_by: principal.name.clone(),
+            recorded_by: author.to_owned(),
             from: String::new(),
             to: String::new(),
             location: String::new(),
-            note: reason.clone(),
+            note: reason.to_owned(),
         },
     )
     .await?;
-    let note = AuditNote {
-        target: None,
-        detail: format!(
-            "lifecycle lost, lock command {}: {reason}",
-            commands.first().map(|c| c.id.as_str()).unwrap_or("-")
-        ),
-    };
-    Ok(note.attach(
-        Json(LostFoundView {
-            device_id: id.to_string(),
-            lifecycle: Lifecycle::Lost,
-            commands,
-            custody,
-        })
-        .into_response(),
-    ))
+    Ok(LostFoundView {
+        device_id: id.to_string(),
+        lifecycle: Lifecycle::Lost,
+        commands,
+        custody,
+    })
 }
 
 pub(crate) async fn found(

@@ -22,12 +22,14 @@
 //!   `metrics.rs` (`GET /metrics`), `config.rs` (`/api/v1/config/...` layers, history, diff,
 //!   schema; `GET /api/v1/devices/{id}/config`), `artifacts.rs` (`POST|GET /api/v1/artifacts`,
 //!   `GET|DELETE /api/v1/artifacts/{id}`: signed software artifacts, ADR 0008).
-//! - `audit.rs`: the audit middleware (every non-GET request: a `requested` entry before the
-//!   handler, refused with 503 if it cannot be stored, and the outcome after) and
+//! - `audit.rs`: the audit middleware (every non-GET request that passed the role check: a
+//!   `requested` entry before the handler, refused with 503 if it cannot be stored, and the
+//!   outcome after), refusals counted for aggregated entries, and
 //!   `GET /api/v1/audit[/verify|/export]`.
 //! - `approvals.rs`: two-person approval (`GET /api/v1/approvals[/{id}]`,
-//!   `POST .../approve|reject`; `POST /api/v1/commands` answers 202 `{approval}` for a wipe
-//!   or a lock of more than the threshold).
+//!   `POST .../approve|reject` by another account's MFA session; `POST /api/v1/commands` and
+//!   `POST /api/v1/devices/{id}/lost` answer 202 `{approval}` for a wipe or a lock beyond the
+//!   requester's window).
 //! - `custody.rs`: `GET|POST /api/v1/devices/{id}/custody`, `POST .../lost`, `POST .../found`.
 //! - `tests/`: tests against a real TLS server on 127.0.0.1:0 with reqwest.
 
@@ -239,7 +241,7 @@ impl ApiState {
             artifacts: None,
             rollouts: None,
             catalog: Catalog(Arc::new(NoArtifacts)),
-            audit: audit::Audit(Arc::new(NoAudit)),
+            audit: audit::Audit::new(Arc::new(NoAudit), crate::controller::system_clock()),
             audit_log: None,
             approvals: None,
             custody: None,
@@ -270,19 +272,21 @@ impl ApiState {
 
     /// The same state with another wall clock.
     pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.audit = audit::Audit::new(Arc::clone(&self.audit.sink), clock.clone());
         self.clock = ClockFn(clock);
         self
     }
 
-    /// The same state recording to `sink` (without the audit read routes).
+    /// The same state recording to `sink` (without the audit read routes). Spawn the flusher
+    /// of its refusal counts ([`ApiState::refusals`]) once the state is complete.
     pub fn with_audit(mut self, sink: Arc<dyn AuditSink>) -> Self {
-        self.audit = audit::Audit(sink);
+        self.audit = audit::Audit::new(sink, self.clock.0.clone());
         self
     }
 
     /// The same state recording to, and serving the audit routes from, `log`.
     pub fn with_audit_log(mut self, log: Arc<AuditLog>) -> Self {
-        self.audit = audit::Audit(log.clone());
+        self.audit = audit::Audit::new(log.clone(), self.clock.0.clone());
         self.audit_log = Some(log);
         self
     }
@@ -677,19 +681,20 @@ pub fn router(state: ApiState) -> Router {
             write: r.write,
             restricted_ok: r.restricted_ok,
         };
+        // The audit middleware inside the role check (a refusal by role is not a request to
+        // record, but a counted refusal: `audit` module docs), on matched routes only (the
+        // action and target come from the route).
         protected = protected.route(
             r.path,
             r.methods
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    audit::record,
+                ))
                 .layer(axum::middleware::from_fn_with_state(need, auth::authorize)),
         );
     }
-    // Inside the token check (the principal is known) and on matched routes only (the
-    // action and target come from the route).
     let protected = protected
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            audit::record,
-        ))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

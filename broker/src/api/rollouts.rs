@@ -11,6 +11,7 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use posfleet_proto::version::Version;
 use serde_json::Value;
 
 use super::Actor;
@@ -101,12 +102,28 @@ fn parse_create(state: &ApiState, body: &Value, author: String) -> Result<NewRol
         }
         Some(id) => {
             let found = state.catalog.0.get(id);
-            if found.is_none() {
-                add(
+            match &found {
+                None => add(
                     &mut errors,
                     "artifact_id",
                     "no such artifact; upload it first (posctl artifact upload)".into(),
-                );
+                ),
+                // Stored before min_version had to be comparable: every terminal would be
+                // skipped, so refuse instead of running a rollout that installs nothing.
+                Some(a)
+                    if a.min_version
+                        .as_deref()
+                        .is_some_and(|m| Version::parse(m).is_none()) =>
+                {
+                    add(
+                        &mut errors,
+                        "artifact_id",
+                        "the artifact's min_version cannot be compared with terminal \
+                         versions; upload it again with a numeric min_version (like 9.0.0)"
+                            .into(),
+                    );
+                }
+                Some(_) => {}
             }
             found
         }

@@ -23,6 +23,21 @@ pub fn check_version(v: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A `min_version`: a valid version that can also be ordered against terminal versions
+/// (`posfleet_proto::version`: dot-separated numbers, optionally `-pre-release` and
+/// `+build`), since an artifact whose minimum cannot be compared could go to no terminal.
+pub fn check_min_version(v: &str) -> Result<(), String> {
+    check_version(v)?;
+    if posfleet_proto::version::Version::parse(v).is_none() {
+        return Err(
+            "must be dot-separated numbers (like 9.0.0), optionally followed by \
+                    -pre.release and +build: other versions cannot be compared"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// One of [`COMPONENTS`].
 pub fn check_component(c: &str) -> Result<(), String> {
     if COMPONENTS.contains(&c) {
@@ -53,6 +68,16 @@ mod tests {
         }
         for bad in ["", "1 2", "1/2", "ü", "1_2", &"9".repeat(65)] {
             assert!(check_version(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn min_versions_must_be_comparable() {
+        for ok in ["9", "9.0.0", "2.0.0-rc.1+build.5", "1.2.3.4"] {
+            assert!(check_min_version(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "fw-9", "v9", "nine", "9.x", "1/2", &"9".repeat(65)] {
+            assert!(check_min_version(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -9,9 +9,12 @@
 //! - `entry.rs`: [`AuditEntry`] and its canonical encoding and SHA-256 chain hash.
 //! - `store.rs`: [`AuditLog`]: the sled store (`DATA/audit`), one writer, durable appends,
 //!   the anchor file (`DATA/audit.anchor`), `verify`, retention pruning, queries, export pages.
+//! - `refusals.rs`: [`Refusals`]: repeated refusals counted in memory and written as one
+//!   entry per key and window (the log cannot be used to fill the disk).
 //! - `tests.rs`: chain, tamper, truncation, reopen, retention and concurrency tests.
 
 mod entry;
+mod refusals;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -20,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use entry::AuditEntry;
 pub(crate) use entry::outcome_name as outcome_label;
+pub use refusals::{Refusals, refusal_count};
 pub use store::{
     AuditConfig, AuditLog, AuditQuery, AuditStoreError, DEFAULT_LIMIT, DEFAULT_RETENTION,
     MAX_LIMIT, paths,

@@ -225,6 +225,7 @@ pub(crate) fn to_wire(cmd: &CommandView) -> pb::Command {
             component,
             rollout_id,
             confirm_timeout_s,
+            min_version,
         } => Body::SoftwareUpdate(pb::SoftwareUpdate {
             artifact_id: artifact_id.clone(),
             version: version.clone(),
@@ -240,6 +241,7 @@ pub(crate) fn to_wire(cmd: &CommandView) -> pb::Command {
             component: component.clone(),
             rollout_id: rollout_id.clone(),
             confirm_timeout_s: *confirm_timeout_s,
+            min_version: min_version.clone().unwrap_or_default(),
         }),
         CommandBody::RollbackUpdate {
             rollout_id,

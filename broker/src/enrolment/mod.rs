@@ -9,7 +9,7 @@
 //! - `token.rs`: enrolment token text, hashing and lifetimes.
 //! - `revocations.rs`: [`Revocations`], the in-memory view the edge checks at every connect.
 //! - `store.rs`: the sled store `DATA/enrolment`.
-//! - `limit.rs`: failed enrolments per source address.
+//! - failed enrolments per source address are counted by `crate::limit`.
 //! - `device.rs`: `POST /device/v1/renew[/confirm]` on the device endpoint (mutual TLS).
 //!
 //! Order of every change: validate, write the store durably, then update the in-memory view
@@ -17,7 +17,6 @@
 //! records the issued serial, before the certificate is returned.
 
 mod device;
-mod limit;
 mod revocations;
 mod store;
 mod token;
@@ -40,12 +39,12 @@ pub use store::{EnrolmentStore, EnrolmentStoreError};
 
 use crate::audit::{AuditRecord, AuditSink, NoAudit, Outcome};
 use crate::edge::EdgeHandle;
+use crate::limit::FailureLimit;
 use crate::registry::Registry;
 use crate::views::{
     EnrollRequest, EnrollResponse, Lifecycle, RenewResponse, RevocationView, TokenCreate,
     TokenCreated, TokenView,
 };
-use limit::FailureLimit;
 use store::{Changes, DevicePki, PendingRenewal, PkiStatus, RECORD_VERSION, RevokedCert};
 
 /// sled page cache of the enrolment store (tokens and a record per device).
@@ -135,7 +134,7 @@ pub struct Enrolment {
     /// Closes live sessions on revocation; `None` with an external broker (it uses the CRL).
     edge: Option<EdgeHandle>,
     audit: Arc<dyn AuditSink>,
-    failures: FailureLimit,
+    failures: FailureLimit<IpAddr>,
 }
 
 impl std::fmt::Debug for Enrolment {
@@ -380,7 +379,7 @@ impl Enrolment {
         now_ms: u64,
     ) -> Result<EnrollResponse, EnrolError> {
         let source = peer.to_string();
-        if !self.failures.admit(peer) {
+        if !self.failures.admit(&peer) {
             warn!(%peer, "enrolment refused: too many failures from this address");
             let _ = self.audit(
                 "enrolment",
@@ -397,7 +396,7 @@ impl Enrolment {
             Ok(_) => (Outcome::Success, String::new()),
             Err(e @ EnrolError::Internal { .. }) => (Outcome::Failure, e.to_string()),
             Err(e) => {
-                self.failures.failed(peer);
+                self.failures.failed(&peer);
                 (Outcome::Denied, e.to_string())
             }
         };

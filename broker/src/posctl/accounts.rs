@@ -84,28 +84,31 @@ async fn try_login(
     )))
 }
 
-/// Logs in, asking for a TOTP code when the account has MFA.
+/// What `posctl login` asks after the password. The server answers every refused login the
+/// same way (it never says that a code is missing), so the code is asked up front.
+pub(crate) const TOTP_PROMPT: &str = "TOTP code (leave empty if you have none)";
+
+/// Logs in once with the code (if any).
 async fn login_once(
     api: &ApiClient,
     user: &str,
     password: &str,
-    prompt: &mut dyn Prompt,
+    code: Option<&str>,
 ) -> anyhow::Result<LoginResponse> {
-    let refused = match try_login(api, user, password, None).await? {
-        Ok(login) => return Ok(login),
-        Err(body) => body,
-    };
-    if !refused.fields.iter().any(|f| f.key == "totp") {
-        return Err(anyhow!("login refused: {}", refused.error));
-    }
-    let code = prompt.secret("TOTP code")?;
-    try_login(api, user, password, Some(&code))
+    try_login(api, user, password, code)
         .await?
         .map_err(|body| anyhow!("login refused: {}", body.error))
 }
 
+/// An answer to [`TOTP_PROMPT`]: `None` when left empty.
+fn totp_answer(prompt: &mut dyn Prompt, label: &str) -> anyhow::Result<Option<String>> {
+    let code = prompt.secret(label)?;
+    let code = code.trim();
+    Ok((!code.is_empty()).then(|| code.to_owned()))
+}
+
 /// `posctl login`: stores the session for this server; changes the password first when the
-/// server requires it.
+/// server requires it. Asks for the password, then a TOTP code (empty without MFA).
 pub(crate) async fn login(
     endpoint: Endpoint,
     config_dir: Option<&std::path::Path>,
@@ -116,7 +119,8 @@ pub(crate) async fn login(
     let dir = session_dir(config_dir)?;
     let api = ApiClient::anonymous(endpoint)?;
     let password = prompt.secret(&format!("password for {user}"))?;
-    let mut login = login_once(&api, user, &password, prompt).await?;
+    let code = totp_answer(prompt, TOTP_PROMPT)?;
+    let mut login = login_once(&api, user, &password, code.as_deref()).await?;
     if login.must_change_password {
         writeln!(out, "the password of {user} must be changed now")?;
         let new = prompt.secret("new password (12+ characters, letters and digits)")?;
@@ -133,7 +137,15 @@ pub(crate) async fn login(
             )
             .await?;
         writeln!(out, "password changed")?;
-        login = login_once(&api, user, &new, prompt).await?;
+        // A code is used once: the new login needs the authenticator's next one.
+        let code = match code {
+            Some(_) => totp_answer(
+                prompt,
+                "the next TOTP code (wait until the authenticator shows a new one)",
+            )?,
+            None => None,
+        };
+        login = login_once(&api, user, &new, code.as_deref()).await?;
     }
     session::save(
         &dir,
@@ -147,8 +159,9 @@ pub(crate) async fn login(
     if login.mfa_enrolment_required {
         writeln!(
             out,
-            "admins need MFA: run `posctl mfa enrol`, add the secret to an authenticator, \
-             `posctl mfa confirm`, then `posctl login` again"
+            "MFA enrolment required (admins, or after an MFA reset): run `posctl mfa enrol`, \
+             add the secret to an authenticator, `posctl mfa confirm`, then `posctl login` \
+             again"
         )?;
     }
     Ok(())
@@ -381,21 +394,24 @@ pub(crate) async fn user_list(
     let list: UserList = serde_json::from_value(value).context("unexpected answer")?;
     writeln!(
         out,
-        "{:<24} {:<9} {:<8} {:<4} {:<6} LAST LOGIN",
+        "{:<24} {:<9} {:<8} {:<4} {:<7} LAST LOGIN",
         "NAME", "ROLE", "ENABLED", "MFA", "LOCKED"
     )?;
     for u in list.users {
         writeln!(
             out,
-            "{:<24} {:<9} {:<8} {:<4} {:<6} {}",
+            "{:<24} {:<9} {:<8} {:<4} {:<7} {}",
             u.name,
             u.role.name(),
             if u.enabled { "yes" } else { "no" },
             if u.mfa { "yes" } else { "no" },
             if u.locked_until_ms.is_some() {
-                "yes"
+                "all".to_owned()
+            } else if !u.locked_out_from.is_empty() {
+                // Locked out from some client addresses only (ADR 0009).
+                format!("{} addr", u.locked_out_from.len())
             } else {
-                "no"
+                "no".to_owned()
             },
             u.last_login_ms
                 .map(super::output::datetime)

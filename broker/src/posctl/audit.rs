@@ -237,7 +237,9 @@ pub(crate) async fn approvals_decide(
     Ok(())
 }
 
-/// What `posctl lock|wipe` prints when the controller asks for a second admin.
+/// What `posctl lock|wipe|devices lost` prints when the controller asks for a second admin
+/// (a wipe always; a lock that takes the account's locks within the window over the
+/// threshold).
 pub(crate) fn approval_required(approval: &ApprovalView) -> String {
     format!(
         "{} of {} terminal(s) needs a second admin's approval (two-person rule).\n\
@@ -354,6 +356,11 @@ pub(crate) async fn lost_found(
         .await?;
     if format == OutputFormat::Json {
         return print_json(out, &value);
+    }
+    // Beyond the account's lock window a lost report waits for a second admin.
+    if value.get("approval").is_some() {
+        let required: crate::views::ApprovalRequired = typed(&url, value)?;
+        return Ok(out.write_all(approval_required(&required.approval).as_bytes())?);
     }
     let view: LostFoundView = typed(&url, value)?;
     let lock = view

@@ -244,14 +244,15 @@ enum ApiCommand {
     /// The custody ledger (device issue register): record a handover, show the history.
     #[command(subcommand)]
     Custody(CustodyCommand),
-    /// Log in (password, then TOTP when needed) and keep the session for this server in
-    /// CONFIG_DIR/session.json (0600); later commands use it.
+    /// Log in (password, then the TOTP code: left empty for an account without MFA) and keep
+    /// the session for this server in CONFIG_DIR/session.json (0600); later commands use it.
     Login {
         /// The account. [default: $USER]
         #[arg(long, env = "USER")]
         user: String,
-        /// Read the password (and further answers: TOTP code, new password) from stdin
-        /// lines instead of the terminal.
+        /// Read the password and further answers (one line each: TOTP code or an empty line,
+        /// then, if a change is due, the new password twice and, with MFA, the next code)
+        /// from stdin instead of the terminal.
         #[arg(long)]
         password_stdin: bool,
     },

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use posfleet_proto::now_ms;
+use posfleet_proto::version::{
+    REASON_BELOW_MIN_VERSION, REASON_VERSION_UNKNOWN, REASON_VERSION_UNPARSEABLE,
+};
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 
@@ -14,7 +17,9 @@ use super::client::ApiClient;
 use super::devices::{print_json, print_view, typed};
 use super::output::{Table, datetime, printable, relative, span};
 use super::{OutputFormat, RolloutCreateArgs};
-use crate::views::{RolloutList, RolloutState, RolloutView, StatusCounts, TargetView};
+use crate::views::{
+    RolloutList, RolloutState, RolloutView, SkippedCounts, StatusCounts, TargetView,
+};
 
 pub(crate) async fn create(
     api: &ApiClient,
@@ -207,7 +212,8 @@ impl Bars {
             bars.push(bar);
         }
         for (bar, w) in bars.iter().zip(&view.waves) {
-            bar.set_position(u64::from(w.counts.finished()));
+            // Skipped members (min_version) have nothing left to do either.
+            bar.set_position(u64::from(w.counts.finished() + w.counts.skipped));
             let state = match (w.outcome, w.started_at_ms) {
                 (Some(o), _) => format!("{o:?}").to_lowercase(),
                 (None, None) => "waiting".to_owned(),
@@ -231,7 +237,24 @@ fn counts_text(c: &StatusCounts) -> String {
     if running > 0 {
         parts.push(format!("{running} running"));
     }
+    if c.skipped > 0 {
+        parts.push(format!("{} skipped", c.skipped));
+    }
     parts.join(", ")
+}
+
+/// `2 below_min_version, 1 version_unknown` (the reasons with a count).
+fn skipped_text(s: &SkippedCounts) -> String {
+    [
+        (s.below_min_version, REASON_BELOW_MIN_VERSION),
+        (s.version_unknown, REASON_VERSION_UNKNOWN),
+        (s.version_unparseable, REASON_VERSION_UNPARSEABLE),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, reason)| format!("{n} {reason}"))
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 fn target_text(t: &TargetView) -> String {
@@ -264,10 +287,13 @@ pub(crate) fn render_detail(v: &RolloutView, now: u64) -> String {
     let _ = writeln!(s, "state        {state}");
     let _ = writeln!(
         s,
-        "artifact     {} {} ({})",
+        "artifact     {} {} ({}){}",
         printable(&v.component),
         printable(&v.version),
-        printable(&v.artifact_id)
+        printable(&v.artifact_id),
+        v.min_version
+            .as_deref()
+            .map_or(String::new(), |m| format!(", min_version {}", printable(m)))
     );
     let _ = writeln!(
         s,
@@ -290,7 +316,7 @@ pub(crate) fn render_detail(v: &RolloutView, now: u64) -> String {
         printable(&v.created_by)
     );
     let mut t = Table::new(vec![
-        "WAVE", "%", "MEMBERS", "OK", "FAILED", "RUNNING", "OUTCOME", "GATE",
+        "WAVE", "%", "MEMBERS", "OK", "FAILED", "RUNNING", "SKIPPED", "OUTCOME", "GATE",
     ]);
     for w in &v.waves {
         let c = &w.counts;
@@ -321,11 +347,20 @@ pub(crate) fn render_detail(v: &RolloutView, now: u64) -> String {
             c.succeeded.to_string(),
             c.unsuccessful().to_string(),
             (c.queued + c.delivered + c.in_progress).to_string(),
+            c.skipped.to_string(),
             outcome,
             gate,
         ]);
     }
     let _ = write!(s, "\n{}", t.render());
+    for w in v.waves.iter().filter(|w| w.skipped.total() > 0) {
+        let _ = writeln!(
+            s,
+            "skipped      wave {}: {}",
+            w.number,
+            skipped_text(&w.skipped)
+        );
+    }
     if let Some(rb) = &v.rollback {
         let _ = writeln!(
             s,

@@ -89,6 +89,7 @@ impl Engine {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut events = self.d.events.subscribe();
         let debounce = self.d.cfg.tick / 10;
+        self.backfill_min_version().await;
         loop {
             tokio::select! {
                 biased;
@@ -110,6 +111,43 @@ impl Engine {
             }
         }
         info!(live = self.live.len(), "rollout engine stopped");
+    }
+
+    /// Rollouts stored before the artifact's `min_version` was copied into the record get
+    /// it from the catalog, so their later waves skip terminals below it too.
+    async fn backfill_min_version(&mut self) {
+        let wanted: Vec<(String, String)> = self
+            .live
+            .values()
+            .filter(|l| l.r.artifact.min_version.is_none())
+            .map(|l| (l.r.id.clone(), l.r.artifact.id.clone()))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let catalog = self.d.catalog.clone();
+        let found = self
+            .tracker
+            .spawn_blocking(move || {
+                wanted
+                    .into_iter()
+                    .filter_map(|(rollout, artifact)| {
+                        Some((rollout, catalog.get(&artifact)?.min_version?))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+        let Ok(found) = found else {
+            warn!("cannot read the artifact catalog; min_version not backfilled");
+            return;
+        };
+        for (id, min) in found {
+            if let Some(l) = self.live.get_mut(&id) {
+                info!(rollout_id = %id, min_version = %min, "rollout record gets the artifact's min_version");
+                l.r.artifact.min_version = Some(min);
+                l.dirty = true;
+            }
+        }
     }
 
     fn on_status(&mut self, id: &str, status: CommandState) {
@@ -228,7 +266,8 @@ impl Engine {
             if let Some(i) = l.wave_index() {
                 let w = &l.r.waves[i];
                 let reached = w.started_at_ms.is_some()
-                    && f64::from(w.counts.succeeded) / f64::from(w.len().max(1))
+                    && w.eligible() > 0
+                    && f64::from(w.counts.succeeded) / f64::from(w.eligible())
                         >= l.r.success_threshold;
                 if reached && w.threshold_reached_at_ms.is_none() && w.outcome.is_none() {
                     l.r.waves[i].threshold_reached_at_ms = Some(now);
@@ -289,6 +328,7 @@ impl Engine {
         }
         self.issue(now).await;
         self.publish(now);
+        self.d.shared.round_done();
     }
 
     /// Reads, within the per-round budget, the status of commands not known to be final.
@@ -468,6 +508,7 @@ impl Engine {
                                 component: a.component.clone(),
                                 rollout_id: l.r.id.clone(),
                                 confirm_timeout_s: l.r.confirm_timeout_s,
+                                min_version: a.min_version.clone(),
                             },
                         })
                     })

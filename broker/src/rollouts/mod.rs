@@ -14,10 +14,12 @@
 //! - `gate.rs`: the payment health gate (transaction store + registry).
 //! - `engine.rs`: the task: rounds, durable commits, issuing through the command plane.
 //! - `tests.rs`: the engine with the real command plane, a fake catalog and a controlled
-//!   clock.
+//!   clock; `min_version_tests.rs`: members skipped for the artifact's `min_version`.
 
 mod engine;
 mod gate;
+#[cfg(test)]
+mod min_version_tests;
 mod model;
 mod rules;
 mod store;
@@ -25,6 +27,7 @@ mod store;
 pub(crate) mod tests;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -47,7 +50,8 @@ use crate::metrics::{Metrics, StatusLabel};
 use crate::registry::Registry;
 use crate::txstore::TxStore;
 use crate::views::{
-    HealthGateView, RollbackView, RolloutState, RolloutView, StatusCounts, TargetView, WaveView,
+    HealthGateView, RollbackView, RolloutState, RolloutView, SkippedCounts, StatusCounts,
+    TargetView, WaveView,
 };
 use model::{RECORD_VERSION, StoredArtifact, StoredMember, StoredRollout, StoredWave};
 use rules::{Live, Member};
@@ -151,9 +155,22 @@ pub enum ControlError {
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     views: RwLock<BTreeMap<String, RolloutView>>,
+    /// Rounds the engine finished (what it decided is durable, issued and published), so
+    /// a test can wait for the engine to have looked again instead of sleeping.
+    rounds: AtomicU64,
 }
 
 impl Shared {
+    /// Rounds the engine finished so far.
+    #[cfg(test)]
+    pub(crate) fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Acquire)
+    }
+
+    fn round_done(&self) {
+        self.rounds.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn put(&self, view: RolloutView) {
         self.views
             .write()
@@ -211,6 +228,7 @@ impl Shared {
             for w in &l.r.waves {
                 let c = w.counts;
                 members.not_started += c.not_started;
+                members.skipped += c.skipped;
                 members.queued += c.queued;
                 members.delivered += c.delivered;
                 members.in_progress += c.in_progress;
@@ -223,6 +241,7 @@ impl Shared {
         }
         for (status, n) in [
             ("not_started", members.not_started),
+            ("skipped", members.skipped),
             ("queued", members.queued),
             ("delivered", members.delivered),
             ("in_progress", members.in_progress),
@@ -437,6 +456,7 @@ fn new_live(req: NewRollout, now: u64) -> Live {
                 outcome: None,
                 reason: None,
                 counts: StatusCounts::default(),
+                skipped: SkippedCounts::default(),
                 gate: None,
             };
             start = end;
@@ -455,6 +475,7 @@ fn new_live(req: NewRollout, now: u64) -> Live {
             sha256: hex::encode(a.sha256),
             release_signature: BASE64.encode(&a.release_signature),
             release_key_id: a.release_key_id,
+            min_version: a.min_version,
         },
         target: req.target,
         state: RolloutState::Running { wave: 1 },
@@ -478,6 +499,7 @@ fn new_live(req: NewRollout, now: u64) -> Live {
                 device: d.to_string(),
                 prev_version: None,
                 update_id: None,
+                skipped: None,
                 rollback_id: None,
             },
             update: None,
@@ -502,6 +524,7 @@ fn build_view(r: &StoredRollout) -> RolloutView {
         artifact_id: r.artifact.id.clone(),
         version: r.artifact.version.clone(),
         component: r.artifact.component.clone(),
+        min_version: r.artifact.min_version.clone(),
         target: r.target.clone(),
         state: r.state.clone(),
         members: r.members,
@@ -514,6 +537,7 @@ fn build_view(r: &StoredRollout) -> RolloutView {
                 percent: w.percent,
                 members: w.len(),
                 counts: w.counts,
+                skipped: w.skipped,
                 started_at_ms: w.started_at_ms,
                 threshold_reached_at_ms: w.threshold_reached_at_ms,
                 finished_at_ms: w.finished_at_ms,

@@ -5,7 +5,7 @@ use posfleet_proto::DeviceId;
 use serde::{Deserialize, Serialize};
 
 use crate::views::{
-    GateFigures, HealthGateView, RolloutState, StatusCounts, TargetView, WaveOutcome,
+    GateFigures, HealthGateView, RolloutState, SkippedCounts, StatusCounts, TargetView, WaveOutcome,
 };
 
 /// Version of the stored record format; bump on an incompatible change.
@@ -24,6 +24,10 @@ pub(crate) struct StoredArtifact {
     /// Base64.
     pub release_signature: String,
     pub release_key_id: String,
+    /// Members whose version of `component` is not at least this are skipped at wave start
+    /// (records written before it existed get it from the catalog when loaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<String>,
 }
 
 /// One wave: members `start..end` of the rollout's member list.
@@ -41,12 +45,20 @@ pub(crate) struct StoredWave {
     pub reason: Option<String>,
     /// Counts as of the last write (the live ones come from the commands).
     pub counts: StatusCounts,
+    /// Members skipped at wave start, by reason (their sum is `counts.skipped`).
+    #[serde(default)]
+    pub skipped: SkippedCounts,
     pub gate: Option<GateFigures>,
 }
 
 impl StoredWave {
     pub(crate) fn len(&self) -> u32 {
         self.end - self.start
+    }
+
+    /// Members that got an update (the thresholds' denominator).
+    pub(crate) fn eligible(&self) -> u32 {
+        self.len().saturating_sub(self.counts.skipped)
     }
 }
 
@@ -91,6 +103,10 @@ pub(crate) struct StoredMember {
     pub prev_version: Option<String>,
     /// Its SoftwareUpdate command (set when its wave starts, before the command exists).
     pub update_id: Option<String>,
+    /// Why it got no update at its wave's start (`below_min_version`, `version_unknown`,
+    /// `version_unparseable`); then `update_id` stays `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
     /// Its RollbackUpdate command (set at abort, before the command exists).
     pub rollback_id: Option<String>,
 }

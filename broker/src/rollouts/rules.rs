@@ -6,11 +6,15 @@ use std::collections::BTreeSet;
 
 use posfleet_proto::DeviceId;
 use posfleet_proto::signing::new_command_id;
+use posfleet_proto::version::check_min_version;
+use tracing::info;
 
 use super::gate::GateInput;
 use super::model::{StoredMember, StoredRollback, StoredRollout};
 use crate::registry::Registry;
-use crate::views::{CommandState, RolloutState, StatusCounts, VersionsView, WaveOutcome};
+use crate::views::{
+    CommandState, RolloutState, SkippedCounts, StatusCounts, VersionsView, WaveOutcome,
+};
 
 /// One terminal of a live rollout: what is stored plus what its commands say now.
 #[derive(Debug, Clone)]
@@ -56,7 +60,20 @@ pub(crate) fn count(members: &[Member], started: bool) -> StatusCounts {
             c.not_started += 1;
             continue;
         }
+        if m.s.skipped.is_some() {
+            c.skipped += 1;
+            continue;
+        }
         add(&mut c, m.update);
+    }
+    c
+}
+
+/// `members` skipped at wave start, by reason.
+pub(crate) fn count_skipped(members: &[Member]) -> SkippedCounts {
+    let mut c = SkippedCounts::default();
+    for reason in members.iter().filter_map(|m| m.s.skipped.as_deref()) {
+        c.add(reason);
     }
     c
 }
@@ -97,8 +114,11 @@ impl Live {
         for i in 0..self.r.waves.len() {
             let started = self.r.waves[i].started_at_ms.is_some();
             let c = count(self.members(i), started);
-            if self.r.waves[i].counts != c {
-                self.r.waves[i].counts = c;
+            let skipped = count_skipped(self.members(i));
+            let w = &mut self.r.waves[i];
+            if w.counts != c || w.skipped != skipped {
+                w.counts = c;
+                w.skipped = skipped;
                 self.dirty = true;
             }
         }
@@ -188,7 +208,25 @@ impl Live {
             return out;
         }
         let w = &self.r.waves[i];
-        let members = w.len().max(1);
+        // The thresholds count the members that got an update; a wave whose members were
+        // all skipped (min_version) installed nothing and has nothing to judge.
+        let members = w.eligible();
+        if members == 0 {
+            let w = &mut self.r.waves[i];
+            w.outcome = Some(WaveOutcome::Passed);
+            w.finished_at_ms = Some(now);
+            self.dirty = true;
+            self.notes.push(format!(
+                "wave {number} passed: none of its {} terminals could take the update \
+                 (min_version)",
+                w.len()
+            ));
+            out.waves_ended.push(WaveOutcome::Passed);
+            if !paused {
+                self.advance(i, now, registry);
+            }
+            return out;
+        }
         let c = w.counts;
         let started = w.started_at_ms.unwrap_or(now);
         let timed_out = now >= started.saturating_add(ms(self.r.wave_timeout_s));
@@ -269,35 +307,65 @@ impl Live {
         }
     }
 
-    /// Records the start of wave `i`: each member's current version and the id its
-    /// SoftwareUpdate will have. The engine issues the commands once this is durable.
+    /// Records the start of wave `i`: each member's current version of the component and
+    /// either the id its SoftwareUpdate will have or, when the artifact has a `min_version`
+    /// that version does not meet (or nothing comparable was reported), why it is skipped.
+    /// The engine issues the commands once this is durable.
     pub(crate) fn start_wave(&mut self, i: usize, now: u64, registry: &Registry) {
         let component = self.r.artifact.component.clone();
+        let min_version = self.r.artifact.min_version.clone();
         let (a, b) = (self.r.waves[i].start, self.r.waves[i].end);
         for idx in a..b {
             let Some(m) = self.m.get_mut(idx as usize) else {
                 continue;
             };
-            if m.s.update_id.is_none() {
-                m.s.prev_version = DeviceId::new(m.s.device.as_str())
-                    .ok()
-                    .and_then(|d| registry.versions(&d))
-                    .map(|v| component_version(&v, &component));
-                m.s.update_id = Some(new_command_id());
-                self.dirty_members.insert(idx);
+            if m.s.update_id.is_some() || m.s.skipped.is_some() {
+                continue;
             }
+            let reported = DeviceId::new(m.s.device.as_str())
+                .ok()
+                .and_then(|d| registry.versions(&d))
+                .map(|v| component_version(&v, &component));
+            let refused = min_version
+                .as_deref()
+                .and_then(|min| check_min_version(reported.as_deref().unwrap_or(""), min).reason());
+            if let Some(reason) = refused {
+                info!(
+                    rollout_id = %self.r.id, device_id = %m.s.device, reason,
+                    reported = reported.as_deref().unwrap_or(""),
+                    min_version = min_version.as_deref().unwrap_or(""),
+                    "rollout member skipped: its version does not meet the artifact's min_version"
+                );
+                m.s.skipped = Some(reason.to_owned());
+            } else {
+                m.s.update_id = Some(new_command_id());
+            }
+            m.s.prev_version = reported;
+            self.dirty_members.insert(idx);
         }
+        let skipped = count_skipped(self.m.get(a as usize..b as usize).unwrap_or(&[]));
         let w = &mut self.r.waves[i];
         w.started_at_ms = Some(now);
         w.issued = false;
         self.r.state = RolloutState::Running { wave: i as u32 + 1 };
         self.dirty = true;
-        self.notes.push(format!(
+        let mut note = format!(
             "wave {} started: {} terminal{}",
             i + 1,
             b - a,
             if b - a == 1 { "" } else { "s" }
-        ));
+        );
+        if skipped.total() > 0 {
+            note.push_str(&format!(
+                ", {} skipped (min_version {}: {} below, {} unknown, {} unparseable)",
+                skipped.total(),
+                min_version.as_deref().unwrap_or(""),
+                skipped.below_min_version,
+                skipped.version_unknown,
+                skipped.version_unparseable
+            ));
+        }
+        self.notes.push(note);
     }
 
     /// Aborts: no later wave starts; every member whose update succeeded or may still run

@@ -40,8 +40,20 @@ pub(crate) fn artifact() -> ArtifactMeta {
     }
 }
 
+/// An artifact stored before `min_version` had to be comparable (rollouts refuse it).
+pub(crate) const LEGACY_ARTIFACT: &str =
+    "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+
 impl ArtifactCatalog for FakeCatalog {
     fn get(&self, id: &str) -> Option<ArtifactMeta> {
+        if id == LEGACY_ARTIFACT {
+            return Some(ArtifactMeta {
+                id: LEGACY_ARTIFACT.into(),
+                sha256: [0xcc; 32],
+                min_version: Some("nine".into()),
+                ..artifact()
+            });
+        }
         (id == ARTIFACT).then(artifact)
     }
     fn download_url(&self, id: &str) -> String {
@@ -49,16 +61,19 @@ impl ArtifactCatalog for FakeCatalog {
     }
 }
 
-struct Harness {
+pub(super) struct Harness {
     dir: tempfile::TempDir,
     now: Arc<AtomicU64>,
-    registry: Arc<Registry>,
+    pub(super) registry: Arc<Registry>,
     tx: Arc<TxStore>,
     commands: CommandsHandle,
     inbox: CommandInbox,
     events: EventBus,
     metrics: Arc<Metrics>,
     rollouts: RolloutsHandle,
+    /// The engine's store (shared, so a test can read what is committed while the engine
+    /// runs; sled allows one open per process). `None` while no engine runs on it.
+    store: Option<Arc<RolloutStore>>,
     engine_cancel: CancellationToken,
     engine_tracker: TaskTracker,
     cancel: CancellationToken,
@@ -74,7 +89,7 @@ fn cfg() -> RolloutsConfig {
 }
 
 impl Harness {
-    async fn start(devices: usize) -> Self {
+    pub(super) async fn start(devices: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let registry = Registry::open(RegistryConfig {
             cache_capacity: 1 << 20,
@@ -127,6 +142,7 @@ impl Harness {
                 tx: mpsc::channel(1).0,
                 shared: Arc::default(),
             },
+            store: None,
             engine_cancel: CancellationToken::new(),
             engine_tracker: TaskTracker::new(),
             cancel,
@@ -141,9 +157,13 @@ impl Harness {
         Arc::new(move || now.load(Ordering::SeqCst))
     }
 
-    fn start_engine(&mut self) {
+    /// Opens the store (again) and starts an engine on it: a restart of the controller.
+    pub(super) fn start_engine(&mut self) {
+        // The previous engine is stopped; its store must be closed before it reopens.
+        self.store = None;
         let store =
             Arc::new(RolloutStore::open(&self.dir.path().join("rollouts"), 1 << 20).unwrap());
+        self.store = Some(Arc::clone(&store));
         let loaded = Rollouts::load(cfg(), store, self.commands.store()).unwrap();
         self.engine_cancel = CancellationToken::new();
         self.engine_tracker = TaskTracker::new();
@@ -160,33 +180,37 @@ impl Harness {
         );
     }
 
-    async fn stop_engine(&self) {
+    pub(super) async fn stop_engine(&self) {
         self.engine_cancel.cancel();
         self.engine_tracker.close();
-        tokio::time::timeout(Duration::from_secs(10), self.engine_tracker.wait())
+        tokio::time::timeout(WAIT, self.engine_tracker.wait())
             .await
             .expect("the engine stops");
     }
 
-    async fn stop(self) {
+    pub(super) async fn stop(self) {
         self.stop_engine().await;
         self.cancel.cancel();
         self.tracker.close();
-        tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
+        tokio::time::timeout(WAIT, self.tracker.wait())
             .await
             .expect("the plane stops");
     }
 
-    fn advance(&self, by: Duration) {
+    pub(super) fn advance(&self, by: Duration) {
         self.now
             .fetch_add(u64::try_from(by.as_millis()).unwrap(), Ordering::SeqCst);
     }
 
-    fn now(&self) -> u64 {
+    pub(super) fn now(&self) -> u64 {
         self.now.load(Ordering::SeqCst)
     }
 
-    async fn create(&self, devices: usize, tweak: impl FnOnce(&mut NewRollout)) -> RolloutView {
+    pub(super) async fn create(
+        &self,
+        devices: usize,
+        tweak: impl FnOnce(&mut NewRollout),
+    ) -> RolloutView {
         let mut req = NewRollout {
             artifact: artifact(),
             target: TargetView::Group("all".into()),
@@ -207,7 +231,7 @@ impl Harness {
     }
 
     /// Every command of `kind` in the command store.
-    fn commands_of(&self, kind: &str) -> Vec<CommandView> {
+    pub(super) fn commands_of(&self, kind: &str) -> Vec<CommandView> {
         let q = CommandQuery {
             kind: Some(kind.into()),
             limit: 1000,
@@ -216,15 +240,15 @@ impl Harness {
         self.commands.store().list(&q, None).unwrap().items
     }
 
-    fn updates(&self) -> Vec<CommandView> {
+    pub(super) fn updates(&self) -> Vec<CommandView> {
         self.commands_of("software_update")
     }
 
-    fn rollbacks(&self) -> Vec<CommandView> {
+    pub(super) fn rollbacks(&self) -> Vec<CommandView> {
         self.commands_of("rollback_update")
     }
 
-    fn result(&self, cmd: &CommandView, status: pb::CommandStatus) {
+    pub(super) fn result(&self, cmd: &CommandView, status: pb::CommandStatus) {
         let device = DeviceId::new(cmd.device_id.as_str()).unwrap();
         let result = pb::CommandResult {
             command_id: cmd.id.clone(),
@@ -235,7 +259,7 @@ impl Harness {
     }
 
     /// Feeds `status` for every update command that is not final yet.
-    fn answer_all(&self, status: pb::CommandStatus) -> usize {
+    pub(super) fn answer_all(&self, status: pb::CommandStatus) -> usize {
         let open: Vec<CommandView> = self
             .updates()
             .into_iter()
@@ -247,12 +271,23 @@ impl Harness {
         open.len()
     }
 
-    fn view(&self, id: &str) -> RolloutView {
+    pub(super) fn view(&self, id: &str) -> RolloutView {
         self.rollouts.get(id).unwrap()
     }
 
-    async fn until(&self, what: &str, mut check: impl FnMut(&Self) -> bool) {
-        tokio::time::timeout(Duration::from_secs(10), async {
+    /// Rollout `id` as the store holds it (what a restarted engine would load).
+    pub(super) fn stored(&self, id: &str) -> model::StoredRollout {
+        let store = self.store.as_ref().expect("the engine's store is open");
+        store
+            .load_rollouts()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.id == id)
+            .unwrap_or_else(|| panic!("rollout {id} is not stored"))
+    }
+
+    pub(super) async fn until(&self, what: &str, mut check: impl FnMut(&Self) -> bool) {
+        tokio::time::timeout(WAIT, async {
             while !check(self) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -261,18 +296,31 @@ impl Harness {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
     }
 
-    /// Waits until `n` update commands exist, and checks there are no more a bit later.
-    async fn updates_are(&self, n: usize) {
+    /// Waits until the engine finished `n` more rounds (each reads the clock and every
+    /// status again, commits, issues and publishes): what it would do now, it has done.
+    pub(super) async fn rounds_pass(&self, n: u64) {
+        let target = self.rollouts.shared.rounds() + n;
+        self.until(&format!("{n} more engine rounds"), |h| {
+            h.rollouts.shared.rounds() >= target
+        })
+        .await;
+    }
+
+    /// Waits until `n` update commands exist, and checks there are no more after two more
+    /// engine rounds.
+    pub(super) async fn updates_are(&self, n: usize) {
         self.until(&format!("{n} update commands"), |h| h.updates().len() >= n)
             .await;
-        // Two more engine rounds: nothing else is issued.
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        self.rounds_pass(2).await;
         assert_eq!(self.updates().len(), n, "exactly {n} update commands");
     }
 }
 
-async fn state_is(h: &Harness, id: &str, name: &str) {
-    tokio::time::timeout(Duration::from_secs(10), async {
+/// Bound of every wait: only a hang reaches it (the machine may be loaded).
+const WAIT: Duration = Duration::from_secs(30);
+
+pub(super) async fn state_is(h: &Harness, id: &str, name: &str) {
+    tokio::time::timeout(WAIT, async {
         while h.view(id).state.name() != name {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -291,7 +339,7 @@ async fn a_rollout_goes_through_every_wave_and_completes() {
     for (wave, total) in [(1u32, 1usize), (2, 2), (3, 10), (4, 20)] {
         h.updates_are(total).await;
         // The engine issues a wave's commands before it publishes the new view.
-        tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::time::timeout(WAIT, async {
             while h.view(&r.id).state != (RolloutState::Running { wave }) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -341,15 +389,17 @@ async fn a_rollout_goes_through_every_wave_and_completes() {
     devices.dedup();
     assert_eq!(devices.len(), 20);
     assert!(h.rollbacks().is_empty());
-    assert_eq!(
+    // The metrics are set after the views are published.
+    h.until("the completed rollout counted", |h| {
         h.metrics
             .rollouts
             .get_or_create(&StatusLabel {
-                status: "completed"
+                status: "completed",
             })
-            .get(),
-        1
-    );
+            .get()
+            == 1
+    })
+    .await;
     h.stop().await;
 }
 
@@ -409,10 +459,18 @@ async fn thresholds_are_inclusive_for_success_and_exclusive_for_failure() {
     let u = h.updates();
     h.result(&u[0], pb::CommandStatus::Failed);
     h.result(&u[1], pb::CommandStatus::Rejected);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The view shows the counts the engine decided on, with its decision.
+    h.until("both results seen", |h| {
+        let c = h.view(&r.id).waves[0].counts;
+        (c.failed, c.rejected) == (1, 1)
+    })
+    .await;
     assert_eq!(h.view(&r.id).state.name(), "running");
     h.result(&u[2], pb::CommandStatus::Succeeded);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.until("the success seen", |h| {
+        h.view(&r.id).waves[0].counts.succeeded == 1
+    })
+    .await;
     assert_eq!(h.view(&r.id).state.name(), "running", "1 of 4 < 0.5");
     h.result(&u[3], pb::CommandStatus::Succeeded);
     state_is(&h, &r.id, "completed").await;
@@ -435,7 +493,10 @@ async fn thresholds_are_inclusive_for_success_and_exclusive_for_failure() {
     for c in &u[..2] {
         h.result(c, pb::CommandStatus::Expired);
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.until("both expiries seen", |h| {
+        h.view(&r2.id).waves[0].counts.expired == 2
+    })
+    .await;
     assert_eq!(h.view(&r2.id).state.name(), "running");
     h.result(&u[2], pb::CommandStatus::Failed);
     state_is(&h, &r2.id, "aborted").await;
@@ -455,14 +516,18 @@ async fn members_still_open_at_the_timeout_fail_the_wave() {
         .await;
     h.updates_are(2).await;
     h.result(&h.updates()[0], pb::CommandStatus::Succeeded);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.until("the success seen", |h| {
+        h.view(&r.id).waves[0].counts.succeeded == 1
+    })
+    .await;
     assert_eq!(
         h.view(&r.id).state.name(),
         "running",
         "the other may still answer"
     );
     h.advance(Duration::from_secs(599));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Rounds that read the new clock.
+    h.rounds_pass(2).await;
     assert_eq!(h.view(&r.id).state.name(), "running");
     h.advance(Duration::from_secs(1));
     state_is(&h, &r.id, "aborted").await;
@@ -554,8 +619,11 @@ async fn an_operator_abort_cancels_open_updates_and_rolls_back() {
         .collect();
     h.result(&wave2[0], pb::CommandStatus::InProgress);
     h.result(&wave2[1], pb::CommandStatus::Failed);
-    h.until("progress seen", |h| {
-        h.view(&r.id).waves[1].counts.in_progress == 1
+    // Both results, not just the first: an abort decides which members get a rollback
+    // from what the engine has seen (the failed one gets none).
+    h.until("progress and failure seen", |h| {
+        let c = h.view(&r.id).waves[1].counts;
+        (c.in_progress, c.failed) == (1, 1)
     })
     .await;
     let v = h
@@ -605,21 +673,23 @@ async fn a_restarted_engine_continues_without_duplicate_commands() {
     h.updates_are(1).await;
     h.answer_all(pb::CommandStatus::Succeeded);
     h.updates_are(5).await;
+    // The engine records "issued" in the round after it issued the commands: wait until
+    // the store holds it, or a stop now would leave it unrecorded.
+    h.until("wave 2 recorded as issued", |h| {
+        h.stored(&r.id).waves[1].issued
+    })
+    .await;
     h.stop_engine().await;
 
     // A crash between recording the wave and hearing back from the plane: the record says
     // "not issued" although the commands exist.
     {
-        let store = RolloutStore::open(&h.dir.path().join("rollouts"), 1 << 20).unwrap();
-        let mut rec = store
-            .load_rollouts()
-            .unwrap()
-            .into_iter()
-            .find(|x| x.id == r.id)
-            .unwrap();
+        let mut rec = h.stored(&r.id);
         assert!(rec.waves[1].issued);
         rec.waves[1].issued = false;
-        store
+        h.store
+            .as_ref()
+            .unwrap()
             .commit(&store::Changes {
                 rollouts: vec![rec],
                 members: vec![],
@@ -628,8 +698,11 @@ async fn a_restarted_engine_continues_without_duplicate_commands() {
     }
     // Results that arrive while the engine is down.
     h.answer_all(pb::CommandStatus::Succeeded);
+    // What the restarted engine loads (its first round may already move the published view
+    // on: wave 2's results are in).
+    assert_eq!(h.stored(&r.id).state, RolloutState::Running { wave: 2 });
     h.start_engine();
-    assert_eq!(h.view(&r.id).state.name(), "running");
+    assert_eq!(h.view(&r.id).id, r.id, "published as soon as it is loaded");
     h.updates_are(10).await;
     h.answer_all(pb::CommandStatus::Succeeded);
     state_is(&h, &r.id, "completed").await;

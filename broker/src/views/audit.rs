@@ -61,15 +61,21 @@ impl ApprovalState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApprovalView {
     pub id: String,
-    /// The command kind (`wipe`, `lock`).
+    /// The command kind (`wipe`, `lock`), or `lost` (a lost report beyond the lock window).
     pub kind: String,
+    /// The principal that asked (an account, `token:NAME` or `admin`).
     pub requested_by: String,
+    /// Whose request it is: the human account behind `requested_by` (the maker of a token),
+    /// or `admin` for the bootstrap token and its tokens. That account cannot decide it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub requested_for: String,
     pub requested_at_ms: u64,
     pub expires_at_ms: u64,
     pub state: ApprovalState,
     /// The terminals the request resolved to when it was made (what is approved).
     pub devices: Vec<String>,
-    /// The request body as sent to `POST /api/v1/commands`.
+    /// The request body as sent to `POST /api/v1/commands` (for `lost`: to
+    /// `POST /api/v1/devices/{id}/lost`).
     pub request: serde_json::Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_by: Option<String>,

@@ -90,10 +90,13 @@ impl RolloutState {
 }
 
 /// Members of a wave by the status of their command (`not_started`: the wave has not
-/// started).
+/// started; `skipped`: the wave started without an update for them, see [`SkippedCounts`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusCounts {
     pub not_started: u32,
+    /// Members left out at wave start because of the artifact's `min_version`.
+    #[serde(default)]
+    pub skipped: u32,
     pub queued: u32,
     pub delivered: u32,
     pub in_progress: u32,
@@ -117,7 +120,53 @@ impl StatusCounts {
 
     /// Every member counted.
     pub fn total(&self) -> u32 {
-        self.not_started + self.queued + self.delivered + self.in_progress + self.finished()
+        self.not_started
+            + self.skipped
+            + self.queued
+            + self.delivered
+            + self.in_progress
+            + self.finished()
+    }
+}
+
+/// Members of a wave that got no update because of the artifact's `min_version`, by reason
+/// (decided at wave start from the version of the component the terminal last reported;
+/// ADR 0008 "Minimum version"). They count neither as succeeded nor as failed: the wave's
+/// thresholds apply to the other members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedCounts {
+    /// Reported a version below `min_version` (`below_min_version`).
+    #[serde(default)]
+    pub below_min_version: u32,
+    /// Reported no version of the component (`version_unknown`).
+    #[serde(default)]
+    pub version_unknown: u32,
+    /// Reported a version that cannot be compared with `min_version`
+    /// (`version_unparseable`).
+    #[serde(default)]
+    pub version_unparseable: u32,
+}
+
+impl SkippedCounts {
+    /// Every skipped member.
+    pub fn total(&self) -> u32 {
+        self.below_min_version + self.version_unknown + self.version_unparseable
+    }
+
+    /// Counts one member skipped for `reason` (one of the skip reasons of
+    /// `posfleet_proto::version`); false for any other text.
+    pub fn add(&mut self, reason: &str) -> bool {
+        use posfleet_proto::version::{
+            REASON_BELOW_MIN_VERSION, REASON_VERSION_UNKNOWN, REASON_VERSION_UNPARSEABLE,
+        };
+        let slot = match reason {
+            REASON_BELOW_MIN_VERSION => &mut self.below_min_version,
+            REASON_VERSION_UNKNOWN => &mut self.version_unknown,
+            REASON_VERSION_UNPARSEABLE => &mut self.version_unparseable,
+            _ => return false,
+        };
+        *slot += 1;
+        true
     }
 }
 
@@ -166,9 +215,14 @@ pub struct WaveView {
     /// Terminals in this wave (not cumulative).
     pub members: u32,
     pub counts: StatusCounts,
+    /// Members left out at wave start because of the artifact's `min_version`, by reason
+    /// (their sum is `counts.skipped`).
+    #[serde(default)]
+    pub skipped: SkippedCounts,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at_ms: Option<u64>,
-    /// When `succeeded / members` first reached the success threshold (the soak starts).
+    /// When `succeeded / (members - skipped)` first reached the success threshold (the
+    /// soak starts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold_reached_at_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -196,6 +250,10 @@ pub struct RolloutView {
     pub artifact_id: String,
     pub version: String,
     pub component: String,
+    /// The artifact's `min_version`: members whose version of `component` is not at least
+    /// this are skipped at wave start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<String>,
     pub target: TargetView,
     #[serde(flatten)]
     pub state: RolloutState,
@@ -232,6 +290,7 @@ mod tests {
             artifact_id: "a".into(),
             version: "2.0".into(),
             component: "payment_app".into(),
+            min_version: Some("1.0".into()),
             target: TargetView::Group("pilot".into()),
             state: RolloutState::Soaking {
                 wave: 2,

@@ -10,10 +10,13 @@
 //!   reused and a token pinned to another serial is refused; revocation closes the live
 //!   session, refuses reconnects at the edge and lands in the CRL.
 //! - `approval`: a wipe under the two-person rule waits for a second principal.
+//! - `flood`: a login flood from several addresses: the broker's memory stays bounded, its
+//!   terminals online and its API answering.
 
 mod approval;
 mod audit;
 mod enrol;
+mod flood;
 mod mfa;
 
 use std::path::Path;
@@ -79,7 +82,8 @@ pub fn one_time_password(text: &str, name: &str) -> String {
 /// config dir: the forced change, MFA enrolment with a computed code, and the login with
 /// TOTP. Returns the TOTP secret.
 pub async fn first_admin_login(posctl: &Posctl, name: &str, initial: &str) -> Vec<u8> {
-    let answers = format!("{initial}\n{NEW_PASSWORD}\n{NEW_PASSWORD}\n");
+    // Password, no TOTP code yet (empty line), the new password twice.
+    let answers = format!("{initial}\n\n{NEW_PASSWORD}\n{NEW_PASSWORD}\n");
     let out = ok_stdin(
         posctl,
         &["login", "--user", name, "--password-stdin"],
@@ -87,7 +91,7 @@ pub async fn first_admin_login(posctl: &Posctl, name: &str, initial: &str) -> Ve
     )
     .await;
     assert!(
-        out.stdout.contains("password changed") && out.stdout.contains("admins need MFA"),
+        out.stdout.contains("password changed") && out.stdout.contains("MFA enrolment required"),
         "{out}"
     );
     // Restricted until MFA is on: no device list yet.

@@ -11,11 +11,14 @@
 //!   confirmation rolls back; an offline member fails its wave at the wave timeout.
 //! - `restart`: the controller is killed during wave 2 and the rollout resumes.
 //! - `control`: pause, resume, abort through posctl, and refused requests.
+//! - `minimum`: an artifact's `min_version`: a terminal below it is skipped and counted, one
+//!   at it is updated.
 //!
 //! Every hook appends a line to a marker file, so a test sees what ran on which terminal.
 
 mod control;
 mod happy;
+mod minimum;
 mod refused;
 mod restart;
 mod waves;

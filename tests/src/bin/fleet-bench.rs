@@ -5,6 +5,7 @@
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- commands --terminals 10000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- rollout --terminals 1000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- flood --attackers 1000
+//! cargo run --release -p posfleet-tests --bin fleet-bench -- logins --samples 20
 //! ```
 //!
 //! See `posfleet_tests::bench` for what is measured and `docs/benchmarks.md` for results.
@@ -20,6 +21,7 @@ use posfleet_tests::bench::{ConnectBench, run_connect};
 use posfleet_tests::cmdbench::{CommandsBench, run_commands};
 use posfleet_tests::floodbench::{FloodBench, run_flood};
 use posfleet_tests::host::raise_nofile_limit;
+use posfleet_tests::loginbench::{LoginBench, run_logins};
 use posfleet_tests::rolloutbench::{RolloutBench, run_rollout};
 use posfleet_tests::txbench::driver_beside_current_exe;
 use posfleet_tests::txbench::faults::{FaultsBench, run_faults};
@@ -78,6 +80,9 @@ enum Command {
     /// A thousand idle or slow clients (one address, or one each) against the admin API, the
     /// device endpoint and the MQTT edge: latency of a legitimate request meanwhile.
     Flood(FloodBench),
+    /// Login latency per refusal reason (all alike), and a login flood against a broker with
+    /// simulated terminals: its memory and the API's latency meanwhile.
+    Logins(LoginBench),
 }
 
 fn progress(line: &str) {
@@ -152,6 +157,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Flood(params) => {
             let report = runtime.block_on(run_flood(&bins, params, progress))?;
+            println!("{report}");
+        }
+        Command::Logins(params) => {
+            let report = runtime.block_on(run_logins(&bins, params, progress))?;
             println!("{report}");
         }
         Command::Ingest(params) => {

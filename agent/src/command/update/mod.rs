@@ -16,7 +16,8 @@
 //! # How an update runs
 //!
 //! The executor checks the command (release keys configured, fields valid, no other update
-//! active, an install hook configured), then spawns the job and goes back to its queue, so
+//! active, the version the terminal reports for the component at least the artifact's
+//! `min_version`, an install hook configured), then spawns the job and goes back to its queue, so
 //! locks, configuration pushes and leases are never stuck behind a download or a wait. The job
 //! persists each phase in the command's journal entry (`details.phase` of the stored
 //! IN_PROGRESS result, durable) before it starts the phase, and reports it:
@@ -43,6 +44,7 @@ use std::time::Duration;
 
 use posfleet_proto::pb::{self, command::Body};
 use posfleet_proto::signing::{KeyRing, RejectReason};
+use posfleet_proto::version::{MinVersionCheck, Version, check_min_version};
 use posfleet_proto::{DeviceId, now_ms};
 use prost::Message;
 use tokio::sync::mpsc;
@@ -166,6 +168,8 @@ pub(crate) struct ValidUpdate {
     pub(crate) rollout_id: String,
     /// From the command, or the setting when it says 0.
     pub(crate) confirm_timeout: Duration,
+    /// The artifact's minimum version of `component` (`None`: any); comparable.
+    pub(crate) min_version: Option<String>,
 }
 
 /// A version string as reports carry it: 1-64 characters, no control characters.
@@ -204,6 +208,17 @@ impl ValidUpdate {
             0 => settings.confirm_timeout,
             s => Duration::from_secs(u64::from(s)),
         };
+        let min_version = match u.min_version.as_str() {
+            "" => None,
+            m if Version::parse(m).is_some() => Some(m.to_owned()),
+            _ => {
+                return Err(
+                    "min_version must be dot-separated numbers (like 9.0.0), optionally \
+                     with -pre-release and +build"
+                        .into(),
+                );
+            }
+        };
         Ok(Self {
             sha256,
             sha256_hex,
@@ -215,6 +230,7 @@ impl ValidUpdate {
             component,
             rollout_id: u.rollout_id.clone(),
             confirm_timeout,
+            min_version,
         })
     }
 }
@@ -506,7 +522,7 @@ impl Executor {
         } else {
             ValidUpdate::parse(u, updates).map_err(|e| refuse(format!("invalid update: {e}")))
         };
-        let update = match checked {
+        let update = match checked.and_then(|update| self.meets_min_version(cmd, update)) {
             Ok(update) => update,
             Err(r) => {
                 warn!(command_id = %cmd.id, message = %r.message, "software update refused");
@@ -524,6 +540,42 @@ impl Executor {
             return;
         }
         self.spawn_update(cmd, bytes, update, Phase::Downloading, None);
+    }
+
+    /// Refuses (REJECTED, `details.reason` = `below_min_version`, `version_unknown` or
+    /// `version_unparseable`) an update whose `min_version` the version this terminal reports
+    /// for the component does not meet; nothing is downloaded then. Checked when the command
+    /// arrives, not again when a restart resumes it.
+    fn meets_min_version(
+        &self,
+        cmd: &pb::Command,
+        update: ValidUpdate,
+    ) -> Result<ValidUpdate, pb::CommandResult> {
+        let Some(min) = update.min_version.as_deref() else {
+            return Ok(update);
+        };
+        let component = update.component.name();
+        let installed = update.component.of(&self.live.get().versions).to_owned();
+        let check = check_min_version(&installed, min);
+        let Some(reason) = check.reason() else {
+            return Ok(update);
+        };
+        let message = match check {
+            MinVersionCheck::Unknown => format!(
+                "this terminal reports no {component} version; the update needs at least {min}"
+            ),
+            MinVersionCheck::Unparseable => format!(
+                "this terminal's {component} version {installed:?} cannot be compared with the \
+                 update's min_version {min}"
+            ),
+            _ => format!(
+                "this terminal runs {component} {installed}, below the update's min_version {min}"
+            ),
+        };
+        let r = result::rejected(&cmd.id, RejectReason::Refused, message);
+        let r = result::with(r, "reason", reason);
+        let r = result::with(r, "installed_version", installed);
+        Err(result::with(r, "min_version", min))
     }
 
     /// Resumes an update a restart interrupted, from the phase its journal entry holds.

@@ -50,6 +50,7 @@ impl Release {
             component: "payment_app".into(),
             rollout_id: "ro-1".into(),
             confirm_timeout_s: 5,
+            min_version: String::new(),
         })
     }
 }
@@ -456,6 +457,74 @@ async fn without_release_keys_or_install_hook_updates_are_refused() {
         (pb::CommandStatus::Failed, "no_install_hook")
     );
     assert!(server.requests().is_empty());
+    t.stop().await;
+    server.stop().await;
+}
+
+/// `body` (a SoftwareUpdate) with the artifact's `min_version`.
+fn with_min_version(body: Body, min: &str) -> Body {
+    let Body::SoftwareUpdate(mut u) = body else {
+        panic!("not a SoftwareUpdate");
+    };
+    u.min_version = min.into();
+    Body::SoftwareUpdate(u)
+}
+
+#[tokio::test]
+async fn an_update_whose_min_version_the_terminal_does_not_meet_is_rejected_before_download() {
+    let release = Release::new();
+    let mut t = start(&release, "").await;
+    let dir = t.tmp.path().to_owned();
+    let server = ArtifactServer::start(&t.pki, release.data.clone(), Fault::None).await;
+    let update = |min: &str| with_min_version(release.update(&server, "9.1.0"), min);
+
+    // A terminal that reports no version of the component cannot show it meets it.
+    let r = t.run("up-unknown", update("1.0.0")).await;
+    assert_eq!(
+        (r.status(), reason(&r)),
+        (pb::CommandStatus::Rejected, "version_unknown"),
+        "{r:?}"
+    );
+    // It runs 3.3.0 (an update without a minimum).
+    let r = t.run("up-330", release.update(&server, "3.3.0")).await;
+    assert_eq!(r.status(), pb::CommandStatus::Succeeded, "{r:?}");
+    assert_eq!(server.requests().len(), 1);
+
+    let r = t.run("up-9", update("9.0.0")).await;
+    assert_eq!(
+        (r.status(), reason(&r)),
+        (pb::CommandStatus::Rejected, "below_min_version"),
+        "{r:?}"
+    );
+    assert_eq!(r.details["installed_version"], "3.3.0");
+    assert_eq!(r.details["min_version"], "9.0.0");
+    assert!(r.message.contains("below"), "{}", r.message);
+    // A minimum nobody can compare is refused as invalid.
+    let r = t.run("up-odd", update("nine")).await;
+    assert_eq!(
+        (r.status(), reason(&r)),
+        (pb::CommandStatus::Rejected, "refused"),
+        "{r:?}"
+    );
+    assert!(r.message.contains("min_version"), "{}", r.message);
+
+    assert_eq!(server.requests().len(), 1, "nothing more was downloaded");
+    assert_eq!(
+        runs(&dir.join("install.log")),
+        1,
+        "nothing more was installed"
+    );
+    assert_eq!(t.h().live().get().versions.payment_app, "3.3.0");
+    assert!(leftovers(&t).is_empty(), "{:?}", leftovers(&t));
+    // Refusals are final: the journal answers a re-delivery with the same result.
+    let again = t.run("up-9", update("9.0.0")).await;
+    assert_eq!(reason(&again), "below_min_version");
+    assert_eq!(server.requests().len(), 1);
+
+    // At the minimum (and above it): installed.
+    let r = t.run("up-ok", update("3.3.0")).await;
+    assert_eq!(r.status(), pb::CommandStatus::Succeeded, "{r:?}");
+    assert_eq!(t.h().live().get().versions.payment_app, "9.1.0");
     t.stop().await;
     server.stop().await;
 }

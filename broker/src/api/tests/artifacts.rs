@@ -214,6 +214,16 @@ async fn bad_fields_are_all_reported_before_any_byte_is_stored() {
     let body = refused(response, StatusCode::UNPROCESSABLE_ENTITY, "bad fields").await;
     let keys: Vec<&str> = body.fields.iter().map(|f| f.key.as_str()).collect();
     assert_eq!(keys, ["version", "component", "min_version"], "{body:?}");
+    // A min_version that cannot be ordered against terminal versions is refused too.
+    let response = upload(
+        &server,
+        b"x",
+        Upload::new(&key, "version=2&min_version=fw-9"),
+    )
+    .await;
+    let body = refused(response, StatusCode::UNPROCESSABLE_ENTITY, "min_version").await;
+    let keys: Vec<&str> = body.fields.iter().map(|f| f.key.as_str()).collect();
+    assert_eq!(keys, ["min_version"], "{body:?}");
     let response = upload(&server, b"x", Upload::new(&key, "component=agent")).await;
     let body = refused(response, StatusCode::UNPROCESSABLE_ENTITY, "no version").await;
     assert_eq!(body.fields[0].key, "version");

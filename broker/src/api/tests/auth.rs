@@ -197,7 +197,7 @@ async fn a_viewer_is_refused_every_mutating_route_and_an_operator_every_admin_ro
     server.heartbeat("T-1", 1000);
     let viewer = super::accounts::session(&server, "vera", Role::Viewer).await;
     let operator = super::accounts::session(&server, "otto", Role::Operator).await;
-    let mut denied = 0;
+    let mut denied = 0u64;
     let mut mutating_denied = std::collections::HashSet::new();
     for r in protected_routes() {
         let url = server.url(&concrete(r.path));
@@ -300,13 +300,34 @@ async fn a_viewer_is_refused_every_mutating_route_and_an_operator_every_admin_ro
             "viewer not refused on {path}"
         );
     }
-    let audited = server
-        .recorded
-        .records()
+    // Refusals are counted and written aggregated (one entry per principal, route and
+    // window) when the log is read; the counts add up.
+    assert_eq!(server.get("/api/v1/audit").await.status(), StatusCode::OK);
+    let records = server.recorded.records();
+    let entries: Vec<_> = records
         .iter()
         .filter(|r| r.action == "api.denied" && r.outcome == crate::audit::Outcome::Denied)
-        .count();
+        .collect();
+    let audited: u64 = entries
+        .iter()
+        .map(|r| crate::audit::refusal_count(&r.detail).unwrap_or(1))
+        .sum();
     assert_eq!(audited, denied);
+    // A refusal by role is not a request: no `requested` entry was written for one.
+    assert!(
+        !records
+            .iter()
+            .any(|r| r.outcome == crate::audit::Outcome::Requested
+            && (r.actor == "vera" || r.actor == "otto")
+            // Their own password changes (setting up the sessions) are requests.
+            && !r.action.contains("/api/v1/auth/password")),
+        "a refused request got a `requested` audit entry: {:?}",
+        records
+            .iter()
+            .filter(|r| r.outcome == crate::audit::Outcome::Requested
+                && (r.actor == "vera" || r.actor == "otto"))
+            .collect::<Vec<_>>()
+    );
     assert!(denied > 40, "{denied}");
     server.stop().await;
 }

@@ -1,23 +1,28 @@
 //! API tests against a real TLS server on 127.0.0.1:0, with reqwest as the client.
 //!
 //! - `accounts.rs`: logins, PCI DSS rules, MFA, roles, API and bootstrap tokens.
+//! - `approvals.rs`: two-person approval with real principals; the per-account lock window.
 //! - `artifacts.rs`: uploads (good, tampered, unknown key, no release key, oversized, bad
 //!   fields), list, detail, delete.
 //! - `auth.rs`: the token on every route, 401 shape, failure counting.
 //! - `config.rs`: configuration layers, history, diff, schema, effective configuration.
 //! - `devices.rs`: list/detail after ingest, 400/404, health and metrics.
+//! - `login.rs`: one answer for every login refusal, lockout per address, throttling, the
+//!   audit of refusals aggregated.
 //! - `stream.rs`: server-sent events, device filter, lag, end at shutdown.
 //! - `rollouts.rs`: rollout creation (field errors), list, detail, pause/resume/abort.
 //! - `server.rs`: idle TCP clients, handshake timeout, connection cap.
 //! - `transactions.rs`: transaction list (pagination, filters, cursors) and summary.
 
 mod accounts;
+mod approvals;
 mod artifacts;
 mod audit;
 mod auth;
 mod commands;
 mod config;
 mod devices;
+mod login;
 mod rollouts;
 mod server;
 mod stream;
@@ -313,6 +318,9 @@ impl TestServer {
             .with_accounts(Arc::clone(&accounts))
             .with_audit(recorded.clone())
             .with_enrolment(enrolment);
+        state
+            .refusals()
+            .spawn_flusher(&tracker, cancel.child_token());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tracker.spawn(serve(listener, tls, state, cancel.clone()));

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::TestServer;
-use crate::rollouts::tests::ARTIFACT;
+use crate::rollouts::tests::{ARTIFACT, LEGACY_ARTIFACT};
 use crate::views::{CommandPage, ErrorBody, RolloutList, RolloutState, RolloutView};
 
 impl TestServer {
@@ -50,6 +50,13 @@ async fn bad_rollouts_are_refused_with_field_messages_and_nothing_is_stored() {
     };
     server
         .refused_rollout(with("artifact_id", json!("b".repeat(64))), &["artifact_id"])
+        .await;
+    // Its min_version cannot be compared with any terminal's version.
+    server
+        .refused_rollout(
+            with("artifact_id", json!(LEGACY_ARTIFACT)),
+            &["artifact_id"],
+        )
         .await;
     server
         .refused_rollout(json!({"target": {"devices": ["T-1"]}}), &["artifact_id"])

@@ -65,12 +65,12 @@ async fn login_mfa_tokens_users_and_bootstrap_revocation_through_posctl() {
     // First login: the one-time password is changed, MFA enrolment is next.
     let (result, out) = call(
         run(&["login", "--user", "ada"]),
-        vec![initial.clone(), NEW.into(), NEW.into()],
+        vec![initial.clone(), String::new(), NEW.into(), NEW.into()],
     )
     .await;
     result.unwrap();
     assert!(
-        out.contains("password changed") && out.contains("admins need MFA"),
+        out.contains("password changed") && out.contains("MFA enrolment required"),
         "{out}"
     );
     let session_file = tmp.path().join("cfg/session.json");

@@ -87,7 +87,7 @@ async fn lock_reboot_list_show_cancel_groups_labels_and_logs() {
     let (r, _) = run(&data, &["logs", "get", &logs_id]).await;
     assert!(error_text(r).contains("no uploaded logs yet"));
     // Two-person approval is on by default: the wipe waits for a second admin, and the one
-    // bootstrap admin cannot approve its own request.
+    // bootstrap admin never approves (its own request or any other).
     let (r, out) = run(&data, &["wipe", "T-2", "--force"]).await;
     r.unwrap();
     assert!(out.contains("needs a second admin"), "{out}");
@@ -95,7 +95,7 @@ async fn lock_reboot_list_show_cancel_groups_labels_and_logs() {
     r.unwrap();
     let list: crate::views::ApprovalList = serde_json::from_str(&out).unwrap();
     let (r, _) = run(&data, &["approvals", "approve", &list.approvals[0].id]).await;
-    assert!(error_text(r).contains("own request"));
+    assert!(error_text(r).contains("the bootstrap token cannot approve"));
 
     // Everything above is on the audit chain, and the CLI reads it back.
     let (r, out) = run(&data, &["audit", "verify"]).await;
