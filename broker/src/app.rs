@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::accounts::{AccountStoreError, Accounts};
+use crate::admission::AdmissionOptions;
 use crate::api::{self, ApiState, ServerTlsError, Site};
 use crate::approvals::{ApprovalPolicy, ApprovalStore, ApprovalStoreError};
 use crate::artifacts::ArtifactCatalog;
@@ -83,6 +84,8 @@ pub struct ServeOptions {
     pub audit_retention: Duration,
     /// Which command requests need a second admin (two-person approval).
     pub approvals: ApprovalPolicy,
+    /// Connection admission of every listener (docs/decisions/0012-connection-admission.md).
+    pub admission: AdmissionOptions,
 }
 
 #[cfg(test)]
@@ -102,6 +105,7 @@ impl ServeOptions {
             max_artifact_bytes: crate::artifacts::DEFAULT_MAX_UPLOAD_BYTES,
             audit_retention: crate::audit::DEFAULT_RETENTION,
             approvals: ApprovalPolicy::default(),
+            admission: AdmissionOptions::default(),
         }
     }
 }
@@ -162,6 +166,8 @@ pub enum AppError {
     Rollouts(#[from] RolloutStoreError),
     #[error(transparent)]
     Controller(#[from] ControllerError),
+    #[error("connection admission: {0}")]
+    Admission(String),
     #[error("startup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -225,6 +231,7 @@ async fn start_inner(
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> Result<Running, AppError> {
+    opts.admission.check().map_err(AppError::Admission)?;
     let data = DataDir::at(&opts.data_dir);
     let (pki_created, token, token_created) = {
         let data = data.clone();
@@ -283,6 +290,7 @@ async fn start_inner(
         (Some((listener, addr)), _) => {
             let tls = mtls_server_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key())?;
             let mut config = EdgeConfig::new(tls);
+            config.admission = opts.admission.mqtt;
             config.wait_for_controller = Some(CONTROLLER_WAIT);
             config.revocations = Some(revocations.clone());
             let edge = spawn_edge(
@@ -489,8 +497,8 @@ async fn start_inner(
     .with_approvals(approvals, opts.approvals)
     .with_custody(custody)
     .with_accounts(accounts.clone())
-    .with_enrolment(enrolment.clone());
-    let limits = state.limits;
+    .with_enrolment(enrolment.clone())
+    .with_limits(opts.admission.http_limits(opts.admission.api));
     state
         .refusals()
         .spawn_flusher(tracker, cancel.child_token());
@@ -502,11 +510,13 @@ async fn start_inner(
     ));
     let device_site = Site {
         name: "device endpoint",
+        label: "device",
         app: refuse_revoked(
             enrolment.clone(),
             device_router(artifacts.clone()).merge(renew_router(enrolment.clone())),
         ),
-        limits,
+        limits: opts.admission.http_limits(opts.admission.device),
+        metrics: metrics.clone(),
         client_identity: true,
     };
     tracker.spawn(api::serve_site(

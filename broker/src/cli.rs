@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+use crate::admission::AdmissionArgs;
 use crate::app::{
     self, DEFAULT_API_LISTEN, DEFAULT_DEVICE_LISTEN, DEFAULT_MQTT_LISTEN, Running, SHUTDOWN_GRACE,
     ServeOptions,
@@ -143,6 +144,9 @@ struct ServeArgs {
     /// How long a request waits for a second admin before it expires.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     approval_ttl: Duration,
+    /// Connection admission of every listener (docs/decisions/0012-connection-admission.md).
+    #[command(flatten)]
+    admission: AdmissionArgs,
 }
 
 impl ServeArgs {
@@ -165,6 +169,7 @@ impl ServeArgs {
                 lock_window: self.approval_lock_window,
                 ttl: self.approval_ttl,
             },
+            admission: self.admission.options(),
         }
     }
 }

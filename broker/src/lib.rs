@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! - [`admission`]: connection admission shared by every listener (per-address caps,
+//!   eviction of pending connections, silent and handshake deadlines, handshake CPU slots).
 //! - [`app`]: `serve` and `demo`: data dir, PKI bootstrap, and every subsystem started under
 //!   one shutdown tree.
 //! - [`cli`]: the `posfleet-broker` command line (thin `main` calls [`cli::main`]).
@@ -32,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod admission;
 pub mod api;
 pub mod app;
 pub mod approvals;

@@ -22,6 +22,20 @@ pub struct ChannelLabel {
     pub channel: &'static str,
 }
 
+/// Label set of connection admission: the listener (`mqtt`, `api`, `device`) and a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteReasonLabel {
+    pub site: &'static str,
+    pub reason: &'static str,
+}
+
+/// Label set of open connections: the listener and `pending` or `established`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteStateLabel {
+    pub site: &'static str,
+    pub state: &'static str,
+}
+
 /// Label set keyed by a command status (`queued`, `succeeded`, ...).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
@@ -33,7 +47,8 @@ pub struct Metrics {
     registry: Registry,
     /// MQTT connections currently attached to the router (devices and controllers).
     pub edge_connections: Gauge,
-    /// TLS handshakes in progress right now.
+    /// Sockets admitted and not yet through their TLS handshake (the wait for a silent
+    /// socket's first byte included).
     pub edge_handshakes_in_progress: Gauge,
     /// Connections accepted and authenticated (CONNACK accepted).
     pub edge_connects_total: Counter,
@@ -98,6 +113,12 @@ pub struct Metrics {
     pub rollout_members: Family<StatusLabel, Gauge>,
     /// Waves that ended, by outcome (passed, failed).
     pub rollout_waves_total: Family<StatusLabel, Counter>,
+    /// Connections refused or closed by admission control (`admission/`), by listener and
+    /// reason (per_address, pending_per_address, full, evicted, silent, handshake_timeout,
+    /// slow_body, streams_per_principal).
+    pub admission_refusals_total: Family<SiteReasonLabel, Counter>,
+    /// Open connections by listener and state (pending, established).
+    pub admission_connections: Family<SiteStateLabel, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -148,6 +169,18 @@ impl Metrics {
         let rollouts = Family::<StatusLabel, Gauge>::default();
         let rollout_members = Family::<StatusLabel, Gauge>::default();
         let rollout_waves_total = Family::<StatusLabel, Counter>::default();
+        let admission_refusals_total = Family::<SiteReasonLabel, Counter>::default();
+        let admission_connections = Family::<SiteStateLabel, Gauge>::default();
+        registry.register(
+            "admission_refusals",
+            "Connections refused or closed by admission control, by listener and reason",
+            admission_refusals_total.clone(),
+        );
+        registry.register(
+            "admission_connections",
+            "Open connections by listener and state (pending, established)",
+            admission_connections.clone(),
+        );
         registry.register("rollouts", "Rollouts by state", rollouts.clone());
         registry.register(
             "rollout_members",
@@ -167,7 +200,7 @@ impl Metrics {
         );
         registry.register(
             "edge_handshakes_in_progress",
-            "TLS handshakes in progress",
+            "Sockets admitted and not yet through their TLS handshake",
             edge_handshakes_in_progress.clone(),
         );
         registry.register(
@@ -341,6 +374,31 @@ impl Metrics {
             rollouts,
             rollout_members,
             rollout_waves_total,
+            admission_refusals_total,
+            admission_connections,
+        }
+    }
+
+    /// Counts a connection refused or closed by admission control.
+    pub fn admission_refuse(&self, site: &'static str, reason: &'static str) {
+        self.admission_refusals_total
+            .get_or_create(&SiteReasonLabel { site, reason })
+            .inc();
+    }
+
+    /// Current value of an admission refusal counter (tests).
+    pub fn admission_refusals(&self, site: &'static str, reason: &'static str) -> u64 {
+        self.admission_refusals_total
+            .get_or_create(&SiteReasonLabel { site, reason })
+            .get()
+    }
+
+    /// Sets the open-connection gauges of a listener.
+    pub fn admission_connections(&self, site: &'static str, pending: usize, established: usize) {
+        for (state, n) in [("pending", pending), ("established", established)] {
+            self.admission_connections
+                .get_or_create(&SiteStateLabel { site, state })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 

@@ -2,8 +2,8 @@
 //! well-behaved terminal (DESIGN.md §7).
 //!
 //! The cases share one broker and one well-behaved agent and run concurrently (each watches
-//! its own refusal counter); every case is reported, not just the first failure. Idle
-//! sockets get their own broker, because that case measures a connect time.
+//! its own refusal counter); every case is reported, not just the first failure. Idle and
+//! slow sockets are `admission.rs`'s.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,7 +19,6 @@ use posfleet_tests::mqtt::{MqttClient, tls_config, tls_connect, wait_closed};
 use posfleet_tests::{Agent, Api, Broker};
 use rumqttc::{LastWill, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::support::{WAIT, agent, broker, heartbeat_seq, online};
@@ -560,59 +559,4 @@ fn connect_packet(client_id: &str) -> Vec<u8> {
     let mut packet = vec![0x10, u8::try_from(body.len()).unwrap_or(0)];
     packet.extend(body);
     packet
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_sockets_do_not_delay_a_terminal() {
-    const IDLE: usize = 100;
-    let fx = Fixture::start().await;
-    let seq = fx.good_seq().await;
-    let before = fx
-        .metric(REFUSALS, "handshake_timeout")
-        .await
-        .expect("metrics");
-
-    let mut idle = Vec::with_capacity(IDLE);
-    for _ in 0..IDLE {
-        idle.push(TcpStream::connect(fx.addr()).await.expect("TCP connect"));
-    }
-    // The edge has accepted every one of them and is waiting for their handshakes.
-    try_eventually(WAIT, || async {
-        let scrape = fx.api().metrics().await?;
-        let waiting = scrape.value("posfleet_edge_handshakes_in_progress", &[]);
-        ensure!(waiting >= IDLE as f64, "{waiting} handshakes in progress");
-        Ok(())
-    })
-    .await
-    .expect("idle sockets accepted");
-
-    // A terminal connects (TCP, mTLS handshake, CONNECT/CONNACK) in well under a second.
-    let identity = fx.identity("pos-late").expect("certificate");
-    let tls = fx.tls(Some(&identity)).expect("tls");
-    let started = Instant::now();
-    let connect = MqttClient::connect(fx.addr(), "pos-late", tls)
-        .await
-        .expect("connect attempt");
-    let took = started.elapsed();
-    let client = connect.accepted().expect("pos-late accepted");
-    assert!(
-        took < Duration::from_secs(1),
-        "connecting took {took:?} with {IDLE} idle sockets open"
-    );
-    client.disconnect().await.expect("disconnect");
-
-    // A real agent process also comes online while the sockets are held.
-    let _late = agent(&fx.broker, "pos-late-agent");
-    online(fx.api(), "pos-late-agent").await;
-    fx.good_is_undisturbed(seq).await.expect("good terminal");
-
-    // The edge drops them after its handshake timeout and counts them.
-    fx.counted(REFUSALS, "handshake_timeout", before, IDLE as f64)
-        .await
-        .expect("idle sockets counted");
-    for socket in &mut idle {
-        wait_closed(socket, WAIT).await.expect("idle socket closed");
-    }
-    let seq = fx.good_seq().await;
-    fx.good_is_undisturbed(seq).await.expect("good terminal");
 }

@@ -24,9 +24,12 @@
 //!   artifacts, failing canaries, health timeouts, offline members, a controller crash in the
 //!   middle of a rollout, pause/resume/abort.
 //! - `bad_input`: every kind of bad client is refused, counted in `/metrics`, changes nothing,
-//!   and does not disturb a well-behaved terminal; idle sockets do not delay a real terminal.
+//!   and does not disturb a well-behaved terminal.
+//! - `admission`: a thousand idle or slow clients (one address, or one each) do not keep a
+//!   legitimate client out of the admin API, the device endpoint or the MQTT edge.
 
 mod accounts;
+mod admission;
 mod bad_input;
 mod commands;
 mod fleet;

@@ -221,6 +221,11 @@ impl Broker {
         self.mqtt_addr
     }
 
+    /// Where the admin API listens (`--api-listen`, bound address).
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
     /// Where the device download endpoint listens (`--device-listen`, bound address).
     pub fn device_addr(&self) -> SocketAddr {
         self.device_addr

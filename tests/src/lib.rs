@@ -21,6 +21,10 @@
 //!   raw TLS sockets).
 //! - [`eventually`]: [`eventually()`], the timed assertion every wait goes through.
 //! - [`bench`]: the `fleet-bench connect` scenario and its report.
+//! - [`flood`]: [`flood::Flood`], a thousand idle or slow attacking sockets (one source address
+//!   or one each) against a listener, and the HTTPS client of the legitimate requests.
+//! - [`floodbench`]: `fleet-bench flood`: latency of a legitimate request (admin API, device
+//!   endpoint) or connect (MQTT edge) under a thousand attacking sockets.
 //! - [`host`]: the open-files limit, a process's resident memory, the machine's description.
 //! - [`loginbench`]: `fleet-bench logins`: login latency per refusal reason, and a login
 //!   flood's effect on a real broker (memory, API latency).
@@ -46,6 +50,8 @@ pub mod bins;
 pub mod broker;
 pub mod cmdbench;
 pub mod eventually;
+pub mod flood;
+pub mod floodbench;
 pub mod host;
 pub mod localapi;
 pub mod loginbench;

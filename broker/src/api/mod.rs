@@ -3,8 +3,10 @@
 //! # Layout
 //!
 //! - `mod.rs`: [`ApiState`], [`ApiLimits`], [`router`] and the route table.
-//! - `server.rs`: [`serve`] (accept loop: connection semaphore, per-connection task with a TLS
-//!   handshake timeout, hyper HTTP/1.1, graceful stop) and [`server_tls_config`].
+//! - `server.rs`: [`serve`] (accept loop: connection admission (`crate::admission`), a task
+//!   per connection: TLS handshake under the admission deadlines, hyper HTTP/1.1 with header
+//!   and body deadlines, graceful stop) and [`server_tls_config`]; `body.rs`: the minimum
+//!   request body rate.
 //! - `auth.rs`: authentication (sessions, API tokens, the bootstrap token) of every route
 //!   except the open ones, and the per-route role check (ADR 0009).
 //! - `accounts.rs`: `/api/v1/auth/...` (login, logout, password, MFA enrolment, whoami);
@@ -36,6 +38,7 @@ mod approvals;
 mod artifacts;
 mod audit;
 pub(crate) mod auth;
+mod body;
 mod commands;
 mod config;
 mod custody;
@@ -71,6 +74,7 @@ pub use users::{CreatedToken, InitialPassword, TokenList, UserList};
 pub use artifacts::{KEY_ID_HEADER, SHA256_HEADER, SIGNATURE_HEADER};
 
 use crate::accounts::{Accounts, Role};
+use crate::admission::AdmissionLimits;
 use crate::approvals::{ApprovalPolicy, ApprovalStore};
 use crate::artifacts::ArtifactCatalog;
 use crate::artifacts::Artifacts;
@@ -85,29 +89,40 @@ use crate::registry::Registry;
 use crate::rollouts::{NoArtifacts, RolloutsHandle};
 use crate::txstore::TxStore;
 
-/// Resource limits of the API server.
+/// Resource limits of an HTTPS listener (the admin API; the device endpoint uses the HTTP
+/// ones).
 #[derive(Debug, Clone, Copy)]
 pub struct ApiLimits {
-    /// Connections (handshaking or established) at most; `accept` waits beyond it.
-    pub max_connections: usize,
-    /// Time allowed for a TLS handshake; an idle or slow client is dropped after it.
-    pub handshake_timeout: Duration,
-    /// Time allowed for a client to send a request's headers.
+    /// Who gets a connection, and how long a silent or slow client keeps it
+    /// (docs/decisions/0012-connection-admission.md).
+    pub admission: AdmissionLimits,
+    /// A request's headers must be complete this long after the connection became ready
+    /// (TLS done) or idle (previous response sent): the header deadline and the keep-alive
+    /// idle timeout in one.
     pub header_read_timeout: Duration,
+    /// A request body must arrive at this many bytes per second at least, averaged from its
+    /// first read, once `body_grace` has passed; a slower one fails and the connection closes.
+    pub body_min_rate: u64,
+    /// How long a request body may lag behind `body_min_rate`.
+    pub body_grace: Duration,
     /// At shutdown, how long open requests (and streams) may take to finish.
     pub shutdown_grace: Duration,
     /// Interval of keep-alive comments on the live stream.
     pub sse_keep_alive: Duration,
+    /// Live streams one principal may hold at once; 429 beyond.
+    pub max_streams_per_principal: usize,
 }
 
 impl Default for ApiLimits {
     fn default() -> Self {
         Self {
-            max_connections: 256,
-            handshake_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(30),
+            admission: AdmissionLimits::api(),
+            header_read_timeout: Duration::from_secs(10),
+            body_min_rate: 1024,
+            body_grace: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             sse_keep_alive: Duration::from_secs(15),
+            max_streams_per_principal: 8,
         }
     }
 }
@@ -144,6 +159,8 @@ pub struct ApiState {
     pub(crate) accounts: Option<Arc<Accounts>>,
     /// Connection and timing limits.
     pub(crate) limits: ApiLimits,
+    /// Live streams open per principal.
+    pub(crate) streams: stream::StreamSlots,
     /// Cancelled when the server stops, so that endless responses (streams) end.
     pub(crate) shutdown: CancellationToken,
     /// Signed software artifacts; `None` answers 503 on `/api/v1/artifacts` (servers built
@@ -219,6 +236,7 @@ impl ApiState {
             token: AdminToken(admin_token.into()),
             accounts: None,
             limits: ApiLimits::default(),
+            streams: stream::StreamSlots::default(),
             shutdown: CancellationToken::new(),
             artifacts: None,
             rollouts: None,

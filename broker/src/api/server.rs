@@ -3,10 +3,14 @@
 //! ([`serve_site`]) with mutual TLS: there each connection's client certificate identity is
 //! read after the handshake and handed to the handlers as an `Extension<PeerIdentity>`.
 //!
-//! - A semaphore caps connections (handshaking or established); `accept` waits for a free
-//!   slot (mini-redis style), so the kernel backlog absorbs bursts.
-//! - Each accepted socket gets its own tracked task: TLS handshake under
-//!   `handshake_timeout`, then hyper HTTP/1.1 with a header read timeout.
+//! - Every accepted socket is admitted by the listener's `crate::admission::Admission` (the
+//!   mechanism the MQTT edge uses too): per-address caps, eviction of the oldest pending
+//!   connection when full, the silent and handshake deadlines, handshake CPU slots. A refused
+//!   socket is closed at once; `accept` never waits.
+//! - Each admitted socket gets its own tracked task: TLS handshake, then hyper HTTP/1.1 with
+//!   the header deadline (also the keep-alive idle timeout) and a minimum request body rate
+//!   (`body.rs`). The connection is pending (evictable) until its first request's headers
+//!   are in.
 //! - On cancel: stop accepting, ask every connection to finish its current request (streams
 //!   end), wait up to `shutdown_grace`, then drop what is left.
 
@@ -16,22 +20,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::{Extension, Router};
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
+use hyper_util::service::{TowerToHyperService, TowerToHyperServiceFuture};
 use posfleet_proto::pki::{Identity, parse_pem_certs};
 use rustls::ServerConfig;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::body::{BodyRate, MinRateBody};
 use super::error::ServerTlsError;
 use super::{ApiLimits, ApiState, router};
+use crate::admission::{Admission, Establish, Ticket};
 use crate::artifacts::PeerIdentity;
+use crate::metrics::Metrics;
 
 /// The client's address (every site), for per-source limits and the audit log.
 #[derive(Debug, Clone, Copy)]
@@ -88,14 +96,17 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let limits = state.limits;
+    let metrics = Arc::clone(&state.metrics);
     let state = ApiState {
         shutdown: cancel.child_token(),
         ..state
     };
     let site = Site {
         name: "admin API",
+        label: "api",
         app: router(state),
         limits,
+        metrics,
         client_identity: false,
     };
     serve_site(listener, tls, site, cancel).await;
@@ -106,9 +117,13 @@ pub async fn serve(
 pub struct Site {
     /// For logs ("admin API", "device endpoint").
     pub name: &'static str,
+    /// Metric label of the listener (`api`, `device`).
+    pub label: &'static str,
     pub app: Router,
-    /// Connection cap and timeouts.
+    /// Admission (`limits.admission`), HTTP deadlines, shutdown grace.
     pub limits: ApiLimits,
+    /// Where refusals and open connections are counted.
+    pub metrics: Arc<Metrics>,
     /// Read the client certificate's [`Identity`] after the handshake and pass it to handlers
     /// as `Extension<PeerIdentity>`; a connection without one is closed. Needs a TLS config
     /// that requires client certificates.
@@ -125,12 +140,20 @@ pub async fn serve_site(
 ) {
     let Site {
         name,
+        label,
         app,
         limits,
+        metrics,
         client_identity,
     } = site;
     let acceptor = TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let admission = Admission::new(label, limits.admission, Arc::clone(&metrics));
+    let rate = BodyRate {
+        min_rate: limits.body_min_rate,
+        grace: limits.body_grace,
+        metrics,
+        site: label,
+    };
     let connections = TaskTracker::new();
     // Cancelled after the grace period: connections still open are dropped.
     let hard_stop = CancellationToken::new();
@@ -138,13 +161,6 @@ pub async fn serve_site(
         info!(%addr, site = name, "listening");
     }
     loop {
-        let slot = tokio::select! {
-            () = cancel.cancelled() => break,
-            slot = Arc::clone(&slots).acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_closed) => break,
-            },
-        };
         let accepted = tokio::select! {
             () = cancel.cancelled() => break,
             accepted = listener.accept() => accepted,
@@ -159,14 +175,26 @@ pub async fn serve_site(
                 }
             }
         };
+        // Refused: the socket is closed here (counted by the admission).
+        let ticket = match admission.admit(peer) {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                debug!(%peer, site = name, reason = refusal.reason(), "connection refused");
+                continue;
+            }
+        };
+        // Small responses go out at once (no 40 ms Nagle / delayed-ACK stall).
+        let _ = tcp.set_nodelay(true);
         let conn = Connection {
             acceptor: acceptor.clone(),
             app: app.clone(),
             limits,
+            rate: rate.clone(),
             client_identity,
             cancel: cancel.clone(),
             hard_stop: hard_stop.clone(),
-            _slot: slot,
+            admission: Arc::clone(&admission),
+            ticket,
         };
         connections.spawn(
             conn.run(tcp, peer)
@@ -195,33 +223,31 @@ struct Connection {
     acceptor: TlsAcceptor,
     app: Router,
     limits: ApiLimits,
+    rate: BodyRate,
     /// See [`Site::client_identity`].
     client_identity: bool,
     /// Graceful stop: finish the current request, then close.
     cancel: CancellationToken,
     /// Abrupt stop after the grace period.
     hard_stop: CancellationToken,
-    /// Held for the connection's lifetime; frees a connection slot when dropped.
-    _slot: OwnedSemaphorePermit,
+    admission: Arc<Admission>,
+    /// Held for the connection's lifetime; frees its slot when dropped.
+    ticket: Ticket,
 }
 
 impl Connection {
     async fn run(self, tcp: TcpStream, peer: SocketAddr) {
-        let handshake =
-            tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(tcp));
         let tls = tokio::select! {
             () = self.cancel.cancelled() => return,
-            result = handshake => match result {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    debug!(error = %e, "TLS handshake failed");
-                    return;
+            result = self.admission.tls_handshake(&self.ticket, tcp, &self.acceptor) => {
+                match result {
+                    Ok(tls) => tls,
+                    Err(e) => {
+                        debug!(error = %e, "no TLS connection");
+                        return;
+                    }
                 }
-                Err(_elapsed) => {
-                    debug!("TLS handshake timed out");
-                    return;
-                }
-            },
+            }
         };
         // Every request knows its client's address (audit records name it).
         let mut app = self.app.layer(Extension(super::PeerAddr(peer)));
@@ -253,10 +279,17 @@ impl Connection {
         http.timer(TokioTimer::new())
             .header_read_timeout(self.limits.header_read_timeout)
             .keep_alive(true);
-        let conn = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(app));
+        let service = Admitted {
+            inner: TowerToHyperService::new(app),
+            establish: self.ticket.establisher(),
+            rate: self.rate.clone(),
+        };
+        let conn = http.serve_connection(TokioIo::new(tls), service);
         let mut conn = std::pin::pin!(conn);
         let result = tokio::select! {
             result = conn.as_mut() => result,
+            // Still before its first request, and a newer connection needed the slot.
+            () = self.ticket.evicted() => Ok(()),
             () = self.cancel.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 tokio::select! {
@@ -266,7 +299,38 @@ impl Connection {
             }
         };
         if let Err(e) = result {
+            // Before its first request: a slow or silent client (an idle keep-alive
+            // connection closing is routine, not counted).
+            if e.is_timeout() && self.ticket.is_pending() {
+                self.admission.count("header_timeout");
+            }
             debug!(%peer, error = %e, "connection ended with an error");
         }
+    }
+}
+
+/// The hyper service of one connection: marks the connection established when its first
+/// request's headers are in, and holds every request body to the minimum rate.
+#[derive(Clone)]
+struct Admitted {
+    inner: TowerToHyperService<Router>,
+    establish: Establish,
+    rate: BodyRate,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Admitted {
+    type Response = <TowerToHyperService<Router> as hyper::service::Service<
+        Request<MinRateBody<Incoming>>,
+    >>::Response;
+    type Error = <TowerToHyperService<Router> as hyper::service::Service<
+        Request<MinRateBody<Incoming>>,
+    >>::Error;
+    type Future = TowerToHyperServiceFuture<Router, Request<MinRateBody<Incoming>>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        self.establish.establish();
+        let rate = self.rate.clone();
+        self.inner
+            .call(request.map(|body| MinRateBody::new(body, rate)))
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! # Layout
 //!
-//! - this file: [`EdgeConfig`], [`spawn_edge`] and the accept loop (connection cap before
-//!   `accept`, each TLS handshake in its own task under a timeout and a handshake cap);
+//! - this file: [`EdgeConfig`], [`spawn_edge`] and the accept loop: every socket is admitted
+//!   by `crate::admission` (per-address caps, eviction of the oldest pending connection when
+//!   full, silent and handshake deadlines, handshake CPU slots; the mechanism the HTTPS
+//!   listeners use too), then its TLS handshake runs in its own task;
 //! - `tls`: server config with mandatory client certificates from the fleet CA bundle;
 //! - `connection`: one connection after TLS: CONNECT, identity, router link, teardown;
 //! - `pump`: the validated packet pump of an attached connection, both directions;
@@ -28,17 +30,17 @@ use std::time::Duration;
 
 use posfleet_proto::pki::{CertFacts, Identity};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use connection::ConnectionLimits;
 pub use router::RouterSettings;
 pub use sessions::ConnectRateLimit;
 pub use tls::{TlsSetupError, mtls_server_config};
 
+use crate::admission::{Admission, AdmissionLimits, HandshakeError};
 use crate::metrics::Metrics;
 
 /// Everything the edge needs, validated by the caller.
@@ -46,12 +48,9 @@ use crate::metrics::Metrics;
 pub struct EdgeConfig {
     /// Server config that requires client certificates (see [`mtls_server_config`]).
     pub tls: Arc<rustls::ServerConfig>,
-    /// Open sockets at most (handshaking or connected); accept waits beyond it.
-    pub max_connections: usize,
-    /// TLS handshakes in progress at most.
-    pub max_concurrent_handshakes: usize,
-    /// A handshake (including the wait for a handshake slot) must finish within this.
-    pub handshake_timeout: Duration,
+    /// Who gets a connection and how long a silent or slow client keeps it; a connection is
+    /// pending until its mutual TLS handshake is done.
+    pub admission: AdmissionLimits,
     pub limits: ConnectionLimits,
     pub rate_limit: ConnectRateLimit,
     pub router: RouterSettings,
@@ -68,9 +67,7 @@ impl EdgeConfig {
     pub fn new(tls: Arc<rustls::ServerConfig>) -> Self {
         Self {
             tls,
-            max_connections: 20_000,
-            max_concurrent_handshakes: 256,
-            handshake_timeout: Duration::from_secs(10),
+            admission: AdmissionLimits::mqtt(),
             limits: ConnectionLimits::default(),
             rate_limit: ConnectRateLimit::default(),
             router: RouterSettings::default(),
@@ -214,18 +211,9 @@ async fn accept_loop(
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
-    let connections = Arc::new(Semaphore::new(config.max_connections));
-    let handshakes = Arc::new(Semaphore::new(config.max_concurrent_handshakes));
+    let admission = Admission::new("mqtt", config.admission, shared.metrics.clone());
     let acceptor = TlsAcceptor::from(config.tls.clone());
     loop {
-        // Cap sockets before accepting: beyond it, new clients wait in the kernel backlog.
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => return,
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-        };
         let (tcp, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -238,35 +226,44 @@ async fn accept_loop(
                 }
             },
         };
+        // Refused: the socket is closed here (counted by the admission).
+        let ticket = match admission.admit(peer) {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                debug!(%peer, reason = refusal.reason(), "connection refused");
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
-        let handshakes = handshakes.clone();
+        let admission = admission.clone();
         let acceptor = acceptor.clone();
         let cancel = cancel.clone();
-        let timeout = config.handshake_timeout;
         tracker.spawn(async move {
-            let _permit = permit;
-            let tls = tokio::time::timeout(timeout, async {
-                let _slot = handshakes.acquire().await;
-                shared.metrics.edge_handshakes_in_progress.inc();
-                let result = acceptor.accept(tcp).await;
-                shared.metrics.edge_handshakes_in_progress.dec();
-                result
-            })
-            .await;
+            shared.metrics.edge_handshakes_in_progress.inc();
+            let tls = tokio::select! {
+                _ = cancel.cancelled() => Err(HandshakeError::Evicted),
+                tls = admission.tls_handshake(&ticket, tcp, &acceptor) => tls,
+            };
+            shared.metrics.edge_handshakes_in_progress.dec();
             let stream = match tls {
-                Err(_) => {
-                    info!(%peer, "TLS handshake timed out");
-                    shared.metrics.refuse("handshake_timeout");
-                    return;
-                }
-                Ok(Err(error)) => {
+                Ok(stream) => stream,
+                Err(HandshakeError::Tls(error)) => {
                     let reason = tls::handshake_failure_reason(&error);
                     info!(%peer, reason, %error, "TLS handshake failed");
                     shared.metrics.refuse(reason);
                     return;
                 }
-                Ok(Ok(stream)) => stream,
+                Err(HandshakeError::Timeout) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    shared.metrics.refuse("handshake_timeout");
+                    return;
+                }
+                // Counted by the admission (silent, evicted) or nothing to count (closed).
+                Err(other) => {
+                    debug!(%peer, reason = %other, "no TLS connection");
+                    return;
+                }
             };
             let leaf = stream
                 .get_ref()
@@ -289,7 +286,13 @@ async fn accept_loop(
                     return;
                 }
             };
+            // Mutually authenticated: no longer pending, never evicted. The ticket holds the
+            // connection's slot until it ends.
+            if !ticket.establish() {
+                return;
+            }
             connection::run(stream, peer, identity, cert, shared, cancel).await;
+            drop(ticket);
         });
     }
 }

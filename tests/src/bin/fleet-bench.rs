@@ -4,6 +4,7 @@
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- connect --terminals 1000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- commands --terminals 10000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- rollout --terminals 1000
+//! cargo run --release -p posfleet-tests --bin fleet-bench -- flood --attackers 1000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- logins --samples 20
 //! ```
 //!
@@ -18,6 +19,7 @@ use posfleet_agent::config::parse_duration;
 use posfleet_tests::Binaries;
 use posfleet_tests::bench::{ConnectBench, run_connect};
 use posfleet_tests::cmdbench::{CommandsBench, run_commands};
+use posfleet_tests::floodbench::{FloodBench, run_flood};
 use posfleet_tests::host::raise_nofile_limit;
 use posfleet_tests::loginbench::{LoginBench, run_logins};
 use posfleet_tests::rolloutbench::{RolloutBench, run_rollout};
@@ -75,6 +77,9 @@ enum Command {
     /// A signed artifact rolled out in waves to N connected terminals: time per wave and the
     /// controller's download throughput.
     Rollout(RolloutBench),
+    /// A thousand idle or slow clients (one address, or one each) against the admin API, the
+    /// device endpoint and the MQTT edge: latency of a legitimate request meanwhile.
+    Flood(FloodBench),
     /// Login latency per refusal reason (all alike), and a login flood against a broker with
     /// simulated terminals: its memory and the API's latency meanwhile.
     Logins(LoginBench),
@@ -148,6 +153,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Commands(params) => {
             let report = runtime.block_on(run_commands(&bins, params, progress))?;
+            println!("{report}");
+        }
+        Command::Flood(params) => {
+            let report = runtime.block_on(run_flood(&bins, params, progress))?;
             println!("{report}");
         }
         Command::Logins(params) => {

@@ -91,6 +91,8 @@ pub(super) struct TestServer {
     /// The client's TLS config, for raw TLS connections.
     pub tls: Arc<rustls::ClientConfig>,
     pub metrics: Arc<Metrics>,
+    /// The live event bus the stream serves.
+    pub events: EventBus,
     pub ingest: Ingest,
     pub transactions: Arc<TxStore>,
     pub config: Arc<ConfigStore>,
@@ -333,6 +335,7 @@ impl TestServer {
                 .unwrap(),
             tls: client_tls,
             metrics,
+            events,
             ingest,
             transactions,
             config,

@@ -133,3 +133,138 @@ async fn streams_end_when_the_server_stops() {
     server.stop().await;
     assert!(stream.next().await.is_none(), "the stream ended cleanly");
 }
+
+/// One event of every kind the bus carries (except `lagged`), about device T-1.
+fn one_of_each_kind() -> Vec<FleetEvent> {
+    let events = serde_json::json!([
+        {"type": "presence", "device": "T-1", "online": true, "at_ms": 1},
+        {"type": "heartbeat", "device": "T-1", "heartbeat": {
+            "seq": 1, "sent_at_ms": 1, "received_at_ms": 1, "interval_s": 10, "uptime_s": 1,
+            "outbox_depth": 0, "boot_id": 1}},
+        {"type": "telemetry", "device": "T-1", "telemetry": {
+            "sent_at_ms": 1, "received_at_ms": 1, "cpu_percent": 1.0, "memory_used_bytes": 1,
+            "memory_total_bytes": 2, "disk_used_bytes": 1, "disk_total_bytes": 2,
+            "uptime_s": 1, "load_average_1m": 0.1, "network": "wifi", "paper": "ok",
+            "card_reader": "ok", "tamper": false, "dropped_samples": 0}},
+        {"type": "transaction", "device": "T-1", "transaction": {
+            "device": "T-1", "seq": 1, "txn_id": "txn-1", "timestamp_ms": 1,
+            "received_at_ms": 1, "amount_minor": 1250, "currency": "EUR", "kind": "sale",
+            "status": "approved", "entry_mode": "chip", "masked_card": "411111******1111",
+            "merchant_id": "m-1"}},
+        {"type": "alert", "device": "T-1", "alert": "sequence_gap", "severity": "warning",
+         "seq": 4, "message": "gap", "at_ms": 1},
+        {"type": "command", "id": "c-1", "device_id": "T-1", "kind": "lock",
+         "status": "queued", "progress_percent": 0},
+        {"type": "rollout", "id": "r-1", "state": "running", "message": "wave 1", "at_ms": 1},
+    ]);
+    serde_json::from_value(events).unwrap()
+}
+
+/// The kinds `token`'s stream delivers of [`one_of_each_kind`], in order.
+async fn kinds_delivered(server: &TestServer, token: &str) -> Vec<String> {
+    let response = server
+        .send_as(token, reqwest::Method::GET, "/api/v1/stream", None)
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut stream = SseReader::new(response);
+    for event in one_of_each_kind() {
+        server.events.publish(event);
+    }
+    // Every role may see presences: this one marks the end.
+    server.events.publish(FleetEvent::Presence {
+        device: "T-end".into(),
+        online: true,
+        reason: None,
+        at_ms: 9,
+    });
+    let mut kinds = Vec::new();
+    loop {
+        let (name, event) = stream.next().await.expect("the stream goes on");
+        if event.device() == Some("T-end") {
+            return kinds;
+        }
+        kinds.push(name);
+    }
+}
+
+#[tokio::test]
+async fn each_role_receives_only_the_event_kinds_it_may_read() {
+    use crate::accounts::Role;
+    let server = TestServer::start().await;
+    let everything: Vec<&str> = vec![
+        "presence",
+        "heartbeat",
+        "telemetry",
+        "transaction",
+        "alert",
+        "command",
+        "rollout",
+    ];
+    // Viewers get 403 on /api/v1/transactions and the transaction summary: no transaction
+    // (card, merchant, amount) and no transaction alert reaches them.
+    let viewer = super::accounts::session(&server, "vera", Role::Viewer).await;
+    assert_eq!(
+        kinds_delivered(&server, &viewer).await,
+        ["presence", "heartbeat", "telemetry", "command", "rollout"],
+        "viewer"
+    );
+    let operator = super::accounts::session(&server, "otto", Role::Operator).await;
+    assert_eq!(
+        kinds_delivered(&server, &operator).await,
+        everything,
+        "operator"
+    );
+    let admin = super::accounts::session(&server, "ada", Role::Admin).await;
+    assert_eq!(kinds_delivered(&server, &admin).await, everything, "admin");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_principal_cannot_hold_more_than_its_share_of_streams() {
+    use crate::accounts::Role;
+    let server = TestServer::start().await;
+    let cap = crate::api::ApiLimits::default().max_streams_per_principal;
+    let viewer = super::accounts::session(&server, "vera", Role::Viewer).await;
+    let mut open = Vec::new();
+    for _ in 0..cap {
+        let response = server
+            .send_as(&viewer, reqwest::Method::GET, "/api/v1/stream", None)
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        open.push(response);
+    }
+    let refused = server
+        .send_as(&viewer, reqwest::Method::GET, "/api/v1/stream", None)
+        .await;
+    assert_eq!(
+        refused.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "stream number {} of one viewer",
+        cap + 1
+    );
+    assert!(refused.headers().contains_key("retry-after"));
+    // Another principal is not affected.
+    let other = super::accounts::session(&server, "otto", Role::Operator).await;
+    let response = server
+        .send_as(&other, reqwest::Method::GET, "/api/v1/stream", None)
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    // A stream that ends gives its slot back.
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = server
+            .send_as(&viewer, reqwest::Method::GET, "/api/v1/stream", None)
+            .await;
+        if response.status() == StatusCode::OK {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot of the closed stream never came back: {}",
+            response.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}

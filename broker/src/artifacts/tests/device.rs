@@ -51,14 +51,14 @@ impl Endpoint {
         let tls = device_tls_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key()).unwrap();
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let limits = ApiLimits {
-            handshake_timeout: Duration::from_secs(2),
-            ..ApiLimits::default()
-        };
+        let mut limits = ApiLimits::default();
+        limits.admission.handshake_timeout = Duration::from_secs(2);
         let site = Site {
             name: "device endpoint",
+            label: "device",
             app: device_router(Arc::clone(&artifacts)),
             limits,
+            metrics: Arc::clone(&metrics),
             client_identity: true,
         };
         tracker.spawn(serve_site(listener, tls, site, cancel.clone()));
