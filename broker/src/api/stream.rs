@@ -8,7 +8,8 @@
 //! - Roles: an event kind is delivered only to principals whose role may read the GET route
 //!   that serves the same data ([`KIND_ROUTES`]); the roles themselves come from the route
 //!   table (`super::protected_routes`), so the stream can never show more than the routes.
-//! - One principal holds at most `max_streams_per_principal` streams at once; beyond, 429
+//! - One account holds at most `max_streams_per_principal` streams at once, counting its
+//!   sessions and the API tokens it made together (`Principal::party`); beyond, 429
 //!   with `Retry-After` (counted as `streams_per_principal` in
 //!   `posfleet_admission_refusals_total{site="api"}`).
 
@@ -144,13 +145,17 @@ pub(crate) async fn stream(
         Err(e) => return ApiError::bad_request(e.to_string(), ID_HINT).into_response(),
     };
     let max = state.limits.max_streams_per_principal;
-    let Some(slot) = state.streams.take(&principal.name, max) else {
+    // Counted per answerable account, so that minting tokens does not multiply the share.
+    let Some(slot) = state.streams.take(principal.party(), max) else {
         state
             .metrics
             .admission_refuse("api", "streams_per_principal");
         let refusal = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
-            format!("{} holds {max} live streams already", principal.name),
+            format!(
+                "{} holds {max} live streams already (its sessions and tokens together)",
+                principal.party()
+            ),
             Some("close a stream (posctl watch) and retry"),
         );
         return ([(header::RETRY_AFTER, STREAMS_RETRY_AFTER_S)], refusal).into_response();

@@ -268,3 +268,46 @@ async fn one_principal_cannot_hold_more_than_its_share_of_streams() {
     }
     server.stop().await;
 }
+
+/// An account cannot multiply its stream share by minting API tokens: the cap counts every
+/// stream of the account (its sessions and the tokens it made) together.
+#[tokio::test]
+async fn tokens_share_their_makers_stream_cap() {
+    use crate::accounts::Role;
+    use crate::api::CreatedToken;
+    let server = TestServer::start().await;
+    let cap = crate::api::ApiLimits::default().max_streams_per_principal;
+    let operator = super::accounts::session(&server, "otto", Role::Operator).await;
+    let mut tokens = Vec::new();
+    for i in 0..cap {
+        let response = server
+            .send_as(
+                &operator,
+                reqwest::Method::POST,
+                "/api/v1/tokens",
+                Some(serde_json::json!({"name": format!("t{i}"), "role": "viewer", "expires_in_s": 3600})),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let created: CreatedToken = response.json().await.unwrap();
+        tokens.push(created.token);
+    }
+    let mut open = Vec::new();
+    for token in &tokens {
+        let response = server
+            .send_as(token, reqwest::Method::GET, "/api/v1/stream", None)
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        open.push(response);
+    }
+    let refused = server
+        .send_as(&operator, reqwest::Method::GET, "/api/v1/stream", None)
+        .await;
+    assert_eq!(
+        refused.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "otto opened stream number {} through a session after {cap} through his tokens",
+        cap + 1
+    );
+    server.stop().await;
+}
