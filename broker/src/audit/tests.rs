@@ -357,3 +357,44 @@ fn queries_filter_and_page_newest_first() {
     assert!(next.next_cursor.is_none());
     assert_eq!(log.after(8, 100).unwrap().len(), 3);
 }
+
+/// What an attacker with write access to the data directory does (issue 10 item 11): edit
+/// entry `from`, recompute the hash of it and of every later entry, rewrite the anchor file.
+fn rebuild(log: &AuditLog, anchor_path: &std::path::Path, from: u64) {
+    let last = log.verify().unwrap().last_seq.unwrap();
+    let mut prev = super::entry::parse_hash(&stored(log, from).prev_hash).unwrap();
+    for seq in from..=last {
+        let mut e = stored(log, seq);
+        if seq == from {
+            e.detail = "nothing to see here".into();
+        }
+        e.prev_hash = hex::encode(prev);
+        prev = e.compute_hash(&prev);
+        e.hash = hex::encode(prev);
+        put(log, seq, &e);
+    }
+    log.tree().flush().unwrap();
+    let anchor = serde_json::json!({"seq": last, "hash": hex::encode(prev)});
+    std::fs::write(anchor_path, anchor.to_string()).unwrap();
+}
+
+#[test]
+fn a_rebuilt_chain_is_caught_by_an_exported_anchor() {
+    let f = Fixture::new();
+    let (_, anchor_path) = paths(f.tmp.path());
+    let exported = {
+        let log = f.open();
+        fill(&log, 8);
+        // The operator's off-host copy.
+        let exported = std::fs::read(&anchor_path).unwrap();
+        rebuild(&log, &anchor_path, 3);
+        exported
+    };
+    let log = f.open();
+    let _ = exported;
+    let report = log.verify().unwrap();
+    assert!(
+        !report.ok && report.first_bad_seq == Some(3),
+        "a chain rebuilt from entry 3 passed verification: {report:?}"
+    );
+}

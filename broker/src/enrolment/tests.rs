@@ -2,6 +2,8 @@
 //! admin API, the mTLS device endpoint and the MQTT edge with a real terminal session.
 
 mod agent_renewal;
+mod issued;
+mod pinned;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -829,10 +829,16 @@ fn init_tracing() {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    run_to(cli, &mut out)
+}
+
+/// Runs `cli`, printing to `out` (blocking: it starts its own runtime for API commands, so
+/// in-process tests call it from a blocking thread).
+pub(crate) fn run_to(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     match cli.command {
         // Local files only: no runtime, no server.
         Command::Pki(cmd) => {
-            run_pki(&cmd, &cli.conn, cli.output, &mut out)?;
+            run_pki(&cmd, &cli.conn, cli.output, out)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Artifact(cmd) => {
@@ -840,7 +846,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(run_artifact(&cli.conn, cli.output, cmd, &mut out))
+            runtime.block_on(run_artifact(&cli.conn, cli.output, cmd, out))
         }
         Command::Api(cmd) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -854,7 +860,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &cli.conn,
                 cli.output,
                 cmd,
-                &mut out,
+                out,
                 &mut prompt,
                 shutdown_signal(),
             ))
