@@ -448,10 +448,17 @@ async fn start_inner(
         // CA key read and the first CRL signed: off the runtime.
         tokio::task::spawn_blocking(move || -> Result<_, AppError> {
             let ca = pki.load_ca()?;
-            Ok(Arc::new(
-                Enrolment::new(cfg, enrol_store, revocations, ca, pki, registry, edge)?
-                    .with_audit(sink),
-            ))
+            let enrolment = Enrolment::new(cfg, enrol_store, revocations, ca, pki, registry, edge)?
+                .with_audit(sink);
+            // Certificates `posctl pki issue-device --dir` issued while we were stopped.
+            let audited = enrolment.audit_offline_issues()?;
+            if audited > 0 {
+                info!(
+                    audited,
+                    "certificates issued offline recorded in the audit log"
+                );
+            }
+            Ok(Arc::new(enrolment))
         })
         .await??
     };

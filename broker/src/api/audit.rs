@@ -203,6 +203,7 @@ pub(crate) fn action_for(method: &Method, route: &str) -> String {
         ("POST", "/api/v1/rollouts/{id}/abort") => "rollout.abort",
         ("POST", "/api/v1/approvals/{id}/approve") => "approval.approve",
         ("POST", "/api/v1/approvals/{id}/reject") => "approval.reject",
+        ("POST", "/api/v1/pki/certificates") => "pki.issue",
         ("GET", "/api/v1/audit") => "audit.list",
         ("GET", "/api/v1/audit/verify") => "audit.verify",
         ("GET", "/api/v1/audit/export") => "audit.export",

@@ -642,6 +642,19 @@ fn protected_routes() -> Vec<Route> {
             post(enrolment::decommission),
         ),
         route("/api/v1/pki/crl", Viewer, Admin, get(enrolment::crl)),
+        // Every certificate the fleet CA issues is recorded (issue 10 item 8).
+        route(
+            "/api/v1/pki/certificates",
+            Admin,
+            Admin,
+            post(enrolment::issue).layer(DefaultBodyLimit::max(enrolment::ISSUE_BODY_LIMIT)),
+        ),
+        route(
+            "/api/v1/devices/{id}/certificates",
+            Admin,
+            Admin,
+            get(enrolment::certificates),
+        ),
     ]
 }
 

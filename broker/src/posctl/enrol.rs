@@ -12,21 +12,31 @@ use super::devices::{print_json, typed};
 use super::output::{or_dash, printable};
 use crate::views::{RevocationView, TokenCreated, TokenList};
 
+/// What a new token is pinned to.
+#[derive(Debug, Default)]
+pub(crate) struct TokenPins {
+    pub(crate) device: Option<DeviceId>,
+    pub(crate) serial: Option<String>,
+    pub(crate) group: Option<String>,
+}
+
 /// Creates a one-time enrolment token and prints it (the only time it is shown).
 pub(crate) async fn create_token(
     api: &ApiClient,
-    serial: Option<String>,
-    group: Option<String>,
+    pins: TokenPins,
     expires: String,
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let url = api.url(&["api", "v1", "enrolment-tokens"]);
     let mut body = json!({"expires_in": expires});
-    if let Some(serial) = serial {
+    if let Some(device) = pins.device {
+        body["device_id"] = device.as_str().into();
+    }
+    if let Some(serial) = pins.serial {
         body["serial"] = serial.into();
     }
-    if let Some(group) = group {
+    if let Some(group) = pins.group {
         body["group"] = group.into();
     }
     let value = api
@@ -40,7 +50,8 @@ pub(crate) async fn create_token(
     writeln!(out, "  {}", t.token)?;
     writeln!(
         out,
-        "  serial {}  group {}  expires {}",
+        "  device {}  serial {}  group {}  expires {}",
+        or_dash(t.device_id.as_deref().unwrap_or("")),
         or_dash(t.serial.as_deref().unwrap_or("")),
         or_dash(t.group.as_deref().unwrap_or("")),
         super::output::datetime(t.expires_at_ms)
@@ -61,14 +72,15 @@ pub(crate) async fn list_tokens(
     let list: TokenList = typed(&url, value)?;
     writeln!(
         out,
-        "ID            STATE    SERIAL        GROUP         EXPIRES            USED BY"
+        "ID            STATE    DEVICE        SERIAL        GROUP         EXPIRES            USED BY"
     )?;
     for t in list.items {
         writeln!(
             out,
-            "{:<13} {:<8} {:<13} {:<13} {:<18} {}",
+            "{:<13} {:<8} {:<13} {:<13} {:<13} {:<18} {}",
             printable(&t.id),
             t.state,
+            printable(or_dash(t.device_id.as_deref().unwrap_or(""))),
             printable(or_dash(t.serial.as_deref().unwrap_or(""))),
             printable(or_dash(t.group.as_deref().unwrap_or(""))),
             super::output::datetime(t.expires_at_ms),

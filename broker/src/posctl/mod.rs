@@ -6,8 +6,8 @@
 //! - `endpoint`: where the API is (the data dir's `posctl.json`, or explicit flags).
 //! - `client`: the HTTPS client trusting the fleet CA, and HTTP failures turned into errors that
 //!   say what to do next.
-//! - `pki`: `pki init`, `pki issue-device` and `pki release-key` (local files only, no server
-//!   needed).
+//! - `pki`: `pki init` and `pki release-key` (local files only, no server needed), `pki
+//!   issue-device` (a local key, the certificate issued and recorded by the controller).
 //! - `artifacts`: `artifact sign` (local) and `artifact upload|list|show|delete`.
 //! - `devices`: `devices list` and `devices show`.
 //! - `commands`: `lock`, `unlock`, `reboot`, `wipe`, `logs collect|get`,
@@ -126,7 +126,8 @@ pub(crate) enum OutputFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the fleet PKI and issue device certificate bundles (local files, no server).
+    /// Create the fleet PKI (local files) and issue device certificate bundles (recorded by
+    /// the controller).
     #[command(subcommand)]
     Pki(PkiCommand),
     /// Signed software artifacts: sign (local, with the release key), upload, list, show,
@@ -391,6 +392,10 @@ enum EnrollCommand {
 enum EnrolTokenCommand {
     /// Create a one-time token (printed once).
     Create {
+        /// Only this device id may enrol with it; no other token or certificate takes the id
+        /// while the token is unused.
+        #[arg(long, value_name = "ID", value_parser = parse_device_id)]
+        device: Option<DeviceId>,
         /// Only a terminal with this serial number may use it.
         #[arg(long)]
         serial: Option<String>,
@@ -676,10 +681,13 @@ enum PkiCommand {
         #[arg(long = "host", value_name = "HOST")]
         hosts: Vec<String>,
     },
-    /// Issue a device certificate bundle (device.crt, device.key, ca.crt) for a staging bench.
+    /// Issue a device certificate bundle (device.crt, device.key, ca.crt, command.pub) for a
+    /// staging bench. The key is generated here; the controller issues and records the
+    /// certificate through its API, so it can be revoked before the terminal first connects.
     IssueDevice {
-        /// PKI directory holding the fleet CA. [default: DATA_DIR/pki]
-        #[arg(long, value_name = "DIR")]
+        /// Offline: issue from the CA in DATA/pki and record the certificate in DATA's
+        /// enrolment store, with the controller stopped (refused while it runs).
+        #[arg(long, value_name = "DATA/pki")]
         dir: Option<PathBuf>,
         /// Device id: letters, digits, '.', '_' or '-', starting with a letter or digit.
         #[arg(long, value_parser = parse_device_id)]
@@ -836,6 +844,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// in-process tests call it from a blocking thread).
 pub(crate) fn run_to(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     match cli.command {
+        // Through the API: the controller issues and records the certificate.
+        Command::Pki(PkiCommand::IssueDevice {
+            dir: None,
+            id,
+            out: bundle_dir,
+            force,
+        }) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async {
+                let api = client::ApiClient::new(endpoint::resolve(&cli.conn)?)?;
+                pki::issue_device(&api, &id, &bundle_dir, force, cli.output, out).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         // Local files only: no runtime, no server.
         Command::Pki(cmd) => {
             run_pki(&cmd, &cli.conn, cli.output, out)?;
@@ -884,7 +909,7 @@ fn run_pki(
             id,
             out: bundle_dir,
             force,
-        } => pki::issue_device(
+        } => pki::issue_device_offline(
             &dir.clone().unwrap_or_else(default_dir),
             id,
             bundle_dir,
@@ -1103,10 +1128,18 @@ async fn run_api(
         }
         ApiCommand::Enroll(EnrollCommand::Token(cmd)) => match cmd {
             EnrolTokenCommand::Create {
+                device,
                 serial,
                 group,
                 expires,
-            } => enrol::create_token(&api, serial, group, expires, format, out).await?,
+            } => {
+                let pins = enrol::TokenPins {
+                    device,
+                    serial,
+                    group,
+                };
+                enrol::create_token(&api, pins, expires, format, out).await?
+            }
             EnrolTokenCommand::List => enrol::list_tokens(&api, format, out).await?,
             EnrolTokenCommand::Revoke { id } => enrol::revoke_token(&api, &id, format, out).await?,
         },
