@@ -36,7 +36,11 @@ struct Fixture {
 
 impl Fixture {
     async fn start() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap()).await
+    }
+
+    /// The controller on `tmp/data` (which a test may have prepared).
+    async fn start_in(tmp: tempfile::TempDir) -> Self {
         let opts = ServeOptions::loopback(tmp.path().join("data"));
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();

@@ -33,7 +33,7 @@ mod devices;
 mod endpoint;
 mod enrol;
 mod output;
-mod pki;
+pub(crate) mod pki;
 mod rollouts;
 mod session;
 mod sse;
