@@ -81,6 +81,8 @@ pub struct ServeOptions {
     pub max_artifact_bytes: u64,
     /// Audit entries older than this are pruned (PCI DSS 10.5.1: at least 12 months).
     pub audit_retention: Duration,
+    /// The audit key (`None`: `DATA/audit.key`), created at the first start.
+    pub audit_key: Option<PathBuf>,
     /// Which command requests need a second admin (two-person approval).
     pub approvals: ApprovalPolicy,
 }
@@ -101,6 +103,7 @@ impl ServeOptions {
             device_url: None,
             max_artifact_bytes: crate::artifacts::DEFAULT_MAX_UPLOAD_BYTES,
             audit_retention: crate::audit::DEFAULT_RETENTION,
+            audit_key: None,
             approvals: ApprovalPolicy::default(),
         }
     }
@@ -391,6 +394,9 @@ async fn start_inner(
     let audit = {
         let mut cfg = AuditConfig::new(data.audit_dir(), data.audit_anchor());
         cfg.retention = opts.audit_retention;
+        if let Some(key) = &opts.audit_key {
+            cfg.key = key.clone();
+        }
         // Store open and anchor check (may append and fsync): off the runtime.
         Arc::new(
             tokio::task::spawn_blocking(move || {

@@ -8,10 +8,14 @@
 //!   [`NoAudit`].
 //! - `entry.rs`: [`AuditEntry`] and its canonical encoding and SHA-256 chain hash.
 //! - `store.rs`: [`AuditLog`]: the sled store (`DATA/audit`), one writer, durable appends,
-//!   the anchor file (`DATA/audit.anchor`), `verify`, retention pruning, queries, export pages.
+//!   the anchor file (`DATA/audit.anchor`), retention pruning, queries, export pages;
+//!   `store/verify.rs`: `verify`, alone or against an exported anchor, and anchor export.
+//! - `keyed.rs`: the audit key (`DATA/audit.key` or `--audit-key`), keyed checkpoints on every
+//!   entry, and signed anchors (issue 10 item 11).
 //! - `tests.rs`: chain, tamper, truncation, reopen, retention and concurrency tests.
 
 mod entry;
+mod keyed;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -20,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use entry::AuditEntry;
 pub(crate) use entry::outcome_name as outcome_label;
+pub use keyed::{ANCHOR_FORMAT, AnchorError, AuditKey, AuditKeyError};
 pub use store::{
     AuditConfig, AuditLog, AuditQuery, AuditStoreError, DEFAULT_LIMIT, DEFAULT_RETENTION,
     MAX_LIMIT, paths,

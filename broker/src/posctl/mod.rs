@@ -283,11 +283,30 @@ enum ApiCommand {
 enum AuditCommand {
     /// Entries, newest first, filtered.
     List(audit::AuditListArgs),
-    /// Walk the hash chain and compare it with the anchor; exit 1 when it is broken.
-    Verify,
+    /// Walk the hash chain, check every keyed checkpoint and compare the end with the
+    /// anchor; exit 1 when it is broken.
+    Verify {
+        /// Also check the chain against an anchor exported earlier (`audit anchor export`):
+        /// finds a chain rebuilt since, even by someone holding the audit key.
+        #[arg(long, value_name = "FILE")]
+        anchor: Option<PathBuf>,
+    },
     /// Every entry as JSON lines, oldest first.
     Export {
         /// Write to this file (0600) instead of stdout (`-o` is the global output format).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Signed anchors of the chain, to keep off the controller's host.
+    #[command(subcommand)]
+    Anchor(AnchorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AnchorCommand {
+    /// A signed anchor of the newest entry (JSON), for `audit verify --anchor`.
+    Export {
+        /// Write to this file instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
@@ -1084,7 +1103,12 @@ async fn run_api(
         ApiCommand::Audit(AuditCommand::List(args)) => {
             audit::list(&api, &args, format, out).await?
         }
-        ApiCommand::Audit(AuditCommand::Verify) => return audit::verify(&api, format, out).await,
+        ApiCommand::Audit(AuditCommand::Verify { anchor }) => {
+            return audit::verify(&api, anchor.as_deref(), format, out).await;
+        }
+        ApiCommand::Audit(AuditCommand::Anchor(AnchorCommand::Export { out: file })) => {
+            audit::anchor_export(&api, file.as_deref(), format, out).await?;
+        }
         ApiCommand::Audit(AuditCommand::Export { out: file }) => {
             audit::export(&api, file.as_deref(), out).await?;
         }
