@@ -2,6 +2,7 @@
 //! admin API, the mTLS device endpoint and the MQTT edge with a real terminal session.
 
 mod agent_renewal;
+mod audit_anchor;
 mod issued;
 mod pinned;
 
@@ -146,11 +147,18 @@ impl Fixture {
     }
 
     async fn stop(self) {
+        drop(self.stop_keep().await);
+    }
+
+    /// Stops everything and hands back the temp dir (data dir kept for a restart).
+    async fn stop_keep(self) -> tempfile::TempDir {
         self.cancel.cancel();
         self.tracker.close();
         tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
             .await
             .expect("everything stops");
+        drop(self.running);
+        self._tmp
     }
 }
 
