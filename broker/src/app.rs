@@ -726,7 +726,8 @@ mod tests {
             Some(broker.to_string().as_str())
         );
 
-        let mut sim = posfleet_agent::SimulatorConfig::new(1, pki.dir(), broker);
+        let issuer = crate::enrolment::SimulatorIssuer::new(running.enrolment.clone(), "test");
+        let mut sim = posfleet_agent::SimulatorConfig::new(1, pki.dir(), broker, Arc::new(issuer));
         // If the terminal's ONLINE presence beats the controller's subscription, its next
         // heartbeat registers it: keep that short.
         sim.agent.heartbeat_interval = Duration::from_secs(1);

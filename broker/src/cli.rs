@@ -232,8 +232,14 @@ async fn demo(
     cancel: &CancellationToken,
 ) -> anyhow::Result<ExitCode> {
     let running = app::start(&args.options(), tracker, cancel.child_token()).await?;
-    let mut sim =
-        SimulatorConfig::new(terminals, args.data_dir.join("pki"), running.broker.clone());
+    // Every simulated terminal's certificate is issued and recorded by the enrolment service.
+    let issuer = crate::enrolment::SimulatorIssuer::new(running.enrolment.clone(), "demo");
+    let mut sim = SimulatorConfig::new(
+        terminals,
+        args.data_dir.join("pki"),
+        running.broker.clone(),
+        std::sync::Arc::new(issuer),
+    );
     sim.agent.heartbeat_interval = heartbeat_interval;
     sim.agent.telemetry_interval = telemetry_interval;
     // The terminals get their own shutdown tree: they say goodbye (OFFLINE "shutdown") while

@@ -1,5 +1,5 @@
-//! A `pf-agent run` process: one terminal with its own device bundle (issued from the
-//! broker's fleet CA), config file and state directory.
+//! A `pf-agent run` process: one terminal with its own device bundle (issued and recorded by
+//! the broker, as `posctl pki issue-device` does), config file and state directory.
 //!
 //! ```text
 //! BROKER_TMP/scratch/agent-ID/bundle/   device.crt, device.key, ca.crt
@@ -91,8 +91,7 @@ impl Agent {
         let id = DeviceId::new(id).with_context(|| format!("invalid device id {id:?}"))?;
         let dir = broker.scratch_dir(&format!("agent-{id}"))?;
         let pki = broker.pki();
-        let ca = pki.load_ca()?;
-        let bundle = pki.write_device_bundle(&ca, &id, &dir.join("bundle"))?;
+        let bundle = broker.issue_bundle(id.as_str(), &dir.join("bundle"))?;
         let config = dir.join("agent.toml");
         let text = format!(
             r#"[broker]

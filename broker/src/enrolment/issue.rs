@@ -530,3 +530,54 @@ pub fn issue_offline(
         certificate: answer(signed, bundle_files(&pki, &ca)?),
     })
 }
+
+/// The in-process issuer of simulated terminals (`posfleet-broker demo`): the enrolment
+/// service itself, recording every certificate as `simulator`.
+#[derive(Debug, Clone)]
+pub struct SimulatorIssuer {
+    enrolment: std::sync::Arc<Enrolment>,
+    /// Who the records name as the issuer.
+    actor: String,
+}
+
+impl SimulatorIssuer {
+    pub fn new(enrolment: std::sync::Arc<Enrolment>, actor: &str) -> Self {
+        Self {
+            enrolment,
+            actor: actor.to_owned(),
+        }
+    }
+}
+
+impl posfleet_agent::simulate::CertIssuer for SimulatorIssuer {
+    fn issue(
+        &self,
+        requests: Vec<posfleet_agent::simulate::CertRequest>,
+    ) -> posfleet_agent::simulate::IssueFuture<'_> {
+        use posfleet_agent::simulate::IssueError;
+        let (svc, actor) = (self.enrolment.clone(), self.actor.clone());
+        let body = CertificateIssue {
+            purpose: Some("simulator".into()),
+            requests: requests
+                .into_iter()
+                .map(|r| crate::views::CertificateRequest {
+                    device_id: r.device_id,
+                    csr_pem: r.csr_pem,
+                })
+                .collect(),
+        };
+        Box::pin(async move {
+            let now = posfleet_proto::now_ms();
+            let issued =
+                tokio::task::spawn_blocking(move || svc.issue(&body, &actor, "local", now))
+                    .await
+                    .map_err(|e| IssueError(e.to_string()))?
+                    .map_err(|e| IssueError(e.to_string()))?;
+            Ok(issued
+                .items
+                .into_iter()
+                .map(|c| c.certificate_pem)
+                .collect())
+        })
+    }
+}

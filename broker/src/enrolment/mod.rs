@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use device::{refuse_revoked, renew_router};
-pub use issue::{MAX_ISSUE_BATCH, OfflineIssue, OfflineIssueError, issue_offline};
+pub use issue::{MAX_ISSUE_BATCH, OfflineIssue, OfflineIssueError, SimulatorIssuer, issue_offline};
 pub use revocations::{Revocations, Standing};
 pub use store::{EnrolmentStore, EnrolmentStoreError};
 
