@@ -10,10 +10,12 @@
 //! - `store.rs`: [`AuditLog`]: the sled store (`DATA/audit`), one writer, durable appends,
 //!   the anchor file (`DATA/audit.anchor`), retention pruning, queries, export pages;
 //!   `store/verify.rs`: `verify`, alone or against an exported anchor, and anchor export.
+//! - `encoding.rs`: hashes and checkpoints base64url in the store (no card-like digit runs).
 //! - `keyed.rs`: the audit key (`DATA/audit.key` or `--audit-key`), keyed checkpoints on every
 //!   entry, and signed anchors (issue 10 item 11).
 //! - `tests.rs`: chain, tamper, truncation, reopen, retention and concurrency tests.
 
+mod encoding;
 mod entry;
 mod keyed;
 mod store;

@@ -3,7 +3,8 @@
 //! `--audit-key`, 0600; see `keyed.rs`). Every function here blocks.
 //!
 //! ```text
-//! e<seq u64 BE>   AuditEntry (JSON), with its keyed checkpoint (`mac`)
+//! e<seq u64 BE>   AuditEntry (JSON), with its keyed checkpoint (`mac`); hashes and
+//!                 checkpoints base64url here (`encoding.rs`), hex in the API
 //! b               Base (JSON): the last pruned entry (seq 0, zero hash before any pruning)
 //! m               Meta (JSON): installation id, audit key id, first keyed seq
 //! ```
@@ -30,7 +31,8 @@ use posfleet_agent::sledstore::{self, OpenError};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use super::entry::{AuditEntry, Hash, ZERO_HASH, parse_hash};
+use super::encoding::{decode_entry, encode_entry, stored_hash, to_store};
+use super::entry::{AuditEntry, Hash, ZERO_HASH};
 use super::keyed::{AuditKey, AuditKeyError, MacDomain, Meta, new_installation};
 use super::{AuditError, AuditRecord, AuditSink, Outcome};
 use crate::controller::Clock;
@@ -116,10 +118,9 @@ impl AuditConfig {
 }
 
 /// The latest entry written: seq and hash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Anchor {
     seq: u64,
-    #[serde(with = "hex_hash")]
     hash: Hash,
 }
 
@@ -128,7 +129,7 @@ struct Anchor {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct AnchorFile {
     seq: u64,
-    #[serde(with = "hex_hash")]
+    #[serde(with = "stored_hash")]
     hash: Hash,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     mac: Option<String>,
@@ -147,7 +148,7 @@ impl AnchorFile {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Base {
     seq: u64,
-    #[serde(with = "hex_hash")]
+    #[serde(with = "stored_hash")]
     hash: Hash,
     /// Keyed checkpoint (absent before any pruning of keyed entries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -331,7 +332,7 @@ impl AuditLog {
             keyed_from: next,
             mac: String::new(),
         };
-        meta.mac = self.key.meta_mac(&meta);
+        meta.mac = to_store(&self.key.meta_mac(&meta));
         let value = serde_json::to_vec(&meta).map_err(|e| self.write_err("encode", e))?;
         self.tree
             .insert(META_KEY, value)
@@ -366,7 +367,7 @@ impl AuditLog {
         entry.mac = self
             .key
             .mac(MacDomain::Entry, &self.meta.installation, seq, &own);
-        let value = serde_json::to_vec(&entry).map_err(|e| self.write_err("encode", e))?;
+        let value = encode_entry(&entry).map_err(|e| self.write_err("encode", e))?;
         self.tree
             .insert(entry_key(seq), value)
             .map_err(|e| self.write_err("insert", e))?;
@@ -393,7 +394,7 @@ impl AuditLog {
             let mut n = 0;
             for item in self.tree.scan_prefix([ENTRY_PREFIX]) {
                 let (key, value) = item.map_err(|e| self.write_err("read", e))?;
-                let entry: AuditEntry = serde_json::from_slice(&value)
+                let entry: AuditEntry = decode_entry(&value)
                     .map_err(|e| self.corrupt(format!("entry {key:?} is unreadable: {e}")))?;
                 if entry.at_ms >= cutoff || entry.seq >= head.last.seq || n >= PRUNE_BATCH {
                     break;
@@ -405,12 +406,12 @@ impl AuditLog {
                 new_base = Some(Base {
                     seq: entry.seq,
                     hash,
-                    mac: Some(self.key.mac(
+                    mac: Some(to_store(&self.key.mac(
                         MacDomain::Base,
                         &self.meta.installation,
                         entry.seq,
                         &hash,
-                    )),
+                    ))),
                 });
                 n += 1;
             }
@@ -462,7 +463,7 @@ impl AuditLog {
                 break;
             }
             scanned += 1;
-            let entry: AuditEntry = serde_json::from_slice(&value)
+            let entry: AuditEntry = decode_entry(&value)
                 .map_err(|e| self.corrupt(format!("entry {seq} is unreadable: {e}")))?;
             if q.matches(&entry) {
                 entries.push(entry);
@@ -483,7 +484,7 @@ impl AuditLog {
             if seq_of(&key).is_none() {
                 break;
             }
-            let entry: AuditEntry = serde_json::from_slice(&value)
+            let entry: AuditEntry = decode_entry(&value)
                 .map_err(|e| self.corrupt(format!("entry {key:?} is unreadable: {e}")))?;
             out.push(entry);
         }
@@ -499,7 +500,7 @@ impl AuditLog {
         else {
             return Ok(None);
         };
-        serde_json::from_slice(&value)
+        decode_entry(&value)
             .map(Some)
             .map_err(|e| self.corrupt(format!("entry {seq} is unreadable: {e}")))
     }
@@ -548,7 +549,7 @@ impl AuditLog {
                 last_at_ms: 0,
             }),
             Some((key, value)) => {
-                let entry: AuditEntry = serde_json::from_slice(&value).map_err(|e| {
+                let entry: AuditEntry = decode_entry(&value).map_err(|e| {
                     self.corrupt(format!("the newest entry {key:?} is unreadable: {e}"))
                 })?;
                 let hash = entry.own().ok_or_else(|| {
@@ -627,12 +628,12 @@ impl AuditLog {
         let file = AnchorFile {
             seq: anchor.seq,
             hash: anchor.hash,
-            mac: Some(self.key.mac(
+            mac: Some(to_store(&self.key.mac(
                 MacDomain::Head,
                 &self.meta.installation,
                 anchor.seq,
                 &anchor.hash,
-            )),
+            ))),
         };
         let json = serde_json::to_string(&file).map_err(|e| self.write_err("encode", e))?;
         posfleet_proto::pki::write_secret_file(&self.anchor_path, &json)
@@ -684,22 +685,6 @@ fn seq_of(key: &[u8]) -> Option<u64> {
     match key {
         [ENTRY_PREFIX, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
         _ => None,
-    }
-}
-
-/// A hash as 64 hex digits in JSON.
-mod hex_hash {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use super::{Hash, parse_hash};
-
-    pub(super) fn serialize<S: Serializer>(h: &Hash, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(h))
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Hash, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_hash(&s).ok_or_else(|| serde::de::Error::custom("expected 64 hex digits"))
     }
 }
 

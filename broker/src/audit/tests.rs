@@ -101,6 +101,16 @@ fn appends_form_a_verifiable_chain() {
         (report.entries, report.first_seq, report.last_seq),
         (5, Some(1), Some(5))
     );
+    // As stored, hashes and checkpoints hold no card-like digit runs (the API shows hex).
+    let raw = log.tree().get(key(1)).unwrap().unwrap();
+    let raw: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    for field in ["prev_hash", "hash", "mac"] {
+        let text = raw[field].as_str().unwrap();
+        assert!(
+            posfleet_proto::pan::longest_digit_run(text) < 13,
+            "{field}: {text}"
+        );
+    }
 }
 
 #[test]

@@ -182,7 +182,7 @@ impl AuditLog {
                 bad(&mut report, expected.min(seq), why);
                 return walked(report, last, mismatch);
             }
-            let entry: AuditEntry = match serde_json::from_slice(&value) {
+            let entry: AuditEntry = match crate::audit::encoding::decode_entry(&value) {
                 Ok(e) => e,
                 Err(e) => {
                     bad(&mut report, seq, format!("entry {seq} is unreadable: {e}"));
