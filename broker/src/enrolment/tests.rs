@@ -551,6 +551,25 @@ async fn renewal_issues_a_new_certificate_and_revokes_the_old_one() {
             .unwrap()
             .contains(&old_serial)
     );
+    // Both certificates are on record: how each was issued, and which is revoked.
+    let records = f
+        .running
+        .enrolment
+        .certificates(&DeviceId::new("T-5").unwrap())
+        .unwrap();
+    let kinds: Vec<_> = records
+        .items
+        .iter()
+        .map(|c| (c.kind, c.serial == old_serial, c.revoked))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (crate::views::IssueKind::Enrolment, true, true),
+            (crate::views::IssueKind::Renewal, false, false)
+        ],
+        "{records:?}"
+    );
 
     // The old certificate is refused at the edge; the new one is not.
     let mut old_events = f.session("T-5", &enrolled.certificate_pem, &old_key);
