@@ -165,9 +165,8 @@ impl AuditLog {
             );
             return walked(report, last, None);
         }
-        let mut expected = base.seq + 1;
         let mut mismatch: Option<(u64, String)> = None;
-        for item in self.tree.scan_prefix([ENTRY_PREFIX]) {
+        for (expected, item) in (base.seq + 1..).zip(self.tree.scan_prefix([ENTRY_PREFIX])) {
             let (key, value) = item.map_err(|e| self.write_err("read", e))?;
             let Some(seq) = seq_of(&key) else {
                 bad(&mut report, expected, format!("unexpected key {key:?}"));
@@ -233,7 +232,6 @@ impl AuditLog {
             report.first_seq.get_or_insert(seq);
             report.last_seq = Some(seq);
             last = Anchor { seq, hash: own };
-            expected += 1;
         }
         walked(report, last, mismatch)
     }

@@ -239,7 +239,7 @@ async fn an_offline_issue_is_audited_at_the_next_start_and_revocable() {
     let out = tmp.path().join("bundle-T-off");
     let mut printed = Vec::new();
     crate::posctl::pki::issue_device_offline(
-        &data.pki().dir().to_owned(),
+        data.pki().dir(),
         &DeviceId::new("T-off").unwrap(),
         &out,
         false,
