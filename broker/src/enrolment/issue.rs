@@ -3,8 +3,9 @@
 //! Every certificate the controller's fleet CA signs for a device goes through [`sign`] and is
 //! recorded (`c/<serial>`, and the serial in the device's record) in the same durable batch
 //! as the rest of the change, before the certificate is returned: enrolment, renewal,
-//! `POST /api/v1/pki/certificates` (`posctl pki issue-device`, the simulator) and the offline
-//! [`issue_offline`] (`posctl pki issue-device --dir DATA/pki` with the controller stopped).
+//! `POST /api/v1/pki/certificates` (`posctl pki issue-device`, the simulator, and
+//! [`SimulatorIssuer`] in-process) and the offline path (`offline.rs`: `posctl pki
+//! issue-device --dir DATA/pki` with the controller stopped).
 //! So every bundle can be listed and revoked before its terminal ever connected, and its serial
 //! goes on the CRL.
 //!
@@ -16,17 +17,15 @@
 //!   bundle; both certificates stay valid until revoked).
 
 use std::collections::HashSet;
-use std::path::Path;
 
 use posfleet_proto::DeviceId;
 use posfleet_proto::pki::{Ca, CertFacts, PkiDir, VerifiedCsr, verify_csr};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::store::{
-    Changes, DevicePki, EnrolmentStore, EnrolmentStoreError, IssuedCert, Loaded, PkiStatus,
-    RECORD_VERSION, StoredToken,
+    Changes, DevicePki, IssuedCert, Loaded, PkiStatus, RECORD_VERSION, StoredToken,
 };
-use super::{Book, DEFAULT_CACHE, EnrolError, Enrolment, Refusal, status_name};
+use super::{Book, EnrolError, Enrolment, Refusal, status_name};
 use crate::audit::Outcome;
 use crate::views::{
     CertificateIssue, CertificateRecordView, DeviceCertificates, IssueKind, IssuedCertificate,
@@ -223,7 +222,7 @@ impl Book {
     }
 
     /// Checks, signs and records `requests` (one change for all of them, not yet committed).
-    fn issue_batch(
+    pub(super) fn issue_batch(
         &self,
         ca: &Ca,
         requests: &[(DeviceId, VerifiedCsr)],
@@ -310,7 +309,7 @@ pub(super) struct BundleFiles {
     pub release_pub_pem: Option<String>,
 }
 
-fn bundle_files(pki: &PkiDir, ca: &Ca) -> Result<BundleFiles, EnrolError> {
+pub(super) fn bundle_files(pki: &PkiDir, ca: &Ca) -> Result<BundleFiles, EnrolError> {
     let read = |path: std::path::PathBuf| {
         std::fs::read_to_string(&path).map_err(|e| {
             EnrolError::internal(
@@ -331,7 +330,7 @@ fn bundle_files(pki: &PkiDir, ca: &Ca) -> Result<BundleFiles, EnrolError> {
     })
 }
 
-fn answer(signed: Vec<Signed>, files: BundleFiles) -> IssuedCertificates {
+pub(super) fn answer(signed: Vec<Signed>, files: BundleFiles) -> IssuedCertificates {
     IssuedCertificates {
         items: signed
             .into_iter()
@@ -469,66 +468,6 @@ impl Enrolment {
         book.apply(changes);
         Ok(n)
     }
-}
-
-/// What [`issue_offline`] issued.
-#[derive(Debug, Clone)]
-pub struct OfflineIssue {
-    pub certificate: IssuedCertificates,
-}
-
-/// Why [`issue_offline`] could not issue.
-#[derive(Debug, thiserror::Error)]
-pub enum OfflineIssueError {
-    /// The controller holds the enrolment store: issue through its API instead.
-    #[error("the controller is running on {data}")]
-    Running { data: std::path::PathBuf },
-    #[error(transparent)]
-    Store(EnrolmentStoreError),
-    #[error("cannot load the fleet CA: {0}")]
-    Ca(posfleet_proto::pki::PkiError),
-    #[error(transparent)]
-    Refused(#[from] EnrolError),
-}
-
-/// `posctl pki issue-device --dir DATA/pki` with the controller stopped: the same checks,
-/// signing and record as the API, written into `DATA/enrolment` directly. The record is
-/// marked for the audit log, which the controller writes at its next start. Blocks.
-pub fn issue_offline(
-    data_root: &Path,
-    id: &DeviceId,
-    csr_pem: &str,
-    actor: &str,
-    now_ms: u64,
-) -> Result<OfflineIssue, OfflineIssueError> {
-    let data = crate::datadir::DataDir::at(data_root);
-    let pki = data.pki();
-    let ca = pki.load_ca().map_err(OfflineIssueError::Ca)?;
-    let csr = verify_csr(csr_pem)
-        .map_err(|e| EnrolError::field(Refusal::Invalid, "csr_pem", e.to_string()))?;
-    let store =
-        EnrolmentStore::open(&data.enrolment_dir(), DEFAULT_CACHE).map_err(|e| match e {
-            EnrolmentStoreError::Busy { .. } => OfflineIssueError::Running {
-                data: data_root.to_owned(),
-            },
-            other => OfflineIssueError::Store(other),
-        })?;
-    let book = Book::from_loaded(store.load().map_err(OfflineIssueError::Store)?);
-    let (signed, mut changes) = book.issue_batch(
-        &ca,
-        &[(id.clone(), csr)],
-        IssueKind::CliOffline,
-        actor,
-        now_ms,
-    )?;
-    for c in &mut changes.issued {
-        c.pending_audit = true;
-    }
-    store.commit(&changes).map_err(OfflineIssueError::Store)?;
-    warn!(device = %id, "device certificate issued offline; the controller audits it at its next start");
-    Ok(OfflineIssue {
-        certificate: answer(signed, bundle_files(&pki, &ca)?),
-    })
 }
 
 /// The in-process issuer of simulated terminals (`posfleet-broker demo`): the enrolment

@@ -11,7 +11,8 @@
 //! - `store.rs`: the sled store `DATA/enrolment`.
 //! - `issue.rs`: signing and recording every device certificate (enrolment, renewal,
 //!   `POST /api/v1/pki/certificates`, the offline `posctl pki issue-device --dir`), and which
-//!   device ids may receive one (tokens pinned to an id, ids already issued).
+//!   device ids may receive one (tokens pinned to an id, ids already issued); `offline.rs`: the
+//!   same into a stopped controller's data directory.
 //! - `limit.rs`: failed enrolments per source address.
 //! - `device.rs`: `POST /device/v1/renew[/confirm]` on the device endpoint (mutual TLS).
 //!
@@ -22,6 +23,7 @@
 mod device;
 mod issue;
 mod limit;
+mod offline;
 mod revocations;
 mod store;
 mod token;
@@ -40,7 +42,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use device::{refuse_revoked, renew_router};
-pub use issue::{MAX_ISSUE_BATCH, OfflineIssue, OfflineIssueError, SimulatorIssuer, issue_offline};
+pub use issue::{MAX_ISSUE_BATCH, SimulatorIssuer};
+pub use offline::{OfflineIssue, OfflineIssueError, issue_offline};
 pub use revocations::{Revocations, Standing};
 pub use store::{EnrolmentStore, EnrolmentStoreError};
 
