@@ -140,9 +140,16 @@ pub(crate) async fn issue_device(
     let url = api.url(&["api", "v1", "pki", "certificates"]);
     let body =
         json!({"purpose": "cli", "requests": [{"device_id": id.as_str(), "csr_pem": key.csr_pem}]});
-    let value = api
-        .send_json(Method::POST, url.clone(), Some(&body))
-        .await?;
+    let value = match api.send_json(Method::POST, url.clone(), Some(&body)).await {
+        Ok(value) => value,
+        Err(e @ super::client::ApiError::Connect { .. }) => {
+            return Err(anyhow!(
+                "{e}; with the controller stopped, issue offline into its data directory with \
+                 --dir DATA/pki"
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let issued: IssuedCertificates = typed(&url, value)?;
     let bundle = write_bundle(out_dir, id, &key.key_pem, &issued)?;
     print_bundle(id, &bundle, &issued, false, format, out)
