@@ -773,6 +773,12 @@ enum DevicesCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Every certificate issued for a device: serial, how (enrolment, renewal, cli,
+    /// cli_offline, simulator), by whom, expiry, revoked or not.
+    Certificates {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
+    },
     /// Revoke and retire a device: hidden from `devices list`, kept for history.
     Decommission {
         #[arg(value_parser = parse_device_id)]
@@ -1169,6 +1175,9 @@ async fn run_api(
         },
         ApiCommand::Devices(DevicesCommand::Revoke { id, reason }) => {
             enrol::revoke_device(&api, &id, reason, false, format, out).await?
+        }
+        ApiCommand::Devices(DevicesCommand::Certificates { id }) => {
+            enrol::certificates(&api, &id, format, out).await?
         }
         ApiCommand::Devices(DevicesCommand::Decommission { id, reason }) => {
             enrol::revoke_device(&api, &id, reason, true, format, out).await?

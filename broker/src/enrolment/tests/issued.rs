@@ -167,6 +167,13 @@ async fn every_issued_certificate_is_recorded_and_bad_batches_change_nothing() {
     assert_eq!(body["items"][0]["revoked"], false, "{body}");
     let (status, _) = records(&f, "T-never").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let printed = posctl(&f, &["devices", "certificates", "T-cli"])
+        .await
+        .unwrap();
+    assert!(
+        printed.contains(&serial_of(&cli_cert)) && printed.contains("cli"),
+        "{printed}"
+    );
 
     // A batch for the simulator: every certificate recorded.
     let r = f
