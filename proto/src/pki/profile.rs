@@ -102,7 +102,9 @@ impl Ca {
 
     /// A device certificate: CN = id, OU = device, URI SAN `urn:posfleet:device:<id>`,
     /// extended key usage client auth. The key is generated here; enrolment (where the terminal
-    /// keeps its key) signs a CSR instead.
+    /// keeps its key) signs a CSR instead. Nothing records the certificate: the controller
+    /// issues through its enrolment service (which records every certificate); this is for
+    /// tests and fixtures that never reach a controller's data.
     pub fn issue_device(&self, id: &DeviceId) -> Result<CertifiedKey, PkiError> {
         self.issue(device_params(id)?)
     }
