@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -75,15 +76,21 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config_out: Option<PathBuf>,
     },
-    /// Run N virtual terminals in this process, each with its own certificate issued from the
-    /// fleet CA in DIR, for demos and load tests.
+    /// Run N virtual terminals in this process, for demos and load tests. Each generates its
+    /// key; the controller issues and records its certificate through its admin API.
     Simulate {
         /// Number of terminals.
         #[arg(long, value_name = "N")]
         count: usize,
-        /// PKI directory with the fleet CA (ca.crt, ca.key), e.g. from `posctl pki init`.
+        /// PKI directory with the fleet CA certificate and command key (ca.crt, command.pub),
+        /// e.g. the controller's DATA/pki; its ca.key is not read.
         #[arg(long, value_name = "DIR")]
         pki_dir: PathBuf,
+        /// The controller's client file (api_url, ca_file, token_file; an admin token),
+        /// through which the certificates are issued and recorded.
+        /// [default: posctl.json beside the PKI directory]
+        #[arg(long, value_name = "FILE")]
+        api_client: Option<PathBuf>,
         /// The broker, mqtts://host:port.
         #[arg(long, value_name = "URL", default_value = "mqtts://127.0.0.1:8883", value_parser = BrokerUrl::parse)]
         broker: BrokerUrl,
@@ -232,6 +239,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Simulate {
                 count,
                 pki_dir,
+                api_client,
                 broker,
                 id_prefix,
                 heartbeat_interval,
@@ -242,7 +250,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 hooks,
                 max_offline,
             } => {
-                let mut cfg = SimulatorConfig::new(count, pki_dir, broker);
+                let client = api_client.unwrap_or_else(|| pki_dir.with_file_name("posctl.json"));
+                let issuer = simulate::ApiIssuer::from_client_file(&client).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{e}; the simulator gets its certificates from the controller, which \
+                         records them: pass --api-client DATA/posctl.json of a running \
+                         controller"
+                    )
+                })?;
+                let mut cfg = SimulatorConfig::new(count, pki_dir, broker, Arc::new(issuer));
                 cfg.id_prefix = id_prefix;
                 cfg.agent.heartbeat_interval = heartbeat_interval;
                 cfg.agent.telemetry_interval = telemetry_interval;

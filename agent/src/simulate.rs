@@ -2,10 +2,14 @@
 //! own certificate, MQTT session, heartbeats, telemetry ([`SimulatedSystem`] and
 //! [`SimulatedSensors`] instead of the host's numbers) and transactions.
 //!
-//! Certificates are issued in memory from the fleet CA of a PKI directory (loaded once);
-//! the root store and crypto provider are shared by all terminals. Terminals start at
+//! Every terminal generates its key here; its certificate comes from
+//! [`SimulatorConfig::issuer`] (the controller, which records each one, so a simulated terminal
+//! can be revoked like a real one; see `issuer.rs`), a batch at a time as the ramp goes. The
+//! simulator reads only the public files of a PKI directory (`ca.crt`, `command.pub`,
+//! `release.pub`), never the CA's key. The root store and crypto provider are shared by all
+//! terminals. Terminals start at
 //! [`SimulatorConfig::connect_rate`] per second so a large fleet does not storm the broker;
-//! [`run_simulator`] returns as soon as the CA is loaded and the ramp has begun.
+//! [`run_simulator`] returns as soon as the first terminal is built and the ramp has begun.
 //!
 //! Transactions: every terminal's till ([`transactions::TxnGenerator`]) produces
 //! [`SimulatorConfig::tx_rate_per_minute`] transactions per minute on average (Poisson
@@ -29,15 +33,18 @@
 //! are verified with the PKI directory's `release.pub` when it exists (without it every update
 //! is refused). The install, rollback and health hooks are those of [`SimulatorConfig::hooks`].
 
+mod issuer;
 mod till;
 pub mod transactions;
+
+pub use issuer::{ApiIssuer, CertIssuer, CertRequest, IssueError, IssueFuture, MAX_ISSUE_BATCH};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use posfleet_proto::DeviceId;
-use posfleet_proto::pki::{Ca, CertifiedKey, PkiDir, PkiError};
+use posfleet_proto::pki::{CertifiedKey, PkiDir, PkiError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -76,8 +83,11 @@ pub const MAX_TX_RATE_PER_MINUTE: f64 = 60_000.0;
 pub struct SimulatorConfig {
     /// Number of terminals.
     pub count: usize,
-    /// PKI directory holding the fleet CA (`ca.crt`, `ca.key`).
+    /// PKI directory with the fleet CA certificate and the command key (`ca.crt`,
+    /// `command.pub`, optionally `release.pub`); the CA's key is not needed.
     pub pki_dir: std::path::PathBuf,
+    /// Issues (and records) the terminals' certificates.
+    pub issuer: Arc<dyn CertIssuer>,
     /// Everything but the device strings is used for every terminal.
     pub agent: AgentSettings,
     /// Device ids are `{id_prefix}{index:05}`, index from 0.
@@ -102,12 +112,18 @@ pub struct SimulatorConfig {
 impl SimulatorConfig {
     /// Defaults: ids `sim-NNNNN`, 200 terminals started per second, 4 transactions per
     /// terminal per minute, outbox in `simulator-data/` beside the PKI directory.
-    pub fn new(count: usize, pki_dir: impl Into<std::path::PathBuf>, broker: BrokerUrl) -> Self {
+    pub fn new(
+        count: usize,
+        pki_dir: impl Into<std::path::PathBuf>,
+        broker: BrokerUrl,
+        issuer: Arc<dyn CertIssuer>,
+    ) -> Self {
         let pki_dir = pki_dir.into();
         let data_dir = pki_dir.with_file_name("simulator-data");
         Self {
             count,
             pki_dir,
+            issuer,
             agent: AgentSettings::new(broker),
             id_prefix: DEFAULT_ID_PREFIX.to_owned(),
             connect_rate: DEFAULT_CONNECT_RATE,
@@ -139,14 +155,16 @@ impl SimulatorConfig {
 pub enum SimError {
     #[error("invalid simulator settings: {reason}")]
     Config { reason: String },
-    #[error("cannot load the fleet CA from {}", dir.display())]
+    #[error("cannot read the fleet CA certificate in {}", dir.display())]
     Ca {
         dir: std::path::PathBuf,
         #[source]
         source: PkiError,
     },
-    #[error("cannot issue a device certificate")]
+    #[error("cannot generate a device key")]
     Issue(#[from] PkiError),
+    #[error("the controller did not issue the terminals' certificates: {0}")]
+    Issuer(#[from] IssueError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
@@ -285,7 +303,6 @@ impl SimulatorHandle {
 
 /// Shared by every terminal.
 struct Fleet {
-    ca: Ca,
     roots: Arc<rustls::RootCertStore>,
     outbox: Outbox,
     state: StateStore,
@@ -297,8 +314,8 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// A terminal's certificate, outbox and command setup (all blocking to make).
-    fn terminal(&self, id: &DeviceId) -> Result<Issued, SimError> {
+    /// A terminal's outbox and command setup (blocking to make), with its certificate.
+    fn terminal(&self, id: &DeviceId, cert: CertifiedKey) -> Result<Issued, SimError> {
         let files = TerminalFiles {
             // One directory per terminal, like a real terminal's own disk: renames in one
             // shared directory would serialise on its lock.
@@ -309,7 +326,7 @@ impl Fleet {
             api_socket: None,
         };
         Ok(Issued {
-            cert: issue(&self.ca, id)?,
+            cert,
             outbox: self.outbox.device(id)?,
             commands: CommandSetup::load(self.commands.clone(), self.state.device(id), files)?,
         })
@@ -351,7 +368,7 @@ pub async fn run_simulator(
         .collect::<Result<Vec<_>, _>>()?
         .into();
 
-    // File reads, key parsing and opening the stores: off the runtime.
+    // File reads and opening the stores: off the runtime.
     let (dir, data_dir, outbox) = (cfg.pki_dir.clone(), cfg.data_dir.clone(), cfg.outbox);
     let (hooks, max_offline) = (cfg.hooks.clone(), cfg.max_offline);
     let fleet = tokio::task::spawn_blocking(move || {
@@ -359,7 +376,7 @@ pub async fn run_simulator(
     })
     .await
     .map_err(|e| SimError::Config {
-        reason: format!("loading the CA panicked: {e}"),
+        reason: format!("loading the PKI directory panicked: {e}"),
     })??;
     let fleet = Arc::new(fleet);
 
@@ -374,12 +391,12 @@ pub async fn run_simulator(
             .then(|| Arc::new(Mutex::new(Vec::new()))),
     };
     // Fail early and clearly if the first terminal cannot be built.
-    let (f, id) = (fleet.clone(), ids[0].clone());
-    let issued = tokio::task::spawn_blocking(move || f.terminal(&id))
-        .await
-        .map_err(|e| SimError::Config {
-            reason: format!("starting the first terminal panicked: {e}"),
-        })??;
+    let issued = issue_batch(&fleet, cfg.issuer.as_ref(), &ids[..1])
+        .await?
+        .pop()
+        .ok_or_else(|| SimError::Config {
+            reason: "no certificate for the first terminal".into(),
+        })?;
     let first = build_agent(&fleet, &cfg, 0, &ids[0], issued)?;
     let first = first.spawn(tracker, cancel.child_token())?;
     start_till(&cfg, &handle, 0, &first, tracker, &cancel);
@@ -405,16 +422,6 @@ fn load_fleet(
     (hooks, max_offline): (HookSettings, Option<Duration>),
 ) -> Result<Fleet, SimError> {
     let pki = PkiDir::at(dir);
-    let ca = pki.load_ca().map_err(|source| SimError::Ca {
-        dir: dir.to_owned(),
-        source,
-    })?;
-    let keys = pki
-        .load_command_public_keys()
-        .map_err(|source| SimError::CommandKey {
-            dir: dir.to_owned(),
-            source,
-        })?;
     let ca_pem = std::fs::read(pki.ca_cert()).map_err(|source| SimError::Ca {
         dir: dir.to_owned(),
         source: PkiError::Io {
@@ -423,6 +430,12 @@ fn load_fleet(
         },
     })?;
     let roots = tls::root_store_from_pem(&ca_pem)?;
+    let keys = pki
+        .load_command_public_keys()
+        .map_err(|source| SimError::CommandKey {
+            dir: dir.to_owned(),
+            source,
+        })?;
     let outbox = Outbox::open(&data_dir.join("outbox"), settings)?;
     let state = StateStore::open(&data_dir.join("state"), DEFAULT_SIM_STATE_CACHE_CAPACITY)?;
     let mut commands = CommandSettings::new(posfleet_proto::signing::KeyRing::new(keys));
@@ -440,7 +453,6 @@ fn load_fleet(
         commands.updates.release_keys = posfleet_proto::signing::KeyRing::new(keys);
     }
     Ok(Fleet {
-        ca,
         roots,
         outbox,
         state,
@@ -450,8 +462,32 @@ fn load_fleet(
     })
 }
 
-fn issue(ca: &Ca, id: &DeviceId) -> Result<CertifiedKey, SimError> {
-    Ok(ca.issue_device(id)?)
+/// Keys, certificates (from `issuer`), outbox handles and command setups for `ids`.
+async fn issue_batch(
+    fleet: &Arc<Fleet>,
+    issuer: &dyn CertIssuer,
+    ids: &[DeviceId],
+) -> Result<Vec<Issued>, SimError> {
+    let panicked = |e: tokio::task::JoinError| SimError::Config {
+        reason: format!("certificate issuing panicked: {e}"),
+    };
+    let owned = ids.to_vec();
+    let (keys, requests) = tokio::task::spawn_blocking(move || issuer::key_requests(&owned))
+        .await
+        .map_err(panicked)??;
+    let certs = issuer.issue(requests).await?;
+    if certs.len() != ids.len() {
+        return Err(IssueError("the issuer answered with too few certificates".into()).into());
+    }
+    let (fleet, ids) = (Arc::clone(fleet), ids.to_vec());
+    tokio::task::spawn_blocking(move || {
+        ids.iter()
+            .zip(keys.into_iter().zip(certs))
+            .map(|(id, (key_pem, cert_pem))| fleet.terminal(id, CertifiedKey { cert_pem, key_pem }))
+            .collect::<Result<Vec<_>, SimError>>()
+    })
+    .await
+    .map_err(panicked)?
 }
 
 /// Builds terminal `index` with the same agent code as a real terminal.
@@ -522,8 +558,9 @@ impl Ramp {
         let _done = self.handle.ramp_done.clone().drop_guard();
         let start = Instant::now();
         let period = Duration::from_secs(1) / self.cfg.connect_rate;
-        // Certificates are issued on the blocking pool, a tenth of a second's worth at a time.
-        let batch = (self.cfg.connect_rate as usize / 10).max(1);
+        // Certificates are issued a tenth of a second's worth at a time (keys on the blocking
+        // pool, certificates by the issuer, one request per batch).
+        let batch = (self.cfg.connect_rate as usize / 10).clamp(1, MAX_ISSUE_BATCH);
         let mut index = 1;
         while index < self.cfg.count {
             let end = (index + batch).min(self.cfg.count);
@@ -562,20 +599,9 @@ impl Ramp {
         );
     }
 
-    /// Certificates, outbox handles and command setups (all blocking to make) for terminals
-    /// `from..to`.
+    /// Certificates, outbox handles and command setups for terminals `from..to`.
     async fn issue_batch(&self, from: usize, to: usize) -> Result<Vec<Issued>, SimError> {
-        let fleet = self.fleet.clone();
-        let ids = self.ids.clone();
-        tokio::task::spawn_blocking(move || {
-            (from..to)
-                .map(|i| fleet.terminal(&ids[i]))
-                .collect::<Result<Vec<_>, SimError>>()
-        })
-        .await
-        .map_err(|e| SimError::Config {
-            reason: format!("certificate issuing panicked: {e}"),
-        })?
+        issue_batch(&self.fleet, self.cfg.issuer.as_ref(), &self.ids[from..to]).await
     }
 
     fn start(&self, index: usize, issued: Issued) -> Result<(), SimError> {

@@ -82,6 +82,8 @@ pub struct ServeOptions {
     pub max_artifact_bytes: u64,
     /// Audit entries older than this are pruned (PCI DSS 10.5.1: at least 12 months).
     pub audit_retention: Duration,
+    /// The audit key (`None`: `DATA/audit.key`), created at the first start.
+    pub audit_key: Option<PathBuf>,
     /// Which command requests need a second admin (two-person approval).
     pub approvals: ApprovalPolicy,
     /// Connection admission of every listener (docs/decisions/0012-connection-admission.md).
@@ -104,6 +106,7 @@ impl ServeOptions {
             device_url: None,
             max_artifact_bytes: crate::artifacts::DEFAULT_MAX_UPLOAD_BYTES,
             audit_retention: crate::audit::DEFAULT_RETENTION,
+            audit_key: None,
             approvals: ApprovalPolicy::default(),
             admission: AdmissionOptions::default(),
         }
@@ -401,6 +404,9 @@ async fn start_inner(
     let audit = {
         let mut cfg = AuditConfig::new(data.audit_dir(), data.audit_anchor());
         cfg.retention = opts.audit_retention;
+        if let Some(key) = &opts.audit_key {
+            cfg.key = key.clone();
+        }
         // Store open and anchor check (may append and fsync): off the runtime.
         Arc::new(
             tokio::task::spawn_blocking(move || {
@@ -473,10 +479,17 @@ async fn start_inner(
         // CA key read and the first CRL signed: off the runtime.
         tokio::task::spawn_blocking(move || -> Result<_, AppError> {
             let ca = pki.load_ca()?;
-            Ok(Arc::new(
-                Enrolment::new(cfg, enrol_store, revocations, ca, pki, registry, edge)?
-                    .with_audit(sink),
-            ))
+            let enrolment = Enrolment::new(cfg, enrol_store, revocations, ca, pki, registry, edge)?
+                .with_audit(sink);
+            // Certificates `posctl pki issue-device --dir` issued while we were stopped.
+            let audited = enrolment.audit_offline_issues()?;
+            if audited > 0 {
+                info!(
+                    audited,
+                    "certificates issued offline recorded in the audit log"
+                );
+            }
+            Ok(Arc::new(enrolment))
         })
         .await??
     };
@@ -743,7 +756,8 @@ mod tests {
             Some(broker.to_string().as_str())
         );
 
-        let mut sim = posfleet_agent::SimulatorConfig::new(1, pki.dir(), broker);
+        let issuer = crate::enrolment::SimulatorIssuer::new(running.enrolment.clone(), "test");
+        let mut sim = posfleet_agent::SimulatorConfig::new(1, pki.dir(), broker, Arc::new(issuer));
         // If the terminal's ONLINE presence beats the controller's subscription, its next
         // heartbeat registers it: keep that short.
         sim.agent.heartbeat_interval = Duration::from_secs(1);

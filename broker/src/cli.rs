@@ -128,6 +128,11 @@ struct ServeArgs {
     /// How long audit entries are kept (PCI DSS 10.5.1 asks for at least 12 months).
     #[arg(long, value_name = "DURATION", default_value = "8760h", value_parser = parse_duration)]
     audit_retention: Duration,
+    /// The audit key (Ed25519, 0600, created at the first start) that keys every audit entry
+    /// and signs exported anchors; keep it off the data directory's disk where you can.
+    /// [default: DATA_DIR/audit.key]
+    #[arg(long, value_name = "FILE", env = "POSFLEET_AUDIT_KEY")]
+    audit_key: Option<PathBuf>,
     /// Two-person approval of wipes and large locks: `on`, or `off` (single-admin test and
     /// lab setups only; every request is then issued at once).
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
@@ -163,6 +168,7 @@ impl ServeArgs {
             device_url: self.device_url.clone(),
             max_artifact_bytes: self.max_artifact_bytes,
             audit_retention: self.audit_retention,
+            audit_key: self.audit_key.clone(),
             approvals: ApprovalPolicy {
                 enabled: self.two_person_approval == "on",
                 lock_threshold: self.approval_lock_threshold,
@@ -253,8 +259,14 @@ async fn demo(
     cancel: &CancellationToken,
 ) -> anyhow::Result<ExitCode> {
     let running = app::start(&args.options(), tracker, cancel.child_token()).await?;
-    let mut sim =
-        SimulatorConfig::new(terminals, args.data_dir.join("pki"), running.broker.clone());
+    // Every simulated terminal's certificate is issued and recorded by the enrolment service.
+    let issuer = crate::enrolment::SimulatorIssuer::new(running.enrolment.clone(), "demo");
+    let mut sim = SimulatorConfig::new(
+        terminals,
+        args.data_dir.join("pki"),
+        running.broker.clone(),
+        std::sync::Arc::new(issuer),
+    );
     sim.agent.heartbeat_interval = heartbeat_interval;
     sim.agent.telemetry_interval = telemetry_interval;
     // The terminals get their own shutdown tree: they say goodbye (OFFLINE "shutdown") while

@@ -122,6 +122,23 @@ impl CommandKey {
             .to_vec()
     }
 
+    /// An Ed25519 signature over `tag ‖ message`, for uses other than commands and releases
+    /// (the tag keeps the domains apart; e.g. the controller's audit anchors).
+    pub fn sign_tagged(&self, tag: &[u8], message: &[u8]) -> [u8; 64] {
+        let mut bytes = tag.to_vec();
+        bytes.extend_from_slice(message);
+        self.signing.sign(&bytes).to_bytes()
+    }
+
+    /// A 32-byte secret derived from the private key for `purpose` (SHA-256 of the purpose
+    /// and the key's seed), e.g. a MAC key. Secret: never log it.
+    pub fn derive_secret(&self, purpose: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(purpose);
+        h.update(self.signing.to_bytes());
+        h.finalize().into()
+    }
+
     /// Encodes and signs `command`.
     pub fn sign(&self, command: &pb::Command) -> pb::SignedCommand {
         let bytes = command.encode_to_vec();
@@ -163,6 +180,16 @@ impl PublicKey {
     /// 16 hex digits: the first 8 bytes of the SHA-256 of the raw public key.
     pub fn key_id(&self) -> &str {
         &self.key_id
+    }
+
+    /// Checks a [`CommandKey::sign_tagged`] signature (strict Ed25519).
+    pub fn verify_tagged(&self, tag: &[u8], message: &[u8], signature: &[u8]) -> bool {
+        let Ok(signature) = Signature::from_slice(signature) else {
+            return false;
+        };
+        let mut bytes = tag.to_vec();
+        bytes.extend_from_slice(message);
+        self.verifying.verify_strict(&bytes, &signature).is_ok()
     }
 }
 
@@ -368,6 +395,25 @@ mod tests {
 
     fn reason(r: Result<pb::Command, Rejection>) -> RejectReason {
         r.expect_err("must be rejected").reason
+    }
+
+    #[test]
+    fn tagged_signatures_bind_tag_message_and_key_and_derived_secrets_differ_by_purpose() {
+        let key = CommandKey::generate();
+        let sig = key.sign_tagged(b"t1\0", b"message");
+        assert!(key.public_key().verify_tagged(b"t1\0", b"message", &sig));
+        assert!(!key.public_key().verify_tagged(b"t2\0", b"message", &sig));
+        assert!(!key.public_key().verify_tagged(b"t1\0", b"messagf", &sig));
+        assert!(
+            !key.public_key()
+                .verify_tagged(b"t1\0", b"message", &sig[..63])
+        );
+        let other = CommandKey::generate();
+        assert!(!other.public_key().verify_tagged(b"t1\0", b"message", &sig));
+        assert_ne!(key.derive_secret(b"a"), key.derive_secret(b"b"));
+        assert_ne!(key.derive_secret(b"a"), other.derive_secret(b"a"));
+        let again = CommandKey::from_pem(&key.to_pem()).unwrap();
+        assert_eq!(key.derive_secret(b"a"), again.derive_secret(b"a"));
     }
 
     #[test]

@@ -34,8 +34,6 @@ const GOOD: &str = "pos-good";
 struct Fixture {
     broker: Broker,
     _good: Agent,
-    /// The fleet CA, to issue valid certificates for rogue clients.
-    ca: Ca,
     /// The fleet CA certificate, which clients trust for the server.
     ca_pem: Vec<u8>,
     /// When the good terminal last changed presence (must never change again).
@@ -48,12 +46,10 @@ impl Fixture {
         let good = agent(&broker, GOOD);
         let detail = online(broker.api(), GOOD).await;
         let pki = broker.pki();
-        let ca = pki.load_ca().expect("fleet CA");
         let ca_pem = std::fs::read(pki.ca_cert()).expect("ca.crt");
         Self {
             broker,
             _good: good,
-            ca,
             ca_pem,
             good_presence_changed_ms: detail.summary.presence_changed_ms,
         }
@@ -67,9 +63,15 @@ impl Fixture {
         self.broker.mqtt_addr()
     }
 
-    /// A valid device certificate from the fleet CA.
+    /// A valid device certificate from the fleet CA, issued (and recorded) by the broker.
     fn identity(&self, id: &str) -> anyhow::Result<CertifiedKey> {
-        Ok(self.ca.issue_device(&DeviceId::new(id)?)?)
+        DeviceId::new(id)?;
+        let dir = self.broker.scratch_dir(&format!("identity-{id}"))?;
+        let bundle = self.broker.issue_bundle(id, &dir)?;
+        Ok(CertifiedKey {
+            cert_pem: std::fs::read_to_string(bundle.cert)?,
+            key_pem: std::fs::read_to_string(bundle.key)?,
+        })
     }
 
     /// A client TLS config trusting the fleet CA, presenting `identity`.

@@ -23,6 +23,9 @@
 //!   and refusals, downloads that resume, terminals that refuse tampered or untrusted
 //!   artifacts, failing canaries, health timeouts, offline members, a controller crash in the
 //!   middle of a rollout, pause/resume/abort.
+//! - `pki`: certificates issued with `posctl pki issue-device` (through the API, or offline
+//!   while the controller is stopped) are recorded and revocable before first contact;
+//!   enrolment tokens pinned to a device id.
 //! - `bad_input`: every kind of bad client is refused, counted in `/metrics`, changes nothing,
 //!   and does not disturb a well-behaved terminal.
 //! - `admission`: a thousand idle or slow clients (one address, or one each) do not keep a
@@ -34,6 +37,7 @@ mod bad_input;
 mod commands;
 mod fleet;
 mod lifecycle;
+mod pki;
 mod simulate;
 mod support;
 mod transactions;

@@ -1,6 +1,6 @@
 //! `demo` mode and the `simulate` fleet: many virtual terminals running the real agent code.
 
-use posfleet_broker::views::DeviceList;
+use posfleet_broker::views::{DeviceCertificates, DeviceList, IssueKind};
 use posfleet_tests::{BrokerOptions, Posctl, Process, eventually};
 
 use crate::support::{WAIT, broker, broker_with};
@@ -46,6 +46,9 @@ async fn demo_mode_brings_its_simulated_terminals_online() {
     ids.sort_unstable();
     assert_eq!(ids, ["sim-00000", "sim-00001", "sim-00002"], "{out}");
     assert!(list.devices.iter().all(|d| !d.model.is_empty()), "{out}");
+    for id in ids {
+        recorded_for_the_simulator(broker.api(), id).await;
+    }
 }
 
 #[tokio::test]
@@ -83,6 +86,7 @@ async fn a_simulated_fleet_connects_and_leaves_with_a_goodbye() {
     )
     .expect("start the simulator");
     fleet_is(api, "fleet-", 8, true).await;
+    recorded_for_the_simulator(api, "fleet-00007").await;
     let scrape = api.metrics().await.expect("metrics");
     assert_eq!(
         scrape.value("posfleet_edge_connections", &[]),
@@ -104,4 +108,17 @@ async fn a_simulated_fleet_connects_and_leaves_with_a_goodbye() {
             "{device:?}"
         );
     }
+}
+
+/// The controller recorded `id`'s certificate as issued to the simulator (issue 10 item 8).
+async fn recorded_for_the_simulator(api: &posfleet_tests::Api, id: &str) {
+    let r = api
+        .get(&format!("/api/v1/devices/{id}/certificates"))
+        .await
+        .expect("GET certificates");
+    let records: DeviceCertificates = r.json().await.expect("records");
+    assert!(
+        !records.items.is_empty() && records.items.iter().all(|c| c.kind == IssueKind::Simulator),
+        "{records:?}"
+    );
 }

@@ -1,5 +1,5 @@
-//! A `pf-agent run` process: one terminal with its own device bundle (issued from the
-//! broker's fleet CA), config file and state directory.
+//! A `pf-agent run` process: one terminal with its own device bundle (issued and recorded by
+//! the broker, as `posctl pki issue-device` does), config file and state directory.
 //!
 //! ```text
 //! BROKER_TMP/scratch/agent-ID/bundle/   device.crt, device.key, ca.crt
@@ -88,11 +88,40 @@ impl Agent {
         url: &str,
         extra_config: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_inner(broker, id, opts, (url, extra_config), None)
+    }
+
+    /// [`Agent::start`] with a bundle issued beforehand (e.g. by `posctl pki issue-device`)
+    /// in `bundle` (`device.crt`, `device.key`, `ca.crt`): nothing is issued here.
+    pub fn start_prepared(
+        broker: &Broker,
+        id: &str,
+        opts: &AgentOptions,
+        bundle: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(broker, id, opts, (&broker.mqtt_url(), ""), Some(bundle))
+    }
+
+    fn start_inner(
+        broker: &Broker,
+        id: &str,
+        opts: &AgentOptions,
+        (url, extra_config): (&str, &str),
+        prepared: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
         let id = DeviceId::new(id).with_context(|| format!("invalid device id {id:?}"))?;
         let dir = broker.scratch_dir(&format!("agent-{id}"))?;
         let pki = broker.pki();
-        let ca = pki.load_ca()?;
-        let bundle = pki.write_device_bundle(&ca, &id, &dir.join("bundle"))?;
+        let bundle = match prepared {
+            Some(dir) => posfleet_proto::pki::DeviceBundle {
+                cert: dir.join("device.crt"),
+                key: dir.join("device.key"),
+                ca: dir.join("ca.crt"),
+                command_pub: dir.join("command.pub"),
+                release_pub: None,
+            },
+            None => broker.issue_bundle(id.as_str(), &dir.join("bundle"))?,
+        };
         let config = dir.join("agent.toml");
         let text = format!(
             r#"[broker]

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use posfleet_broker::datadir::{ClientFile, DataDir};
-use posfleet_proto::pki::PkiDir;
+use posfleet_proto::pki::{DeviceBundle, PkiDir};
 use tokio::time::Instant;
 
 use crate::api::Api;
@@ -209,6 +209,56 @@ impl Broker {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(dir)
+    }
+
+    /// Issues a device bundle for `id` into `out` (replacing one there) the way an admin
+    /// does: `pf-posctl pki issue-device` through the broker's API, so the controller records
+    /// the certificate (and can revoke it before first contact); while the broker is stopped,
+    /// offline into its data dir (`--dir DATA/pki`). Blocks for one short child process.
+    pub fn issue_bundle(&self, id: &str, out: &Path) -> anyhow::Result<DeviceBundle> {
+        match self.posctl_issue(id, out, None) {
+            Ok(bundle) => Ok(bundle),
+            Err(online) => self
+                .posctl_issue(id, out, Some(&self.pki()))
+                .map_err(|offline| anyhow!("{online:#}; offline: {offline:#}")),
+        }
+    }
+
+    fn posctl_issue(
+        &self,
+        id: &str,
+        out: &Path,
+        offline: Option<&PkiDir>,
+    ) -> anyhow::Result<DeviceBundle> {
+        let mut command = std::process::Command::new(&self.bins.posctl);
+        command
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--config-dir")
+            .arg(self.data_dir().with_file_name("posctl-config"))
+            .args(["pki", "issue-device", "--force", "--id", id, "--out"])
+            .arg(out);
+        if let Some(pki) = offline {
+            command.arg("--dir").arg(pki.dir());
+        }
+        let output = command
+            .output()
+            .with_context(|| format!("cannot run {}", self.bins.posctl.display()))?;
+        if !output.status.success() {
+            bail!(
+                "pf-posctl pki issue-device --id {id} ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        let release = out.join("release.pub");
+        Ok(DeviceBundle {
+            cert: out.join("device.crt"),
+            key: out.join("device.key"),
+            ca: out.join("ca.crt"),
+            command_pub: out.join("command.pub"),
+            release_pub: release.exists().then_some(release),
+        })
     }
 
     /// `posctl.json` as written by the running broker.

@@ -13,7 +13,12 @@ use crate::testing::{FakeBroker, Seen, TestPki};
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// The fake broker has no controller behind it: the terminals' certificates come straight
+/// from the test CA in `dir` (or from a throwaway CA when there is none), recorded nowhere.
 fn config(dir: &std::path::Path, port: u16, count: usize) -> SimulatorConfig {
+    let ca = PkiDir::at(dir)
+        .load_ca()
+        .unwrap_or_else(|_| posfleet_proto::pki::Ca::generate("throwaway").unwrap());
     let mut cfg = SimulatorConfig::new(
         count,
         dir,
@@ -21,6 +26,7 @@ fn config(dir: &std::path::Path, port: u16, count: usize) -> SimulatorConfig {
             host: "127.0.0.1".into(),
             port,
         },
+        std::sync::Arc::new(issuer::UnrecordedCa(ca)),
     );
     cfg.connect_rate = 1000;
     cfg.agent.heartbeat_interval = Duration::from_millis(200);
@@ -354,4 +360,31 @@ async fn simulated_terminals_run_software_updates_with_the_pki_release_key() {
     tracker.close();
     tokio::time::timeout(WAIT, tracker.wait()).await.unwrap();
     server.stop().await;
+}
+
+/// An issuer that refuses everything (a controller that is down or says no).
+#[derive(Debug)]
+struct Refusing;
+
+impl CertIssuer for Refusing {
+    fn issue(&self, _requests: Vec<CertRequest>) -> IssueFuture<'_> {
+        Box::pin(async { Err(IssueError("403 Forbidden: admin role required".into())) })
+    }
+}
+
+#[tokio::test]
+async fn no_terminal_starts_without_a_certificate_from_the_issuer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki_dir = tmp.path().join("pki");
+    PkiDir::at(&pki_dir).init(&[]).unwrap();
+    // No CA key is read: the issuer alone provides certificates.
+    std::fs::remove_file(PkiDir::at(&pki_dir).ca_key()).unwrap();
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let mut cfg = config(&pki_dir, 8883, 3);
+    cfg.issuer = std::sync::Arc::new(Refusing);
+    let err = run_simulator(cfg, &tracker, cancel).await.unwrap_err();
+    assert!(matches!(err, SimError::Issuer(_)), "{err}");
+    assert!(err.to_string().contains("403"), "{err}");
+    assert!(tracker.is_empty());
 }

@@ -1,6 +1,8 @@
 //! The audit trail of the API: the middleware that records every change and every command
 //! ([`record`]), and the audit routes: `GET /api/v1/audit` (filtered, paginated, newest
-//! first), `GET /api/v1/audit/verify` and `GET /api/v1/audit/export` (JSON lines).
+//! first), `GET /api/v1/audit/verify`, `POST /api/v1/audit/verify` (against an exported
+//! anchor in the body), `GET /api/v1/audit/anchor` (a signed anchor of the head, to keep
+//! elsewhere) and `GET /api/v1/audit/export` (JSON lines).
 //!
 //! # What is recorded, and when
 //!
@@ -28,7 +30,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{MatchedPath, Query, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
@@ -42,7 +44,7 @@ use crate::accounts::Principal;
 use crate::audit::{
     AuditLog, AuditQuery, AuditRecord, AuditSink, DEFAULT_LIMIT, MAX_LIMIT, Outcome, Refusals,
 };
-use crate::views::{AuditPage, AuditVerifyView};
+use crate::views::{AuditAnchor, AuditPage, AuditVerifyView};
 
 /// Longest detail a handler note may add, in characters.
 const MAX_DETAIL_CHARS: usize = 500;
@@ -245,8 +247,10 @@ pub(crate) fn action_for(method: &Method, route: &str) -> String {
         ("POST", "/api/v1/rollouts/{id}/abort") => "rollout.abort",
         ("POST", "/api/v1/approvals/{id}/approve") => "approval.approve",
         ("POST", "/api/v1/approvals/{id}/reject") => "approval.reject",
+        ("POST", "/api/v1/pki/certificates") => "pki.issue",
         ("GET", "/api/v1/audit") => "audit.list",
-        ("GET", "/api/v1/audit/verify") => "audit.verify",
+        ("GET" | "POST", "/api/v1/audit/verify") => "audit.verify",
+        ("GET", "/api/v1/audit/anchor") => "audit.anchor_export",
         ("GET", "/api/v1/audit/export") => "audit.export",
         _ => return format!("api.{} {route}", method.as_str().to_ascii_lowercase()),
     };
@@ -358,6 +362,44 @@ pub(crate) async fn verify(
         .map_err(store_error)?
         .map_err(store_error)?;
     Ok(Json(report))
+}
+
+/// Largest anchor accepted by `POST /api/v1/audit/verify`.
+pub(crate) const ANCHOR_BODY_LIMIT: usize = 16 * 1024;
+const ANCHOR_HINT: &str = "send the anchor exported with `posctl audit anchor export` (GET \
+                           /api/v1/audit/anchor) unchanged";
+
+/// `POST /api/v1/audit/verify`: the chain against an exported anchor. A refused anchor (its
+/// signature, installation or key) is a 400 naming the field; a chain that departs from it is
+/// a report with `ok: false`.
+pub(crate) async fn verify_anchored(
+    State(state): State<ApiState>,
+    body: Result<Json<AuditAnchor>, JsonRejection>,
+) -> Result<Json<AuditVerifyView>, ApiError> {
+    let log = log(&state)?;
+    let Json(anchor) = body.map_err(|e| ApiError::bad_request(e.body_text(), ANCHOR_HINT))?;
+    let checked = tokio::task::spawn_blocking(move || log.verify_anchored(&anchor))
+        .await
+        .map_err(store_error)?
+        .map_err(store_error)?;
+    match checked {
+        Ok(report) => Ok(Json(report)),
+        Err(e) => Err(ApiError::field(
+            format!("anchor.{}", e.field),
+            e.message,
+            ANCHOR_HINT,
+        )),
+    }
+}
+
+/// `GET /api/v1/audit/anchor`: a signed anchor of the newest entry.
+pub(crate) async fn anchor(State(state): State<ApiState>) -> Result<Json<AuditAnchor>, ApiError> {
+    let log = log(&state)?;
+    let now = posfleet_proto::now_ms();
+    let anchor = tokio::task::spawn_blocking(move || log.export_anchor(now))
+        .await
+        .map_err(store_error)?;
+    Ok(Json(anchor))
 }
 
 /// Every entry, oldest first, one JSON object per line, streamed page by page.

@@ -636,7 +636,15 @@ fn protected_routes() -> Vec<Route> {
         ),
         // The audit log: admins (PCI DSS 10.3.1: read access limited to a need to know).
         route("/api/v1/audit", Admin, Admin, get(audit::list)),
-        route("/api/v1/audit/verify", Admin, Admin, get(audit::verify)),
+        route(
+            "/api/v1/audit/verify",
+            Admin,
+            Admin,
+            get(audit::verify)
+                .post(audit::verify_anchored)
+                .layer(DefaultBodyLimit::max(audit::ANCHOR_BODY_LIMIT)),
+        ),
+        route("/api/v1/audit/anchor", Admin, Admin, get(audit::anchor)),
         route("/api/v1/audit/export", Admin, Admin, get(audit::export)),
         // Enrolment tokens, revocation and decommission: admin. The CRL is public data.
         route(
@@ -664,6 +672,19 @@ fn protected_routes() -> Vec<Route> {
             post(enrolment::decommission),
         ),
         route("/api/v1/pki/crl", Viewer, Admin, get(enrolment::crl)),
+        // Every certificate the fleet CA issues is recorded (issue 10 item 8).
+        route(
+            "/api/v1/pki/certificates",
+            Admin,
+            Admin,
+            post(enrolment::issue).layer(DefaultBodyLimit::max(enrolment::ISSUE_BODY_LIMIT)),
+        ),
+        route(
+            "/api/v1/devices/{id}/certificates",
+            Admin,
+            Admin,
+            get(enrolment::certificates),
+        ),
     ]
 }
 

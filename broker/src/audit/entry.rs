@@ -14,6 +14,8 @@
 //!
 //! Length prefixes make the encoding unambiguous (no two different entries encode alike), and
 //! it does not depend on how JSON is formatted, so the stored JSON may be re-serialised freely.
+//! The keyed checkpoint (`mac`, `keyed.rs`) covers `seq` and `hash`, so it is not part of the
+//! hash input.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -47,6 +49,10 @@ pub struct AuditEntry {
     pub prev_hash: String,
     /// Hex SHA-256 of this entry's canonical encoding (module docs).
     pub hash: String,
+    /// Keyed checkpoint of `seq` and `hash` with the controller's audit key (`keyed.rs`);
+    /// empty on entries written before audit keys existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
 }
 
 impl AuditEntry {
@@ -63,6 +69,7 @@ impl AuditEntry {
             detail: record.detail,
             prev_hash: hex::encode(prev),
             hash: String::new(),
+            mac: String::new(),
         };
         entry.hash = hex::encode(entry.compute_hash(prev));
         entry

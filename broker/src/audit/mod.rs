@@ -11,10 +11,17 @@
 //!   the anchor file (`DATA/audit.anchor`), `verify`, retention pruning, queries, export pages.
 //! - `refusals.rs`: [`Refusals`]: repeated refusals counted in memory and written as one
 //!   entry per key and window (the log cannot be used to fill the disk).
+//!   the anchor file (`DATA/audit.anchor`), retention pruning, queries, export pages;
+//!   `store/verify.rs`: `verify`, alone or against an exported anchor, and anchor export.
+//! - `encoding.rs`: hashes and checkpoints base64url in the store (no card-like digit runs).
+//! - `keyed.rs`: the audit key (`DATA/audit.key` or `--audit-key`), keyed checkpoints on every
+//!   entry, and signed anchors (issue 10 item 11).
 //! - `tests.rs`: chain, tamper, truncation, reopen, retention and concurrency tests.
 
+mod encoding;
 mod entry;
 mod refusals;
+mod keyed;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -24,6 +31,7 @@ use serde::{Deserialize, Serialize};
 pub use entry::AuditEntry;
 pub(crate) use entry::outcome_name as outcome_label;
 pub use refusals::{Refusals, refusal_count};
+pub use keyed::{ANCHOR_FORMAT, AnchorError, AuditKey, AuditKeyError};
 pub use store::{
     AuditConfig, AuditLog, AuditQuery, AuditStoreError, DEFAULT_LIMIT, DEFAULT_RETENTION,
     MAX_LIMIT, paths,

@@ -1,10 +1,15 @@
 //! The audit store: one sled database (`DATA/audit`) used as `notes/storage.md` prescribes,
-//! plus the anchor file (`DATA/audit.anchor`, 0600). Every function here blocks.
+//! plus the anchor file (`DATA/audit.anchor`, 0600) and the audit key (`DATA/audit.key` or
+//! `--audit-key`, 0600; see `keyed.rs`). Every function here blocks.
 //!
 //! ```text
-//! e<seq u64 BE>   AuditEntry (JSON)
+//! e<seq u64 BE>   AuditEntry (JSON), with its keyed checkpoint (`mac`); hashes and
+//!                 checkpoints base64url here (`encoding.rs`), hex in the API
 //! b               Base (JSON): the last pruned entry (seq 0, zero hash before any pruning)
+//! m               Meta (JSON): installation id, audit key id, first keyed seq
 //! ```
+//!
+//! `verify.rs` walks the chain (`verify`, and against an exported anchor) and signs anchors.
 //!
 //! One writer: `append` and `prune` hold the writer lock from reading the chain head to the
 //! fsync of the anchor, so entries form one chain whatever the number of callers (storage
@@ -26,10 +31,14 @@ use posfleet_agent::sledstore::{self, OpenError};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use super::entry::{AuditEntry, Hash, ZERO_HASH, parse_hash};
+use super::encoding::{decode_entry, encode_entry, stored_hash, to_store};
+use super::entry::{AuditEntry, Hash, ZERO_HASH};
+use super::keyed::{AuditKey, AuditKeyError, MacDomain, Meta, new_installation};
 use super::{AuditError, AuditRecord, AuditSink, Outcome};
 use crate::controller::Clock;
-use crate::views::{AuditPage, AuditVerifyView};
+use crate::views::AuditPage;
+
+mod verify;
 
 /// Default retention: 12 months (PCI DSS v4.0.1 10.5.1).
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -42,9 +51,16 @@ const MAX_SCAN: usize = 50_000;
 /// Entries one prune batch removes at most.
 const PRUNE_BATCH: usize = 10_000;
 const BASE_KEY: &[u8] = b"b";
+const META_KEY: &[u8] = b"m";
 const ENTRY_PREFIX: u8 = b'e';
 /// The action of the entry recorded when the anchor does not match the store at open.
 const ANCHOR_MISMATCH: &str = "audit.anchor_mismatch";
+/// The action of the entry recorded when the audit key is not the one that keyed the log.
+const KEY_CHANGED: &str = "audit.key_changed";
+/// The action of the entry recorded when the log's metadata is gone although its entries are
+/// keyed (removed to make the log look older than keyed checkpoints): evidence, like an anchor
+/// mismatch.
+const META_MISSING: &str = "audit.meta_missing";
 
 /// Why the audit store failed.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +85,8 @@ pub enum AuditStoreError {
     },
     #[error("audit store {path}: {detail}")]
     Corrupt { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Key(#[from] AuditKeyError),
 }
 
 /// Where and how the audit log is kept.
@@ -78,6 +96,9 @@ pub struct AuditConfig {
     pub dir: PathBuf,
     /// The anchor file (`DATA/audit.anchor`).
     pub anchor: PathBuf,
+    /// The audit key (created at the first open): `audit.key` beside the anchor unless set,
+    /// e.g. to keep it off the data directory's disk.
+    pub key: PathBuf,
     /// sled page cache in bytes (storage rule 5).
     pub cache_capacity: u64,
     /// Entries older than this are pruned.
@@ -88,6 +109,7 @@ impl AuditConfig {
     pub fn new(dir: PathBuf, anchor: PathBuf) -> Self {
         Self {
             dir,
+            key: anchor.with_file_name("audit.key"),
             anchor,
             cache_capacity: 8 << 20,
             retention: DEFAULT_RETENTION,
@@ -96,19 +118,41 @@ impl AuditConfig {
 }
 
 /// The latest entry written: seq and hash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Anchor {
     seq: u64,
-    #[serde(with = "hex_hash")]
     hash: Hash,
 }
 
+/// The anchor file: the head, with its keyed checkpoint (absent in files written before
+/// keyed checkpoints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct AnchorFile {
+    seq: u64,
+    #[serde(with = "stored_hash")]
+    hash: Hash,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
+}
+
+impl AnchorFile {
+    fn anchor(&self) -> Anchor {
+        Anchor {
+            seq: self.seq,
+            hash: self.hash,
+        }
+    }
+}
+
 /// The last pruned entry; the chain continues from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Base {
     seq: u64,
-    #[serde(with = "hex_hash")]
+    #[serde(with = "stored_hash")]
     hash: Hash,
+    /// Keyed checkpoint (absent before any pruning of keyed entries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
 }
 
 /// The head of the chain, owned by the single writer.
@@ -155,6 +199,9 @@ impl AuditQuery {
 pub struct AuditLog {
     dir: PathBuf,
     anchor_path: PathBuf,
+    key: AuditKey,
+    /// Set at open (installation, key id, first keyed seq).
+    meta: Meta,
     retention: Duration,
     clock: Clock,
     _db: sled::Db,
@@ -171,8 +218,13 @@ impl std::fmt::Debug for AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (creating) the log and checks the anchor (module docs).
+    /// Opens (creating) the log, loads (creating) the audit key and checks the anchor (module
+    /// docs).
     pub fn open(cfg: AuditConfig, clock: Clock) -> Result<Self, AuditStoreError> {
+        let (key, created) = AuditKey::load_or_create(&cfg.key)?;
+        if created {
+            info!(path = %cfg.key.display(), key_id = key.key_id(), "created the audit key; keep a copy offline, and export anchors with `posctl audit anchor export`");
+        }
         let (db, tree) =
             sledstore::open_tree(&cfg.dir, cfg.cache_capacity, "audit").map_err(|e| match e {
                 OpenError::Io { path, source } => AuditStoreError::Io { path, source },
@@ -181,6 +233,13 @@ impl AuditLog {
         let mut log = Self {
             dir: cfg.dir,
             anchor_path: cfg.anchor,
+            key,
+            meta: Meta {
+                installation: String::new(),
+                key_id: String::new(),
+                keyed_from: 1,
+                mac: String::new(),
+            },
             retention: cfg.retention,
             clock,
             _db: db,
@@ -194,9 +253,93 @@ impl AuditLog {
             }),
         };
         let head = log.load_head()?;
+        let next = head.last.seq + 1;
         log.head = Mutex::new(head);
+        let key_changed = log.load_meta(next)?;
         log.check_anchor_at_open()?;
+        if let Some((action, detail)) = key_changed {
+            let mut head = log.lock();
+            log.append_locked(
+                &mut head,
+                AuditRecord {
+                    actor: "controller".into(),
+                    source: "local".into(),
+                    action: action.into(),
+                    target: "audit".into(),
+                    outcome: Outcome::Failure,
+                    detail,
+                },
+            )?;
+        }
         Ok(log)
+    }
+
+    /// The audit key's id (safe to print).
+    pub fn key_id(&self) -> &str {
+        self.key.key_id()
+    }
+
+    /// Loads the metadata, or makes it: at the first open with an audit key, entries from
+    /// `next` on are keyed. A key other than the one that keyed the log (lost, or replaced)
+    /// keys entries from `next` on. Returns the action and detail of an entry to record: the
+    /// key changed, or the metadata is gone although the entries are keyed.
+    fn load_meta(&mut self, next: u64) -> Result<Option<(&'static str, String)>, AuditStoreError> {
+        let stored: Option<Meta> = self
+            .tree
+            .get(META_KEY)
+            .map_err(|e| self.write_err("read", e))?
+            .map(|v| serde_json::from_slice(&v))
+            .transpose()
+            .map_err(|e| self.corrupt(format!("the metadata record is unreadable: {e}")))?;
+        let (installation, changed) = match stored {
+            Some(m) if m.key_id == self.key.key_id() => {
+                self.meta = m;
+                return Ok(None);
+            }
+            Some(m) => {
+                error!(
+                    old = %m.key_id,
+                    new = self.key.key_id(),
+                    "the audit key is not the one that keyed this audit log; entries from now on are keyed with the new one"
+                );
+                let detail = format!(
+                    "the audit key changed from {} to {}; entries before {next} carry                      checkpoints of the old key; anchors exported before no longer apply",
+                    m.key_id,
+                    self.key.key_id()
+                );
+                (m.installation, Some((KEY_CHANGED, detail)))
+            }
+            None => {
+                let newest = self.get(next - 1)?;
+                let evidence = newest.filter(|e| !e.mac.is_empty()).map(|e| {
+                    error!(seq = e.seq, "the audit log's metadata is missing but its entries are keyed; recording it");
+                    (
+                        META_MISSING,
+                        format!(
+                            "the audit log's metadata was missing although entry {} carries a \
+                             keyed checkpoint: removed to hide a rebuilt chain? Verify against \
+                             an exported anchor",
+                            e.seq
+                        ),
+                    )
+                });
+                (new_installation(), evidence)
+            }
+        };
+        let mut meta = Meta {
+            installation,
+            key_id: self.key.key_id().to_owned(),
+            keyed_from: next,
+            mac: String::new(),
+        };
+        meta.mac = to_store(&self.key.meta_mac(&meta));
+        let value = serde_json::to_vec(&meta).map_err(|e| self.write_err("encode", e))?;
+        self.tree
+            .insert(META_KEY, value)
+            .map_err(|e| self.write_err("insert", e))?;
+        sledstore::make_durable(&self.tree, &self.dir).map_err(|e| self.write_err("fsync", e))?;
+        self.meta = meta;
+        Ok(changed)
     }
 
     /// How long entries are kept.
@@ -217,176 +360,23 @@ impl AuditLog {
     ) -> Result<AuditEntry, AuditStoreError> {
         let seq = head.last.seq + 1;
         let at_ms = (self.clock)().max(head.last_at_ms);
-        let entry = AuditEntry::new(seq, at_ms, record, &head.last.hash);
-        let value = serde_json::to_vec(&entry).map_err(|e| self.write_err("encode", e))?;
+        let mut entry = AuditEntry::new(seq, at_ms, record, &head.last.hash);
+        let own = entry
+            .own()
+            .ok_or_else(|| self.corrupt(format!("entry {seq} has a malformed hash")))?;
+        entry.mac = self
+            .key
+            .mac(MacDomain::Entry, &self.meta.installation, seq, &own);
+        let value = encode_entry(&entry).map_err(|e| self.write_err("encode", e))?;
         self.tree
             .insert(entry_key(seq), value)
             .map_err(|e| self.write_err("insert", e))?;
         sledstore::make_durable(&self.tree, &self.dir).map_err(|e| self.write_err("fsync", e))?;
-        let hash = entry
-            .own()
-            .ok_or_else(|| self.corrupt(format!("entry {seq} has a malformed hash")))?;
-        let anchor = Anchor { seq, hash };
+        let anchor = Anchor { seq, hash: own };
         head.last = anchor;
         head.last_at_ms = at_ms;
         self.write_anchor(&anchor)?;
         Ok(entry)
-    }
-
-    /// Walks the chain from the base and compares its end with the anchor.
-    pub fn verify(&self) -> Result<AuditVerifyView, AuditStoreError> {
-        // Hold the writer lock so the chain and the anchor are read as one state.
-        let _head = self.lock();
-        let base = self.base()?;
-        let mut report = AuditVerifyView {
-            ok: true,
-            entries: 0,
-            first_seq: None,
-            last_seq: None,
-            first_bad_seq: None,
-            reason: None,
-        };
-        let bad = |report: &mut AuditVerifyView, seq: u64, reason: String| {
-            report.ok = false;
-            report.first_bad_seq = Some(seq);
-            report.reason = Some(reason);
-        };
-        let mut expected = base.seq + 1;
-        let mut prev = base.hash;
-        // The first anchor mismatch found at an open: the anchor has moved on since, so the
-        // entry is the only evidence left that entries were cut off or the anchor replaced.
-        let mut mismatch: Option<(u64, String)> = None;
-        for item in self.tree.scan_prefix([ENTRY_PREFIX]) {
-            let (key, value) = item.map_err(|e| self.write_err("read", e))?;
-            let Some(seq) = seq_of(&key) else {
-                bad(&mut report, expected, format!("unexpected key {key:?}"));
-                return Ok(report);
-            };
-            if seq != expected {
-                let why = if seq > expected {
-                    format!("entry {expected} is missing (the next stored entry is {seq})")
-                } else {
-                    format!("entry {seq} is stored before the base")
-                };
-                bad(&mut report, expected.min(seq), why);
-                return Ok(report);
-            }
-            let entry: AuditEntry = match serde_json::from_slice(&value) {
-                Ok(e) => e,
-                Err(e) => {
-                    bad(&mut report, seq, format!("entry {seq} is unreadable: {e}"));
-                    return Ok(report);
-                }
-            };
-            if entry.seq != seq {
-                bad(
-                    &mut report,
-                    seq,
-                    format!(
-                        "the entry stored as {seq} says it is {} (moved or reordered)",
-                        entry.seq
-                    ),
-                );
-                return Ok(report);
-            }
-            if entry.prev() != Some(prev) {
-                bad(
-                    &mut report,
-                    seq,
-                    format!("entry {seq}'s prev_hash is not the hash of the entry before it"),
-                );
-                return Ok(report);
-            }
-            let Some(own) = entry.own().filter(|h| *h == entry.compute_hash(&prev)) else {
-                bad(
-                    &mut report,
-                    seq,
-                    format!("entry {seq} does not match its hash (edited)"),
-                );
-                return Ok(report);
-            };
-            if entry.action == ANCHOR_MISMATCH && mismatch.is_none() {
-                mismatch = Some((seq, entry.detail.clone()));
-            }
-            report.entries += 1;
-            report.first_seq.get_or_insert(seq);
-            report.last_seq = Some(seq);
-            prev = own;
-            expected += 1;
-        }
-        let last = Anchor {
-            seq: expected - 1,
-            hash: prev,
-        };
-        if let Err((seq, reason)) = self.compare_anchor(&base, &last)? {
-            bad(&mut report, seq, reason);
-        } else if let Some((seq, detail)) = mismatch {
-            bad(
-                &mut report,
-                seq,
-                format!(
-                    "entry {seq} records that the anchor did not match the log at start-up \
-                     ({detail}); compare with an exported copy"
-                ),
-            );
-        }
-        Ok(report)
-    }
-
-    /// Compares the anchor file with the end of the chain `last` (`Err((seq, reason))` on a
-    /// mismatch; `Ok(Ok(()))` when they agree).
-    #[allow(clippy::type_complexity)]
-    fn compare_anchor(
-        &self,
-        base: &Base,
-        last: &Anchor,
-    ) -> Result<Result<(), (u64, String)>, AuditStoreError> {
-        let Some(anchor) = self.read_anchor()? else {
-            if last.seq == 0 {
-                return Ok(Ok(()));
-            }
-            return Ok(Err((
-                last.seq,
-                format!("the anchor file {} is missing", self.anchor_path.display()),
-            )));
-        };
-        if anchor.seq > last.seq {
-            return Ok(Err((
-                last.seq + 1,
-                format!(
-                    "the anchor names entry {} but the log ends at {} (entries removed from the end)",
-                    anchor.seq, last.seq
-                ),
-            )));
-        }
-        let stored = if anchor.seq == last.seq {
-            Some(last.hash)
-        } else if anchor.seq == base.seq {
-            Some(base.hash)
-        } else {
-            self.get(anchor.seq)?.and_then(|e| e.own())
-        };
-        if stored != Some(anchor.hash) {
-            return Ok(Err((
-                anchor.seq,
-                format!(
-                    "entry {} does not have the hash the anchor recorded",
-                    anchor.seq
-                ),
-            )));
-        }
-        // Open brings a stale-by-one anchor (interrupted append) forward, and `verify` holds
-        // the writer lock, so here the anchor must name the very last entry.
-        if anchor.seq < last.seq {
-            return Ok(Err((
-                anchor.seq + 1,
-                format!(
-                    "the anchor names entry {} but the log continues to {}",
-                    anchor.seq, last.seq
-                ),
-            )));
-        }
-        Ok(Ok(()))
     }
 
     /// Removes entries older than the retention period (relative to `now_ms`), keeping the
@@ -404,7 +394,7 @@ impl AuditLog {
             let mut n = 0;
             for item in self.tree.scan_prefix([ENTRY_PREFIX]) {
                 let (key, value) = item.map_err(|e| self.write_err("read", e))?;
-                let entry: AuditEntry = serde_json::from_slice(&value)
+                let entry: AuditEntry = decode_entry(&value)
                     .map_err(|e| self.corrupt(format!("entry {key:?} is unreadable: {e}")))?;
                 if entry.at_ms >= cutoff || entry.seq >= head.last.seq || n >= PRUNE_BATCH {
                     break;
@@ -416,6 +406,12 @@ impl AuditLog {
                 new_base = Some(Base {
                     seq: entry.seq,
                     hash,
+                    mac: Some(to_store(&self.key.mac(
+                        MacDomain::Base,
+                        &self.meta.installation,
+                        entry.seq,
+                        &hash,
+                    ))),
                 });
                 n += 1;
             }
@@ -467,7 +463,7 @@ impl AuditLog {
                 break;
             }
             scanned += 1;
-            let entry: AuditEntry = serde_json::from_slice(&value)
+            let entry: AuditEntry = decode_entry(&value)
                 .map_err(|e| self.corrupt(format!("entry {seq} is unreadable: {e}")))?;
             if q.matches(&entry) {
                 entries.push(entry);
@@ -488,7 +484,7 @@ impl AuditLog {
             if seq_of(&key).is_none() {
                 break;
             }
-            let entry: AuditEntry = serde_json::from_slice(&value)
+            let entry: AuditEntry = decode_entry(&value)
                 .map_err(|e| self.corrupt(format!("entry {key:?} is unreadable: {e}")))?;
             out.push(entry);
         }
@@ -504,7 +500,7 @@ impl AuditLog {
         else {
             return Ok(None);
         };
-        serde_json::from_slice(&value)
+        decode_entry(&value)
             .map(Some)
             .map_err(|e| self.corrupt(format!("entry {seq} is unreadable: {e}")))
     }
@@ -528,6 +524,7 @@ impl AuditLog {
             None => Ok(Base {
                 seq: 0,
                 hash: ZERO_HASH,
+                mac: None,
             }),
             Some(v) => serde_json::from_slice(&v)
                 .map_err(|e| self.corrupt(format!("the base record is unreadable: {e}"))),
@@ -552,7 +549,7 @@ impl AuditLog {
                 last_at_ms: 0,
             }),
             Some((key, value)) => {
-                let entry: AuditEntry = serde_json::from_slice(&value).map_err(|e| {
+                let entry: AuditEntry = decode_entry(&value).map_err(|e| {
                     self.corrupt(format!("the newest entry {key:?} is unreadable: {e}"))
                 })?;
                 let hash = entry.own().ok_or_else(|| {
@@ -575,7 +572,7 @@ impl AuditLog {
         let mut head = self.lock();
         let base = self.base()?;
         let last = head.last;
-        let anchor = self.read_anchor()?;
+        let anchor = self.read_anchor()?.map(|a| a.anchor());
         if anchor == Some(last) || (anchor.is_none() && last.seq == 0) {
             return Ok(());
         }
@@ -609,7 +606,7 @@ impl AuditLog {
         Ok(())
     }
 
-    fn read_anchor(&self) -> Result<Option<Anchor>, AuditStoreError> {
+    fn read_anchor(&self) -> Result<Option<AnchorFile>, AuditStoreError> {
         match std::fs::read(&self.anchor_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
                 self.corrupt(format!(
@@ -625,9 +622,20 @@ impl AuditLog {
         }
     }
 
-    /// Writes the anchor atomically (0600, fsync, rename, fsync of the directory).
+    /// Writes the anchor with its keyed checkpoint atomically (0600, fsync, rename, fsync of
+    /// the directory).
     fn write_anchor(&self, anchor: &Anchor) -> Result<(), AuditStoreError> {
-        let json = serde_json::to_string(anchor).map_err(|e| self.write_err("encode", e))?;
+        let file = AnchorFile {
+            seq: anchor.seq,
+            hash: anchor.hash,
+            mac: Some(to_store(&self.key.mac(
+                MacDomain::Head,
+                &self.meta.installation,
+                anchor.seq,
+                &anchor.hash,
+            ))),
+        };
+        let json = serde_json::to_string(&file).map_err(|e| self.write_err("encode", e))?;
         posfleet_proto::pki::write_secret_file(&self.anchor_path, &json)
             .map_err(|e| self.write_err("anchor write", e))?;
         if let Some(parent) = self.anchor_path.parent() {
@@ -677,22 +685,6 @@ fn seq_of(key: &[u8]) -> Option<u64> {
     match key {
         [ENTRY_PREFIX, rest @ ..] => Some(u64::from_be_bytes(rest.try_into().ok()?)),
         _ => None,
-    }
-}
-
-/// A hash as 64 hex digits in JSON.
-mod hex_hash {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use super::{Hash, parse_hash};
-
-    pub(super) fn serialize<S: Serializer>(h: &Hash, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(h))
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Hash, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_hash(&s).ok_or_else(|| serde::de::Error::custom("expected 64 hex digits"))
     }
 }
 

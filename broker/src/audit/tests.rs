@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::controller::Clock;
+use crate::views::AuditAnchor;
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
 
@@ -100,6 +101,16 @@ fn appends_form_a_verifiable_chain() {
         (report.entries, report.first_seq, report.last_seq),
         (5, Some(1), Some(5))
     );
+    // As stored, hashes and checkpoints hold no card-like digit runs (the API shows hex).
+    let raw = log.tree().get(key(1)).unwrap().unwrap();
+    let raw: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    for field in ["prev_hash", "hash", "mac"] {
+        let text = raw[field].as_str().unwrap();
+        assert!(
+            posfleet_proto::pan::longest_digit_run(text) < 13,
+            "{field}: {text}"
+        );
+    }
 }
 
 #[test]
@@ -123,7 +134,9 @@ fn an_edit_with_a_recomputed_hash_breaks_the_next_link() {
     let prev = e.prev().unwrap();
     e.hash = hex::encode(e.compute_hash(&prev));
     put(&log, 3, &e);
-    assert!(broken_at(&log, 4).contains("prev_hash"));
+    // The keyed checkpoint names the edited entry itself (before audit keys, the next link
+    // showed it, at 4).
+    assert!(broken_at(&log, 3).contains("keyed checkpoint"));
 }
 
 #[test]
@@ -145,15 +158,22 @@ fn reordered_and_inserted_entries_are_reported() {
     put(&log, 5, &two);
     assert!(broken_at(&log, 2).contains("reordered"));
 
-    // An entry added behind the controller's back, even with correct hashes: the anchor
-    // still names the old end.
+    // An entry added behind the controller's back, even with correct hashes, has no keyed
+    // checkpoint (and the anchor still names the old end).
     let f = Fixture::new();
     let log = f.open();
     fill(&log, 4);
     let four = stored(&log, 4);
     let forged = AuditEntry::new(5, four.at_ms, rec(5), &four.own().unwrap());
     put(&log, 5, &forged);
-    assert!(broken_at(&log, 5).contains("continues"));
+    assert!(broken_at(&log, 5).contains("no keyed checkpoint"));
+    // Given the checkpoint of another entry, it still does not verify.
+    let forged = AuditEntry {
+        mac: four.mac.clone(),
+        ..forged
+    };
+    put(&log, 5, &forged);
+    assert!(broken_at(&log, 5).contains("does not verify"));
 }
 
 #[test]
@@ -356,4 +376,259 @@ fn queries_filter_and_page_newest_first() {
     assert_eq!(next.entries.len(), 7);
     assert!(next.next_cursor.is_none());
     assert_eq!(log.after(8, 100).unwrap().len(), 3);
+}
+
+/// What an attacker with write access to the data directory does (issue 10 item 11): edit
+/// entry `from`, recompute the hash of it and of every later entry, rewrite the anchor file.
+/// With `key` (read from the data directory), also recompute every keyed checkpoint.
+fn rebuild(
+    log: &AuditLog,
+    anchor_path: &std::path::Path,
+    from: u64,
+    key: Option<(&AuditKey, &str)>,
+) {
+    use super::keyed::MacDomain;
+    let newest = AuditQuery {
+        limit: 1,
+        ..AuditQuery::default()
+    };
+    let last = log.query(&newest, None).unwrap().entries[0].seq;
+    let mut prev = super::entry::parse_hash(&stored(log, from).prev_hash).unwrap();
+    for seq in from..=last {
+        let mut e = stored(log, seq);
+        if seq == from {
+            e.detail = "nothing to see here".into();
+        }
+        e.prev_hash = hex::encode(prev);
+        prev = e.compute_hash(&prev);
+        e.hash = hex::encode(prev);
+        if let Some((key, installation)) = key {
+            e.mac = key.mac(MacDomain::Entry, installation, seq, &prev);
+        }
+        put(log, seq, &e);
+    }
+    log.tree().flush().unwrap();
+    let mut anchor = serde_json::json!({"seq": last, "hash": hex::encode(prev)});
+    if let Some((key, installation)) = key {
+        anchor["mac"] = key.mac(MacDomain::Head, installation, last, &prev).into();
+    }
+    std::fs::write(anchor_path, anchor.to_string()).unwrap();
+}
+
+#[test]
+fn a_rebuilt_chain_is_caught_by_an_exported_anchor() {
+    let f = Fixture::new();
+    let (_, anchor_path) = paths(f.tmp.path());
+    let exported = {
+        let log = f.open();
+        fill(&log, 8);
+        // The operator's off-host copy.
+        let exported = log.export_anchor(1);
+        rebuild(&log, &anchor_path, 3, None);
+        exported
+    };
+    let log = f.open();
+    // Without the audit key the rebuilt entries carry checkpoints that do not verify.
+    let plain = log.verify().unwrap();
+    assert!(!plain.ok && plain.first_bad_seq == Some(3), "{plain:?}");
+    assert!(plain.reason.unwrap().contains("keyed checkpoint"));
+    let report = log.verify_anchored(&exported).unwrap().unwrap();
+    assert!(
+        !report.ok && report.first_bad_seq == Some(3),
+        "a chain rebuilt from entry 3 passed verification: {report:?}"
+    );
+    assert_eq!(report.anchor_seq, Some(8));
+}
+
+#[test]
+fn a_rebuild_by_someone_holding_the_audit_key_is_caught_by_the_anchor() {
+    let f = Fixture::new();
+    let (_, anchor_path) = paths(f.tmp.path());
+    let exported = {
+        let log = f.open();
+        fill(&log, 8);
+        let exported = log.export_anchor(1);
+        fill(&log, 2);
+        // The key lives in the data directory here: the attacker re-keys every checkpoint.
+        let (key, _) = AuditKey::load_or_create(&f.config().key).unwrap();
+        rebuild(&log, &anchor_path, 3, Some((&key, &exported.installation)));
+        exported
+    };
+    let log = f.open();
+    let plain = log.verify().unwrap();
+    assert!(
+        plain.ok,
+        "the key holder's rebuild is self-consistent: {plain:?}"
+    );
+    let report = log.verify_anchored(&exported).unwrap().unwrap();
+    assert!(!report.ok, "{report:?}");
+    assert_eq!(report.first_bad_seq, Some(8), "{report:?}");
+    assert!(report.reason.unwrap().contains("rebuilt at or before"));
+}
+
+#[test]
+fn an_intact_chain_matches_its_anchors_and_a_cut_tail_does_not() {
+    let f = Fixture::new();
+    let log = f.open();
+    fill(&log, 5);
+    let anchor = log.export_anchor(1);
+    fill(&log, 3);
+    let report = log.verify_anchored(&anchor).unwrap().unwrap();
+    assert!(report.ok && report.entries == 8, "{report:?}");
+    let later = log.export_anchor(2);
+    log.tree().remove(key(8)).unwrap();
+    log.tree().remove(key(7)).unwrap();
+    let report = log.verify_anchored(&later).unwrap().unwrap();
+    assert_eq!(report.first_bad_seq, Some(7), "{report:?}");
+    assert!(report.reason.unwrap().contains("removed"));
+}
+
+#[test]
+fn anchors_altered_from_another_installation_or_key_are_refused() {
+    let f = Fixture::new();
+    let anchor = {
+        let log = f.open();
+        fill(&log, 3);
+        let anchor = log.export_anchor(1);
+        // Altered: the signature no longer verifies.
+        for altered in [
+            AuditAnchor {
+                seq: 2,
+                ..anchor.clone()
+            },
+            AuditAnchor {
+                hash: "0".repeat(64),
+                ..anchor.clone()
+            },
+            AuditAnchor {
+                keyed_from: 9,
+                ..anchor.clone()
+            },
+            AuditAnchor {
+                installation: "someone-else".into(),
+                ..anchor.clone()
+            },
+        ] {
+            let err = log.verify_anchored(&altered).unwrap().unwrap_err();
+            assert_eq!(err.field, "signature", "{err}");
+        }
+        let err = log
+            .verify_anchored(&AuditAnchor {
+                format: "x".into(),
+                ..anchor.clone()
+            })
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.field, "format");
+        let err = log
+            .verify_anchored(&AuditAnchor {
+                public_key_pem: "junk".into(),
+                ..anchor.clone()
+            })
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.field, "public_key_pem");
+
+        // Another installation's anchor, genuinely signed by its own key.
+        let other = Fixture::new();
+        let other_log = other.open();
+        fill(&other_log, 3);
+        let foreign = other_log.export_anchor(1);
+        let err = log.verify_anchored(&foreign).unwrap().unwrap_err();
+        assert_eq!(err.field, "installation", "{err}");
+        assert!(err.message.contains("another installation"), "{err}");
+        anchor
+    };
+    // The audit key replaced (same installation): old anchors name the old key.
+    std::fs::remove_file(f.config().key).unwrap();
+    let log = f.open();
+    let err = log.verify_anchored(&anchor).unwrap().unwrap_err();
+    assert_eq!(err.field, "key_id", "{err}");
+    let newest = log
+        .query(
+            &AuditQuery {
+                limit: 1,
+                ..AuditQuery::default()
+            },
+            None,
+        )
+        .unwrap()
+        .entries
+        .remove(0);
+    assert_eq!(newest.action, "audit.key_changed");
+    // The log itself still verifies: entries before the change are chained, not keyed.
+    let report = log.verify().unwrap();
+    assert!(report.ok, "{report:?}");
+}
+
+#[test]
+fn the_audit_key_is_0600_stable_kept_where_configured_and_never_in_the_log() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let key_path = elsewhere.path().join("keys/audit.key");
+    let cfg = AuditConfig {
+        key: key_path.clone(),
+        ..f.config()
+    };
+    let first = {
+        let log = AuditLog::open(cfg.clone(), f.clock()).unwrap();
+        fill(&log, 2);
+        log.key_id().to_owned()
+    };
+    assert!(
+        !f.tmp.path().join("audit.key").exists(),
+        "the key went to the data dir"
+    );
+    assert_eq!(
+        std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let log = AuditLog::open(cfg, f.clock()).unwrap();
+    assert_eq!(log.key_id(), first);
+    assert!(log.verify().unwrap().ok);
+    let pem = std::fs::read_to_string(&key_path).unwrap();
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    for e in log.after(0, 100).unwrap() {
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(
+            !json.contains("PRIVATE KEY") && !json.contains(&body),
+            "{json}"
+        );
+    }
+}
+
+#[test]
+fn a_rewritten_anchor_file_or_removed_metadata_is_caught_without_an_export() {
+    let f = Fixture::new();
+    let (_, anchor_path) = paths(f.tmp.path());
+    {
+        let log = f.open();
+        fill(&log, 6);
+        // Cut the tail and point the anchor file at the new end, without the key.
+        let e4 = stored(&log, 4);
+        log.tree().remove(key(6)).unwrap();
+        log.tree().remove(key(5)).unwrap();
+        std::fs::write(
+            &anchor_path,
+            serde_json::json!({"seq": 4, "hash": e4.hash}).to_string(),
+        )
+        .unwrap();
+        let reason = broken_at(&log, 4);
+        assert!(reason.contains("not signed by the audit key"), "{reason}");
+    }
+    // Removing the metadata (to pass the entries off as older than keyed checkpoints) is
+    // recorded at the next start and reported from then on.
+    {
+        let log = f.open();
+        log.tree().remove(b"m").unwrap();
+        log.tree().flush().unwrap();
+    }
+    let log = f.open();
+    let report = log.verify().unwrap();
+    assert!(!report.ok, "{report:?}");
+    assert!(
+        report.reason.as_deref().unwrap_or("").contains("metadata"),
+        "{report:?}"
+    );
 }

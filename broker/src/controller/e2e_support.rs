@@ -1,5 +1,5 @@
 //! Shared set-up of the in-process end-to-end tests: a terminal's own MQTT session, with a
-//! certificate issued by the running controller's fleet CA, subscribed to its downlink.
+//! certificate issued (and recorded) by the running controller, subscribed to its downlink.
 
 use posfleet_agent::mqtt::{MqttHandle, SessionConfig, SessionEvent, spawn_session};
 use posfleet_agent::tls::client_config_from_pem;
@@ -19,10 +19,21 @@ pub(super) fn terminal_session(
     cancel: &CancellationToken,
 ) -> (MqttHandle, mpsc::Receiver<SessionEvent>) {
     let pki = crate::datadir::DataDir::at(&opts.data_dir).pki();
-    let issued = pki.load_ca().unwrap().issue_device(device).unwrap();
+    let key = posfleet_proto::pki::DeviceKeyRequest::generate(device).unwrap();
+    let request = crate::views::CertificateIssue {
+        purpose: None,
+        requests: vec![crate::views::CertificateRequest {
+            device_id: device.to_string(),
+            csr_pem: key.csr_pem.clone(),
+        }],
+    };
+    let issued = running
+        .enrolment
+        .issue(&request, "test", "local", posfleet_proto::now_ms())
+        .unwrap();
+    let cert_pem = &issued.items[0].certificate_pem;
     let ca = std::fs::read(pki.ca_cert()).unwrap();
-    let tls =
-        client_config_from_pem(&ca, issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+    let tls = client_config_from_pem(&ca, cert_pem.as_bytes(), key.key_pem.as_bytes()).unwrap();
     let mut session = SessionConfig::new(
         running.broker.host.clone(),
         running.broker.port,

@@ -79,6 +79,11 @@ fn refused(e: EnrolError) -> Response {
         EnrolError::NotFound(_) => StatusCode::NOT_FOUND,
         EnrolError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         EnrolError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        EnrolError::Field { refusal, .. } => match refusal {
+            super::Refusal::Invalid => StatusCode::BAD_REQUEST,
+            super::Refusal::Token => StatusCode::FORBIDDEN,
+            super::Refusal::Taken => StatusCode::CONFLICT,
+        },
     };
     error(status, e.to_string())
 }

@@ -9,6 +9,10 @@
 //! - `token.rs`: enrolment token text, hashing and lifetimes.
 //! - `revocations.rs`: [`Revocations`], the in-memory view the edge checks at every connect.
 //! - `store.rs`: the sled store `DATA/enrolment`.
+//! - `issue.rs`: signing and recording every device certificate (enrolment, renewal,
+//!   `POST /api/v1/pki/certificates`, the offline `posctl pki issue-device --dir`), and which
+//!   device ids may receive one (tokens pinned to an id, ids already issued); `offline.rs`: the
+//!   same into a stopped controller's data directory.
 //! - failed enrolments per source address are counted by `crate::limit`.
 //! - `device.rs`: `POST /device/v1/renew[/confirm]` on the device endpoint (mutual TLS).
 //!
@@ -17,6 +21,8 @@
 //! records the issued serial, before the certificate is returned.
 
 mod device;
+mod issue;
+mod offline;
 mod revocations;
 mod store;
 mod token;
@@ -31,9 +37,12 @@ use std::time::Duration;
 
 use posfleet_proto::DeviceId;
 use posfleet_proto::pki::{Ca, CertFacts, CsrError, Identity, PkiDir, RevokedSerial, verify_csr};
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use device::{refuse_revoked, renew_router};
+pub use issue::{MAX_ISSUE_BATCH, SimulatorIssuer};
+pub use offline::{OfflineIssue, OfflineIssueError, issue_offline};
 pub use revocations::{Revocations, Standing};
 pub use store::{EnrolmentStore, EnrolmentStoreError};
 
@@ -42,10 +51,12 @@ use crate::edge::EdgeHandle;
 use crate::limit::FailureLimit;
 use crate::registry::Registry;
 use crate::views::{
-    EnrollRequest, EnrollResponse, Lifecycle, RenewResponse, RevocationView, TokenCreate,
-    TokenCreated, TokenView,
+    EnrollRequest, EnrollResponse, IssueKind, Lifecycle, RenewResponse, RevocationView,
+    TokenCreate, TokenCreated, TokenView,
 };
-use store::{Changes, DevicePki, PendingRenewal, PkiStatus, RECORD_VERSION, RevokedCert};
+use store::{
+    Changes, DevicePki, IssuedCert, PendingRenewal, PkiStatus, RECORD_VERSION, RevokedCert,
+};
 
 /// sled page cache of the enrolment store (tokens and a record per device).
 pub const DEFAULT_CACHE: u64 = 8 * 1024 * 1024;
@@ -91,6 +102,13 @@ pub enum EnrolError {
     Token(&'static str),
     #[error("{0}")]
     Conflict(String),
+    /// A refusal about one field of the request (the API names it in `fields`).
+    #[error("{field}: {message}")]
+    Field {
+        refusal: Refusal,
+        field: String,
+        message: String,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("too many failed enrolments from this address; wait and retry")]
@@ -101,7 +119,26 @@ pub enum EnrolError {
     Internal { what: &'static str, detail: String },
 }
 
+/// The kind of a [`EnrolError::Field`] refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// Malformed (400).
+    Invalid,
+    /// The enrolment token does not allow it (403).
+    Token,
+    /// The device id is taken: reserved by a token, issued, registered or revoked (409).
+    Taken,
+}
+
 impl EnrolError {
+    fn field(refusal: Refusal, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Field {
+            refusal,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
     fn internal(what: &'static str, e: impl std::fmt::Display) -> Self {
         Self::Internal {
             what,
@@ -115,6 +152,8 @@ impl EnrolError {
 struct Book {
     tokens: BTreeMap<String, store::StoredToken>,
     devices: HashMap<String, DevicePki>,
+    /// Every certificate the fleet CA issued, by serial.
+    issued: HashMap<String, IssuedCert>,
     revoked: BTreeMap<String, RevokedCert>,
     crl_number: u64,
     /// The current CRL (DER), regenerated at every change.
@@ -178,25 +217,7 @@ impl Enrolment {
         let loaded = store
             .load()
             .map_err(|e| EnrolError::internal("loading the enrolment store", e))?;
-        let mut book = Book {
-            tokens: loaded
-                .tokens
-                .into_iter()
-                .map(|t| (t.id.clone(), t))
-                .collect(),
-            devices: loaded
-                .devices
-                .into_iter()
-                .map(|d| (d.id.clone(), d))
-                .collect(),
-            revoked: loaded
-                .revoked
-                .into_iter()
-                .map(|r| (r.serial.clone(), r))
-                .collect(),
-            crl_number: loaded.crl_number,
-            crl: Arc::default(),
-        };
+        let mut book = Book::from_loaded(loaded);
         let failures = FailureLimit::new(cfg.max_failures, cfg.failure_window);
         let this = Self {
             cfg,
@@ -268,21 +289,32 @@ impl Enrolment {
         now_ms: u64,
     ) -> Result<TokenCreated, EnrolError> {
         let lifetime = token::lifetime(&req.expires_in, self.cfg.max_token_lifetime)
-            .map_err(EnrolError::BadRequest)?;
+            .map_err(|e| EnrolError::field(Refusal::Invalid, "expires_in", e))?;
         for (field, value) in [("serial", &req.serial), ("group", &req.group)] {
             if let Some(v) = value
                 && !crate::commands::valid_name(v)
             {
-                return Err(EnrolError::BadRequest(format!(
-                    "{field}: 1-64 letters, digits, '.', '_' or '-'"
-                )));
+                return Err(EnrolError::field(
+                    Refusal::Invalid,
+                    field,
+                    "1-64 letters, digits, '.', '_' or '-'",
+                ));
             }
         }
+        let device_id = req
+            .device_id
+            .as_deref()
+            .map(|d| {
+                DeviceId::new(d)
+                    .map_err(|e| EnrolError::field(Refusal::Invalid, "device_id", e.to_string()))
+            })
+            .transpose()?;
         let secret = token::generate();
         let stored = store::StoredToken {
             v: RECORD_VERSION,
             id: secret.id.clone(),
             sha256: token::digest(&secret.text),
+            device_id: device_id.as_ref().map(ToString::to_string),
             serial: req.serial.clone(),
             group: req.group.clone(),
             created_ms: now_ms,
@@ -292,6 +324,11 @@ impl Enrolment {
             used_by: None,
         };
         let mut book = self.lock();
+        if let Some(id) = &device_id {
+            // The id must be free: not reserved by another token, issued or registered.
+            let registered = self.registry.lifecycle(id).is_some();
+            book.check_free(id, registered, None, "device_id", now_ms)?;
+        }
         self.commit(&Changes {
             tokens: vec![stored.clone()],
             ..Changes::default()
@@ -304,11 +341,15 @@ impl Enrolment {
             "enrolment.token_create",
             &stored.id,
             Outcome::Success,
-            format!("serial={:?} group={:?}", stored.serial, stored.group),
+            format!(
+                "device_id={:?} serial={:?} group={:?}",
+                stored.device_id, stored.serial, stored.group
+            ),
         )?;
         Ok(TokenCreated {
             id: stored.id,
             token: secret.text,
+            device_id: stored.device_id,
             serial: stored.serial,
             group: stored.group,
             expires_at_ms: stored.expires_ms,
@@ -323,6 +364,7 @@ impl Enrolment {
             .values()
             .map(|t| TokenView {
                 id: t.id.clone(),
+                device_id: t.device_id.clone(),
                 serial: t.serial.clone(),
                 group: t.group.clone(),
                 created_at_ms: t.created_ms,
@@ -415,10 +457,12 @@ impl Enrolment {
 
     fn enroll_inner(&self, req: &EnrollRequest, now_ms: u64) -> Result<EnrollResponse, EnrolError> {
         let id = DeviceId::new(req.device_id.as_str())
-            .map_err(|e| EnrolError::BadRequest(format!("device_id: {e}")))?;
+            .map_err(|e| EnrolError::field(Refusal::Invalid, "device_id", e.to_string()))?;
         if !crate::commands::valid_name(&req.serial) {
-            return Err(EnrolError::BadRequest(
-                "serial: 1-64 letters, digits, '.', '_' or '-'".into(),
+            return Err(EnrolError::field(
+                Refusal::Invalid,
+                "serial",
+                "1-64 letters, digits, '.', '_' or '-'",
             ));
         }
         let csr = verify_csr(&req.csr_pem)?;
@@ -438,64 +482,52 @@ impl Enrolment {
             return Err(EnrolError::Token("this enrolment token has expired"));
         }
         if stored.serial.as_ref().is_some_and(|s| *s != req.serial) {
-            return Err(EnrolError::Token(
+            return Err(EnrolError::field(
+                Refusal::Token,
+                "serial",
                 "this enrolment token is pinned to another serial number",
             ));
         }
-        if let Some(d) = book.devices.get(id.as_str())
-            && d.status != PkiStatus::Active
-        {
-            return Err(EnrolError::Conflict(format!(
-                "device {id} is {}; choose another device id",
-                status_name(d.status)
-            )));
+        if stored.device_id.as_ref().is_some_and(|d| d != id.as_str()) {
+            return Err(EnrolError::field(
+                Refusal::Token,
+                "device_id",
+                "this enrolment token is pinned to another device id",
+            ));
         }
-        if self.registry.lifecycle(&id).is_some() || book.devices.contains_key(id.as_str()) {
-            return Err(EnrolError::Conflict(format!(
-                "device {id} already exists; choose another device id (or revoke and \
-                 decommission the old one first)"
-            )));
-        }
-        let cert_pem = self
-            .ca
-            .sign_device_csr(&id, &csr)
-            .map_err(|e| EnrolError::internal("signing the certificate", e))?;
-        let facts = CertFacts::from_pem(&cert_pem)
-            .map_err(|e| EnrolError::internal("reading the issued certificate", e))?;
+        let registered = self.registry.lifecycle(&id).is_some();
+        book.check_free(&id, registered, Some(&stored.id), "device_id", now_ms)?;
+        let signed = issue::sign(
+            &self.ca,
+            &id,
+            &csr,
+            IssueKind::Enrolment,
+            &format!("token:{}", stored.id),
+            now_ms,
+        )?;
         stored.used_ms = Some(now_ms);
         stored.used_by = Some(id.to_string());
         let mut record = DevicePki::new(id.as_str());
-        record.serials.push(facts.serial.clone());
+        record.serials.push(signed.facts.serial.clone());
         // Durable before anything is answered: a crash now leaves the token used.
-        self.commit(&Changes {
+        let changes = Changes {
             tokens: vec![stored.clone()],
-            devices: vec![record.clone()],
+            devices: vec![record],
+            issued: vec![signed.record],
             ..Changes::default()
-        })?;
-        book.tokens.insert(stored.id.clone(), stored.clone());
-        book.devices.insert(id.to_string(), record);
+        };
+        self.commit(&changes)?;
+        book.apply(changes);
         let groups: BTreeSet<String> = stored.group.iter().cloned().collect();
         self.registry.enroll(&id, &req.serial, groups, now_ms);
         drop(book);
-        let read = |path: std::path::PathBuf| {
-            std::fs::read_to_string(&path).map_err(|e| {
-                EnrolError::internal(
-                    "reading the PKI directory",
-                    format!("{}: {e}", path.display()),
-                )
-            })
-        };
-        let release = self.pki.release_public_key();
+        let files = self.bundle_files()?;
         Ok(EnrollResponse {
             device_id: id.to_string(),
-            certificate_pem: cert_pem,
-            ca_pem: self.ca.cert_pem().to_owned(),
-            command_pub_pem: read(self.pki.command_public_key())?,
-            release_pub_pem: if release.exists() {
-                Some(read(release)?)
-            } else {
-                None
-            },
+            certificate_pem: signed.cert_pem,
+            ca_pem: files.ca_pem,
+            command_pub_pem: files.command_pub_pem,
+            release_pub_pem: files.release_pub_pem,
             mqtt_url: self.cfg.mqtt_url.clone(),
             device_url: self.cfg.device_url.clone(),
         })
@@ -718,12 +750,15 @@ impl Enrolment {
         if !record.serials.contains(&facts.serial) {
             record.serials.push(facts.serial.clone());
         }
-        let cert_pem = self
-            .ca
-            .sign_device_csr(id, &csr)
-            .map_err(|e| EnrolError::internal("signing the certificate", e))?;
-        let new = CertFacts::from_pem(&cert_pem)
-            .map_err(|e| EnrolError::internal("reading the issued certificate", e))?;
+        let signed = issue::sign(
+            &self.ca,
+            id,
+            &csr,
+            IssueKind::Renewal,
+            &format!("device:{id}"),
+            now_ms,
+        )?;
+        let (cert_pem, new) = (signed.cert_pem, signed.facts);
         record.serials.push(new.serial.clone());
         // A renewal that was never confirmed is abandoned: its certificate is revoked.
         let mut revoked = Vec::new();
@@ -744,7 +779,7 @@ impl Enrolment {
             new_serial: new.serial.clone(),
             issued_ms: now_ms,
         });
-        self.apply_revocations(&mut book, record, revoked)?;
+        self.apply_revocations(&mut book, record, revoked, Some(signed.record))?;
         Ok(RenewResponse {
             certificate_pem: cert_pem,
             ca_pem: self.ca.cert_pem().to_owned(),
@@ -788,7 +823,7 @@ impl Enrolment {
             revoked_ms: now_ms,
             superseded: true,
         }];
-        self.apply_revocations(&mut book, record, revoked)?;
+        self.apply_revocations(&mut book, record, revoked, None)?;
         drop(book);
         self.audit(
             &format!("device:{id}"),
@@ -801,16 +836,19 @@ impl Enrolment {
         Ok(pending.old_serial)
     }
 
-    /// Writes a device record and new CRL entries durably, then updates the views.
+    /// Writes a device record, the record of a newly issued certificate and new CRL entries
+    /// durably, then updates the views.
     fn apply_revocations(
         &self,
         book: &mut Book,
         record: DevicePki,
         revoked: Vec<RevokedCert>,
+        issued: Option<IssuedCert>,
     ) -> Result<(), EnrolError> {
         let crl_number = (!revoked.is_empty()).then_some(book.crl_number + 1);
         self.commit(&Changes {
             devices: vec![record.clone()],
+            issued: issued.iter().cloned().collect(),
             revoked: revoked.clone(),
             crl_number,
             ..Changes::default()
@@ -818,6 +856,9 @@ impl Enrolment {
         self.revocations
             .add_serials(revoked.iter().map(|r| r.serial.as_str()));
         book.devices.insert(record.id.clone(), record);
+        if let Some(issued) = issued {
+            book.issued.insert(issued.serial.clone(), issued);
+        }
         if let Some(n) = crl_number {
             for r in revoked {
                 book.revoked.insert(r.serial.clone(), r);

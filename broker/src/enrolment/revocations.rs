@@ -7,8 +7,8 @@
 //!   the revocation of an old one);
 //! - its device id is decommissioned (every certificate of a retired terminal); or
 //! - its device id is revoked and the certificate was issued before the revocation (this
-//!   catches certificates whose serial the controller never saw, e.g. bundles pre-issued
-//!   offline with `posctl pki issue-device` for a terminal that was offline when revoked).
+//!   catches certificates whose serial the controller never saw: issued before issue records
+//!   were kept, or outside the controller by someone holding the CA key).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{PoisonError, RwLock};

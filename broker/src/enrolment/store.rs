@@ -5,6 +5,7 @@
 //! ```text
 //! t/<token id>     StoredToken (JSON): only the SHA-256 of the secret
 //! d/<device id>    DevicePki (JSON): issued serials, revocation, pending renewal
+//! c/<serial hex>   IssuedCert (JSON): one certificate the fleet CA issued, and how
 //! r/<serial hex>   RevokedCert (JSON): one entry of the CRL
 //! crl_number       u64 BE, raised at every CRL change
 //! ```
@@ -13,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use posfleet_agent::sledstore::{self, DurableError, OpenError};
 use serde::{Deserialize, Serialize};
+
+use crate::views::IssueKind;
 
 /// Version of the stored record formats.
 pub(crate) const RECORD_VERSION: u32 = 1;
@@ -32,6 +35,9 @@ pub enum EnrolmentStoreError {
         #[source]
         source: sled::Error,
     },
+    /// Another process (the running controller) holds the store.
+    #[error("enrolment store {path} is in use by another process (is the controller running?)")]
+    Busy { path: PathBuf },
     #[error("enrolment store {path}: record {key:?} is corrupt: {detail}")]
     Corrupt {
         path: PathBuf,
@@ -47,6 +53,9 @@ pub(crate) struct StoredToken {
     pub id: String,
     /// SHA-256 of the whole token text, lowercase hex.
     pub sha256: String,
+    /// Only this device id may enrol with it; while it is unused, nothing else takes the id.
+    #[serde(default)]
+    pub device_id: Option<String>,
     #[serde(default)]
     pub serial: Option<String>,
     #[serde(default)]
@@ -113,6 +122,26 @@ impl DevicePki {
     }
 }
 
+/// One certificate the fleet CA issued: written in the same durable batch as the device's
+/// record, before the certificate leaves the controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct IssuedCert {
+    pub v: u32,
+    /// Hex, as on the CRL.
+    pub serial: String,
+    pub device: String,
+    /// Unix seconds.
+    pub not_after: i64,
+    pub issued_ms: u64,
+    pub kind: IssueKind,
+    /// Who asked: an account or token, `token:<id>` for an enrolment, `device:<id>` for a
+    /// renewal.
+    pub issued_by: String,
+    /// Issued offline (the controller stopped): the audit entry is written at its next start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending_audit: bool,
+}
+
 /// One revoked certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RevokedCert {
@@ -130,6 +159,7 @@ pub(crate) struct Changes {
     pub tokens: Vec<StoredToken>,
     pub deleted_tokens: Vec<String>,
     pub devices: Vec<DevicePki>,
+    pub issued: Vec<IssuedCert>,
     pub revoked: Vec<RevokedCert>,
     pub crl_number: Option<u64>,
 }
@@ -139,6 +169,7 @@ pub(crate) struct Changes {
 pub(crate) struct Loaded {
     pub tokens: Vec<StoredToken>,
     pub devices: Vec<DevicePki>,
+    pub issued: Vec<IssuedCert>,
     pub revoked: Vec<RevokedCert>,
     pub crl_number: u64,
 }
@@ -159,6 +190,12 @@ impl EnrolmentStore {
         let (db, tree) =
             sledstore::open_tree(dir, cache_capacity, "enrolment").map_err(|e| match e {
                 OpenError::Io { path, source } => EnrolmentStoreError::Io { path, source },
+                OpenError::Sled {
+                    path,
+                    source: sled::Error::Io(io),
+                } if io.to_string().contains("could not acquire lock") => {
+                    EnrolmentStoreError::Busy { path }
+                }
                 OpenError::Sled { path, source } => EnrolmentStoreError::Sled { path, source },
             })?;
         Ok(Self {
@@ -180,6 +217,9 @@ impl EnrolmentStore {
         for d in &changes.devices {
             batch.insert(key("d/", &d.id), self.json(&d.id, d)?);
         }
+        for c in &changes.issued {
+            batch.insert(key("c/", &c.serial), self.json(&c.serial, c)?);
+        }
         for r in &changes.revoked {
             batch.insert(key("r/", &r.serial), self.json(&r.serial, r)?);
         }
@@ -198,6 +238,7 @@ impl EnrolmentStore {
         let mut loaded = Loaded {
             tokens: self.scan("t/")?,
             devices: self.scan("d/")?,
+            issued: self.scan("c/")?,
             revoked: self.scan("r/")?,
             crl_number: 0,
         };
@@ -207,6 +248,16 @@ impl EnrolmentStore {
             loaded.crl_number = u64::from_be_bytes(bytes);
         }
         Ok(loaded)
+    }
+
+    /// Serials of the certificates recorded for `device` (tests and tools).
+    pub fn issued_serials(&self, device: &str) -> Result<Vec<String>, EnrolmentStoreError> {
+        let issued: Vec<IssuedCert> = self.scan("c/")?;
+        Ok(issued
+            .into_iter()
+            .filter(|c| c.device == device)
+            .map(|c| c.serial)
+            .collect())
     }
 
     fn scan<T: for<'de> Deserialize<'de>>(

@@ -2,6 +2,9 @@
 //! admin API, the mTLS device endpoint and the MQTT edge with a real terminal session.
 
 mod agent_renewal;
+mod audit_anchor;
+mod issued;
+mod pinned;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +37,11 @@ struct Fixture {
 
 impl Fixture {
     async fn start() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap()).await
+    }
+
+    /// The controller on `tmp/data` (which a test may have prepared).
+    async fn start_in(tmp: tempfile::TempDir) -> Self {
         let opts = ServeOptions::loopback(tmp.path().join("data"));
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
@@ -140,11 +147,18 @@ impl Fixture {
     }
 
     async fn stop(self) {
+        drop(self.stop_keep().await);
+    }
+
+    /// Stops everything and hands back the temp dir (data dir kept for a restart).
+    async fn stop_keep(self) -> tempfile::TempDir {
         self.cancel.cancel();
         self.tracker.close();
         tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
             .await
             .expect("everything stops");
+        drop(self.running);
+        self._tmp
     }
 }
 
@@ -536,6 +550,25 @@ async fn renewal_issues_a_new_certificate_and_revokes_the_old_one() {
         posfleet_proto::pki::crl_serials(&der, &f.ca_pem)
             .unwrap()
             .contains(&old_serial)
+    );
+    // Both certificates are on record: how each was issued, and which is revoked.
+    let records = f
+        .running
+        .enrolment
+        .certificates(&DeviceId::new("T-5").unwrap())
+        .unwrap();
+    let kinds: Vec<_> = records
+        .items
+        .iter()
+        .map(|c| (c.kind, c.serial == old_serial, c.revoked))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (crate::views::IssueKind::Enrolment, true, true),
+            (crate::views::IssueKind::Renewal, false, false)
+        ],
+        "{records:?}"
     );
 
     // The old certificate is refused at the edge; the new one is not.

@@ -1,4 +1,5 @@
-//! `posctl audit list|verify|export`, `posctl approvals list|approve|reject`,
+//! `posctl audit list|verify [--anchor FILE]|export|anchor export`, `posctl approvals
+//! list|approve|reject`,
 //! `posctl custody record|history` and `posctl devices lost|found`.
 
 use std::fmt::Write as _;
@@ -16,8 +17,8 @@ use super::client::ApiClient;
 use super::devices::{print_json, typed};
 use super::output::{Table, datetime, printable};
 use crate::views::{
-    ApprovalDecided, ApprovalList, ApprovalView, AuditPage, AuditVerifyView, CustodyEntry,
-    CustodyHistory, LostFoundView,
+    ApprovalDecided, ApprovalList, ApprovalView, AuditAnchor, AuditPage, AuditVerifyView,
+    CustodyEntry, CustodyHistory, LostFoundView,
 };
 
 /// Largest export `audit export` accepts.
@@ -104,24 +105,53 @@ pub(crate) async fn list(
     Ok(out.write_all(text.as_bytes())?)
 }
 
-/// Exit code 1 when the chain is broken.
+/// Largest anchor file `audit verify --anchor` reads.
+const MAX_ANCHOR_BYTES: u64 = 16 * 1024;
+
+/// Exit code 1 when the chain is broken; an error when the anchor is refused.
 pub(crate) async fn verify(
     api: &ApiClient,
+    anchor: Option<&Path>,
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> anyhow::Result<ExitCode> {
     let url = api.url(&["api", "v1", "audit", "verify"]);
-    let value = api.get_json(url.clone()).await?;
+    let value = match anchor {
+        None => api.get_json(url.clone()).await?,
+        Some(path) => {
+            let size = std::fs::metadata(path)
+                .with_context(|| format!("cannot read the anchor {}", path.display()))?
+                .len();
+            anyhow::ensure!(
+                size <= MAX_ANCHOR_BYTES,
+                "{} is {size} bytes: not an anchor from `posctl audit anchor export`",
+                path.display()
+            );
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the anchor {}", path.display()))?;
+            let body: Value = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not JSON: not an anchor from `posctl audit anchor export`",
+                    path.display()
+                )
+            })?;
+            api.send_json(Method::POST, url.clone(), Some(&body))
+                .await?
+        }
+    };
     let report: AuditVerifyView = typed(&url, value.clone())?;
     if format == OutputFormat::Json {
         print_json(out, &value)?;
     } else if report.ok {
         writeln!(
             out,
-            "audit log intact: {} entries ({}..{})",
+            "audit log intact: {} entries ({}..{}){}",
             report.entries,
             report.first_seq.map_or("-".into(), |s| s.to_string()),
             report.last_seq.map_or("-".into(), |s| s.to_string()),
+            report.anchor_seq.map_or(String::new(), |s| format!(
+                "; matches the anchor at entry {s}"
+            )),
         )?;
     } else {
         writeln!(
@@ -137,6 +167,41 @@ pub(crate) async fn verify(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A signed anchor of the newest entry, to `file` or stdout.
+pub(crate) async fn anchor_export(
+    api: &ApiClient,
+    file: Option<&Path>,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let url = api.url(&["api", "v1", "audit", "anchor"]);
+    let value = api.get_json(url.clone()).await?;
+    let anchor: AuditAnchor = typed(&url, value.clone())?;
+    let text = format!("{}\n", serde_json::to_string_pretty(&value)?);
+    match file {
+        None => Ok(out.write_all(text.as_bytes())?),
+        Some(path) => {
+            posfleet_proto::pki::write_public_file(path, &text)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            if format == OutputFormat::Json {
+                return print_json(out, &value);
+            }
+            writeln!(
+                out,
+                "audit anchor at entry {} (installation {}, audit key {}) written to {}; keep a \
+                 copy off this host (e.g. WORM storage) and check with `posctl audit verify \
+                 --anchor {}`",
+                anchor.seq,
+                printable(&anchor.installation),
+                printable(&anchor.key_id),
+                path.display(),
+                path.display()
+            )?;
+            Ok(())
+        }
+    }
 }
 
 /// JSON lines to `file` (0600) or stdout.

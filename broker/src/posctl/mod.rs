@@ -6,8 +6,8 @@
 //! - `endpoint`: where the API is (the data dir's `posctl.json`, or explicit flags).
 //! - `client`: the HTTPS client trusting the fleet CA, and HTTP failures turned into errors that
 //!   say what to do next.
-//! - `pki`: `pki init`, `pki issue-device` and `pki release-key` (local files only, no server
-//!   needed).
+//! - `pki`: `pki init` and `pki release-key` (local files only, no server needed), `pki
+//!   issue-device` (a local key, the certificate issued and recorded by the controller).
 //! - `artifacts`: `artifact sign` (local) and `artifact upload|list|show|delete`.
 //! - `devices`: `devices list` and `devices show`.
 //! - `commands`: `lock`, `unlock`, `reboot`, `wipe`, `logs collect|get`,
@@ -33,7 +33,7 @@ mod devices;
 mod endpoint;
 mod enrol;
 mod output;
-mod pki;
+pub(crate) mod pki;
 mod rollouts;
 mod session;
 mod sse;
@@ -126,7 +126,8 @@ pub(crate) enum OutputFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the fleet PKI and issue device certificate bundles (local files, no server).
+    /// Create the fleet PKI (local files) and issue device certificate bundles (recorded by
+    /// the controller).
     #[command(subcommand)]
     Pki(PkiCommand),
     /// Signed software artifacts: sign (local, with the release key), upload, list, show,
@@ -283,11 +284,30 @@ enum ApiCommand {
 enum AuditCommand {
     /// Entries, newest first, filtered.
     List(audit::AuditListArgs),
-    /// Walk the hash chain and compare it with the anchor; exit 1 when it is broken.
-    Verify,
+    /// Walk the hash chain, check every keyed checkpoint and compare the end with the
+    /// anchor; exit 1 when it is broken.
+    Verify {
+        /// Also check the chain against an anchor exported earlier (`audit anchor export`):
+        /// finds a chain rebuilt since, even by someone holding the audit key.
+        #[arg(long, value_name = "FILE")]
+        anchor: Option<PathBuf>,
+    },
     /// Every entry as JSON lines, oldest first.
     Export {
         /// Write to this file (0600) instead of stdout (`-o` is the global output format).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Signed anchors of the chain, to keep off the controller's host.
+    #[command(subcommand)]
+    Anchor(AnchorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AnchorCommand {
+    /// A signed anchor of the newest entry (JSON), for `audit verify --anchor`.
+    Export {
+        /// Write to this file instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
@@ -392,6 +412,10 @@ enum EnrollCommand {
 enum EnrolTokenCommand {
     /// Create a one-time token (printed once).
     Create {
+        /// Only this device id may enrol with it; no other token or certificate takes the id
+        /// while the token is unused.
+        #[arg(long, value_name = "ID", value_parser = parse_device_id)]
+        device: Option<DeviceId>,
         /// Only a terminal with this serial number may use it.
         #[arg(long)]
         serial: Option<String>,
@@ -677,10 +701,13 @@ enum PkiCommand {
         #[arg(long = "host", value_name = "HOST")]
         hosts: Vec<String>,
     },
-    /// Issue a device certificate bundle (device.crt, device.key, ca.crt) for a staging bench.
+    /// Issue a device certificate bundle (device.crt, device.key, ca.crt, command.pub) for a
+    /// staging bench. The key is generated here; the controller issues and records the
+    /// certificate through its API, so it can be revoked before the terminal first connects.
     IssueDevice {
-        /// PKI directory holding the fleet CA. [default: DATA_DIR/pki]
-        #[arg(long, value_name = "DIR")]
+        /// Offline: issue from the CA in DATA/pki and record the certificate in DATA's
+        /// enrolment store, with the controller stopped (refused while it runs).
+        #[arg(long, value_name = "DATA/pki")]
         dir: Option<PathBuf>,
         /// Device id: letters, digits, '.', '_' or '-', starting with a letter or digit.
         #[arg(long, value_parser = parse_device_id)]
@@ -746,6 +773,12 @@ enum DevicesCommand {
         id: DeviceId,
         #[arg(long)]
         reason: String,
+    },
+    /// Every certificate issued for a device: serial, how (enrolment, renewal, cli,
+    /// cli_offline, simulator), by whom, expiry, revoked or not.
+    Certificates {
+        #[arg(value_parser = parse_device_id)]
+        id: DeviceId,
     },
     /// Revoke and retire a device: hidden from `devices list`, kept for history.
     Decommission {
@@ -830,10 +863,33 @@ fn init_tracing() {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    run_to(cli, &mut out)
+}
+
+/// Runs `cli`, printing to `out` (blocking: it starts its own runtime for API commands, so
+/// in-process tests call it from a blocking thread).
+pub(crate) fn run_to(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     match cli.command {
+        // Through the API: the controller issues and records the certificate.
+        Command::Pki(PkiCommand::IssueDevice {
+            dir: None,
+            id,
+            out: bundle_dir,
+            force,
+        }) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(async {
+                let api = client::ApiClient::new(endpoint::resolve(&cli.conn)?)?;
+                pki::issue_device(&api, &id, &bundle_dir, force, cli.output, out).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         // Local files only: no runtime, no server.
         Command::Pki(cmd) => {
-            run_pki(&cmd, &cli.conn, cli.output, &mut out)?;
+            run_pki(&cmd, &cli.conn, cli.output, out)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Artifact(cmd) => {
@@ -841,7 +897,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(run_artifact(&cli.conn, cli.output, cmd, &mut out))
+            runtime.block_on(run_artifact(&cli.conn, cli.output, cmd, out))
         }
         Command::Api(cmd) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -855,7 +911,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &cli.conn,
                 cli.output,
                 cmd,
-                &mut out,
+                out,
                 &mut prompt,
                 shutdown_signal(),
             ))
@@ -879,7 +935,7 @@ fn run_pki(
             id,
             out: bundle_dir,
             force,
-        } => pki::issue_device(
+        } => pki::issue_device_offline(
             &dir.clone().unwrap_or_else(default_dir),
             id,
             bundle_dir,
@@ -1054,7 +1110,12 @@ async fn run_api(
         ApiCommand::Audit(AuditCommand::List(args)) => {
             audit::list(&api, &args, format, out).await?
         }
-        ApiCommand::Audit(AuditCommand::Verify) => return audit::verify(&api, format, out).await,
+        ApiCommand::Audit(AuditCommand::Verify { anchor }) => {
+            return audit::verify(&api, anchor.as_deref(), format, out).await;
+        }
+        ApiCommand::Audit(AuditCommand::Anchor(AnchorCommand::Export { out: file })) => {
+            audit::anchor_export(&api, file.as_deref(), format, out).await?;
+        }
         ApiCommand::Audit(AuditCommand::Export { out: file }) => {
             audit::export(&api, file.as_deref(), out).await?;
         }
@@ -1098,15 +1159,26 @@ async fn run_api(
         }
         ApiCommand::Enroll(EnrollCommand::Token(cmd)) => match cmd {
             EnrolTokenCommand::Create {
+                device,
                 serial,
                 group,
                 expires,
-            } => enrol::create_token(&api, serial, group, expires, format, out).await?,
+            } => {
+                let pins = enrol::TokenPins {
+                    device,
+                    serial,
+                    group,
+                };
+                enrol::create_token(&api, pins, expires, format, out).await?
+            }
             EnrolTokenCommand::List => enrol::list_tokens(&api, format, out).await?,
             EnrolTokenCommand::Revoke { id } => enrol::revoke_token(&api, &id, format, out).await?,
         },
         ApiCommand::Devices(DevicesCommand::Revoke { id, reason }) => {
             enrol::revoke_device(&api, &id, reason, false, format, out).await?
+        }
+        ApiCommand::Devices(DevicesCommand::Certificates { id }) => {
+            enrol::certificates(&api, &id, format, out).await?
         }
         ApiCommand::Devices(DevicesCommand::Decommission { id, reason }) => {
             enrol::revoke_device(&api, &id, reason, true, format, out).await?

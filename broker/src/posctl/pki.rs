@@ -1,5 +1,7 @@
-//! `posctl pki init`, `posctl pki issue-device` and `posctl pki release-key`: local files
-//! only, no server involved.
+//! `posctl pki init` and `posctl pki release-key` (local files only), and `posctl pki
+//! issue-device`: the key is generated locally and the certificate issued and recorded by the
+//! controller, through its API or, with `--dir DATA/pki` while it is stopped, in its data
+//! directory.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -7,11 +9,18 @@ use std::path::Path;
 
 use anyhow::anyhow;
 use posfleet_proto::DeviceId;
-use posfleet_proto::pki::{PkiDir, PkiError, write_public_file, write_secret_file};
+use posfleet_proto::pki::{
+    DeviceBundle, DeviceKeyRequest, PkiDir, PkiError, write_public_file, write_secret_file,
+};
 use posfleet_proto::signing::CommandKey;
+use reqwest::Method;
 use serde_json::json;
 
 use super::OutputFormat;
+use super::client::ApiClient;
+use super::devices::typed;
+use crate::enrolment::OfflineIssueError;
+use crate::views::IssuedCertificates;
 
 /// Creates the fleet CA, server and controller certificates in `dir`.
 pub(crate) fn init(
@@ -97,8 +106,60 @@ pub(crate) fn init(
     Ok(())
 }
 
-/// Issues a device bundle into `out_dir`, refusing to replace one unless `force`.
-pub(crate) fn issue_device(
+/// Refuses to replace a bundle in `out_dir` unless `force`.
+fn check_out_dir(out_dir: &Path, force: bool) -> anyhow::Result<()> {
+    let existing = ["device.key", "device.crt"]
+        .iter()
+        .map(|name| out_dir.join(name))
+        .find(|path| path.exists());
+    if let (Some(path), false) = (existing, force) {
+        return Err(anyhow!(
+            "{} already exists; refusing to overwrite a device bundle. Choose another --out, or \
+             pass --force to replace it (the old certificate stays valid until it expires or \
+             is revoked)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// `posctl pki issue-device` (through the API): the key is generated here and never leaves
+/// this machine; the controller signs its CSR and records the certificate (so it can be
+/// revoked before the terminal ever connects), then the bundle is written into `out_dir`.
+pub(crate) async fn issue_device(
+    api: &ApiClient,
+    id: &DeviceId,
+    out_dir: &Path,
+    force: bool,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    check_out_dir(out_dir, force)?;
+    let key = DeviceKeyRequest::generate(id)
+        .map_err(|e| anyhow!("cannot generate the device key: {e}"))?;
+    let url = api.url(&["api", "v1", "pki", "certificates"]);
+    let body =
+        json!({"purpose": "cli", "requests": [{"device_id": id.as_str(), "csr_pem": key.csr_pem}]});
+    let value = match api.send_json(Method::POST, url.clone(), Some(&body)).await {
+        Ok(value) => value,
+        Err(e @ super::client::ApiError::Connect { .. }) => {
+            return Err(anyhow!(
+                "{e}; with the controller stopped, issue offline into its data directory with \
+                 --dir DATA/pki"
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let issued: IssuedCertificates = typed(&url, value)?;
+    let bundle = write_bundle(out_dir, id, &key.key_pem, &issued)?;
+    print_bundle(id, &bundle, &issued, false, format, out)
+}
+
+/// `posctl pki issue-device --dir DATA/pki`: with the controller stopped, issues from the CA
+/// in `dir` and records the certificate in `DATA/enrolment` (audited at the controller's next
+/// start). Refuses while the controller runs, and for a PKI directory outside a data dir:
+/// a certificate nobody records could not be revoked before first contact.
+pub(crate) fn issue_device_offline(
     dir: &Path,
     id: &DeviceId,
     out_dir: &Path,
@@ -116,32 +177,126 @@ pub(crate) fn issue_device(
             dir.display()
         ));
     }
-    let existing = ["device.key", "device.crt"]
-        .iter()
-        .map(|name| out_dir.join(name))
-        .find(|path| path.exists());
-    if let (Some(path), false) = (existing, force) {
-        return Err(anyhow!(
-            "{} already exists; refusing to overwrite a device bundle. Choose another --out, or \
-             pass --force to replace it (the old certificate stays valid until it expires or \
-             is revoked)",
-            path.display()
-        ));
+    let data_root = match (dir.file_name(), dir.parent()) {
+        (Some(name), Some(parent)) if name == "pki" => {
+            if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            }
+        }
+        _ => {
+            return Err(anyhow!(
+                "--dir {} is not a controller's PKI directory (DATA/pki): every certificate \
+                 must be recorded in the controller's data so it can be revoked before the \
+                 terminal first connects. Issue through the running controller instead: \
+                 `posctl --data-dir DATA pki issue-device --id {id} --out DIR`",
+                dir.display()
+            ));
+        }
+    };
+    check_out_dir(out_dir, force)?;
+    let key = DeviceKeyRequest::generate(id)
+        .map_err(|e| anyhow!("cannot generate the device key: {e}"))?;
+    let issued = match crate::enrolment::issue_offline(
+        data_root,
+        id,
+        &key.csr_pem,
+        "posctl (offline)",
+        posfleet_proto::now_ms(),
+    ) {
+        Ok(issued) => issued.certificate,
+        Err(OfflineIssueError::Running { data }) => {
+            return Err(anyhow!(
+                "the controller is running on {0} and holds its enrolment store, where this \
+                 certificate must be recorded; issue through its API instead: `posctl \
+                 --data-dir {0} pki issue-device --id {id} --out {1}` (without --dir)",
+                data.display(),
+                out_dir.display()
+            ));
+        }
+        Err(e) => return Err(anyhow!("cannot issue a certificate for {id}: {e}")),
+    };
+    let bundle = write_bundle(out_dir, id, &key.key_pem, &issued)?;
+    print_bundle(id, &bundle, &issued, true, format, out)
+}
+
+/// Writes `device.crt`, `device.key` (0600), `ca.crt`, `command.pub` and, when the controller
+/// has one, `release.pub` into `out_dir` (created 0700).
+fn write_bundle(
+    out_dir: &Path,
+    id: &DeviceId,
+    key_pem: &str,
+    issued: &IssuedCertificates,
+) -> anyhow::Result<DeviceBundle> {
+    let cert = match issued.items.as_slice() {
+        [one] if one.device_id == id.as_str() => one,
+        _ => {
+            return Err(anyhow!(
+                "the controller answered with another certificate than {id}'s"
+            ));
+        }
+    };
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(out_dir)
+            .map_err(|e| anyhow!("cannot create {}: {e}", out_dir.display()))?;
     }
-    let ca = pki
-        .load_ca()
-        .map_err(|e| anyhow!("cannot load the fleet CA from {}: {e}", dir.display()))?;
-    let bundle = pki
-        .write_device_bundle(&ca, id, out_dir)
-        .map_err(|e| anyhow!("cannot write the bundle for {id}: {e}"))?;
+    let mut bundle = DeviceBundle {
+        cert: out_dir.join("device.crt"),
+        key: out_dir.join("device.key"),
+        ca: out_dir.join("ca.crt"),
+        command_pub: out_dir.join("command.pub"),
+        release_pub: None,
+    };
+    let write = |path: &Path, text: &str, secret: bool| {
+        let written = if secret {
+            write_secret_file(path, text)
+        } else {
+            write_public_file(path, text)
+        };
+        written.map_err(|e| anyhow!("cannot write the bundle for {id}: {e}"))
+    };
+    write(&bundle.key, key_pem, true)?;
+    write(&bundle.cert, &cert.certificate_pem, false)?;
+    write(&bundle.ca, &issued.ca_pem, false)?;
+    write(&bundle.command_pub, &issued.command_pub_pem, false)?;
+    if let Some(release) = &issued.release_pub_pem {
+        let path = out_dir.join("release.pub");
+        write(&path, release, false)?;
+        bundle.release_pub = Some(path);
+    }
+    Ok(bundle)
+}
+
+fn print_bundle(
+    id: &DeviceId,
+    bundle: &DeviceBundle,
+    issued: &IssuedCertificates,
+    offline: bool,
+    format: OutputFormat,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let serial = issued.items.first().map_or("", |c| c.serial.as_str());
     match format {
         OutputFormat::Json => writeln!(
             out,
             "{}",
-            json!({ "device": id.as_str(), "cert": bundle.cert, "key": bundle.key, "ca": bundle.ca, "release_pub": bundle.release_pub })
+            json!({ "device": id.as_str(), "serial": serial, "cert": bundle.cert, "key": bundle.key, "ca": bundle.ca, "release_pub": bundle.release_pub })
         )?,
         OutputFormat::Table => {
-            writeln!(out, "Issued a certificate for device {id}:")?;
+            writeln!(
+                out,
+                "Issued certificate {serial} for device {id}{}:",
+                if offline {
+                    " (recorded offline; audited at the controller's next start)"
+                } else {
+                    ""
+                }
+            )?;
             writeln!(out, "  {:<40}  device certificate", bundle.cert.display())?;
             writeln!(
                 out,
@@ -157,6 +312,11 @@ pub(crate) fn issue_device(
                     release.display()
                 )?;
             }
+            writeln!(
+                out,
+                "If the bundle is lost before the terminal is deployed: `posctl devices revoke \
+                 {id} --reason ...`"
+            )?;
         }
     }
     Ok(())
@@ -325,25 +485,33 @@ mod tests {
     }
 
     #[test]
-    fn issue_device_writes_a_bundle_and_refuses_to_overwrite_it() {
+    fn offline_issue_records_the_certificate_and_refuses_to_overwrite_a_bundle() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("pki");
         init(&dir, &[], OutputFormat::Table, &mut Vec::new()).unwrap();
         let bundle = tmp.path().join("T-0001");
         let id = DeviceId::new("T-0001").unwrap();
         let mut out = Vec::new();
-        issue_device(&dir, &id, &bundle, false, OutputFormat::Table, &mut out).unwrap();
+        issue_device_offline(&dir, &id, &bundle, false, OutputFormat::Table, &mut out).unwrap();
         let printed = text(out);
         assert!(printed.contains("device T-0001"), "{printed}");
+        assert!(printed.contains("recorded offline"), "{printed}");
         assert!(!printed.contains("PRIVATE KEY"), "{printed}");
         assert_eq!(mode(&bundle.join("device.key")), 0o600);
         assert_eq!(
             fs::read(bundle.join("ca.crt")).unwrap(),
             fs::read(dir.join("ca.crt")).unwrap()
         );
+        assert!(bundle.join("command.pub").exists());
         let key_before = fs::read(bundle.join("device.key")).unwrap();
+        let serial = posfleet_proto::pki::CertFacts::from_pem(
+            &fs::read_to_string(bundle.join("device.crt")).unwrap(),
+        )
+        .unwrap()
+        .serial;
+        assert!(printed.contains(&serial), "{printed}");
 
-        let err = issue_device(
+        let err = issue_device_offline(
             &dir,
             &id,
             &bundle,
@@ -356,7 +524,7 @@ mod tests {
         assert!(err.to_string().contains("--force"), "{err}");
         assert_eq!(fs::read(bundle.join("device.key")).unwrap(), key_before);
 
-        issue_device(
+        issue_device_offline(
             &dir,
             &id,
             &bundle,
@@ -367,6 +535,49 @@ mod tests {
         .unwrap();
         assert_ne!(fs::read(bundle.join("device.key")).unwrap(), key_before);
         assert_eq!(mode(&bundle.join("device.key")), 0o600);
+
+        // Both certificates are recorded in the data dir's enrolment store, to be audited.
+        let data = crate::datadir::DataDir::at(tmp.path());
+        let store = crate::enrolment::EnrolmentStore::open(&data.enrolment_dir(), 1 << 20).unwrap();
+        let serials = store.issued_serials("T-0001").unwrap();
+        assert_eq!(serials.len(), 2, "{serials:?}");
+        assert!(serials.contains(&serial), "{serials:?}");
+    }
+
+    #[test]
+    fn offline_issue_refuses_while_the_controller_runs_and_outside_a_data_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        init(&dir, &[], OutputFormat::Table, &mut Vec::new()).unwrap();
+        let id = DeviceId::new("T-1").unwrap();
+        // The running controller holds DATA/enrolment.
+        let data = crate::datadir::DataDir::at(tmp.path());
+        let held = crate::enrolment::EnrolmentStore::open(&data.enrolment_dir(), 1 << 20).unwrap();
+        let out = tmp.path().join("out");
+        let err =
+            issue_device_offline(&dir, &id, &out, false, OutputFormat::Table, &mut Vec::new())
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("the controller is running"), "{err}");
+        assert!(err.contains("without --dir"), "{err}");
+        assert!(!out.exists());
+        drop(held);
+
+        // A PKI directory that is not DATA/pki: nobody would record the certificate.
+        let elsewhere = tmp.path().join("offline-ca");
+        init(&elsewhere, &[], OutputFormat::Table, &mut Vec::new()).unwrap();
+        let err = issue_device_offline(
+            &elsewhere,
+            &id,
+            &out,
+            false,
+            OutputFormat::Table,
+            &mut Vec::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not a controller's PKI directory"), "{err}");
+        assert!(!out.exists());
     }
 
     #[test]
@@ -401,7 +612,7 @@ mod tests {
     fn issue_device_without_a_ca_says_to_run_init() {
         let tmp = tempfile::tempdir().unwrap();
         let id = DeviceId::new("T-1").unwrap();
-        let err = issue_device(
+        let err = issue_device_offline(
             &tmp.path().join("nope"),
             &id,
             &tmp.path().join("out"),

@@ -31,6 +31,34 @@ pub struct AuditVerifyView {
     /// What is wrong there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Set when the chain was checked against an exported anchor: the anchor's seq.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_seq: Option<u64>,
+}
+
+/// `GET /api/v1/audit/anchor`: a signed checkpoint of the head of the audit chain, to keep
+/// off the controller's host (`posctl audit anchor export`); `POST /api/v1/audit/verify` with
+/// it (`posctl audit verify --anchor FILE`) finds a chain rebuilt since.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditAnchor {
+    /// `posfleet-audit-anchor-v1`.
+    pub format: String,
+    /// The controller installation the audit log belongs to (made with the log).
+    pub installation: String,
+    /// The newest entry when the anchor was made.
+    pub seq: u64,
+    /// Its hash (hex).
+    pub hash: String,
+    /// Entries from this seq on carry a keyed checkpoint of this key.
+    pub keyed_from: u64,
+    /// Unix ms.
+    pub exported_at_ms: u64,
+    /// The audit key's id and public half (SubjectPublicKeyInfo PEM).
+    pub key_id: String,
+    pub public_key_pem: String,
+    /// Ed25519 over all of the above (hex).
+    pub signature: String,
 }
 
 /// Where an approval stands.

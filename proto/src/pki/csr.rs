@@ -75,8 +75,11 @@ impl DeviceKeyRequest {
     }
 }
 
+/// A CSR that passed [`verify_csr`], ready for [`Ca::sign_device_csr`].
+pub type VerifiedCsr = CertificateSigningRequestParams;
+
 /// Checks a CSR: size, PEM, self-signature, key type (ECDSA P-256 or Ed25519).
-pub fn verify_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, CsrError> {
+pub fn verify_csr(csr_pem: &str) -> Result<VerifiedCsr, CsrError> {
     if csr_pem.len() > MAX_CSR_PEM_BYTES {
         return Err(CsrError::TooLarge);
     }

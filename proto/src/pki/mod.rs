@@ -15,7 +15,9 @@ pub mod identity;
 pub mod profile;
 pub mod store;
 
-pub use csr::{CertFacts, CsrError, DeviceKeyRequest, RevokedSerial, crl_serials, verify_csr};
+pub use csr::{
+    CertFacts, CsrError, DeviceKeyRequest, RevokedSerial, VerifiedCsr, crl_serials, verify_csr,
+};
 pub use identity::Identity;
 pub use profile::{BACKDATE_SECONDS, Ca, CertifiedKey};
 pub use store::{

@@ -110,7 +110,9 @@ impl Ca {
 
     /// A device certificate: CN = id, OU = device, URI SAN `urn:posfleet:device:<id>`,
     /// extended key usage client auth. The key is generated here; enrolment (where the terminal
-    /// keeps its key) signs a CSR instead.
+    /// keeps its key) signs a CSR instead. Nothing records the certificate: the controller
+    /// issues through its enrolment service (which records every certificate); this is for
+    /// tests and fixtures that never reach a controller's data.
     pub fn issue_device(&self, id: &DeviceId) -> Result<CertifiedKey, PkiError> {
         self.issue(device_params(id)?)
     }
@@ -186,12 +188,22 @@ fn base_params(cn: &str, ou: &str, validity: Duration) -> Result<CertificatePara
     let now = OffsetDateTime::now_utc();
     params.not_before = now - BACKDATE;
     params.not_after = now + validity;
-    let serial: [u8; 16] = rand::random();
-    // Positive, non-zero serial (RFC 5280 §4.1.2.2).
-    let mut serial = serial.to_vec();
-    serial[0] = (serial[0] & 0x7f) | 0x01;
-    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    params.serial_number = Some(SerialNumber::from_slice(&serial()));
     Ok(params)
+}
+
+/// A random certificate serial: positive and non-zero (RFC 5280 §4.1.2.2), and, written in hex
+/// as everywhere serials are shown (records, CRL views, logs), without a run of 13 or more
+/// decimal digits, which card-data scanners would report as a card number (about 1 in 500
+/// random serials has one; those are drawn again).
+fn serial() -> Vec<u8> {
+    loop {
+        let mut serial: [u8; 16] = rand::random();
+        serial[0] = (serial[0] & 0x7f) | 0x01;
+        if crate::pan::longest_digit_run(&hex::encode(serial)) < crate::pan::MIN_PAN_DIGITS {
+            return serial.to_vec();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -237,6 +249,15 @@ mod tests {
         assert!(Identity::from_cert_der(&der(&server.cert_pem)).is_err());
         assert!(Identity::from_cert_der(&der(ca.cert_pem())).is_err());
         assert!(Identity::from_cert_der(b"not a certificate").is_err());
+    }
+
+    #[test]
+    fn serials_never_hold_a_card_like_digit_run() {
+        for _ in 0..20_000 {
+            let hex_text = hex::encode(serial());
+            assert!(crate::pan::longest_digit_run(&hex_text) < crate::pan::MIN_PAN_DIGITS);
+            assert!(!crate::pan::contains_pan(&hex_text), "{hex_text}");
+        }
     }
 
     #[test]

@@ -123,7 +123,9 @@ impl PkiDir {
     }
 
     /// Issues a device certificate and writes `device.crt`, `device.key` (0600) and `ca.crt`
-    /// into `out`.
+    /// into `out`. Nothing records the certificate, so no controller can revoke it before the
+    /// terminal first connects: the product issues through the controller
+    /// (`posctl pki issue-device`); this is for fixtures that never reach a controller.
     pub fn write_device_bundle(
         &self,
         ca: &Ca,

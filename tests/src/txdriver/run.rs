@@ -112,7 +112,21 @@ pub async fn run_driver(cfg: DriverConfig) -> anyhow::Result<()> {
         );
     }
 
-    let mut sim_cfg = SimulatorConfig::new(cfg.count, &cfg.pki_dir, cfg.broker.clone());
+    // Certificates are issued and recorded by the controller (its posctl.json beside DATA/pki).
+    let client = cfg.pki_dir.with_file_name("posctl.json");
+    let issuer =
+        posfleet_agent::simulate::ApiIssuer::from_client_file(&client).with_context(|| {
+            format!(
+                "cannot use the controller's API through {}",
+                client.display()
+            )
+        })?;
+    let mut sim_cfg = SimulatorConfig::new(
+        cfg.count,
+        &cfg.pki_dir,
+        cfg.broker.clone(),
+        Arc::new(issuer),
+    );
     sim_cfg.id_prefix = cfg.id_prefix.clone();
     sim_cfg.data_dir = cfg.data_dir.clone();
     sim_cfg.connect_rate = cfg.connect_rate;

@@ -596,3 +596,72 @@ async fn a_lost_device_is_locked_and_found_again() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_anchor_finds_a_rebuilt_chain_through_the_api() {
+    let server = TestServer::start().await;
+    server.heartbeat("T-1", now());
+    for who in ["alice", "bob", "carol"] {
+        let r = server
+            .as_principal(
+                who,
+                Method::PUT,
+                "/api/v1/devices/T-1/labels",
+                Some(json!({"labels": {"by": who}})),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let r = server.get("/api/v1/audit/anchor").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let anchor: crate::views::AuditAnchor = r.json().await.unwrap();
+    assert_eq!(anchor.format, crate::audit::ANCHOR_FORMAT);
+    assert!(!anchor.public_key_pem.contains("PRIVATE"));
+    let verify = |body: Value| server.send(Method::POST, "/api/v1/audit/verify", Some(body));
+    let report: AuditVerifyView = verify(json!(anchor)).await.json().await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.anchor_seq, Some(anchor.seq));
+
+    // An altered anchor is refused naming the field; so is garbage.
+    let mut altered = json!(anchor);
+    altered["seq"] = json!(anchor.seq - 1);
+    let r = verify(altered).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let err: ErrorBody = r.json().await.unwrap();
+    assert_eq!(err.fields[0].key, "anchor.signature", "{err:?}");
+    let r = verify(json!({"seq": 1})).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // Someone with write access to the store edits entry 2 and recomputes every later hash.
+    let entries = server.entries();
+    let mut prev = entries[0].own().unwrap();
+    for (i, e) in entries.iter().enumerate().skip(1) {
+        let mut e = e.clone();
+        if i == 1 {
+            e.actor = "nobody".into();
+        }
+        e.prev_hash = hex::encode(prev);
+        prev = e.compute_hash(&prev);
+        e.hash = hex::encode(prev);
+        let mut key = vec![b'e'];
+        key.extend_from_slice(&e.seq.to_be_bytes());
+        server
+            .audit
+            .tree()
+            .insert(key, serde_json::to_vec(&e).unwrap())
+            .unwrap();
+    }
+    let report: AuditVerifyView = verify(json!(anchor)).await.json().await.unwrap();
+    assert!(!report.ok, "{report:?}");
+    assert_eq!(report.first_bad_seq, Some(entries[1].seq), "{report:?}");
+    assert_eq!(report.anchor_seq, Some(anchor.seq));
+    // The verifications are audited like every read of the log.
+    assert!(
+        server
+            .recorded
+            .records()
+            .iter()
+            .any(|r| r.action == "audit.anchor_export")
+    );
+    server.stop().await;
+}

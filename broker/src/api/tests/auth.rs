@@ -285,9 +285,10 @@ async fn a_viewer_is_refused_every_mutating_route_and_an_operator_every_admin_ro
                     | "/api/v1/approvals"
                     | "/api/v1/approvals/{id}"
                     | "/api/v1/audit"
-                    | "/api/v1/audit/verify"
+                    | "/api/v1/audit/anchor"
                     | "/api/v1/audit/export"
                     | "/api/v1/pki/crl"
+                    | "/api/v1/devices/{id}/certificates"
                     | "/api/v1/stream"
                     | "/metrics"
             )
