@@ -39,6 +39,13 @@ pub enum TextProblem {
 /// What [`shown`] puts in place of a value that holds a card number.
 pub const WITHHELD: &str = "(withheld: looks like a card number)";
 
+/// How posfleet joins values into one text it writes (audit targets and details, logs): a
+/// comma *and* a space, a gap the PAN guard never links digit groups across (rule 1 of
+/// [`crate::pan`] links across one punctuation character, or white space alone). Values that
+/// are clean one by one then stay clean side by side: numeric terminal ids `12345678,12345679`
+/// joined by a bare comma would read as one 16-digit run, and fail the guard one time in ten.
+pub const LIST_SEPARATOR: &str = ", ";
+
 /// The bidi controls refused in text: embeddings and overrides, isolates, and the marks.
 pub fn is_bidi_control(c: char) -> bool {
     matches!(
@@ -78,6 +85,26 @@ pub fn shown(text: &str) -> Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn values_joined_with_the_list_separator_never_link_into_a_card_number() {
+        // 8-digit terminal ids in a row: joined by a bare comma, the run is 16+ digits.
+        let ids: Vec<String> = (0..2000u32)
+            .map(|i| format!("{}", 41_000_000 + i * 7))
+            .collect();
+        let bare = ids
+            .chunks(2)
+            .filter(|p| crate::pan::contains_pan(&p.join(",")))
+            .count();
+        assert!(
+            bare > 0,
+            "a bare comma links the ids (else this test proves nothing)"
+        );
+        for pair in ids.chunks(2) {
+            let joined = pair.join(super::LIST_SEPARATOR);
+            assert!(!crate::pan::contains_pan(&joined), "{joined}");
+        }
+    }
+
     use super::*;
 
     #[test]

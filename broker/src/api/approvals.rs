@@ -15,6 +15,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use posfleet_proto::DeviceId;
+use posfleet_proto::text::LIST_SEPARATOR;
 use serde_json::Value;
 
 use super::ApiState;
@@ -127,7 +128,7 @@ pub(super) async fn request(
         .map_err(store_error)?
         .map_err(store_error)?;
     let note = AuditNote {
-        target: Some(approval.devices.join(",")),
+        target: Some(approval.devices.join(LIST_SEPARATOR)),
         detail: format!(
             "{kind} of {} terminal(s) needs a second admin: approval {}",
             approval.devices.len(),

@@ -15,6 +15,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use posfleet_proto::DeviceId;
+use posfleet_proto::text::LIST_SEPARATOR;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -117,7 +118,7 @@ pub(super) fn created_note(commands: &[CommandView]) -> AuditNote {
     };
     devices.sort_unstable();
     AuditNote {
-        target: Some(format!("{}{more}", devices.join(","))),
+        target: Some(format!("{}{more}", devices.join(LIST_SEPARATOR))),
         detail: format!(
             "{} {} command(s): {}",
             commands.len(),
@@ -127,7 +128,7 @@ pub(super) fn created_note(commands: &[CommandView]) -> AuditNote {
                 .take(SHOWN)
                 .map(|c| c.id.as_str())
                 .collect::<Vec<_>>()
-                .join(",")
+                .join(LIST_SEPARATOR)
         ),
     }
 }

@@ -20,6 +20,7 @@ use std::collections::HashSet;
 
 use posfleet_proto::DeviceId;
 use posfleet_proto::pki::{Ca, CertFacts, PkiDir, VerifiedCsr, verify_csr};
+use posfleet_proto::text::LIST_SEPARATOR;
 use tracing::info;
 
 use super::store::{
@@ -347,11 +348,19 @@ pub(super) fn answer(signed: Vec<Signed>, files: BundleFiles) -> IssuedCertifica
     }
 }
 
-/// The audit detail of an issue: kind and `id=serial` pairs (the first few).
+/// The audit detail of an issue: kind and `ID serial SERIAL` pairs (the first few), joined so
+/// that no digits of an id and a serial link into a card-number-like run (`drv-00001=0424…`
+/// would, through the `=`).
 fn detail(kind: IssueKind, records: &[IssuedCert]) -> String {
     let mut text = format!("kind={} count={}", kind_name(kind), records.len());
-    for r in records.iter().take(8) {
-        text.push_str(&format!(" {}={}", r.device, r.serial));
+    let pairs: Vec<String> = records
+        .iter()
+        .take(8)
+        .map(|r| format!("{} serial {}", r.device, r.serial))
+        .collect();
+    if !pairs.is_empty() {
+        text.push_str(": ");
+        text.push_str(&pairs.join(LIST_SEPARATOR));
     }
     if records.len() > 8 {
         text.push_str(" ...");
@@ -518,5 +527,46 @@ impl posfleet_agent::simulate::CertIssuer for SimulatorIssuer {
                 .map(|c| c.certificate_pem)
                 .collect())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(device: &str, serial: &str) -> IssuedCert {
+        IssuedCert {
+            v: RECORD_VERSION,
+            serial: serial.to_owned(),
+            device: device.to_owned(),
+            not_after: 0,
+            issued_ms: 0,
+            kind: IssueKind::Simulator,
+            issued_by: "demo".to_owned(),
+            pending_audit: false,
+        }
+    }
+
+    /// Ids ending in digits next to serials starting with digits: with `id=serial` the
+    /// digits of both linked into one run through the `=` and the audit log held a
+    /// card-number-like number now and then (seen in the e2e data-directory scan).
+    #[test]
+    fn the_audit_detail_never_links_ids_and_serials_into_a_card_number() {
+        let mut old_format_flagged = 0;
+        for i in 0..2000u64 {
+            // Serials are drawn without 13-digit runs; these start with 11 digits.
+            let serial = format!("{:011}eb{i:04x}dc0e1d2b3aaf", i * 7919);
+            let device = format!("drv-{i:05}");
+            if posfleet_proto::pan::contains_pan(&format!("{device}={serial}")) {
+                old_format_flagged += 1;
+            }
+            let records = [record(&device, &serial), record("12345678", &serial)];
+            let text = detail(IssueKind::Simulator, &records);
+            assert!(!posfleet_proto::pan::contains_pan(&text), "{text}");
+        }
+        assert!(
+            old_format_flagged > 0,
+            "the old format never linked: the test proves nothing"
+        );
     }
 }

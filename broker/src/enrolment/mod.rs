@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use posfleet_proto::DeviceId;
 use posfleet_proto::pki::{Ca, CertFacts, CsrError, Identity, PkiDir, RevokedSerial, verify_csr};
+use posfleet_proto::text::LIST_SEPARATOR;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -660,7 +661,10 @@ impl Enrolment {
             action,
             id.as_str(),
             Outcome::Success,
-            format!("reason={reason:?} serials={}", record.serials.join(",")),
+            format!(
+                "reason={reason:?} serials={}",
+                record.serials.join(LIST_SEPARATOR)
+            ),
         )?;
         Ok(RevocationView {
             device_id: id.to_string(),
