@@ -20,8 +20,8 @@
 
 mod encoding;
 mod entry;
-mod refusals;
 mod keyed;
+mod refusals;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 
 pub use entry::AuditEntry;
 pub(crate) use entry::outcome_name as outcome_label;
-pub use refusals::{Refusals, refusal_count};
 pub use keyed::{ANCHOR_FORMAT, AnchorError, AuditKey, AuditKeyError};
+pub use refusals::{Refusals, refusal_count};
 pub use store::{
     AuditConfig, AuditLog, AuditQuery, AuditStoreError, DEFAULT_LIMIT, DEFAULT_RETENTION,
     MAX_LIMIT, paths,

@@ -46,7 +46,7 @@ pub use offline::{OfflineIssue, OfflineIssueError, issue_offline};
 pub use revocations::{Revocations, Standing};
 pub use store::{EnrolmentStore, EnrolmentStoreError};
 
-use crate::audit::{AuditRecord, AuditSink, NoAudit, Outcome};
+use crate::audit::{AuditRecord, AuditSink, NoAudit, Outcome, Refusals};
 use crate::edge::EdgeHandle;
 use crate::limit::FailureLimit;
 use crate::registry::Registry;
@@ -173,6 +173,9 @@ pub struct Enrolment {
     /// Closes live sessions on revocation; `None` with an external broker (it uses the CRL).
     edge: Option<EdgeHandle>,
     audit: Arc<dyn AuditSink>,
+    /// Where refused enrolments and renewals are counted, for one aggregated audit entry per
+    /// key and window (issue 10 item 5); `None`: each is recorded on its own.
+    refusals: Option<Arc<Refusals>>,
     failures: FailureLimit<IpAddr>,
 }
 
@@ -229,6 +232,7 @@ impl Enrolment {
             registry,
             edge,
             audit: Arc::new(NoAudit),
+            refusals: None,
             failures,
         };
         book.crl = Arc::new(this.sign_crl(&book)?);
@@ -236,9 +240,11 @@ impl Enrolment {
         Ok(this)
     }
 
-    /// The same service recording to `audit`.
-    pub fn with_audit(mut self, audit: Arc<dyn AuditSink>) -> Self {
+    /// The same service recording to `audit`, and counting refusals in `refusals` (the API's
+    /// counts, whose flusher writes them to the same log: `ApiState::refusals`).
+    pub fn with_audit(mut self, audit: Arc<dyn AuditSink>, refusals: Arc<Refusals>) -> Self {
         self.audit = audit;
+        self.refusals = Some(refusals);
         self
     }
 
@@ -266,16 +272,36 @@ impl Enrolment {
         outcome: Outcome,
         detail: String,
     ) -> Result<(), EnrolError> {
+        self.record(AuditRecord {
+            actor: actor.to_owned(),
+            source: source.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            outcome,
+            detail,
+        })
+    }
+
+    /// Records one entry durably (blocks: the sink fsyncs).
+    fn record(&self, record: AuditRecord) -> Result<(), EnrolError> {
         self.audit
-            .record(AuditRecord {
-                actor: actor.to_owned(),
-                source: source.to_owned(),
-                action: action.to_owned(),
-                target: target.to_owned(),
-                outcome,
-                detail,
-            })
+            .record(record)
             .map_err(|e| EnrolError::internal("the audit record", e))
+    }
+
+    /// Counts a refusal (`record.detail` is its reason) for the aggregated entry of its
+    /// window; never waits for the disk (except after the final flush at shutdown, or without
+    /// refusal counts).
+    fn refused(&self, record: AuditRecord) {
+        let record = match &self.refusals {
+            Some(refusals) => refusals.note(record),
+            None => Some(record),
+        };
+        if let Some(record) = record
+            && let Err(e) = self.audit.record(record)
+        {
+            warn!(error = %e, "a refusal could not be audited");
+        }
     }
 
     // ---- tokens -------------------------------------------------------------------------
@@ -423,35 +449,42 @@ impl Enrolment {
         let source = peer.to_string();
         if !self.failures.admit(&peer) {
             warn!(%peer, "enrolment refused: too many failures from this address");
-            let _ = self.audit(
-                "enrolment",
-                &source,
-                "device.enroll",
-                &req.device_id,
-                Outcome::Denied,
-                "rate limited".into(),
-            );
+            // Nothing the client chose goes into the key: one entry per address and window.
+            self.refused(AuditRecord {
+                actor: "enrolment".into(),
+                source,
+                action: "device.enroll".into(),
+                target: "-".into(),
+                outcome: Outcome::Denied,
+                detail: "rate limited (too many failed enrolments from this address)".into(),
+            });
             return Err(EnrolError::RateLimited);
         }
         let result = self.enroll_inner(req, now_ms);
-        let (outcome, detail) = match &result {
-            Ok(_) => (Outcome::Success, String::new()),
-            Err(e @ EnrolError::Internal { .. }) => (Outcome::Failure, e.to_string()),
-            Err(e) => {
-                self.failures.failed(&peer);
-                (Outcome::Denied, e.to_string())
-            }
-        };
         let token_id = token::id_of(&req.token).unwrap_or("-");
-        info!(device = %req.device_id, %peer, token = token_id, ?outcome, "enrolment attempt");
-        self.audit(
-            &format!("token:{token_id}"),
-            &source,
-            "device.enroll",
-            &req.device_id,
+        let target = shown_id(&req.device_id);
+        let record = |outcome, detail| AuditRecord {
+            actor: format!("token:{token_id}"),
+            source: source.clone(),
+            action: "device.enroll".into(),
+            target: target.clone(),
             outcome,
             detail,
-        )?;
+        };
+        let outcome = match &result {
+            Ok(_) => Outcome::Success,
+            Err(EnrolError::Internal { .. }) => Outcome::Failure,
+            Err(_) => Outcome::Denied,
+        };
+        info!(device = %target, %peer, token = token_id, ?outcome, "enrolment attempt");
+        match &result {
+            Ok(_) => self.record(record(outcome, String::new()))?,
+            Err(e @ EnrolError::Internal { .. }) => self.record(record(outcome, e.to_string()))?,
+            Err(e) => {
+                self.failures.failed(&peer);
+                self.refused(record(outcome, e.to_string()));
+            }
+        }
         result
     }
 
@@ -706,23 +739,25 @@ impl Enrolment {
         now_ms: u64,
     ) -> Result<RenewResponse, EnrolError> {
         let result = self.renew_inner(id, facts, csr_pem, now_ms);
-        let outcome = match &result {
-            Ok(_) => Outcome::Success,
-            Err(EnrolError::Internal { .. }) => Outcome::Failure,
-            Err(_) => Outcome::Denied,
-        };
-        let detail = match &result {
-            Ok(r) => format!("old_serial={} new_serial={}", facts.serial, r.serial),
-            Err(e) => e.to_string(),
-        };
-        self.audit(
-            &format!("device:{id}"),
-            source,
-            "device.renew",
-            id.as_str(),
+        let record = |outcome, detail| AuditRecord {
+            actor: format!("device:{id}"),
+            source: source.to_owned(),
+            action: "device.renew".into(),
+            target: id.to_string(),
             outcome,
             detail,
-        )?;
+        };
+        match &result {
+            Ok(r) => self.record(record(
+                Outcome::Success,
+                format!("old_serial={} new_serial={}", facts.serial, r.serial),
+            ))?,
+            Err(e @ EnrolError::Internal { .. }) => {
+                self.record(record(Outcome::Failure, e.to_string()))?;
+            }
+            // A device's repeated refusals are counted, not written one by one.
+            Err(e) => self.refused(record(Outcome::Denied, e.to_string())),
+        }
         result
     }
 
@@ -884,6 +919,15 @@ pub fn crl_pem(der: &[u8]) -> String {
     }
     out.push_str("-----END X509 CRL-----\n");
     out
+}
+
+/// A device id from a request as logs and the audit log may show it: the id (withheld if it
+/// looks like a card number), or a placeholder if it is not a device id at all.
+fn shown_id(raw: &str) -> String {
+    match DeviceId::new(raw) {
+        Ok(_) => posfleet_proto::text::shown(raw).into_owned(),
+        Err(_) => "(not a device id)".to_owned(),
+    }
 }
 
 fn status_name(status: PkiStatus) -> &'static str {

@@ -5,6 +5,7 @@ mod agent_renewal;
 mod audit_anchor;
 mod issued;
 mod pinned;
+mod refusals;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +69,15 @@ impl Fixture {
             .post(self.api(path))
             .bearer_auth(&self.admin_token)
             .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn admin_get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.api(path))
+            .bearer_auth(&self.admin_token)
             .send()
             .await
             .unwrap()
