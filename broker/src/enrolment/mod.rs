@@ -317,23 +317,14 @@ impl Enrolment {
         let lifetime = token::lifetime(&req.expires_in, self.cfg.max_token_lifetime)
             .map_err(|e| EnrolError::field(Refusal::Invalid, "expires_in", e))?;
         for (field, value) in [("serial", &req.serial), ("group", &req.group)] {
-            if let Some(v) = value
-                && !crate::commands::valid_name(v)
-            {
-                return Err(EnrolError::field(
-                    Refusal::Invalid,
-                    field,
-                    "1-64 letters, digits, '.', '_' or '-'",
-                ));
+            if let Some(v) = value {
+                check_name(field, v)?;
             }
         }
         let device_id = req
             .device_id
             .as_deref()
-            .map(|d| {
-                DeviceId::new(d)
-                    .map_err(|e| EnrolError::field(Refusal::Invalid, "device_id", e.to_string()))
-            })
+            .map(|d| new_device_id(d, "device_id"))
             .transpose()?;
         let secret = token::generate();
         let stored = store::StoredToken {
@@ -489,15 +480,8 @@ impl Enrolment {
     }
 
     fn enroll_inner(&self, req: &EnrollRequest, now_ms: u64) -> Result<EnrollResponse, EnrolError> {
-        let id = DeviceId::new(req.device_id.as_str())
-            .map_err(|e| EnrolError::field(Refusal::Invalid, "device_id", e.to_string()))?;
-        if !crate::commands::valid_name(&req.serial) {
-            return Err(EnrolError::field(
-                Refusal::Invalid,
-                "serial",
-                "1-64 letters, digits, '.', '_' or '-'",
-            ));
-        }
+        let id = new_device_id(&req.device_id, "device_id")?;
+        check_name("serial", &req.serial)?;
         let csr = verify_csr(&req.csr_pem)?;
         let mut book = self.lock();
         let token_id =
@@ -919,6 +903,28 @@ pub fn crl_pem(der: &[u8]) -> String {
     }
     out.push_str("-----END X509 CRL-----\n");
     out
+}
+
+/// A device id that enters the fleet here for the first time (enrolment, a token pin, a
+/// certificate issued through the API or offline): the id pattern and no card number
+/// ([`DeviceId::new_for_issue`]). `field` names it in the refusal.
+fn new_device_id(raw: &str, field: &str) -> Result<DeviceId, EnrolError> {
+    DeviceId::new_for_issue(raw)
+        .map_err(|e| EnrolError::field(Refusal::Invalid, field, e.to_string()))
+}
+
+/// A serial number or group name from a request: 1-64 letters, digits, '.', '_' or '-', and
+/// clean text (no card number: `4111-1111-1111-1111` fits the pattern).
+fn check_name(field: &str, value: &str) -> Result<(), EnrolError> {
+    if !crate::commands::valid_name(value) {
+        return Err(EnrolError::field(
+            Refusal::Invalid,
+            field,
+            "1-64 letters, digits, '.', '_' or '-'",
+        ));
+    }
+    posfleet_proto::text::check_operator_text(value)
+        .map_err(|problem| EnrolError::field(Refusal::Invalid, field, problem.to_string()))
 }
 
 /// A device id from a request as logs and the audit log may show it: the id (withheld if it

@@ -3,6 +3,7 @@
 
 mod agent_renewal;
 mod audit_anchor;
+mod card_ids;
 mod issued;
 mod pinned;
 mod refusals;
