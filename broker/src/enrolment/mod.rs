@@ -580,15 +580,17 @@ impl Enrolment {
             || self.revocations.seen_serial(id.as_str()).is_some();
         if !known {
             drop(book);
+            // A path the client typed: a card number in it is never recorded or echoed.
+            let shown = posfleet_proto::text::shown(id.as_str());
             self.audit(
                 actor,
                 source,
                 action,
-                id.as_str(),
+                &shown,
                 Outcome::Failure,
                 "unknown device".into(),
             )?;
-            return Err(EnrolError::NotFound(format!("no device {id}")));
+            return Err(EnrolError::NotFound(format!("no device {shown}")));
         }
         let mut record = book
             .devices

@@ -414,7 +414,7 @@ enum EnrolTokenCommand {
     Create {
         /// Only this device id may enrol with it; no other token or certificate takes the id
         /// while the token is unused.
-        #[arg(long, value_name = "ID", value_parser = parse_new_device_id)]
+        #[arg(long, value_name = "ID", value_parser = parse_device_id)]
         device: Option<DeviceId>,
         /// Only a terminal with this serial number may use it.
         #[arg(long)]
@@ -711,7 +711,7 @@ enum PkiCommand {
         dir: Option<PathBuf>,
         /// Device id: letters, digits, '.', '_' or '-', starting with a letter or digit; not
         /// a card number.
-        #[arg(long, value_parser = parse_new_device_id)]
+        #[arg(long, value_parser = parse_device_id)]
         id: DeviceId,
         /// Directory to write the bundle into (created 0700 if missing).
         #[arg(long, value_name = "DIR")]
@@ -825,11 +825,13 @@ fn parse_device_id(s: &str) -> Result<DeviceId, String> {
     })
 }
 
-/// Clap value parser: a device id that enters the fleet here (a certificate issued, a token
-/// pinned to it): also refused if it looks like a card number, before the controller is asked.
-fn parse_new_device_id(s: &str) -> Result<DeviceId, String> {
-    parse_device_id(s)?;
-    DeviceId::new_for_issue(s).map_err(|e| e.to_string())
+/// A device id that enters the fleet here (a certificate issued, a token pinned to it): refused
+/// if it looks like a card number, before the controller is asked. Checked after parsing, so
+/// the refusal names `flag` without repeating the value (clap's own errors repeat it).
+pub(crate) fn check_new_device_id(flag: &str, id: &DeviceId) -> anyhow::Result<()> {
+    DeviceId::new_for_issue(id.as_str())
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
 
 /// Clap value parser: a group name.

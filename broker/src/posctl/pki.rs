@@ -134,6 +134,7 @@ pub(crate) async fn issue_device(
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
+    super::check_new_device_id("--id", id)?;
     check_out_dir(out_dir, force)?;
     let key = DeviceKeyRequest::generate(id)
         .map_err(|e| anyhow!("cannot generate the device key: {e}"))?;
@@ -167,6 +168,7 @@ pub(crate) fn issue_device_offline(
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
+    super::check_new_device_id("--id", id)?;
     let pki = PkiDir::at(dir);
     if !pki.exists() {
         return Err(anyhow!(

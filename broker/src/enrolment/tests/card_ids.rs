@@ -105,9 +105,25 @@ async fn card_like_device_ids_and_serials_are_refused_where_they_enter() {
         )
         .await
         .unwrap_err();
-        assert!(err.contains("--id"), "{err}");
+        assert!(err.starts_with("--id:"), "{err}");
+        assert!(!contains_pan(&err), "posctl echoes the number: {err}");
         assert!(!out.exists(), "posctl wrote a bundle for a card-like id");
+        let err = posctl(&f, &["enroll", "token", "create", "--device", id])
+            .await
+            .unwrap_err();
+        assert!(err.starts_with("--device:"), "{err}");
+        assert!(!contains_pan(&err), "posctl echoes the number: {err}");
     }
+    // Revoking an unknown card-like id: 404, neither echoed nor audited.
+    let r = f
+        .admin_post(
+            "/api/v1/devices/4111.1111.1111.1111/revoke",
+            json!({"reason": "typo"}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let text = r.text().await.unwrap();
+    assert!(!contains_pan(&text), "{text}");
     for serial in ["4111-1111-1111-1111", "4111.1111.1111.1111"] {
         let r = f
             .admin_post(
