@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use super::Fixture;
-use super::issued::posctl;
+use super::issued::{issue_device, posctl};
 use crate::views::{AuditPage, ErrorBody, TokenList};
 
 /// Card numbers written as valid device ids: the review's examples that fit the id pattern,
@@ -92,19 +92,7 @@ async fn card_like_device_ids_and_serials_are_refused_where_they_enter() {
         assert_eq!(status, StatusCode::BAD_REQUEST);
         // posctl refuses it before asking the controller.
         let out = f._tmp.path().join("bundle-card");
-        let err = posctl(
-            &f,
-            &[
-                "pki",
-                "issue-device",
-                "--id",
-                id,
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        )
-        .await
-        .unwrap_err();
+        let err = issue_device(&f, id, &out).await.unwrap_err();
         assert!(err.starts_with("--id:"), "{err}");
         assert!(!contains_pan(&err), "posctl echoes the number: {err}");
         assert!(!out.exists(), "posctl wrote a bundle for a card-like id");
