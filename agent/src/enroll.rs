@@ -56,6 +56,12 @@ impl std::fmt::Debug for EnrollOptions {
 pub enum EnrollError {
     #[error("--server {0:?}: use https://host:port")]
     Server(String),
+    /// The id looks like a card number (never echoed).
+    #[error("--device-id: {0}")]
+    DeviceId(posfleet_proto::NewDeviceIdError),
+    /// The serial holds a card number or characters that are not text (never echoed).
+    #[error("--serial: {0}")]
+    Serial(posfleet_proto::text::TextProblem),
     #[error("cannot read the CA file {path}: {source}")]
     CaFile {
         path: PathBuf,
@@ -107,6 +113,10 @@ pub struct Enrolled {
 
 /// Enrols this terminal (see the module docs).
 pub async fn enroll(opts: &EnrollOptions) -> Result<Enrolled, EnrollError> {
+    // What this terminal is about to be known by, checked before a key or a request exists:
+    // the controller would refuse an id or serial that looks like a card number too.
+    DeviceId::new_for_issue(opts.device_id.as_str()).map_err(EnrollError::DeviceId)?;
+    posfleet_proto::text::check_operator_text(&opts.serial).map_err(EnrollError::Serial)?;
     let server = opts.server.trim_end_matches('/');
     if !server.starts_with("https://") {
         return Err(EnrollError::Server(opts.server.clone()));
@@ -255,4 +265,42 @@ fn config_text(
         ));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(dir: &Path, id: &str, serial: &str) -> EnrollOptions {
+        EnrollOptions {
+            // Nothing listens there: a refusal must come before any request.
+            server: "https://127.0.0.1:9".into(),
+            token: "pfe_000000000000_x".into(),
+            device_id: DeviceId::new(id).unwrap(),
+            serial: serial.into(),
+            ca_file: dir.join("ca.crt"),
+            out_dir: dir.join("out"),
+            config_out: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_card_like_device_id_or_serial_is_refused_before_anything_happens() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.crt"), "not read").unwrap();
+        for (id, serial, flag) in [
+            ("4111-1111-1111-1111", "SN-1", "--device-id"),
+            ("4111.1111.1111.1111", "SN-1", "--device-id"),
+            ("T-1", "4111-1111-1111-1111", "--serial"),
+            ("T-1", "4111a1111b1111c1111", "--serial"),
+        ] {
+            let err = enroll(&options(dir.path(), id, serial))
+                .await
+                .expect_err("refused");
+            let text = err.to_string();
+            assert!(text.starts_with(flag), "{id} {serial}: {text}");
+            assert!(!posfleet_proto::pan::contains_pan(&text), "{text}");
+            assert!(!dir.path().join("out").exists(), "{text}");
+        }
+    }
 }

@@ -463,38 +463,6 @@ async fn start_inner(
         )
     };
 
-    let enrolment = {
-        let mqtt_url = match (&opts.external_broker, opts.hosts.first()) {
-            (Some(external), _) => external.to_string(),
-            (None, Some(host)) => BrokerUrl {
-                host: host.clone(),
-                port: broker.port,
-            }
-            .to_string(),
-            (None, None) => broker.to_string(),
-        };
-        let cfg = EnrolmentConfig::new(mqtt_url, artifacts.config().device_url.clone());
-        let (pki, registry, edge) = (pki.clone(), registry.clone(), edge.clone());
-        let sink: Arc<dyn crate::audit::AuditSink> = audit.clone();
-        // CA key read and the first CRL signed: off the runtime.
-        tokio::task::spawn_blocking(move || -> Result<_, AppError> {
-            let ca = pki.load_ca()?;
-            let enrolment = Enrolment::new(cfg, enrol_store, revocations, ca, pki, registry, edge)?
-                .with_audit(sink);
-            // Certificates `posctl pki issue-device --dir` issued while we were stopped.
-            let audited = enrolment.audit_offline_issues()?;
-            if audited > 0 {
-                info!(
-                    audited,
-                    "certificates issued offline recorded in the audit log"
-                );
-            }
-            Ok(Arc::new(enrolment))
-        })
-        .await??
-    };
-
-    let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
     let state = ApiState::new(
         registry.clone(),
         transactions.clone(),
@@ -510,8 +478,44 @@ async fn start_inner(
     .with_approvals(approvals, opts.approvals)
     .with_custody(custody)
     .with_accounts(accounts.clone())
-    .with_enrolment(enrolment.clone())
     .with_limits(opts.admission.http_limits(opts.admission.api));
+
+    let enrolment = {
+        let mqtt_url = match (&opts.external_broker, opts.hosts.first()) {
+            (Some(external), _) => external.to_string(),
+            (None, Some(host)) => BrokerUrl {
+                host: host.clone(),
+                port: broker.port,
+            }
+            .to_string(),
+            (None, None) => broker.to_string(),
+        };
+        let cfg = EnrolmentConfig::new(mqtt_url, artifacts.config().device_url.clone());
+        let (pki, registry, edge) = (pki.clone(), registry.clone(), edge.clone());
+        let sink: Arc<dyn crate::audit::AuditSink> = audit.clone();
+        // One set of refusal counts for the API and enrolment: the audit routes write them
+        // all before reading, the flusher spawned below writes them when their window ends.
+        let refusals = state.refusals();
+        // CA key read and the first CRL signed: off the runtime.
+        tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+            let ca = pki.load_ca()?;
+            let enrolment = Enrolment::new(cfg, enrol_store, revocations, ca, pki, registry, edge)?
+                .with_audit(sink, refusals);
+            // Certificates `posctl pki issue-device --dir` issued while we were stopped.
+            let audited = enrolment.audit_offline_issues()?;
+            if audited > 0 {
+                info!(
+                    audited,
+                    "certificates issued offline recorded in the audit log"
+                );
+            }
+            Ok(Arc::new(enrolment))
+        })
+        .await??
+    };
+
+    let api_tls = api::server_tls_config(&pki.server_cert(), &pki.server_key())?;
+    let state = state.with_enrolment(enrolment.clone());
     state
         .refusals()
         .spawn_flusher(tracker, cancel.child_token());

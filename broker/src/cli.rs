@@ -386,8 +386,17 @@ fn offline_accounts(data_dir: &std::path::Path) -> anyhow::Result<crate::account
     })
 }
 
+/// Checks an account name from the command line before it is used, printed or queued for the
+/// audit log: clean text (no card number, control or bidi character; the one text check).
+/// The error names `--name` and never repeats the value.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    posfleet_proto::text::check_operator_text(name)
+        .map_err(|problem| anyhow::anyhow!("--name: {problem}"))
+}
+
 /// Creates admin account `name` in `data_dir`'s account store; returns its one-time password.
 pub fn admin_create(data_dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
+    check_name(name)?;
     let accounts = offline_accounts(data_dir)?;
     let password = accounts
         .create_user(
@@ -402,6 +411,7 @@ pub fn admin_create(data_dir: &std::path::Path, name: &str) -> anyhow::Result<St
 
 /// Lifts every lockout of `name` in `data_dir`'s account store.
 pub fn admin_unlock(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    check_name(name)?;
     offline_accounts(data_dir)?
         .unlock_offline(name)
         .with_context(|| format!("cannot unlock {name:?}"))
@@ -410,6 +420,7 @@ pub fn admin_unlock(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()
 /// Removes the authenticator of `name` in `data_dir`'s account store (MFA enrolment at the
 /// next login).
 pub fn admin_reset_mfa(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    check_name(name)?;
     offline_accounts(data_dir)?
         .reset_mfa_offline(name)
         .with_context(|| format!("cannot reset the MFA of {name:?}"))
@@ -531,6 +542,41 @@ mod tests {
             .unwrap();
         assert!(login.must_change_password && login.mfa_enrolment_required);
         assert_eq!(login.role, crate::accounts::Role::Admin);
+    }
+
+    /// The names these commands write into the audit log (and print) are checked first: a
+    /// card-like name is refused naming `--name`, without repeating it, and nothing is queued.
+    #[test]
+    fn admin_names_that_look_like_card_numbers_are_refused_without_echo() {
+        let tmp = tempfile::tempdir().unwrap();
+        admin_create(tmp.path(), "ada").unwrap();
+        for name in [
+            "4111-1111-1111-1111",
+            "4111.1111.1111.1111",
+            "4111111111111111",
+        ] {
+            for (verb, err) in [
+                ("create", admin_create(tmp.path(), name).map(drop)),
+                ("unlock", admin_unlock(tmp.path(), name)),
+                ("reset-mfa", admin_reset_mfa(tmp.path(), name)),
+            ] {
+                let text = format!("{:#}", err.expect_err(verb));
+                assert!(text.starts_with("--name:"), "admin {verb}: {text}");
+                assert!(
+                    !posfleet_proto::pan::contains_pan(&text),
+                    "admin {verb} repeats the number: {text}"
+                );
+            }
+        }
+        let mut queued = Vec::new();
+        offline_accounts(tmp.path())
+            .unwrap()
+            .drain_pending_audit(|r| {
+                queued.push(r.target);
+                Ok::<_, String>(())
+            })
+            .unwrap();
+        assert_eq!(queued, ["ada"]);
     }
 
     #[test]

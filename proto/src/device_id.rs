@@ -29,12 +29,37 @@ pub enum DeviceIdError {
     BadCharacter { position: usize },
 }
 
+/// Why a string cannot become a *new* device id ([`DeviceId::new_for_issue`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NewDeviceIdError {
+    #[error(transparent)]
+    Invalid(#[from] DeviceIdError),
+    #[error(
+        "device id looks like a full card number (PAN); it would be written into the \
+         certificate, topics, logs and the audit log: choose another id"
+    )]
+    CardNumber,
+}
+
 impl DeviceId {
     /// Validates `id` and wraps it.
     pub fn new(id: impl Into<String>) -> Result<Self, DeviceIdError> {
         let id = id.into();
         validate(&id)?;
         Ok(Self(id))
+    }
+
+    /// Validates an id that enters the fleet here for the first time: enrolment, a token
+    /// pinned to it, a certificate issued through the API or offline, `posfleet-agent
+    /// enroll`. Besides the pattern of [`DeviceId::new`] it must pass the one text check
+    /// ([`crate::text`]): an id that looks like a card number (`4111.1111.1111.1111` fits the
+    /// pattern) is refused. Ids already in use are read with [`DeviceId::new`], so a terminal
+    /// enrolled before this check keeps working.
+    pub fn new_for_issue(id: impl Into<String>) -> Result<Self, NewDeviceIdError> {
+        let id = Self::new(id)?;
+        // The pattern admits no control or bidi character: a card number is all that is left.
+        crate::text::check_operator_text(id.as_str()).map_err(|_| NewDeviceIdError::CardNumber)?;
+        Ok(id)
     }
 
     pub fn as_str(&self) -> &str {
@@ -129,6 +154,42 @@ mod tests {
         for bad in ["a/b", "a+", "a#", "$SYS", "a b", "ä", "a\0", "a:b"] {
             assert!(DeviceId::new(bad).is_err(), "{bad:?} must be refused");
         }
+    }
+
+    #[test]
+    fn new_ids_that_look_like_card_numbers_are_refused() {
+        for card in crate::pan::REVIEW_EXAMPLES
+            .iter()
+            .copied()
+            .chain([
+                "4111-1111-1111-1111",
+                "4111111111111111",
+                "T-4111111111111111",
+            ])
+            .filter(|c| DeviceId::new(*c).is_ok())
+        {
+            assert_eq!(
+                DeviceId::new_for_issue(card),
+                Err(NewDeviceIdError::CardNumber),
+                "{card}"
+            );
+            assert!(!NewDeviceIdError::CardNumber.to_string().contains("1111"));
+        }
+        for ok in [
+            "T-0001",
+            "store_12.lane-3",
+            "sim-00042",
+            "4111",
+            "2026-12-07",
+        ] {
+            assert!(DeviceId::new_for_issue(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(
+            DeviceId::new_for_issue("a/b"),
+            Err(NewDeviceIdError::Invalid(DeviceIdError::BadCharacter {
+                position: 1
+            }))
+        );
     }
 
     proptest! {

@@ -41,7 +41,7 @@ pub mod pb {
 }
 
 pub use codec::{ChannelMessage, CodecError, decode, encode};
-pub use device_id::{DeviceId, DeviceIdError};
+pub use device_id::{DeviceId, DeviceIdError, NewDeviceIdError};
 pub use topic::{
     Channel, Direction, Filter, LOG_CHUNK_MAX_DATA, MAX_PACKET_SIZE, Topic, TopicError,
 };

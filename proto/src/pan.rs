@@ -92,6 +92,24 @@ pub const MIN_PAN_DIGITS: usize = 13;
 /// Most digits of a PAN.
 pub const MAX_PAN_DIGITS: usize = 19;
 
+/// The full card numbers an outside security review got accepted before the guard learned
+/// other separators and letters between groups (issue 10 item 7): the test Visa number
+/// 4111 1111 1111 1111 (a card nobody holds) joined by single separators, mixed separators
+/// and letters. The guard finds every one; the crates' tests use this list as the review's
+/// examples wherever text enters (agent local API, transaction validation, device ids).
+pub const REVIEW_EXAMPLES: &[&str] = &[
+    "4111.1111.1111.1111",
+    "4111:1111:1111:1111",
+    "4111_1111_1111_1111",
+    "4111+1111+1111+1111",
+    "4111,1111,1111,1111",
+    "4111*1111*1111*1111",
+    "4111/1111/1111/1111",
+    "4111.1111:1111_1111",
+    "4111+1111,1111*1111/",
+    "4111a1111b1111c1111",
+];
+
 /// What a text holds, for the one exemption that depends on the field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TextKind {

@@ -105,19 +105,7 @@ pub fn hash(password: &str, salt: &SaltString) -> Result<String, HashFailed> {
         .decode_b64(&mut salt_bytes)
         .map_err(|e| err(&e))?;
     let out_len = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
-    let mut slot = Slot::take();
-    let output = Output::init_with(out_len, |out| {
-        argon
-            .hash_password_into_with_memory(
-                password.as_bytes(),
-                salt_raw,
-                out,
-                slot.blocks(params.block_count()),
-            )
-            .map_err(|_| argon2::password_hash::Error::Crypto)
-    })
-    .map_err(|e| err(&e))?;
-    drop(slot);
+    let output = compute(&argon, &params, password, salt_raw, out_len).map_err(|e| err(&e))?;
     let phc = PasswordHash {
         algorithm: Algorithm::Argon2id.ident(),
         version: Some(Version::V0x13.into()),
@@ -158,20 +146,31 @@ pub fn verify(password: &str, phc: &str) -> bool {
         return false;
     };
     let argon = Argon2::new(algorithm, version, params.clone());
+    let computed = compute(&argon, &params, password, salt_raw, expected.len());
+    // `Output`'s equality is constant-time.
+    computed.is_ok_and(|c| c == expected)
+}
+
+/// One argon2 computation of `out_len` bytes in a pooled memory slot (given back before
+/// returning).
+fn compute(
+    argon: &Argon2<'_>,
+    params: &Params,
+    password: &str,
+    salt: &[u8],
+    out_len: usize,
+) -> Result<Output, argon2::password_hash::Error> {
     let mut slot = Slot::take();
-    let computed = Output::init_with(expected.len(), |out| {
+    Output::init_with(out_len, |out| {
         argon
             .hash_password_into_with_memory(
                 password.as_bytes(),
-                salt_raw,
+                salt,
                 out,
                 slot.blocks(params.block_count()),
             )
             .map_err(|_| argon2::password_hash::Error::Crypto)
-    });
-    drop(slot);
-    // `Output`'s equality is constant-time.
-    computed.is_ok_and(|c| c == expected)
+    })
 }
 
 #[cfg(test)]

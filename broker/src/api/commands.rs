@@ -145,7 +145,10 @@ pub(super) fn resolve(state: &ApiState, selector: &Selector) -> Result<Vec<Devic
         };
         ApiError::field(
             field,
-            format!("no device {}", unknown[0]),
+            format!(
+                "no device {}",
+                posfleet_proto::text::shown(unknown[0].as_str())
+            ),
             super::devices::ID_HINT,
         )
         .with_status(StatusCode::NOT_FOUND)

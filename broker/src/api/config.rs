@@ -128,7 +128,7 @@ macro_rules! layer_handlers {
             body: Result<Json<PatchBody>, JsonRejection>,
         ) -> Result<Json<ConfigLayerView>, ApiError> {
             let scope = $scope($($path)?)?;
-            new_layer_name(&scope)?;
+            new_layer_name(&state, &scope)?;
             let Json(body) = body.map_err(json_error)?;
             blocking(state.config, move |store| {
                 store.set(&scope, body.set, &body.unset, &author, &body.comment)
@@ -143,7 +143,7 @@ macro_rules! layer_handlers {
             body: Result<Json<PutBody>, JsonRejection>,
         ) -> Result<Json<ConfigLayerView>, ApiError> {
             let scope = $scope($($path)?)?;
-            new_layer_name(&scope)?;
+            new_layer_name(&state, &scope)?;
             let Json(body) = body.map_err(json_error)?;
             blocking(state.config, move |store| {
                 store.replace(&scope, body.document, &author, &body.comment)
@@ -168,11 +168,18 @@ macro_rules! layer_handlers {
     };
 }
 
-/// A group layer is created or changed only under a name that is clean text (existing
-/// layers can still be read and deleted).
-fn new_layer_name(scope: &Scope) -> Result<(), ApiError> {
+/// A group layer is created or changed only under a name that is clean text, a device layer
+/// only for a registered device or an id that does not look like a card number (a new id
+/// entering here; a terminal enrolled before that check keeps its layer). Existing layers can
+/// still be read and deleted.
+fn new_layer_name(state: &ApiState, scope: &Scope) -> Result<(), ApiError> {
     match scope {
         Scope::Group(name) => super::error::check_text("group", name, SCOPE_HINT),
+        Scope::Device(id) if state.registry.lifecycle(id).is_none() => {
+            DeviceId::new_for_issue(id.as_str())
+                .map(drop)
+                .map_err(|e| ApiError::field("device_id", e.to_string(), ID_HINT))
+        }
         _ => Ok(()),
     }
 }

@@ -216,7 +216,7 @@ pub(crate) fn device_id(id: Result<Path<String>, PathRejection>) -> Result<Devic
 
 pub(crate) fn unknown(id: &DeviceId) -> ApiError {
     ApiError::not_found(
-        format!("no device {id}"),
+        format!("no device {}", posfleet_proto::text::shown(id.as_str())),
         "a device appears once it has connected with its fleet certificate; \
          list known devices with GET /api/v1/devices",
     )

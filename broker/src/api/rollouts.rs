@@ -141,7 +141,7 @@ fn parse_create(state: &ApiState, body: &Value, author: String) -> Result<NewRol
                         add(
                             &mut errors,
                             &format!("target.devices[{i}]"),
-                            format!("no device {u}"),
+                            format!("no device {}", posfleet_proto::text::shown(u.as_str())),
                         );
                     }
                 }

@@ -79,7 +79,7 @@ pub(crate) async fn summary(
         Some(summary) => Ok(Json(summary)),
         None if state.registry.detail(&id).is_some() => Ok(Json(empty_summary(&id))),
         None => Err(ApiError::not_found(
-            format!("no device {id}"),
+            format!("no device {}", posfleet_proto::text::shown(id.as_str())),
             "a device appears once it has connected with its fleet certificate; \
              list known devices with GET /api/v1/devices",
         )),

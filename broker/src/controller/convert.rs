@@ -1,8 +1,8 @@
 //! Validating conversions from wire messages (`pb`) to the registry's domain values.
 //!
 //! Everything a terminal sends ends up in API responses and on admins' terminals, so text is
-//! bounded and free of control characters (no escape-sequence injection into `posctl`), and
-//! numbers are finite and in range (JSON has no NaN).
+//! bounded and free of control characters (no escape-sequence injection into `posctl`), card
+//! numbers in it are withheld, and numbers are finite and in range (JSON has no NaN).
 
 use posfleet_proto::pb;
 
@@ -136,7 +136,9 @@ fn versions(v: pb::SoftwareVersions) -> Result<VersionsView, Invalid> {
     })
 }
 
-/// Free text from a device: at most [`MAX_TEXT_LEN`] bytes, no control characters.
+/// Free text from a device: at most [`MAX_TEXT_LEN`] bytes, no control characters; a value
+/// that holds a card number is kept as [`posfleet_proto::text::WITHHELD`] (the message is
+/// still taken: the terminal is enrolled, and its presence must not be lost).
 fn text(field: &str, value: String) -> Result<String, Invalid> {
     if value.len() > MAX_TEXT_LEN {
         return Err(Invalid(format!(
@@ -147,7 +149,7 @@ fn text(field: &str, value: String) -> Result<String, Invalid> {
     if value.chars().any(char::is_control) {
         return Err(Invalid(format!("{field} contains control characters")));
     }
-    Ok(value)
+    Ok(posfleet_proto::text::shown(&value).into_owned())
 }
 
 /// An offline reason: a short token (`shutdown`, `connection_lost`, ...).
@@ -215,6 +217,23 @@ mod tests {
         assert!(text("model", "\u{1b}[2J".into()).is_err());
         assert!(text("model", "a\u{9b}b".into()).is_err());
         assert!(text("model", "x".repeat(MAX_TEXT_LEN + 1)).is_err());
+    }
+
+    /// A terminal reports its serial, model and versions in presence: a card number there is
+    /// never stored or shown (the presence itself is kept: the terminal is already enrolled).
+    #[test]
+    fn card_numbers_in_device_text_are_withheld() {
+        for &card in posfleet_proto::pan::REVIEW_EXAMPLES
+            .iter()
+            .chain(&["4111-1111-1111-1111"])
+        {
+            assert_eq!(
+                text("serial", card.to_owned()).as_deref(),
+                Ok(posfleet_proto::text::WITHHELD),
+                "{card}"
+            );
+        }
+        assert_eq!(text("serial", "SN-0042".into()).unwrap(), "SN-0042");
     }
 
     #[test]

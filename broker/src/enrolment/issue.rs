@@ -232,7 +232,10 @@ impl Book {
         now_ms: u64,
     ) -> Result<(Vec<Signed>, Changes), EnrolError> {
         for (i, (id, _)) in requests.iter().enumerate() {
-            self.check_reissue(id, &item_field(requests.len(), i, "device_id"), now_ms)?;
+            let field = item_field(requests.len(), i, "device_id");
+            // Also an id issued before: its new certificate would carry the number again.
+            super::new_device_id(id.as_str(), &field)?;
+            self.check_reissue(id, &field, now_ms)?;
         }
         let mut signed = Vec::with_capacity(requests.len());
         let mut changes = Changes::default();

@@ -47,7 +47,7 @@ pub use offline::{OfflineIssue, OfflineIssueError, issue_offline};
 pub use revocations::{Revocations, Standing};
 pub use store::{EnrolmentStore, EnrolmentStoreError};
 
-use crate::audit::{AuditRecord, AuditSink, NoAudit, Outcome};
+use crate::audit::{AuditRecord, AuditSink, NoAudit, Outcome, Refusals};
 use crate::edge::EdgeHandle;
 use crate::limit::FailureLimit;
 use crate::registry::Registry;
@@ -174,6 +174,9 @@ pub struct Enrolment {
     /// Closes live sessions on revocation; `None` with an external broker (it uses the CRL).
     edge: Option<EdgeHandle>,
     audit: Arc<dyn AuditSink>,
+    /// Where refused enrolments and renewals are counted, for one aggregated audit entry per
+    /// key and window (issue 10 item 5); `None`: each is recorded on its own.
+    refusals: Option<Arc<Refusals>>,
     failures: FailureLimit<IpAddr>,
 }
 
@@ -230,6 +233,7 @@ impl Enrolment {
             registry,
             edge,
             audit: Arc::new(NoAudit),
+            refusals: None,
             failures,
         };
         book.crl = Arc::new(this.sign_crl(&book)?);
@@ -237,9 +241,11 @@ impl Enrolment {
         Ok(this)
     }
 
-    /// The same service recording to `audit`.
-    pub fn with_audit(mut self, audit: Arc<dyn AuditSink>) -> Self {
+    /// The same service recording to `audit`, and counting refusals in `refusals` (the API's
+    /// counts, whose flusher writes them to the same log: `ApiState::refusals`).
+    pub fn with_audit(mut self, audit: Arc<dyn AuditSink>, refusals: Arc<Refusals>) -> Self {
         self.audit = audit;
+        self.refusals = Some(refusals);
         self
     }
 
@@ -267,16 +273,36 @@ impl Enrolment {
         outcome: Outcome,
         detail: String,
     ) -> Result<(), EnrolError> {
+        self.record(AuditRecord {
+            actor: actor.to_owned(),
+            source: source.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            outcome,
+            detail,
+        })
+    }
+
+    /// Records one entry durably (blocks: the sink fsyncs).
+    fn record(&self, record: AuditRecord) -> Result<(), EnrolError> {
         self.audit
-            .record(AuditRecord {
-                actor: actor.to_owned(),
-                source: source.to_owned(),
-                action: action.to_owned(),
-                target: target.to_owned(),
-                outcome,
-                detail,
-            })
+            .record(record)
             .map_err(|e| EnrolError::internal("the audit record", e))
+    }
+
+    /// Counts a refusal (`record.detail` is its reason) for the aggregated entry of its
+    /// window; never waits for the disk (except after the final flush at shutdown, or without
+    /// refusal counts).
+    fn refused(&self, record: AuditRecord) {
+        let record = match &self.refusals {
+            Some(refusals) => refusals.note(record),
+            None => Some(record),
+        };
+        if let Some(record) = record
+            && let Err(e) = self.audit.record(record)
+        {
+            warn!(error = %e, "a refusal could not be audited");
+        }
     }
 
     // ---- tokens -------------------------------------------------------------------------
@@ -292,23 +318,14 @@ impl Enrolment {
         let lifetime = token::lifetime(&req.expires_in, self.cfg.max_token_lifetime)
             .map_err(|e| EnrolError::field(Refusal::Invalid, "expires_in", e))?;
         for (field, value) in [("serial", &req.serial), ("group", &req.group)] {
-            if let Some(v) = value
-                && !crate::commands::valid_name(v)
-            {
-                return Err(EnrolError::field(
-                    Refusal::Invalid,
-                    field,
-                    "1-64 letters, digits, '.', '_' or '-'",
-                ));
+            if let Some(v) = value {
+                check_name(field, v)?;
             }
         }
         let device_id = req
             .device_id
             .as_deref()
-            .map(|d| {
-                DeviceId::new(d)
-                    .map_err(|e| EnrolError::field(Refusal::Invalid, "device_id", e.to_string()))
-            })
+            .map(|d| new_device_id(d, "device_id"))
             .transpose()?;
         let secret = token::generate();
         let stored = store::StoredToken {
@@ -424,48 +441,48 @@ impl Enrolment {
         let source = peer.to_string();
         if !self.failures.admit(&peer) {
             warn!(%peer, "enrolment refused: too many failures from this address");
-            let _ = self.audit(
-                "enrolment",
-                &source,
-                "device.enroll",
-                &req.device_id,
-                Outcome::Denied,
-                "rate limited".into(),
-            );
+            // Nothing the client chose goes into the key: one entry per address and window.
+            self.refused(AuditRecord {
+                actor: "enrolment".into(),
+                source,
+                action: "device.enroll".into(),
+                target: "-".into(),
+                outcome: Outcome::Denied,
+                detail: "rate limited (too many failed enrolments from this address)".into(),
+            });
             return Err(EnrolError::RateLimited);
         }
         let result = self.enroll_inner(req, now_ms);
-        let (outcome, detail) = match &result {
-            Ok(_) => (Outcome::Success, String::new()),
-            Err(e @ EnrolError::Internal { .. }) => (Outcome::Failure, e.to_string()),
-            Err(e) => {
-                self.failures.failed(&peer);
-                (Outcome::Denied, e.to_string())
-            }
-        };
         let token_id = token::id_of(&req.token).unwrap_or("-");
-        info!(device = %req.device_id, %peer, token = token_id, ?outcome, "enrolment attempt");
-        self.audit(
-            &format!("token:{token_id}"),
-            &source,
-            "device.enroll",
-            &req.device_id,
+        let target = shown_id(&req.device_id);
+        let record = |outcome, detail| AuditRecord {
+            actor: format!("token:{token_id}"),
+            source: source.clone(),
+            action: "device.enroll".into(),
+            target: target.clone(),
             outcome,
             detail,
-        )?;
+        };
+        let outcome = match &result {
+            Ok(_) => Outcome::Success,
+            Err(EnrolError::Internal { .. }) => Outcome::Failure,
+            Err(_) => Outcome::Denied,
+        };
+        info!(device = %target, %peer, token = token_id, ?outcome, "enrolment attempt");
+        match &result {
+            Ok(_) => self.record(record(outcome, String::new()))?,
+            Err(e @ EnrolError::Internal { .. }) => self.record(record(outcome, e.to_string()))?,
+            Err(e) => {
+                self.failures.failed(&peer);
+                self.refused(record(outcome, e.to_string()));
+            }
+        }
         result
     }
 
     fn enroll_inner(&self, req: &EnrollRequest, now_ms: u64) -> Result<EnrollResponse, EnrolError> {
-        let id = DeviceId::new(req.device_id.as_str())
-            .map_err(|e| EnrolError::field(Refusal::Invalid, "device_id", e.to_string()))?;
-        if !crate::commands::valid_name(&req.serial) {
-            return Err(EnrolError::field(
-                Refusal::Invalid,
-                "serial",
-                "1-64 letters, digits, '.', '_' or '-'",
-            ));
-        }
+        let id = new_device_id(&req.device_id, "device_id")?;
+        check_name("serial", &req.serial)?;
         let csr = verify_csr(&req.csr_pem)?;
         let mut book = self.lock();
         let token_id =
@@ -564,15 +581,17 @@ impl Enrolment {
             || self.revocations.seen_serial(id.as_str()).is_some();
         if !known {
             drop(book);
+            // A path the client typed: a card number in it is never recorded or echoed.
+            let shown = posfleet_proto::text::shown(id.as_str());
             self.audit(
                 actor,
                 source,
                 action,
-                id.as_str(),
+                &shown,
                 Outcome::Failure,
                 "unknown device".into(),
             )?;
-            return Err(EnrolError::NotFound(format!("no device {id}")));
+            return Err(EnrolError::NotFound(format!("no device {shown}")));
         }
         let mut record = book
             .devices
@@ -710,23 +729,25 @@ impl Enrolment {
         now_ms: u64,
     ) -> Result<RenewResponse, EnrolError> {
         let result = self.renew_inner(id, facts, csr_pem, now_ms);
-        let outcome = match &result {
-            Ok(_) => Outcome::Success,
-            Err(EnrolError::Internal { .. }) => Outcome::Failure,
-            Err(_) => Outcome::Denied,
-        };
-        let detail = match &result {
-            Ok(r) => format!("old_serial={} new_serial={}", facts.serial, r.serial),
-            Err(e) => e.to_string(),
-        };
-        self.audit(
-            &format!("device:{id}"),
-            source,
-            "device.renew",
-            id.as_str(),
+        let record = |outcome, detail| AuditRecord {
+            actor: format!("device:{id}"),
+            source: source.to_owned(),
+            action: "device.renew".into(),
+            target: id.to_string(),
             outcome,
             detail,
-        )?;
+        };
+        match &result {
+            Ok(r) => self.record(record(
+                Outcome::Success,
+                format!("old_serial={} new_serial={}", facts.serial, r.serial),
+            ))?,
+            Err(e @ EnrolError::Internal { .. }) => {
+                self.record(record(Outcome::Failure, e.to_string()))?;
+            }
+            // A device's repeated refusals are counted, not written one by one.
+            Err(e) => self.refused(record(Outcome::Denied, e.to_string())),
+        }
         result
     }
 
@@ -888,6 +909,37 @@ pub fn crl_pem(der: &[u8]) -> String {
     }
     out.push_str("-----END X509 CRL-----\n");
     out
+}
+
+/// A device id that enters the fleet here for the first time (enrolment, a token pin, a
+/// certificate issued through the API or offline): the id pattern and no card number
+/// ([`DeviceId::new_for_issue`]). `field` names it in the refusal.
+fn new_device_id(raw: &str, field: &str) -> Result<DeviceId, EnrolError> {
+    DeviceId::new_for_issue(raw)
+        .map_err(|e| EnrolError::field(Refusal::Invalid, field, e.to_string()))
+}
+
+/// A serial number or group name from a request: 1-64 letters, digits, '.', '_' or '-', and
+/// clean text (no card number: `4111-1111-1111-1111` fits the pattern).
+fn check_name(field: &str, value: &str) -> Result<(), EnrolError> {
+    if !crate::commands::valid_name(value) {
+        return Err(EnrolError::field(
+            Refusal::Invalid,
+            field,
+            "1-64 letters, digits, '.', '_' or '-'",
+        ));
+    }
+    posfleet_proto::text::check_operator_text(value)
+        .map_err(|problem| EnrolError::field(Refusal::Invalid, field, problem.to_string()))
+}
+
+/// A device id from a request as logs and the audit log may show it: the id (withheld if it
+/// looks like a card number), or a placeholder if it is not a device id at all.
+fn shown_id(raw: &str) -> String {
+    match DeviceId::new(raw) {
+        Ok(_) => posfleet_proto::text::shown(raw).into_owned(),
+        Err(_) => "(not a device id)".to_owned(),
+    }
 }
 
 fn status_name(status: PkiStatus) -> &'static str {

@@ -3,8 +3,10 @@
 
 mod agent_renewal;
 mod audit_anchor;
+mod card_ids;
 mod issued;
 mod pinned;
+mod refusals;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +70,15 @@ impl Fixture {
             .post(self.api(path))
             .bearer_auth(&self.admin_token)
             .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn admin_get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.api(path))
+            .bearer_auth(&self.admin_token)
             .send()
             .await
             .unwrap()
@@ -298,12 +309,8 @@ async fn tokens_are_single_use_expiring_pinned_and_deletable() {
 
     // The list shows no secrets.
     let list = f
-        .client
-        .get(f.api("/api/v1/enrolment-tokens"))
-        .bearer_auth(&f.admin_token)
-        .send()
+        .admin_get("/api/v1/enrolment-tokens")
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -409,13 +416,7 @@ async fn enrolled_identity_connects_revocation_closes_and_refuses_it() {
     );
 
     // The CRL lists the serial and is signed by the fleet CA.
-    let crl = f
-        .client
-        .get(f.api("/api/v1/pki/crl"))
-        .bearer_auth(&f.admin_token)
-        .send()
-        .await
-        .unwrap();
+    let crl = f.admin_get("/api/v1/pki/crl").await;
     assert_eq!(crl.status(), StatusCode::OK);
     let der = crl.bytes().await.unwrap();
     assert!(

@@ -30,6 +30,9 @@ pub(crate) async fn create_token(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let url = api.url(&["api", "v1", "enrolment-tokens"]);
+    if let Some(device) = &pins.device {
+        super::check_new_device_id("--device", device)?;
+    }
     let mut body = json!({"expires_in": expires});
     if let Some(device) = pins.device {
         body["device_id"] = device.as_str().into();

@@ -709,7 +709,8 @@ enum PkiCommand {
         /// enrolment store, with the controller stopped (refused while it runs).
         #[arg(long, value_name = "DATA/pki")]
         dir: Option<PathBuf>,
-        /// Device id: letters, digits, '.', '_' or '-', starting with a letter or digit.
+        /// Device id: letters, digits, '.', '_' or '-', starting with a letter or digit; not
+        /// a card number.
         #[arg(long, value_parser = parse_device_id)]
         id: DeviceId,
         /// Directory to write the bundle into (created 0700 if missing).
@@ -822,6 +823,15 @@ fn parse_device_id(s: &str) -> Result<DeviceId, String> {
              starting with a letter or digit"
         )
     })
+}
+
+/// A device id that enters the fleet here (a certificate issued, a token pinned to it): refused
+/// if it looks like a card number, before the controller is asked. Checked after parsing, so
+/// the refusal names `flag` without repeating the value (clap's own errors repeat it).
+pub(crate) fn check_new_device_id(flag: &str, id: &DeviceId) -> anyhow::Result<()> {
+    DeviceId::new_for_issue(id.as_str())
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
 
 /// Clap value parser: a group name.

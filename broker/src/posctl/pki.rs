@@ -123,6 +123,14 @@ fn check_out_dir(out_dir: &Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What both issue paths check first (the id is new to the fleet: no card number; the bundle
+/// directory), and the key the bundle gets.
+fn new_key(id: &DeviceId, out_dir: &Path, force: bool) -> anyhow::Result<DeviceKeyRequest> {
+    super::check_new_device_id("--id", id)?;
+    check_out_dir(out_dir, force)?;
+    DeviceKeyRequest::generate(id).map_err(|e| anyhow!("cannot generate the device key: {e}"))
+}
+
 /// `posctl pki issue-device` (through the API): the key is generated here and never leaves
 /// this machine; the controller signs its CSR and records the certificate (so it can be
 /// revoked before the terminal ever connects), then the bundle is written into `out_dir`.
@@ -134,9 +142,7 @@ pub(crate) async fn issue_device(
     format: OutputFormat,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    check_out_dir(out_dir, force)?;
-    let key = DeviceKeyRequest::generate(id)
-        .map_err(|e| anyhow!("cannot generate the device key: {e}"))?;
+    let key = new_key(id, out_dir, force)?;
     let url = api.url(&["api", "v1", "pki", "certificates"]);
     let body =
         json!({"purpose": "cli", "requests": [{"device_id": id.as_str(), "csr_pem": key.csr_pem}]});
@@ -195,9 +201,7 @@ pub(crate) fn issue_device_offline(
             ));
         }
     };
-    check_out_dir(out_dir, force)?;
-    let key = DeviceKeyRequest::generate(id)
-        .map_err(|e| anyhow!("cannot generate the device key: {e}"))?;
+    let key = new_key(id, out_dir, force)?;
     let issued = match crate::enrolment::issue_offline(
         data_root,
         id,

@@ -3,43 +3,15 @@
 //! show`, and gets nothing; a terminal at the minimum gets the update (carrying the minimum,
 //! which its agent checks too) and installs it.
 
-use std::path::Path;
-
 use posfleet_broker::views::{ArtifactView, CommandBody, CommandState, RolloutState};
-use posfleet_tests::{Broker, Posctl, PosctlOutput};
+use posfleet_tests::Posctl;
 use serde_json::json;
 
 use super::{
     Behaviour, OLD_VERSION, artifact_file, commands_of, create_rollout, hooks, release_broker,
-    reports_version, rollout_final, sign, sign_and_upload, update_agent,
+    reports_version, rollout_final, sign, sign_and_upload, update_agent, upload_with,
 };
 use crate::support::online;
-
-/// `posctl artifact upload FILE --version V --signature SIG --min-version M -o json`.
-async fn upload_with_min(
-    broker: &Broker,
-    file: &Path,
-    sig: &Path,
-    version: &str,
-    min: &str,
-) -> PosctlOutput {
-    Posctl::new(broker)
-        .run(&[
-            "-o",
-            "json",
-            "artifact",
-            "upload",
-            &file.display().to_string(),
-            "--version",
-            version,
-            "--signature",
-            &sig.display().to_string(),
-            "--min-version",
-            min,
-        ])
-        .await
-        .expect("posctl artifact upload")
-}
 
 #[tokio::test]
 async fn terminals_below_the_min_version_are_skipped_and_the_others_updated() {
@@ -74,10 +46,10 @@ async fn terminals_below_the_min_version_are_skipped_and_the_others_updated() {
     // 4.0.0 needs at least 3.3.0; a minimum nobody can compare is refused, naming the field.
     let file = artifact_file(&broker, "app-4.0.0.bin", 4096);
     let sig = sign(&broker, &key.key, &file).await;
-    let refused = upload_with_min(&broker, &file, &sig, "4.0.0", "fw-9").await;
+    let refused = upload_with(&broker, &file, &sig, "4.0.0", &["--min-version", "fw-9"]).await;
     assert!(refused.success().is_err(), "{refused}");
     assert!(refused.stderr.contains("min_version"), "{refused}");
-    let out = upload_with_min(&broker, &file, &sig, "4.0.0", "3.3.0").await;
+    let out = upload_with(&broker, &file, &sig, "4.0.0", &["--min-version", "3.3.0"]).await;
     out.success().expect("upload accepted");
     let artifact: ArtifactView = out.json().expect("ArtifactView JSON");
     assert_eq!(artifact.min_version.as_deref(), Some("3.3.0"));

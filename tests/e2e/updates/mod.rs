@@ -125,18 +125,32 @@ pub async fn upload_raw(
     sig: &Path,
     version: &str,
 ) -> posfleet_tests::PosctlOutput {
+    upload_with(broker, file, sig, version, &[]).await
+}
+
+/// [`upload_raw`] with more arguments (`--min-version M`, ...).
+pub async fn upload_with(
+    broker: &Broker,
+    file: &Path,
+    sig: &Path,
+    version: &str,
+    more: &[&str],
+) -> posfleet_tests::PosctlOutput {
+    let (file, sig) = (file.display().to_string(), sig.display().to_string());
+    let mut args = vec![
+        "-o",
+        "json",
+        "artifact",
+        "upload",
+        &file,
+        "--version",
+        version,
+        "--signature",
+        &sig,
+    ];
+    args.extend_from_slice(more);
     Posctl::new(broker)
-        .run(&[
-            "-o",
-            "json",
-            "artifact",
-            "upload",
-            &file.display().to_string(),
-            "--version",
-            version,
-            "--signature",
-            &sig.display().to_string(),
-        ])
+        .run(&args)
         .await
         .expect("posctl artifact upload")
 }

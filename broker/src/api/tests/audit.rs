@@ -209,11 +209,9 @@ async fn every_mutating_route_records_request_and_outcome() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn audit_routes_list_verify_and_export() {
-    let server = TestServer::start().await;
-    server.heartbeat("T-1", now());
-    for who in ["alice", "bob", "alice"] {
+/// Each of `principals` in turn sets T-1's label `by` to its name (one audited change each).
+async fn label_t1_as(server: &TestServer, principals: &[&str]) {
+    for who in principals {
         let r = server
             .as_principal(
                 who,
@@ -224,6 +222,13 @@ async fn audit_routes_list_verify_and_export() {
             .await;
         assert_eq!(r.status(), StatusCode::OK);
     }
+}
+
+#[tokio::test]
+async fn audit_routes_list_verify_and_export() {
+    let server = TestServer::start().await;
+    server.heartbeat("T-1", now());
+    label_t1_as(&server, &["alice", "bob", "alice"]).await;
     let page: AuditPage = server
         .get("/api/v1/audit?actor=alice&action=device&target=T-1&limit=10")
         .await
@@ -601,17 +606,7 @@ async fn a_lost_device_is_locked_and_found_again() {
 async fn an_exported_anchor_finds_a_rebuilt_chain_through_the_api() {
     let server = TestServer::start().await;
     server.heartbeat("T-1", now());
-    for who in ["alice", "bob", "carol"] {
-        let r = server
-            .as_principal(
-                who,
-                Method::PUT,
-                "/api/v1/devices/T-1/labels",
-                Some(json!({"labels": {"by": who}})),
-            )
-            .await;
-        assert_eq!(r.status(), StatusCode::OK);
-    }
+    label_t1_as(&server, &["alice", "bob", "carol"]).await;
     let r = server.get("/api/v1/audit/anchor").await;
     assert_eq!(r.status(), StatusCode::OK);
     let anchor: crate::views::AuditAnchor = r.json().await.unwrap();

@@ -114,6 +114,19 @@ fn cases() -> Vec<Case> {
             json!({"document": {"store.name": "Shop"}}),
             "group",
         ),
+        // A layer for a device that is not registered: a new id entering the configuration.
+        case(
+            Method::PUT,
+            "/api/v1/config/devices/4111.1111.1111.1111",
+            json!({"document": {"store.name": "Shop"}}),
+            "device_id",
+        ),
+        case(
+            Method::PATCH,
+            "/api/v1/config/devices/4111-1111-1111-1111",
+            json!({"set": {"store.name": "Shop"}}),
+            "device_id",
+        ),
         case(
             Method::POST,
             "/api/v1/devices/T-1/custody",
@@ -289,6 +302,8 @@ async fn card_numbers_in_paths_are_not_audited() {
         (Method::DELETE, "/api/v1/tokens/4111.1111.1111.1111"),
         (Method::DELETE, "/api/v1/config/groups/4111.1111.1111.1111"),
         (Method::GET, "/api/v1/nothing/4111.1111.1111.1111"),
+        (Method::GET, "/api/v1/devices/4111.1111.1111.1111"),
+        (Method::POST, "/api/v1/devices/4111.1111.1111.1111/revoke"),
     ] {
         let response = server.send(method, path, None).await;
         assert!(response.status().is_client_error(), "{path}");

@@ -40,23 +40,18 @@ pub(super) async fn posctl(f: &Fixture, args: &[&str]) -> Result<String, String>
     .unwrap()
 }
 
-/// `posctl pki issue-device --id ID --out DIR` (the server's data dir, no `--dir`): the bundle's
-/// certificate and key.
+/// `posctl pki issue-device --id ID --out DIR` (the server's data dir, no `--dir`).
+pub(super) async fn issue_device(f: &Fixture, id: &str, out: &Path) -> Result<String, String> {
+    let out = out.to_str().unwrap();
+    posctl(f, &["pki", "issue-device", "--id", id, "--out", out]).await
+}
+
+/// [`issue_device`] into `bundle-ID`: the bundle's certificate and key.
 pub(super) async fn cli_bundle(f: &Fixture, id: &str) -> (PathBuf, String, String) {
     let out = f._tmp.path().join(format!("bundle-{id}"));
-    let printed = posctl(
-        f,
-        &[
-            "pki",
-            "issue-device",
-            "--id",
-            id,
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("posctl pki issue-device {id}: {e}"));
+    let printed = issue_device(f, id, &out)
+        .await
+        .unwrap_or_else(|e| panic!("posctl pki issue-device {id}: {e}"));
     assert!(!printed.contains("PRIVATE KEY"), "{printed}");
     let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
     let (cert, key) = (read("device.crt"), read("device.key"));
@@ -97,16 +92,7 @@ async fn a_cli_issued_bundle_is_revocable_before_first_contact() {
     assert_eq!(view.serials, vec![serial.clone()], "{view:?}");
 
     // The CRL lists it.
-    let crl = f
-        .client
-        .get(f.api("/api/v1/pki/crl"))
-        .bearer_auth(&f.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let crl = f.admin_get("/api/v1/pki/crl").await.bytes().await.unwrap();
     assert!(
         posfleet_proto::pki::crl_serials(&crl, &f.ca_pem)
             .unwrap()
@@ -131,12 +117,8 @@ async fn a_cli_issued_bundle_is_revocable_before_first_contact() {
 /// The certificate records of `id` (`GET /api/v1/devices/{id}/certificates`).
 async fn records(f: &Fixture, id: &str) -> (StatusCode, serde_json::Value) {
     let r = f
-        .client
-        .get(f.api(&format!("/api/v1/devices/{id}/certificates")))
-        .bearer_auth(&f.admin_token)
-        .send()
-        .await
-        .unwrap();
+        .admin_get(&format!("/api/v1/devices/{id}/certificates"))
+        .await;
     (r.status(), r.json().await.unwrap())
 }
 
@@ -259,12 +241,8 @@ async fn an_offline_issue_is_audited_at_the_next_start_and_revocable() {
 
     let f = Fixture::start_in(tmp).await;
     let r = f
-        .client
-        .get(f.api("/api/v1/audit?action=pki.issue"))
-        .bearer_auth(&f.admin_token)
-        .send()
+        .admin_get("/api/v1/audit?action=pki.issue")
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

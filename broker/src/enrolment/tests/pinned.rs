@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use super::Fixture;
-use super::issued::{cli_bundle, posctl};
+use super::issued::{cli_bundle, issue_device};
 use crate::views::ErrorBody;
 
 fn csr(id: &str) -> String {
@@ -85,19 +85,7 @@ async fn a_token_pinned_to_a_device_id_reserves_it() {
     assert!(names_field(&body, "device_id"), "{body:?}");
     // ... nor can the CLI issue a certificate for the reserved id.
     let out = f._tmp.path().join("bundle-reserved");
-    let err = posctl(
-        &f,
-        &[
-            "pki",
-            "issue-device",
-            "--id",
-            "T-A",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    )
-    .await
-    .unwrap_err();
+    let err = issue_device(&f, "T-A", &out).await.unwrap_err();
     assert!(err.contains("device_id") && err.contains("T-A"), "{err}");
     assert!(!out.join("device.key").exists());
 
@@ -115,12 +103,8 @@ async fn a_token_pinned_to_a_device_id_reserves_it() {
 
     // The list shows the pin.
     let list = f
-        .client
-        .get(f.api("/api/v1/enrolment-tokens"))
-        .bearer_auth(&f.admin_token)
-        .send()
+        .admin_get("/api/v1/enrolment-tokens")
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
