@@ -58,6 +58,14 @@ pub struct Metrics {
     pub edge_acl_refusals_total: Family<ReasonLabel, Counter>,
     /// PUBLISH packets accepted from clients, by channel.
     pub edge_publishes_total: Family<ChannelLabel, Counter>,
+    /// Downlinks the edge queued for a terminal.
+    pub edge_downlinks_total: Counter,
+    /// Downlinks the edge did not queue (no subscriber, queue full, bad topic), by reason.
+    pub edge_downlinks_dropped_total: Family<ReasonLabel, Counter>,
+    /// Terminal uplinks refused (never acknowledged, connection closed), by reason.
+    pub edge_uplinks_refused_total: Family<ReasonLabel, Counter>,
+    /// Times a terminal's reads were paused by its uplink rate limit.
+    pub edge_uplinks_throttled_total: Counter,
     /// Messages the controller ingested, by channel.
     pub ingest_messages_total: Family<ChannelLabel, Counter>,
     /// Messages the controller dropped as malformed or invalid, by reason.
@@ -142,6 +150,10 @@ impl Metrics {
         let edge_refusals_total = Family::default();
         let edge_acl_refusals_total = Family::default();
         let edge_publishes_total = Family::default();
+        let edge_downlinks_total = Counter::default();
+        let edge_downlinks_dropped_total = Family::default();
+        let edge_uplinks_refused_total = Family::default();
+        let edge_uplinks_throttled_total = Counter::default();
         let ingest_messages_total = Family::default();
         let ingest_rejected_total = Family::default();
         let ingest_latency_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
@@ -222,6 +234,26 @@ impl Metrics {
             "edge_publishes",
             "PUBLISH packets accepted, by channel",
             edge_publishes_total.clone(),
+        );
+        registry.register(
+            "edge_downlinks",
+            "Downlinks queued for terminals by the edge",
+            edge_downlinks_total.clone(),
+        );
+        registry.register(
+            "edge_downlinks_dropped",
+            "Downlinks the edge did not queue, by reason",
+            edge_downlinks_dropped_total.clone(),
+        );
+        registry.register(
+            "edge_uplinks_refused",
+            "Terminal uplinks refused and not acknowledged, by reason",
+            edge_uplinks_refused_total.clone(),
+        );
+        registry.register(
+            "edge_uplinks_throttled",
+            "Pauses of a terminal's reads by its uplink rate limit",
+            edge_uplinks_throttled_total.clone(),
         );
         registry.register(
             "ingest_messages",
@@ -347,6 +379,10 @@ impl Metrics {
             edge_refusals_total,
             edge_acl_refusals_total,
             edge_publishes_total,
+            edge_downlinks_total,
+            edge_downlinks_dropped_total,
+            edge_uplinks_refused_total,
+            edge_uplinks_throttled_total,
             ingest_messages_total,
             ingest_rejected_total,
             ingest_latency_seconds,
@@ -412,6 +448,20 @@ impl Metrics {
     /// Counts a refused PUBLISH or SUBSCRIBE.
     pub fn acl_refuse(&self, reason: &'static str) {
         self.edge_acl_refusals_total
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a downlink the edge did not queue.
+    pub fn downlink_dropped(&self, reason: &'static str) {
+        self.edge_downlinks_dropped_total
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a refused terminal uplink.
+    pub fn uplink_refused(&self, reason: &'static str) {
+        self.edge_uplinks_refused_total
             .get_or_create(&ReasonLabel { reason })
             .inc();
     }

@@ -232,6 +232,15 @@ impl Filter {
         }
     }
 
+    /// `posfleet/v1/d/+/down/+`: every downlink (the MQTT edge's one router subscription).
+    pub fn all_downlinks() -> Self {
+        Self {
+            device: None,
+            direction: Direction::Down,
+            channel: None,
+        }
+    }
+
     /// `posfleet/v1/d/+/up/{channel}` (or `.../down/{channel}` for a downlink channel).
     pub fn all_devices(channel: Channel) -> Self {
         Self {

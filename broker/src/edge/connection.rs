@@ -23,10 +23,13 @@ use tracing::{debug, info, warn};
 
 use super::Fatal;
 use super::acl;
+use super::device_pump::{DevicePump, UplinkRate};
+use super::devices::DeviceSessions;
 use super::gate::DeviceGate;
 use super::pump::{Ledger, inbound, outbound, send_to_router};
 use super::router::RouterHandle;
 use super::sessions::{ClaimError, Sessions};
+use super::uplinks::{Uplink, Uplinks};
 use crate::enrolment::{Revocations, Standing};
 use crate::metrics::Metrics;
 
@@ -39,6 +42,8 @@ pub struct ConnectionLimits {
     pub max_idle: Duration,
     /// Bound on writing to a client and on the TLS close at the end.
     pub write_timeout: Duration,
+    /// Uplink rate limit of each terminal connection.
+    pub uplink_rate: UplinkRate,
 }
 
 impl Default for ConnectionLimits {
@@ -47,6 +52,7 @@ impl Default for ConnectionLimits {
             connect_timeout: Duration::from_secs(10),
             max_idle: Duration::from_secs(20 * 60),
             write_timeout: Duration::from_secs(30),
+            uplink_rate: UplinkRate::default(),
         }
     }
 }
@@ -62,6 +68,10 @@ pub(crate) struct Shared {
     pub(crate) device_gate: DeviceGate,
     /// Revoked certificates and retired devices (see `EdgeConfig::revocations`).
     pub(crate) revocations: Option<Arc<Revocations>>,
+    /// Terminal sessions, held by the edge (no router link per terminal).
+    pub(crate) devices: Arc<DeviceSessions>,
+    /// The shared links terminal uplinks reach the router through.
+    pub(crate) uplinks: Uplinks,
 }
 
 impl Shared {
@@ -196,6 +206,31 @@ pub(crate) async fn run<S>(
         revocations.note_connected(&identity, &cert);
     }
 
+    if let Identity::Device(device) = &identity {
+        let end = run_device(
+            DeviceConnection {
+                device,
+                identity: &identity,
+                peer,
+                clean_session: connect.clean_session,
+                keep_alive: connect.keep_alive,
+                will,
+                generation: slot.generation,
+            },
+            &mut reader,
+            &mut writer,
+            buf,
+            &shared,
+            &slot.cancel,
+            &shutdown,
+        )
+        .await;
+        slot.detached();
+        shared.sessions.release(&slot);
+        finish(&mut writer, &shared, &identity, peer, end).await;
+        return;
+    }
+
     // LinkBuilder::build blocks until the router answers.
     let router = shared.router.clone();
     let (link_id, clean) = (client_id.clone(), connect.clean_session);
@@ -261,6 +296,97 @@ pub(crate) async fn run<S>(
     finish(&mut writer, &shared, &identity, peer, end).await;
 }
 
+/// What a terminal connection brought from its CONNECT.
+struct DeviceConnection<'a> {
+    device: &'a posfleet_proto::DeviceId,
+    identity: &'a Identity,
+    peer: SocketAddr,
+    clean_session: bool,
+    keep_alive: u16,
+    will: Option<Will>,
+    generation: u64,
+}
+
+/// A terminal connection: its session in the edge, CONNACK, the pump, the will.
+#[allow(clippy::too_many_arguments)]
+async fn run_device<R, W>(
+    conn: DeviceConnection<'_>,
+    reader: &mut R,
+    writer: &mut W,
+    buf: BytesMut,
+    shared: &Shared,
+    kicked: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (session, present) =
+        shared
+            .devices
+            .attach(conn.device, conn.generation, conn.clean_session);
+    let mut out = BytesMut::with_capacity(4);
+    let ack = ConnAck {
+        session_present: present,
+        code: ConnectReturnCode::Success,
+    };
+    let _ = V4.write(Packet::ConnAck(ack, None), &mut out);
+    let written = tokio::time::timeout(shared.limits.write_timeout, writer.write_all(&out)).await;
+    if !matches!(written, Ok(Ok(()))) {
+        // The client never saw its CONNACK: no will.
+        shared.devices.detach(conn.device, conn.generation);
+        return End::Lost("connack_write");
+    }
+    drop(out);
+    shared.metrics.edge_connects_total.inc();
+    shared.metrics.edge_connections.inc();
+    info!(device = %conn.identity, peer = %conn.peer, clean_session = conn.clean_session, keep_alive = conn.keep_alive, session_present = present, "connected");
+    let pump = DevicePump {
+        device: conn.device,
+        identity: conn.identity,
+        session,
+        generation: conn.generation,
+        shared,
+    };
+    let end = pump
+        .run(
+            reader,
+            writer,
+            buf,
+            idle_limit(shared, conn.keep_alive),
+            kicked,
+            shutdown,
+        )
+        .await;
+    shared.metrics.edge_connections.dec();
+    shared.devices.detach(conn.device, conn.generation);
+    if matches!(end, End::Lost(_) | End::Violation(_))
+        && let Some(will) = conn.will
+    {
+        let publish = Publish::new(will.topic, will.payload, false);
+        if shared
+            .uplinks
+            .try_send(conn.device, Uplink { publish, ack: None })
+            .is_err()
+        {
+            warn!(device = %conn.identity, "last will not published: the uplink lane is full");
+            shared.metrics.uplink_refused("will_lane_full");
+        }
+    }
+    end
+}
+
+/// How long a connection may stay silent.
+fn idle_limit(shared: &Shared, keep_alive: u16) -> Duration {
+    if keep_alive == 0 {
+        shared.limits.max_idle
+    } else {
+        // MQTT 3.1.1 §3.1.2.10: one and a half keep-alive periods.
+        Duration::from_millis(u64::from(keep_alive) * 1500)
+    }
+}
+
 struct Attached<'a> {
     link_tx: LinkTx,
     link_rx: LinkRx,
@@ -285,12 +411,7 @@ impl Attached<'_> {
         W: AsyncWrite + Unpin,
     {
         let ledger = Mutex::new(Ledger::default());
-        let idle = if keep_alive == 0 {
-            self.shared.limits.max_idle
-        } else {
-            // MQTT 3.1.1 §3.1.2.10: one and a half keep-alive periods.
-            Duration::from_millis(u64::from(keep_alive) * 1500)
-        };
+        let idle = idle_limit(self.shared, keep_alive);
         let end = {
             let inbound = inbound(
                 reader,

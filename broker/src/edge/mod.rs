@@ -18,11 +18,15 @@
 
 mod acl;
 mod connection;
+mod device_pump;
+mod devices;
+mod downlinks;
 mod gate;
 mod pump;
 mod router;
 mod sessions;
 mod tls;
+mod uplinks;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -36,6 +40,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 pub use connection::ConnectionLimits;
+pub use device_pump::UplinkRate;
 pub use router::RouterSettings;
 pub use sessions::ConnectRateLimit;
 pub use tls::{TlsSetupError, mtls_server_config};
@@ -130,9 +135,19 @@ impl EdgeHandle {
         self.shared.fatal.wait().await
     }
 
-    /// Closes the live session of an identity at once (revocation, decommission).
+    /// Closes the live session of an identity at once (revocation, decommission); a
+    /// terminal's queued downlinks are forgotten with it.
     pub fn kick(&self, identity: &Identity) -> bool {
-        self.shared.sessions.kick(&identity.client_id())
+        let kicked = self.shared.sessions.kick(&identity.client_id());
+        if let Some(device) = identity.device() {
+            self.shared.devices.forget(device);
+        }
+        kicked
+    }
+
+    /// Terminal sessions the edge holds (connected, or persistent and disconnected).
+    pub fn device_sessions(&self) -> usize {
+        self.shared.devices.len()
     }
 
     /// Sessions currently attached.
@@ -152,14 +167,42 @@ pub fn spawn_edge(
     cancel: CancellationToken,
 ) -> EdgeHandle {
     let router = router::RouterHandle::spawn(&config.router);
+    let fatal = Fatal::default();
+    let devices = Arc::new(devices::DeviceSessions::default());
+    // Terminals reach the router only through these links (ADR 0013).
+    let uplinks = uplinks::Uplinks::spawn(
+        &router,
+        config.router.uplink_lanes,
+        metrics.clone(),
+        fatal.clone(),
+        tracker,
+        cancel.clone(),
+    );
+    let downlinks = downlinks::spawn(
+        &router,
+        devices.clone(),
+        metrics.clone(),
+        fatal.clone(),
+        tracker,
+        cancel.clone(),
+    );
+    let uplinks = match (uplinks, downlinks) {
+        (Ok(uplinks), Ok(())) => uplinks,
+        (Err(error), _) | (_, Err(error)) => {
+            fatal.raise(format!("the edge's router links failed: {error}"));
+            uplinks::Uplinks::closed()
+        }
+    };
     let shared = Arc::new(connection::Shared {
         router,
         sessions: sessions::Sessions::new(config.rate_limit),
         metrics,
         limits: config.limits,
-        fatal: Fatal::default(),
+        fatal,
         device_gate: gate::DeviceGate::new(config.wait_for_controller.is_none()),
         revocations: config.revocations.clone(),
+        devices,
+        uplinks,
     });
     if let Some(deadline) = config.wait_for_controller {
         let shared = shared.clone();

@@ -17,7 +17,9 @@ use posfleet_proto::pki::Identity;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{Error as ProtocolError, Packet, PingReq, Protocol, QoS, UnsubAck};
+use rumqttd::protocol::{
+    Error as ProtocolError, Packet, PingReq, Protocol, Publish, QoS, UnsubAck,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
@@ -29,7 +31,7 @@ use super::router::{LinkFailure, RouterHandle};
 /// connection's answers without bound while the edge cannot write them, so a client that sends
 /// requests and never reads would grow the broker's memory (~380 bytes per PINGREQ). Real
 /// clients are bounded by their in-flight window (posfleet's: 32) plus a PINGREQ or two.
-pub(super) const MAX_OWED_ANSWERS: usize = 1024;
+pub(crate) const MAX_OWED_ANSWERS: usize = 1024;
 
 /// What the two halves of a connection's pump tell each other (they run in one task).
 #[derive(Debug, Default)]
@@ -190,29 +192,10 @@ fn validate(
     ledger: &Mutex<Ledger>,
 ) -> Inbound {
     match packet {
-        Packet::Publish(mut publish, _) => {
-            if (byte1 >> 1) & 0b11 == 2 {
-                return Inbound::Refuse("qos2_not_supported");
-            }
-            match acl::check_publish(identity, &publish.topic, publish.payload.len()) {
-                Ok(topic) => {
-                    // posfleet keeps state in the registry, not in retained messages.
-                    publish.retain = false;
-                    shared
-                        .metrics
-                        .edge_publishes_total
-                        .get_or_create(&crate::metrics::ChannelLabel {
-                            channel: topic.channel().name(),
-                        })
-                        .inc();
-                    Inbound::Forward(Packet::Publish(publish, None))
-                }
-                Err(denial) => {
-                    warn!(device = %identity, reason = denial.reason(), topic = %String::from_utf8_lossy(&publish.topic), "publish refused");
-                    Inbound::Refuse(denial.reason())
-                }
-            }
-        }
+        Packet::Publish(publish, _) => match accept_publish(publish, byte1, identity, shared) {
+            Ok(publish) => Inbound::Forward(Packet::Publish(publish, None)),
+            Err(reason) => Inbound::Refuse(reason),
+        },
         Packet::Subscribe(mut subscribe, _) => {
             for filter in &mut subscribe.filters {
                 if let Err(denial) = acl::check_subscribe(identity, &filter.path) {
@@ -249,6 +232,37 @@ fn validate(
         Packet::Connect(..) => Inbound::Refuse("second_connect"),
         Packet::ConnAck(..) | Packet::SubAck(..) | Packet::UnsubAck(..) | Packet::PingResp(..) => {
             Inbound::Refuse("server_packet_from_client")
+        }
+    }
+}
+
+/// Checks a client PUBLISH (QoS, ACL, payload size) and clears its retain flag; counts it
+/// by channel. `Err` is the refusal reason.
+pub(super) fn accept_publish(
+    mut publish: Publish,
+    byte1: u8,
+    identity: &Identity,
+    shared: &Shared,
+) -> Result<Publish, &'static str> {
+    if (byte1 >> 1) & 0b11 == 2 {
+        return Err("qos2_not_supported");
+    }
+    match acl::check_publish(identity, &publish.topic, publish.payload.len()) {
+        Ok(topic) => {
+            // posfleet keeps state in the registry, not in retained messages.
+            publish.retain = false;
+            shared
+                .metrics
+                .edge_publishes_total
+                .get_or_create(&crate::metrics::ChannelLabel {
+                    channel: topic.channel().name(),
+                })
+                .inc();
+            Ok(publish)
+        }
+        Err(denial) => {
+            warn!(device = %identity, reason = denial.reason(), topic = %String::from_utf8_lossy(&publish.topic), "publish refused");
+            Err(denial.reason())
         }
     }
 }
@@ -367,7 +381,7 @@ fn strip_properties(packet: Packet) -> Packet {
 }
 
 /// The packet id of an encoded QoS 1 PUBLISH (`Publish.pkid` is private in rumqttd).
-fn qos1_pkid(frame: &[u8]) -> Option<u16> {
+pub(super) fn qos1_pkid(frame: &[u8]) -> Option<u16> {
     let byte1 = *frame.first()?;
     if byte1 >> 4 != 3 || (byte1 >> 1) & 0b11 != 1 {
         return None;
@@ -402,8 +416,6 @@ pub(super) fn send_to_router(
         return Ok(());
     };
     link_tx.buffer().extend(packets);
-    let multi_thread = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     // `send` has no await point: the first poll completes it.
     let send = || {
         link_tx
@@ -413,14 +425,14 @@ pub(super) fn send_to_router(
             .map(|_| ())
             .map_err(LinkFailure::from)
     };
-    if multi_thread && router.congested() {
-        tokio::task::block_in_place(send)
+    if router.congested() {
+        super::router::blocking(send)
     } else {
         send()
     }
 }
 
-fn violation(shared: &Shared, identity: &Identity, reason: &'static str) -> End {
+pub(super) fn violation(shared: &Shared, identity: &Identity, reason: &'static str) -> End {
     warn!(device = %identity, reason, "protocol or ACL violation; closing connection");
     shared.metrics.acl_refuse(reason);
     End::Violation(reason)

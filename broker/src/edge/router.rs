@@ -25,17 +25,28 @@ pub struct RouterSettings {
     /// RAM": this ring must hold the uplink traffic of the worst controller stall.
     pub controller_segment_size: usize,
     pub controller_segment_count: usize,
+    /// Segment size and count of the edge's downlink filter log (every terminal's downlinks
+    /// pass through it on their way to the edge's per-terminal queues).
+    pub downlink_segment_size: usize,
+    pub downlink_segment_count: usize,
+    /// Shared links terminal uplinks reach the router through.
+    pub uplink_lanes: usize,
 }
 
 impl Default for RouterSettings {
     fn default() -> Self {
         Self {
-            max_connections: 20_016,
+            // Terminals take no router link (the edge serves them itself): controllers,
+            // other MQTT consumers and the edge's own links.
+            max_connections: 1_024,
             max_outgoing_packet_count: 200,
             segment_size: 512 * 1024,
             segment_count: 2,
             controller_segment_size: 8 * 1024 * 1024,
             controller_segment_count: 4,
+            downlink_segment_size: 8 * 1024 * 1024,
+            downlink_segment_count: 4,
+            uplink_lanes: 4,
         }
     }
 }
@@ -73,6 +84,18 @@ impl std::fmt::Debug for RouterHandle {
     }
 }
 
+/// Runs a call that blocks on the router thread: under `block_in_place` on a multi-thread
+/// runtime, directly otherwise (the router is its own thread, so it always answers).
+pub(crate) fn blocking<T>(call: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(call)
+    } else {
+        call()
+    }
+}
+
 /// Above this many queued router events, a link send may block: do it off the runtime.
 const ROUTER_QUEUE_SAFE: usize = 800;
 
@@ -86,6 +109,13 @@ impl RouterHandle {
             SegmentConfig {
                 max_segment_size: settings.controller_segment_size,
                 max_segment_count: settings.controller_segment_count,
+            },
+        );
+        custom.insert(
+            Filter::all_downlinks().to_string(),
+            SegmentConfig {
+                max_segment_size: settings.downlink_segment_size,
+                max_segment_count: settings.downlink_segment_count,
             },
         );
         let config = RouterConfig {

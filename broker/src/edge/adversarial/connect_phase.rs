@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use posfleet_proto::Channel;
 
+use super::Harness;
 use super::raw::{self, Raw, Will};
-use super::{Harness, eventually};
-use crate::edge::tests::{WAIT, topic};
+use crate::edge::tests::{WAIT, connack, topic};
 
 /// Sends `bytes` as the first thing after the TLS handshake; expects a close without CONNACK
 /// and the refusal `reason` counted.
@@ -276,23 +276,32 @@ async fn plaintext_mqtt_on_the_tls_port_is_refused() {
 }
 
 /// The router refuses a link silently when it has no free slot; the edge must answer CONNACK
-/// 3 itself, count it, and keep serving once a slot is free again.
+/// 3 itself, count it, and keep serving. Only non-terminal identities take router slots:
+/// terminals are served by the edge (ADR 0013) and still connect when the router is full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_router_is_answered_with_server_unavailable() {
-    // Controller, A, B: full.
-    let mut h = Harness::start_with(|c| c.router.max_connections = 3).await;
-    let mut a = Raw::connected(&h.fx, "A-1").await;
-    let _b = Raw::connected(&h.fx, "B-1").await;
+    // The edge's own links (one downlink link, the uplink lanes) and the harness controller.
+    let own = 1 + crate::edge::RouterSettings::default().uplink_lanes;
+    let mut h = Harness::start_with(|c| c.router.max_connections = own + 1).await;
     let before = h.metrics().refusals("router_refused");
-    let mut c = Raw::tls(&h.fx, "C-1").await;
-    c.send(&raw::connect("C-1", true, 30)).await.unwrap();
-    assert_eq!(c.connack().await, Some((false, 3)));
-    assert_eq!(c.expect_closed().await, vec![]);
+    let second =
+        h.fx.pki
+            .load_ca()
+            .unwrap()
+            .issue_controller("second")
+            .unwrap();
+    let (_ctl2, mut ctl2_loop) = h.fx.client("controller:second", Some(&second), None);
+    let refused = connack(&mut ctl2_loop).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("ServiceUnavailable")),
+        "a second controller finds no router slot: {refused:?}"
+    );
     h.refused("router_refused", before).await;
-    // A leaves; its slot serves the probe.
-    a.send(&raw::disconnect()).await.unwrap();
-    assert_eq!(a.expect_closed().await, vec![]);
-    eventually("A-1 detached", || h.fx.edge.live_sessions() == 2).await;
-    h.assert_router_alive(&["C-1"]).await;
+    // Terminals take no router slot: they connect, publish and receive as usual.
+    let _a = Raw::connected(&h.fx, "A-1").await;
+    let _b = Raw::connected(&h.fx, "B-1").await;
+    h.assert_router_alive(&[]).await;
     h.stop().await;
 }

@@ -73,6 +73,12 @@ async fn flood_without_reading(frame: impl Fn(usize) -> Vec<u8>, count: usize, b
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let fx = Fixture::start_on(socket.listen(64).unwrap(), |c| {
         c.limits.connect_timeout = std::time::Duration::from_secs(120);
+        // The per-terminal rate limit would only slow this flood down (it has its own test):
+        // this one is about the answers that pile up.
+        c.limits.uplink_rate = crate::edge::UplinkRate {
+            per_second: 1_000_000,
+            burst: 1_000_000,
+        };
     });
     let mut h = Harness::on(fx).await;
     let client = TcpSocket::new_v4().unwrap();

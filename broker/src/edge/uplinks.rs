@@ -1,0 +1,243 @@
+//! Terminal uplinks into rumqttd's router over a fixed set of shared links ("lanes").
+//!
+//! Each terminal is hashed onto one lane, so its uplinks reach the router in the order it
+//! sent them. A lane task batches what connections hand it into its link and notifies the
+//! router once per batch. The router acknowledges every QoS 1 publish of a link in order
+//! (rumqttd 0.20 `router/routing.rs` queues the PUBACK when it takes the publish), so each
+//! lane keeps a FIFO of whom each QoS 1 uplink came from and turns the router's n-th PUBACK
+//! into the terminal's PUBACK: a terminal's PUBACK still means "taken by the router".
+//!
+//! A lane's queue is bounded. A connection waits for room at most [`UPLINK_WAIT`]; if there
+//! is still none, the uplink is refused visibly (counted in
+//! `posfleet_edge_uplinks_refused_total{reason}`, logged, never acknowledged) and the
+//! connection closed, so the terminal sends it again after reconnecting.
+
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use posfleet_proto::DeviceId;
+use rumqttd::Notification;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use super::Fatal;
+use super::devices::{Answer, DeviceSession};
+use super::pump::send_to_router;
+use super::router::{LinkFailure, RouterHandle};
+use crate::metrics::Metrics;
+
+/// Longest a connection waits for room in its lane before the uplink is refused.
+pub(crate) const UPLINK_WAIT: Duration = Duration::from_secs(5);
+/// Uplinks waiting per lane.
+const LANE_QUEUE: usize = 4096;
+/// Uplinks moved into the router per notify.
+const LANE_BATCH: usize = 512;
+
+/// Where the router's PUBACK of a QoS 1 uplink goes.
+pub(crate) struct AckTo {
+    pub(crate) session: Arc<DeviceSession>,
+    pub(crate) generation: u64,
+    pub(crate) pkid: u16,
+}
+
+/// One uplink (already checked by the ACL).
+pub(crate) struct Uplink {
+    pub(crate) publish: Publish,
+    /// `Some` for QoS 1.
+    pub(crate) ack: Option<AckTo>,
+}
+
+/// Why an uplink was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The lane stayed full for [`UPLINK_WAIT`].
+    Busy,
+    /// The lane task is gone (shutdown or a fatal router error).
+    Closed,
+}
+
+/// The shared uplink links.
+#[derive(Clone)]
+pub(crate) struct Uplinks {
+    lanes: Arc<[mpsc::Sender<Uplink>]>,
+}
+
+impl Uplinks {
+    /// Builds `count` links (client ids `edge:up:N`; blocks until the router answered) and
+    /// starts their lane tasks.
+    pub(crate) fn spawn(
+        router: &RouterHandle,
+        count: usize,
+        metrics: Arc<Metrics>,
+        fatal: Fatal,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<Self, LinkFailure> {
+        let mut lanes = Vec::with_capacity(count);
+        for n in 0..count.max(1) {
+            let (tx, rx, _connack) =
+                super::router::blocking(|| router.build_link(&format!("edge:up:{n}"), true))?;
+            let (sender, queue) = mpsc::channel(LANE_QUEUE);
+            lanes.push(sender);
+            tracker.spawn(
+                Lane {
+                    router: router.clone(),
+                    tx,
+                    rx,
+                    queue,
+                    pending: VecDeque::new(),
+                    metrics: metrics.clone(),
+                    fatal: fatal.clone(),
+                }
+                .run(cancel.clone()),
+            );
+        }
+        Ok(Self {
+            lanes: lanes.into(),
+        })
+    }
+
+    /// No lanes: every uplink is refused (the edge failed to start; `Fatal` was raised).
+    pub(crate) fn closed() -> Self {
+        let (sender, _) = mpsc::channel(1);
+        Self {
+            lanes: vec![sender].into(),
+        }
+    }
+
+    fn lane(&self, device: &DeviceId) -> &mpsc::Sender<Uplink> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        device.hash(&mut hasher);
+        let n = (hasher.finish() % self.lanes.len() as u64) as usize;
+        &self.lanes[n]
+    }
+
+    /// Hands an uplink to the device's lane, waiting at most [`UPLINK_WAIT`] for room.
+    pub(crate) async fn send(&self, device: &DeviceId, uplink: Uplink) -> Result<(), Refused> {
+        let lane = self.lane(device);
+        match lane.try_send(uplink) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Refused::Closed),
+            Err(mpsc::error::TrySendError::Full(uplink)) => {
+                match tokio::time::timeout(UPLINK_WAIT, lane.send(uplink)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(Refused::Closed),
+                    Err(_) => Err(Refused::Busy),
+                }
+            }
+        }
+    }
+
+    /// Hands an uplink over only if there is room now (a will).
+    pub(crate) fn try_send(&self, device: &DeviceId, uplink: Uplink) -> Result<(), Refused> {
+        self.lane(device).try_send(uplink).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Refused::Busy,
+            mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+        })
+    }
+}
+
+struct Lane {
+    router: RouterHandle,
+    tx: LinkTx,
+    rx: LinkRx,
+    queue: mpsc::Receiver<Uplink>,
+    /// Whom the router's next PUBACKs on this link belong to, in order.
+    pending: VecDeque<Option<AckTo>>,
+    metrics: Arc<Metrics>,
+    fatal: Fatal,
+}
+
+impl Lane {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut batch = Vec::with_capacity(LANE_BATCH);
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                notification = self.rx.next() => {
+                    if !self.settle(notification).await {
+                        return;
+                    }
+                }
+                count = self.queue.recv_many(&mut batch, LANE_BATCH) => {
+                    if count == 0 {
+                        return;
+                    }
+                    if !self.forward(&mut batch) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves a batch into the link and notifies the router once.
+    fn forward(&mut self, batch: &mut Vec<Uplink>) -> bool {
+        let mut packets = Vec::with_capacity(batch.len());
+        for uplink in batch.drain(..) {
+            if let Some(ack) = uplink.ack {
+                self.pending.push_back(Some(ack));
+            }
+            packets.push(Packet::Publish(uplink.publish, None));
+        }
+        if let Err(error) = send_to_router(&self.router, &mut self.tx, packets) {
+            self.fatal
+                .raise(format!("router channel closed on an uplink lane: {error}"));
+            return false;
+        }
+        true
+    }
+
+    /// Handles what the router sent this link: PUBACKs become the terminals' PUBACKs.
+    async fn settle(
+        &mut self,
+        first: Result<Option<Notification>, rumqttd::local::LinkError>,
+    ) -> bool {
+        let mut next = Some(first);
+        while let Some(notification) = next.take() {
+            match notification {
+                Ok(Some(Notification::Unschedule)) => {
+                    if self.rx.wake().await.is_err() {
+                        self.fatal
+                            .raise("router channel closed on an uplink lane wake");
+                        return false;
+                    }
+                }
+                Ok(Some(Notification::Disconnect(..))) | Err(_) => {
+                    self.fatal.raise("the router dropped an uplink lane");
+                    return false;
+                }
+                Ok(Some(other)) => {
+                    if let Some(Packet::PubAck(..)) = Option::<Packet>::from(other) {
+                        self.acked();
+                    }
+                }
+                Ok(None) => {}
+            }
+            // What the same router trigger brought, without waiting.
+            next = self.rx.next().now_or_never();
+        }
+        true
+    }
+
+    fn acked(&mut self) {
+        match self.pending.pop_front() {
+            Some(Some(to)) => {
+                if !to.session.answer(to.generation, Answer::PubAck(to.pkid)) {
+                    // The connection does not read its answers; its reader closes it.
+                    self.metrics.acl_refuse("ack_backlog_uplink");
+                }
+            }
+            Some(None) => {}
+            None => warn!("the router acknowledged an uplink the edge did not send"),
+        }
+    }
+}
