@@ -9,9 +9,12 @@
 //! - `raw`: the raw client and frame builders;
 //! - `connect_phase`: everything up to and including CONNECT;
 //! - `packets`: single bad packets on an accepted connection;
+//! - `delivery`: the edge's own delivery to terminals (takeover and revocation during a
+//!   delivery, a terminal that never reads, the uplink rate limit);
 //! - `flows`: acks, floods, reconnect storms, takeover races and a seeded fuzz loop.
 
 mod connect_phase;
+mod delivery;
 mod flows;
 mod packets;
 mod raw;

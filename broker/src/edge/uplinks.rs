@@ -241,3 +241,58 @@ impl Lane {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heartbeat() -> Uplink {
+        Uplink {
+            publish: Publish::new("posfleet/v1/d/A-1/up/hb", "x", false),
+            ack: None,
+        }
+    }
+
+    /// The clock is paused: the wait is the edge's own bound, not the machine's speed.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_lane_refuses_after_the_wait_and_a_closed_one_at_once() {
+        let (sender, mut receiver) = mpsc::channel(1);
+        let uplinks = Uplinks {
+            lanes: vec![sender].into(),
+        };
+        let id = DeviceId::new("A-1").unwrap();
+        assert_eq!(uplinks.send(&id, heartbeat()).await, Ok(()));
+        let start = tokio::time::Instant::now();
+        assert_eq!(uplinks.send(&id, heartbeat()).await, Err(Refused::Busy));
+        assert!(start.elapsed() >= UPLINK_WAIT);
+        assert_eq!(uplinks.try_send(&id, heartbeat()), Err(Refused::Busy));
+        // Room again: taken.
+        assert!(receiver.recv().await.is_some());
+        assert_eq!(uplinks.send(&id, heartbeat()).await, Ok(()));
+        drop(receiver);
+        assert_eq!(uplinks.send(&id, heartbeat()).await, Err(Refused::Closed));
+        assert_eq!(uplinks.try_send(&id, heartbeat()), Err(Refused::Closed));
+    }
+
+    #[test]
+    fn a_terminal_always_uses_the_same_lane() {
+        let lanes: Vec<_> = (0..4).map(|_| mpsc::channel::<Uplink>(1).0).collect();
+        let uplinks = Uplinks {
+            lanes: lanes.into(),
+        };
+        let id = DeviceId::new("T-17").unwrap();
+        let first = uplinks.lane(&id).same_channel(uplinks.lane(&id));
+        assert!(first);
+        // Many terminals spread over every lane.
+        let used: std::collections::HashSet<usize> = (0..100)
+            .map(|n| {
+                let id = DeviceId::new(format!("T-{n}")).unwrap();
+                let lane = uplinks.lane(&id);
+                (0..4)
+                    .position(|i| uplinks.lanes[i].same_channel(lane))
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(used.len(), 4);
+    }
+}

@@ -45,6 +45,7 @@ impl Frame {
 
 pub(super) const CONNACK: u8 = 2;
 pub(super) const PUBLISH: u8 = 3;
+pub(super) const PUBACK: u8 = 4;
 pub(super) const SUBACK: u8 = 9;
 pub(super) const UNSUBACK: u8 = 11;
 pub(super) const PINGRESP: u8 = 13;
