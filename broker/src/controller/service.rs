@@ -175,7 +175,7 @@ pub fn spawn_controller(
 ) -> Result<Controller, ControllerError> {
     let mut session = cfg.session;
     session.subscriptions = vec![Filter::all_uplinks()];
-    let session_cancel = cancel.child_token();
+    let session_cancel = CancellationToken::new();
     let (mqtt, inbox) = spawn_session(session, tracker, session_cancel.clone())?;
 
     let (queue, queued) = TxQueue::new(&cfg.tx);
