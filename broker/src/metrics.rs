@@ -45,7 +45,8 @@ pub struct StatusLabel {
 /// Every metric family of the broker process.
 pub struct Metrics {
     registry: Registry,
-    /// MQTT connections currently attached to the router (devices and controllers).
+    /// MQTT connections currently attached to the router through the edge (terminals, and
+    /// controllers over mTLS; not the embedded controller's local link).
     pub edge_connections: Gauge,
     /// Sockets admitted and not yet through their TLS handshake (the wait for a silent
     /// socket's first byte included).
@@ -58,6 +59,9 @@ pub struct Metrics {
     pub edge_acl_refusals_total: Family<ReasonLabel, Counter>,
     /// PUBLISH packets accepted from clients, by channel.
     pub edge_publishes_total: Family<ChannelLabel, Counter>,
+    /// 1 while the controller is attached to its bus (the embedded controller: subscribed
+    /// through its local router link; with an external broker: MQTT connected), else 0.
+    pub controller_connected: Gauge,
     /// Messages the controller ingested, by channel.
     pub ingest_messages_total: Family<ChannelLabel, Counter>,
     /// Messages the controller dropped as malformed or invalid, by reason.
@@ -142,6 +146,7 @@ impl Metrics {
         let edge_refusals_total = Family::default();
         let edge_acl_refusals_total = Family::default();
         let edge_publishes_total = Family::default();
+        let controller_connected = Gauge::default();
         let ingest_messages_total = Family::default();
         let ingest_rejected_total = Family::default();
         let ingest_latency_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
@@ -222,6 +227,11 @@ impl Metrics {
             "edge_publishes",
             "PUBLISH packets accepted, by channel",
             edge_publishes_total.clone(),
+        );
+        registry.register(
+            "controller_connected",
+            "1 while the controller is attached to its bus (local router link or MQTT session)",
+            controller_connected.clone(),
         );
         registry.register(
             "ingest_messages",
@@ -347,6 +357,7 @@ impl Metrics {
             edge_refusals_total,
             edge_acl_refusals_total,
             edge_publishes_total,
+            controller_connected,
             ingest_messages_total,
             ingest_rejected_total,
             ingest_latency_seconds,

@@ -1,96 +1,31 @@
 //! The controller on either of its buses (a local router link, or an MQTT session to a
 //! broker): shutdown still delivers the transaction committer's final acknowledgements.
+//! (A batch is held in its commit when the stop comes; the ack must still reach the
+//! terminal. Before the bus got its own token, the MQTT session ended with the stop and the
+//! ack was lost.)
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use posfleet_agent::mqtt::{MqttHandle, QoS, SessionConfig, SessionEvent, spawn_session};
-use posfleet_agent::tls::client_config_from_pem;
-use posfleet_proto::pki::PkiDir;
-use posfleet_proto::{Channel, DeviceId, Filter, Topic, decode, encode, pb};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use posfleet_agent::mqtt::{QoS, SessionEvent};
+use posfleet_proto::{Channel, DeviceId, Topic, decode, encode, pb};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ControllerConfig, spawn_controller};
-use crate::edge::{EdgeConfig, EdgeHandle, mtls_server_config, spawn_edge};
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig};
 use crate::txstore::{SyncHook, TxStore, TxStoreConfig, test_sale};
 
-const WAIT: Duration = Duration::from_secs(20);
-
-/// A bare edge (no controller of its own) and its PKI.
-struct Edge {
-    _dir: tempfile::TempDir,
-    dir: std::path::PathBuf,
-    pki: PkiDir,
-    edge: EdgeHandle,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
-}
-
-impl Edge {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = PkiDir::at(dir.path().join("pki"));
-        pki.init(&[]).unwrap();
-        let tls =
-            mtls_server_config(&pki.ca_cert(), &pki.server_cert(), &pki.server_key()).unwrap();
-        let mut config = EdgeConfig::new(tls);
-        config.router.max_connections = 64;
-        config.router.controller_segment_size = 1024 * 1024;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
-        let edge = spawn_edge(
-            listener,
-            addr,
-            config,
-            Arc::new(Metrics::new()),
-            &tracker,
-            cancel.clone(),
-        );
-        Self {
-            dir: dir.path().to_owned(),
-            _dir: dir,
-            pki,
-            edge,
-            tracker,
-            cancel,
-        }
-    }
-
-    /// A terminal's own mTLS session, subscribed to its downlink.
-    fn terminal(&self, device: &DeviceId) -> (MqttHandle, mpsc::Receiver<SessionEvent>) {
-        let issued = self.pki.load_ca().unwrap().issue_device(device).unwrap();
-        let ca = std::fs::read(self.pki.ca_cert()).unwrap();
-        let tls = client_config_from_pem(
-            &ca,
-            issued.cert_pem.as_bytes(),
-            issued.key_pem.as_bytes(),
-        )
-        .unwrap();
-        let port = self.edge.local_addr().port();
-        let mut session = SessionConfig::new("127.0.0.1", port, device.as_str(), tls);
-        session.subscriptions = vec![Filter::device_downlink(device)];
-        spawn_session(session, &self.tracker, self.cancel.child_token()).unwrap()
-    }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.tracker.close();
-        tokio::time::timeout(WAIT, self.tracker.wait())
-            .await
-            .expect("the edge stops");
-    }
-}
+use crate::bus::tests::{BareEdge, WAIT};
 
 /// A commit held after its fsync until released; `entered` fires when one is held.
-fn held_commits() -> (SyncHook, std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+fn held_commits() -> (
+    SyncHook,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
     let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
     let entered_tx = Mutex::new(entered_tx);
@@ -104,8 +39,8 @@ fn held_commits() -> (SyncHook, std::sync::mpsc::Receiver<()>, std::sync::mpsc::
 
 /// A terminal's batch is being committed when the controller is told to stop: the
 /// acknowledgement still reaches the terminal, and then every controller task ends.
-async fn final_acks_reach_the_terminal(config: impl FnOnce(&Edge) -> ControllerConfig) {
-    let edge = Edge::start().await;
+async fn final_acks_reach_the_terminal(config: impl FnOnce(&BareEdge) -> ControllerConfig) {
+    let edge = BareEdge::start(|_| {}).await;
     let registry = Registry::open(RegistryConfig {
         cache_capacity: 1 << 20,
         ..RegistryConfig::new(edge.dir.join("registry"))
@@ -120,7 +55,7 @@ async fn final_acks_reach_the_terminal(config: impl FnOnce(&Edge) -> ControllerC
     .unwrap();
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
-    let _controller = spawn_controller(
+    let controller = spawn_controller(
         config(&edge),
         registry,
         transactions,
@@ -189,11 +124,21 @@ async fn final_acks_reach_the_terminal(config: impl FnOnce(&Edge) -> ControllerC
     .await
     .expect("the final acknowledgement reaches the terminal after the stop");
     assert_eq!(ack.durable_through_seq, 1);
+    let over_local_link = matches!(controller.bus, crate::bus::Bus::Local(_));
     tracker.close();
     tokio::time::timeout(WAIT, tracker.wait())
         .await
         .expect("every controller task ends");
+    assert!(controller.bus.is_closed());
+    // Over the local link, the terminal is the only connection the edge ever had.
+    let connects = edge.metrics.edge_connects_total.get();
+    assert_eq!(connects, if over_local_link { 1 } else { 2 });
     edge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_acks_go_out_at_shutdown_over_the_local_link() {
+    final_acks_reach_the_terminal(|edge| ControllerConfig::local(edge.edge.clone())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,8 @@
 //! - `tests.rs`: ingest and sweeper tests driven with encoded protobufs and malformed bytes.
 
 #[cfg(test)]
+mod attache2e;
+#[cfg(test)]
 mod attachtests;
 #[cfg(test)]
 mod cmde2e;
