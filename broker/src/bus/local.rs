@@ -43,7 +43,7 @@ use posfleet_agent::mqtt::SessionEvent;
 use posfleet_proto::codec::check_size;
 use posfleet_proto::{Filter, Topic};
 use rumqttd::Notification;
-use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Filter as RouterFilter, Packet, Publish, QoS,
     RetainForwardRule, Subscribe,
@@ -218,7 +218,8 @@ pub(super) fn spawn_local(
 enum Turn {
     Cancelled,
     Request(Option<Request>),
-    Link(Result<Option<Notification>, LinkError>),
+    /// What the link gave; `Err` when the router dropped it (`LinkError` is ~800 bytes).
+    Link(Result<Option<Notification>, ()>),
 }
 
 /// How the pump ended.
@@ -303,7 +304,7 @@ impl Task {
                     }
                     continue;
                 }
-                next = link_rx.next(), if self.held.is_none() => Turn::Link(next),
+                next = link_rx.next(), if self.held.is_none() => Turn::Link(next.map_err(drop)),
             };
             let end = match turn {
                 Turn::Cancelled => Some(End::Detach),
@@ -351,7 +352,7 @@ impl Task {
     /// consumer has room.
     async fn take(
         &mut self,
-        first: Result<Option<Notification>, LinkError>,
+        first: Result<Option<Notification>, ()>,
         link_rx: &mut LinkRx,
     ) -> Option<End> {
         let mut next = Some(first);
@@ -368,7 +369,10 @@ impl Task {
             }
             taken += 1;
             if self.held.is_none() && taken < TAKE_BATCH {
-                next = link_rx.next().now_or_never();
+                next = link_rx
+                    .next()
+                    .now_or_never()
+                    .map(|result| result.map_err(drop));
             }
         }
         None
@@ -411,17 +415,20 @@ impl Task {
                 }
             }
             // Everything before it has been taken: ask for the next batch.
-            Notification::Unschedule => {
-                if link_rx.wake().await.is_err() {
-                    self.edge
-                        .raise_fatal("router channel closed on the controller's wake");
-                    return Some(End::Done);
-                }
-            }
+            Notification::Unschedule => return self.wake(link_rx).await,
             Notification::Disconnect(..) => {
                 return Some(self.lost("the router ended the controller's link"));
             }
             _ => {}
+        }
+        None
+    }
+
+    async fn wake(&self, link_rx: &LinkRx) -> Option<End> {
+        if link_rx.wake().await.is_err() {
+            self.edge
+                .raise_fatal("router channel closed on the controller's wake");
+            return Some(End::Done);
         }
         None
     }
