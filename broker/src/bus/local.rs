@@ -293,8 +293,8 @@ impl Task {
             return End::Done;
         }
         loop {
+            // Unbiased: neither a flood of uplinks nor of downlinks starves the other way.
             let turn = tokio::select! {
-                biased;
                 () = self.cancel.cancelled() => Turn::Cancelled,
                 request = self.requests.recv() => Turn::Request(request),
                 permit = self.events.reserve(), if self.held.is_some() => {
