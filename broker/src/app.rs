@@ -3,7 +3,8 @@
 //! Startup order: data dir and PKI (created on first start), admin token, trusted release
 //! keys, every listener bound (so a port clash fails before anything runs), the edge with its
 //! router, the registry, the transaction store, the configuration store and the artifact
-//! store, the enrolment service, the controller (an ordinary mTLS MQTT client of the edge), the admin API, the
+//! store, the enrolment service, the controller (attached to the edge's router through a local
+//! link, or an mTLS MQTT client of an external broker), the admin API, the
 //! device download endpoint, and finally `posctl.json` so `posctl --data-dir DIR` finds the
 //! running server.
 
@@ -178,7 +179,8 @@ pub enum AppError {
 /// A started controller process.
 #[derive(Debug, Clone)]
 pub struct Running {
-    /// Where terminals (and the controller) connect: the embedded edge or the external broker.
+    /// Where terminals connect: the embedded edge or the external broker (which the
+    /// controller connects to as well).
     pub broker: BrokerUrl,
     pub api_addr: SocketAddr,
     /// Where the device download endpoint listens (the bound address).
@@ -360,8 +362,12 @@ async fn start_inner(
         .await??
     };
 
-    // The controller is an MQTT client of the edge, exactly as of an external broker.
-    let controller_cfg = ControllerConfig::from_pki(broker.host.clone(), broker.port, &pki)?;
+    // The embedded controller attaches to its own router through a local link (no socket, no
+    // TLS); with an external broker it is an mTLS MQTT client with DATA/pki/controller.crt.
+    let controller_cfg = match &edge {
+        Some(edge) => ControllerConfig::local(edge.clone()),
+        None => ControllerConfig::from_pki(broker.host.clone(), broker.port, &pki)?,
+    };
     let controller = spawn_controller(
         controller_cfg,
         registry.clone(),

@@ -9,7 +9,9 @@
 //! - [`cli`]: the `posfleet-broker` command line (thin `main` calls [`cli::main`]).
 //! - [`edge`]: our mTLS MQTT accept loop, identity from certificates, ACL, attached to
 //!   rumqttd's router through its local link API.
-//! - [`controller`]: the controller's MQTT client and ingest (presence, heartbeat, telemetry).
+//! - [`bus`]: the controller's bus: a local link to the embedded router (no TLS), or an mTLS
+//!   MQTT session to an external broker.
+//! - [`controller`]: the controller's ingest (presence, heartbeat, telemetry, transactions).
 //! - [`registry`]: the sled store of devices (sled rules: `posfleet_agent::sledstore`).
 //! - [`txstore`]: the sled store of transactions (exactly once by (device, seq), group commit).
 //! - [`api`]: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
@@ -40,6 +42,7 @@ pub mod app;
 pub mod approvals;
 pub mod artifacts;
 pub mod audit;
+pub mod bus;
 pub mod cli;
 pub mod commands;
 pub mod controller;

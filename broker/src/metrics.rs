@@ -45,7 +45,8 @@ pub struct StatusLabel {
 /// Every metric family of the broker process.
 pub struct Metrics {
     registry: Registry,
-    /// MQTT connections currently attached to the router (devices and controllers).
+    /// MQTT connections currently attached to the router through the edge (terminals, and
+    /// controllers over mTLS; not the embedded controller's local link).
     pub edge_connections: Gauge,
     /// Sockets admitted and not yet through their TLS handshake (the wait for a silent
     /// socket's first byte included).
@@ -66,6 +67,9 @@ pub struct Metrics {
     pub edge_uplinks_refused_total: Family<ReasonLabel, Counter>,
     /// Times a terminal's reads were paused by its uplink rate limit.
     pub edge_uplinks_throttled_total: Counter,
+    /// 1 while the controller is attached to its bus (the embedded controller: subscribed
+    /// through its local router link; with an external broker: MQTT connected), else 0.
+    pub controller_connected: Gauge,
     /// Messages the controller ingested, by channel.
     pub ingest_messages_total: Family<ChannelLabel, Counter>,
     /// Messages the controller dropped as malformed or invalid, by reason.
@@ -154,6 +158,7 @@ impl Metrics {
         let edge_downlinks_dropped_total = Family::default();
         let edge_uplinks_refused_total = Family::default();
         let edge_uplinks_throttled_total = Counter::default();
+        let controller_connected = Gauge::default();
         let ingest_messages_total = Family::default();
         let ingest_rejected_total = Family::default();
         let ingest_latency_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
@@ -254,6 +259,11 @@ impl Metrics {
             "edge_uplinks_throttled",
             "Pauses of a terminal's reads by its uplink rate limit",
             edge_uplinks_throttled_total.clone(),
+        );
+        registry.register(
+            "controller_connected",
+            "1 while the controller is attached to its bus (local router link or MQTT session)",
+            controller_connected.clone(),
         );
         registry.register(
             "ingest_messages",
@@ -383,6 +393,7 @@ impl Metrics {
             edge_downlinks_dropped_total,
             edge_uplinks_refused_total,
             edge_uplinks_throttled_total,
+            controller_connected,
             ingest_messages_total,
             ingest_rejected_total,
             ingest_latency_seconds,

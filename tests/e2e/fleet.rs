@@ -65,10 +65,10 @@ async fn terminals_come_online_with_heartbeats_and_telemetry() {
         2.0,
         "{scrape}"
     );
-    // Two terminals and the controller's own session.
+    // Two terminals; the controller is attached through a local router link, not the edge.
     assert_eq!(
         scrape.value("posfleet_edge_connections", &[]),
-        3.0,
+        2.0,
         "{scrape}"
     );
     assert!(

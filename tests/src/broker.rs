@@ -6,9 +6,9 @@
 //! ```
 //!
 //! Readiness is what `posctl` relies on: `DATA/posctl.json` appears once both listeners are
-//! bound. [`Broker::start`] additionally waits until the controller's own MQTT session is
-//! attached to the edge (`posfleet_edge_connections >= 1`), so that a test's first uplink is
-//! never published before anyone listens.
+//! bound. [`Broker::start`] additionally waits until the controller is attached to its bus
+//! (`posfleet_controller_connected == 1`: the embedded controller's local router link is
+//! subscribed), so that a test's first uplink is never published before anyone listens.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -307,13 +307,13 @@ impl Broker {
             .unwrap_or_default()
     }
 
-    /// Waits until the API answers and the controller's MQTT session is attached.
+    /// Waits until the API answers and the controller is attached to its bus.
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let api = self.api.clone();
         let ready = try_eventually(self.opts.start_timeout, || async {
             let scrape = api.metrics().await?;
-            let attached = scrape.value("posfleet_edge_connections", &[]);
-            anyhow::ensure!(attached >= 1.0, "controller not attached to the edge yet");
+            let attached = scrape.value("posfleet_controller_connected", &[]);
+            anyhow::ensure!(attached >= 1.0, "controller not attached to its bus yet");
             Ok(())
         })
         .await;

@@ -1,4 +1,5 @@
-//! The project's one MQTT client session, used by the agent and by the controller.
+//! The project's one MQTT client session, used by the agent and by the controller (with an
+//! external broker; the embedded controller uses a local router link).
 //!
 //! [`spawn_session`] starts one task that owns the rumqttc [`EventLoop`](rumqttc::EventLoop)
 //! and polls it continuously. Everyone else talks to the session through a cloneable

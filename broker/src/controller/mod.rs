@@ -1,5 +1,6 @@
-//! The controller: an ordinary MQTT client of the edge (or an external broker) that ingests
-//! device uplinks into the registry and the live event bus.
+//! The controller: ingests device uplinks from its bus (`crate::bus`: a local link to the
+//! embedded edge's router, or an mTLS MQTT session to an external broker) into the registry
+//! and the live event bus.
 //!
 //! # Layout
 //!
@@ -13,14 +14,20 @@
 //!   device (only after the fsync), then live events.
 //! - `gapwatch.rs`: alerts for sequence gaps older than the grace period, and their closing.
 //! - `sweeper.rs`: the liveness sweeper (offline after missed heartbeats), injectable clock.
-//! - `service.rs`: [`spawn_controller`]: the MQTT session (`posfleet_agent::mqtt`, client id
-//!   `controller:<name>`, subscribed to `posfleet/v1/d/+/up/+`), the ingest loop, the sweeper
-//!   the registry committer, the transaction committer and the gap watcher, with
-//!   [`ControllerConfig`].
+//! - `service.rs`: [`spawn_controller`]: the bus (subscribed to `posfleet/v1/d/+/up/+`), the
+//!   ingest loop, the sweeper, the registry committer, the transaction committer and the gap
+//!   watcher, with [`ControllerConfig`] ([`ControllerConfig::local`] for the embedded edge,
+//!   [`ControllerConfig::from_pki`] for a broker).
 //! - `error.rs`: [`IngestError`].
 //! - `cmde2e.rs`: a signed command end to end through `app::start` and a terminal session.
+//! - `attache2e.rs`: through `app::start`, the controller holds no connection to its own edge.
+//! - `attachtests.rs`: on either bus, shutdown still delivers the committer's final acks.
 //! - `tests.rs`: ingest and sweeper tests driven with encoded protobufs and malformed bytes.
 
+#[cfg(test)]
+mod attache2e;
+#[cfg(test)]
+mod attachtests;
 #[cfg(test)]
 mod cmde2e;
 mod convert;

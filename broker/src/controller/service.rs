@@ -1,20 +1,21 @@
-//! The running controller: the shared MQTT session (`posfleet_agent::mqtt`), the ingest loop
+//! The running controller: its bus (`crate::bus`: a local link to this process's router in
+//! the embedded setup, an mTLS MQTT session to an external broker otherwise), the ingest loop
 //! that feeds it to [`Ingest`], the liveness sweeper and the registry committer, all under one
 //! cancellation token.
 //!
 //! Shutdown order matters for durability: when `cancel` fires, the ingest loop stops taking
 //! uplinks and tells the transaction committer to finish: it commits what is queued and
-//! publishes those acknowledgements while the ingest loop keeps the MQTT session flowing
-//! (discarding further uplinks, which terminals resend); then the loop disconnects
-//! gracefully, so the last acknowledgements go out before the DISCONNECT. The sweeper stops,
-//! and only after both have ended is the registry committer told to stop, so its final commit
-//! holds every change they made.
+//! publishes those acknowledgements while the ingest loop keeps the bus flowing (discarding
+//! further uplinks, which terminals resend); then the loop disconnects gracefully, so the last
+//! acknowledgements go out before the DISCONNECT. The bus has its own token, cancelled only by
+//! the ingest loop at its end. The sweeper stops, and only after both have ended is the
+//! registry committer told to stop, so its final commit holds every change they made.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use posfleet_agent::mqtt::{MqttError, MqttHandle, SessionConfig, SessionEvent, spawn_session};
+use posfleet_agent::mqtt::{MqttError, SessionConfig, SessionEvent};
 use posfleet_agent::tls::{TlsError, client_config_from_files};
 use posfleet_proto::Filter;
 use posfleet_proto::pki::{Identity, PkiDir, PkiError, parse_pem_certs};
@@ -29,13 +30,15 @@ use super::gapwatch::GapWatch;
 use super::sweeper::{Clock, spawn_sweeper, system_clock};
 use super::txcommit::Committer;
 use super::txqueue::{TxConfig, TxQueue};
+use crate::bus::{Bus, BusConfig, LocalConfig, spawn_bus};
 use crate::commands::{CommandPlane, CommandsHandle, Downlink};
+use crate::edge::EdgeHandle;
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::txstore::TxStore;
 
-/// Longest a graceful MQTT disconnect may take at shutdown before the session is cut.
+/// Longest a graceful disconnect from the bus may take at shutdown before the session is cut.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(3);
 /// Longest the transaction committer may take at shutdown to commit and acknowledge what was
 /// queued (a commit takes milliseconds; acks are bounded by `TxConfig::ack_timeout`).
@@ -66,14 +69,15 @@ pub enum ControllerError {
     Mqtt(#[from] MqttError),
 }
 
-/// How the controller connects and ages devices.
+/// How the controller attaches to its bus and ages devices.
 #[derive(Clone)]
 pub struct ControllerConfig {
-    /// The MQTT session to the broker: host, port, client id (the edge requires the
-    /// certificate's identity, `controller:<name>`), mTLS config, keep-alive, backoff and the
-    /// uplink queue between the session and the ingest loop. `spawn_controller` sets the
-    /// subscriptions.
-    pub session: SessionConfig,
+    /// Its bus: a local link to the embedded edge's router ([`ControllerConfig::local`]), or
+    /// an MQTT session to a broker (host, port, client id `controller:<name>` as the
+    /// certificate says, mTLS config, keep-alive, backoff; [`ControllerConfig::from_pki`]).
+    /// Either way with the queues between the bus and the ingest loop. `spawn_controller`
+    /// sets the subscription.
+    pub bus: BusConfig,
     /// How often the liveness sweeper runs.
     pub sweep_interval: Duration,
     /// Wall clock for receive times and the sweeper (tests inject their own).
@@ -85,7 +89,7 @@ pub struct ControllerConfig {
 impl std::fmt::Debug for ControllerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControllerConfig")
-            .field("session", &self.session)
+            .field("bus", &self.bus)
             .field("sweep_interval", &self.sweep_interval)
             .field("tx", &self.tx)
             .finish_non_exhaustive()
@@ -93,7 +97,22 @@ impl std::fmt::Debug for ControllerConfig {
 }
 
 impl ControllerConfig {
-    /// Defaults for a controller connecting to `host:port` as `client_id` with `tls`.
+    /// Defaults for the embedded controller: a local link to `edge`'s router, no TLS.
+    pub fn local(edge: EdgeHandle) -> Self {
+        Self::with_bus(BusConfig::Local(LocalConfig::new(edge)))
+    }
+
+    fn with_bus(bus: BusConfig) -> Self {
+        Self {
+            bus,
+            sweep_interval: Duration::from_secs(2),
+            clock: system_clock(),
+            tx: TxConfig::default(),
+        }
+    }
+
+    /// Defaults for a controller connecting to the broker at `host:port` as `client_id` with
+    /// `tls`.
     pub fn new(
         host: impl Into<String>,
         port: u16,
@@ -104,15 +123,10 @@ impl ControllerConfig {
         session.incoming_capacity = 1024;
         // Room for one TransactionAck per device of a large group commit.
         session.request_capacity = 1024;
-        Self {
-            session,
-            sweep_interval: Duration::from_secs(2),
-            clock: system_clock(),
-            tx: TxConfig::default(),
-        }
+        Self::with_bus(BusConfig::Broker(session))
     }
 
-    /// Defaults with the controller certificate of a PKI directory (`controller.crt/.key`,
+    /// Broker defaults with the controller certificate of a PKI directory (`controller.crt/.key`,
     /// trusting `ca.crt`); the client id is the certificate's identity (`controller:main`).
     pub fn from_pki(
         host: impl Into<String>,
@@ -149,17 +163,17 @@ impl ControllerConfig {
 /// A running controller.
 #[derive(Debug, Clone)]
 pub struct Controller {
-    /// The controller's MQTT session (for publishing downlinks later, and connection state).
-    pub mqtt: MqttHandle,
+    /// The controller's bus (publishing downlinks, connection state).
+    pub bus: Bus,
     /// The ingest logic the session feeds.
     pub ingest: Arc<Ingest>,
     /// The command plane (for the admin API).
     pub commands: CommandsHandle,
 }
 
-/// Starts the controller on `tracker`: the MQTT session subscribed to every device uplink,
+/// Starts the controller on `tracker`: the bus subscribed to every device uplink,
 /// the ingest loop, the liveness sweeper, the registry committer, the transaction committer
-/// (storing into `transactions`, acknowledging through the session) and the gap watcher.
+/// (storing into `transactions`, acknowledging through the bus) and the gap watcher.
 /// Everything stops when `cancel` is cancelled; wait for `tracker` to see the final commits
 /// done.
 #[allow(clippy::too_many_arguments)]
@@ -173,14 +187,14 @@ pub fn spawn_controller(
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> Result<Controller, ControllerError> {
-    let mut session = cfg.session;
-    session.subscriptions = vec![Filter::all_uplinks()];
-    let session_cancel = cancel.child_token();
-    let (mqtt, inbox) = spawn_session(session, tracker, session_cancel.clone())?;
+    // Not a child of `cancel`: the bus carries the committer's final acknowledgements after
+    // `cancel`, and the ingest loop ends it.
+    let bus_cancel = CancellationToken::new();
+    let (bus, inbox) = spawn_bus(cfg.bus, Filter::all_uplinks(), tracker, bus_cancel.clone())?;
 
     let (queue, queued) = TxQueue::new(&cfg.tx);
-    // The plane publishes signed commands on the same session.
-    let downlink: Arc<dyn Downlink> = Arc::new(mqtt.clone());
+    // The plane publishes signed commands on the same bus.
+    let downlink: Arc<dyn Downlink> = Arc::new(bus.clone());
     let (commands, command_inbox) = commands.spawn(
         downlink,
         Arc::clone(&registry),
@@ -199,13 +213,13 @@ pub fn spawn_controller(
     let tx_stop = CancellationToken::new();
     let tx_done = Committer {
         store: Arc::clone(&transactions),
-        acks: mqtt.clone(),
+        acks: bus.clone(),
         events: events.clone(),
         metrics: Arc::clone(&metrics),
         cfg: cfg.tx.clone(),
     }
     .spawn(queued, tracker, tx_stop.clone());
-    GapWatch::new(transactions, events, metrics, cfg.tx.gap_grace).spawn(
+    GapWatch::new(transactions, events, Arc::clone(&metrics), cfg.tx.gap_grace).spawn(
         cfg.tx.gap_check_interval,
         Arc::clone(&cfg.clock),
         tracker,
@@ -225,20 +239,21 @@ pub fn spawn_controller(
         ingest_loop(
             Arc::clone(&ingest),
             inbox,
-            mqtt.clone(),
+            bus.clone(),
+            Arc::clone(&metrics),
             cfg.clock,
             cancel,
-            session_cancel,
+            bus_cancel,
             TxFinish {
                 stop: tx_stop,
                 done: tx_done,
             },
         )
-        .instrument(info_span!("controller", client_id = %mqtt.client_id())),
+        .instrument(info_span!("controller", client_id = %bus.client_id())),
     );
     tracker.spawn(stop_committer_after(ingest_loop, sweeper, commit_stop));
     Ok(Controller {
-        mqtt,
+        bus,
         ingest,
         commands,
     })
@@ -254,16 +269,19 @@ pub(crate) struct TxFinish {
 }
 
 /// Feeds every uplink to `ingest` until `cancel`, lets the transaction committer finish,
-/// then disconnects gracefully.
+/// then disconnects gracefully and cancels `bus_cancel` (also if it panics).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn ingest_loop(
     ingest: Arc<Ingest>,
     mut inbox: mpsc::Receiver<SessionEvent>,
-    mqtt: MqttHandle,
+    bus: Bus,
+    metrics: Arc<Metrics>,
     clock: Clock,
     cancel: CancellationToken,
-    session_cancel: CancellationToken,
+    bus_cancel: CancellationToken,
     tx: TxFinish,
 ) {
+    let bus_cancel = bus_cancel.drop_guard();
     loop {
         let event = tokio::select! {
             biased;
@@ -276,19 +294,21 @@ pub(crate) async fn ingest_loop(
                 let _ = ingest.handle(&topic, &payload, clock());
             }
             Some(SessionEvent::Connected { session_present }) => {
-                info!(session_present, "controller connected to the broker");
+                metrics.controller_connected.set(1);
+                info!(session_present, "controller attached to its bus");
             }
             Some(SessionEvent::Disconnected { error }) => {
-                warn!(%error, "controller lost its broker connection; reconnecting");
+                metrics.controller_connected.set(0);
+                warn!(%error, "controller lost its bus; reconnecting");
             }
             None => {
-                warn!("controller MQTT session ended");
+                warn!("controller bus ended");
                 break;
             }
         }
     }
-    // The committer publishes its last acknowledgements on the session, whose task waits
-    // while our inbox is full: keep reading (and dropping) uplinks until it is done.
+    // The committer publishes its last acknowledgements on the bus, whose task waits while
+    // our inbox is full: keep reading (and dropping) uplinks until it is done.
     tx.stop.cancel();
     let keep_reading = async {
         while inbox.recv().await.is_some() {}
@@ -304,15 +324,16 @@ pub(crate) async fn ingest_loop(
     if finished.is_err() {
         warn!("the transaction committer did not finish in time; disconnecting anyway");
     }
-    // The session drops events for a consumer that is going away, so this cannot deadlock
-    // on a full inbox; the timeout covers a DISCONNECT stuck behind unacknowledged publishes.
-    if tokio::time::timeout(DISCONNECT_GRACE, mqtt.disconnect())
+    // The bus drops events for a consumer that is going away, so this cannot deadlock on a
+    // full inbox; the timeout covers a DISCONNECT stuck behind unacknowledged publishes.
+    if tokio::time::timeout(DISCONNECT_GRACE, bus.disconnect())
         .await
         .is_err()
     {
-        warn!("graceful MQTT disconnect timed out; closing the connection");
+        warn!("graceful disconnect from the bus timed out; closing it");
     }
-    session_cancel.cancel();
+    metrics.controller_connected.set(0);
+    drop(bus_cancel);
 }
 
 /// Waits for the registry's writers to end, then lets the committer make its final commit.
@@ -387,7 +408,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let pki = pki(tmp.path());
         let cfg = ControllerConfig::from_pki("localhost", 8883, &pki).unwrap();
-        assert_eq!(cfg.session.client_id, "controller:main");
+        let BusConfig::Broker(session) = &cfg.bus else {
+            panic!("an MQTT session: {cfg:?}");
+        };
+        assert_eq!(session.client_id, "controller:main");
         // A device certificate in the controller's place is refused with a clear message.
         let ca = pki.load_ca().unwrap();
         let device = ca.issue_device(&DeviceId::new("T-1").unwrap()).unwrap();
@@ -412,21 +436,22 @@ mod tests {
         ));
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let session_cancel = cancel.child_token();
-        let session = cfg.session;
-        let (mqtt, _session_inbox) =
-            spawn_session(session, &tracker, session_cancel.clone()).unwrap();
+        let bus_cancel = CancellationToken::new();
+        let (bus, _bus_inbox) =
+            spawn_bus(cfg.bus, Filter::all_uplinks(), &tracker, bus_cancel.clone()).unwrap();
         let (tx, inbox) = mpsc::channel(4);
         let clock: Clock = Arc::new(|| 5_000);
         let done = CancellationToken::new();
         done.cancel();
+        let metrics = Arc::new(Metrics::new());
         tracker.spawn(ingest_loop(
             ingest,
             inbox,
-            mqtt.clone(),
+            bus.clone(),
+            Arc::clone(&metrics),
             clock,
             cancel.clone(),
-            session_cancel,
+            bus_cancel,
             TxFinish {
                 stop: CancellationToken::new(),
                 done,
@@ -448,14 +473,16 @@ mod tests {
             registry.online_count() == 1
         })
         .await;
+        assert_eq!(metrics.controller_connected.get(), 1);
         let detail = registry.detail(&device).unwrap();
         assert_eq!(detail.summary.last_seen_ms, 5_000);
         cancel.cancel();
         tracker.close();
         tokio::time::timeout(Duration::from_secs(10), tracker.wait())
             .await
-            .expect("the loop and the session end after cancel");
-        assert!(mqtt.is_closed());
+            .expect("the loop and the bus end after cancel");
+        assert!(bus.is_closed());
+        assert_eq!(metrics.controller_connected.get(), 0);
     }
 
     #[tokio::test]

@@ -10,7 +10,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use posfleet_agent::mqtt::{MqttHandle, QoS};
 use posfleet_proto::{Channel, DeviceId, Topic, encode, pb};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::txqueue::{Job, Queued, TxConfig};
+use crate::bus::Bus;
 use crate::events::EventBus;
 use crate::metrics::Metrics;
 use crate::txstore::{CommitOutcome, DeviceOutcome, TxStore};
@@ -27,7 +27,7 @@ use crate::views::{AlertKind, FleetEvent, Severity};
 /// channel's 64 KiB).
 const MAX_REJECTED_PER_ACK: usize = 4096;
 
-/// Where acknowledgements go: the controller's MQTT session, or a test double.
+/// Where acknowledgements go: the controller's bus, or a test double.
 pub(crate) trait AckSink: Send + Sync + 'static {
     /// Queues `ack` for `device` (QoS 1).
     fn publish_ack(
@@ -37,16 +37,12 @@ pub(crate) trait AckSink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
-impl AckSink for MqttHandle {
+impl AckSink for Bus {
     async fn publish_ack(&self, device: &DeviceId, ack: &pb::TransactionAck) -> Result<(), String> {
         let payload = encode(ack).map_err(|e| e.to_string())?;
-        self.publish(
-            &Topic::for_device(device, Channel::TransactionAck),
-            payload,
-            QoS::AtLeastOnce,
-        )
-        .await
-        .map_err(|e| e.to_string())
+        self.publish(&Topic::for_device(device, Channel::TransactionAck), payload)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 

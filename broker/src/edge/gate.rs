@@ -5,8 +5,10 @@
 //! session. A terminal whose ONLINE presence reached the router before the controller had
 //! subscribed would be published to nobody, and shown offline until its next heartbeat.
 //! Until the gate opens, devices get CONNACK "server unavailable" and retry with their
-//! backoff. The gate opens for good at the first controller SUBSCRIBE, or after a deadline so
-//! a controller that cannot connect does not lock the fleet out.
+//! backoff. The gate opens for good once a controller's uplink subscription is in the router
+//! (the embedded controller's local link when its SUBACK is back, `crate::bus::local`; or a
+//! controller's SUBSCRIBE over mTLS), or after a deadline so a controller that cannot attach
+//! does not lock the fleet out.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -29,10 +29,12 @@ mod tls;
 mod uplinks;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use posfleet_proto::pki::{CertFacts, Identity};
+use rumqttd::local::{LinkRx, LinkTx};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +43,7 @@ use tracing::{debug, error, info, warn};
 
 pub use connection::ConnectionLimits;
 pub use device_pump::UplinkRate;
+pub(crate) use router::LinkFailure;
 pub use router::RouterSettings;
 pub use sessions::ConnectRateLimit;
 pub use tls::{TlsSetupError, mtls_server_config};
@@ -115,6 +118,8 @@ impl Fatal {
 pub struct EdgeHandle {
     local_addr: SocketAddr,
     shared: Arc<connection::Shared>,
+    /// What the embedded controller took from its local link (see [`ControllerIntake`]).
+    controller_intake: Arc<ControllerIntake>,
 }
 
 impl std::fmt::Debug for EdgeHandle {
@@ -228,7 +233,11 @@ pub fn spawn_edge(
         cancel,
     ));
     info!(%local_addr, "MQTT edge listening (mTLS)");
-    EdgeHandle { local_addr, shared }
+    EdgeHandle {
+        local_addr,
+        shared,
+        controller_intake: Arc::default(),
+    }
 }
 
 /// The router runs on its own thread; if it dies, every link is dead.
@@ -337,6 +346,84 @@ async fn accept_loop(
             connection::run(stream, peer, identity, cert, shared, cancel).await;
             drop(ticket);
         });
+    }
+}
+
+/// Uplink messages the embedded controller has taken from its local router link, and their
+/// payload bytes, counted as its link task takes them (`crate::bus::local`). Compared with
+/// what the edge forwarded, it says how far the controller lags behind.
+#[derive(Debug, Default)]
+pub struct ControllerIntake {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl ControllerIntake {
+    pub(crate) fn record(&self, payload_bytes: usize) {
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(
+            u64::try_from(payload_bytes).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Uplink messages taken so far.
+    pub fn messages(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
+    }
+
+    /// Payload bytes of those messages.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// The embedded controller's attachment to the router (`crate::bus::local`): a local link,
+/// no socket, no TLS. The link is used only from one task, which follows the rules of
+/// docs/decisions/0001-mqtt-edge-on-rumqttd-router.md (batched sends, `Unschedule` answered
+/// with a wake, nothing after a Disconnect).
+impl EdgeHandle {
+    /// Registers an in-process link (clean session) with the router. Blocks until the router
+    /// answers: call it from `spawn_blocking`.
+    pub(crate) fn build_local_link(
+        &self,
+        client_id: &str,
+    ) -> Result<(LinkTx, LinkRx), LinkFailure> {
+        self.shared
+            .router
+            .build_link(client_id, true)
+            .map(|(tx, rx, _connack)| (tx, rx))
+    }
+
+    /// Pushes `packets` into a local link and notifies the router once (as the edge's own
+    /// connections do). An error means the router channel is closed.
+    pub(crate) fn send_local(
+        &self,
+        link_tx: &mut LinkTx,
+        packets: Vec<rumqttd::protocol::Packet>,
+    ) -> Result<(), LinkFailure> {
+        pump::send_to_router(&self.shared.router, link_tx, packets)
+    }
+
+    /// Raises the edge's fatal error: the process must exit.
+    pub(crate) fn raise_fatal(&self, reason: impl Into<String>) {
+        self.shared.fatal.raise(reason);
+    }
+
+    /// Admits terminals: the embedded controller's uplink subscription is in the router.
+    pub(crate) fn open_device_gate(&self) {
+        self.shared.device_gate.open();
+    }
+
+    /// True once terminals are admitted.
+    #[cfg(test)]
+    pub(crate) fn admits_devices(&self) -> bool {
+        self.shared.device_gate.is_open()
+    }
+
+    /// The embedded controller's intake counters.
+    pub fn controller_intake(&self) -> Arc<ControllerIntake> {
+        Arc::clone(&self.controller_intake)
     }
 }
 
