@@ -326,8 +326,18 @@ impl Registry {
     }
 
     /// Remembers what a device reported about its lock and configuration (memory only).
-    pub(crate) fn set_reported(&self, id: &DeviceId, reported: ReportedView) {
+    /// Records what the device reported. A heartbeat carries no lock reason: when it reports
+    /// the same lock (state and generation) as before, the reason the terminal gave for it in
+    /// its last ReportedState is kept.
+    pub(crate) fn set_reported(&self, id: &DeviceId, mut reported: ReportedView) {
         if let Some(dev) = self.write().devices.get_mut(id) {
+            if reported.lock_reason.is_none()
+                && let Some(previous) = &dev.hot.reported
+                && previous.locked == reported.locked
+                && previous.lock_generation == reported.lock_generation
+            {
+                reported.lock_reason.clone_from(&previous.lock_reason);
+            }
             dev.hot.reported = Some(reported);
         }
     }

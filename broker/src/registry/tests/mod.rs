@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use super::test_support::sample;
 use super::*;
-use crate::views::{HeartbeatView, Lifecycle, VersionsView};
+use crate::views::{HeartbeatView, Lifecycle, ReportedView, VersionsView};
 
 pub(super) const HISTORY: usize = 3;
 pub(super) const DEFAULT_INTERVAL_S: u32 = 20;
@@ -81,6 +81,37 @@ fn a_new_device_registers_active_and_online_on_heartbeat() {
     // A second heartbeat changes no presence.
     let again = reg.heartbeat(&id("T-1"), 2000, heartbeat(2, 10, 2000), None);
     assert_eq!(again, Change::default());
+}
+
+/// Found by the e2e lock test (1 of 10 loaded runs): a heartbeat after the terminal's
+/// ReportedState erased the lock reason `posctl devices show` prints.
+#[test]
+fn a_heartbeat_keeps_the_reason_of_the_lock_it_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = Registry::open_at(config(tmp.path()), 0).unwrap();
+    reg.presence_online(&id("T-1"), 1000, 1, DeviceInfo::default());
+    let report = |source: &str, locked: bool, generation: u64, reason: Option<&str>| ReportedView {
+        at_ms: 2000,
+        source: source.to_owned(),
+        config_version: 0,
+        locked,
+        lock_generation: generation,
+        lock_reason: reason.map(str::to_owned),
+    };
+    let reason = |reg: &Registry| {
+        reg.detail(&id("T-1"))
+            .and_then(|d| d.reported)
+            .and_then(|r| r.lock_reason)
+    };
+    reg.set_reported(&id("T-1"), report("state", true, 1, Some("stolen")));
+    reg.set_reported(&id("T-1"), report("heartbeat", true, 1, None));
+    assert_eq!(reason(&reg).as_deref(), Some("stolen"));
+    // Another lock (or an unlock) does not inherit it.
+    reg.set_reported(&id("T-1"), report("heartbeat", true, 2, None));
+    assert_eq!(reason(&reg), None);
+    reg.set_reported(&id("T-1"), report("state", false, 2, Some("stolen")));
+    reg.set_reported(&id("T-1"), report("heartbeat", true, 2, None));
+    assert_eq!(reason(&reg), None);
 }
 
 #[test]
