@@ -178,19 +178,11 @@ pub async fn run_versus(
     })
 }
 
-/// The broker under test.
-enum UnderTest {
-    /// The posfleet broker that also issues the certificates.
-    Posfleet,
-    Mosquitto(Mosquitto),
-}
-
-impl UnderTest {
-    fn pid(&self, issuer: &Broker) -> anyhow::Result<u32> {
-        match self {
-            UnderTest::Posfleet => Ok(issuer.process()?.pid()),
-            UnderTest::Mosquitto(m) => Ok(m.pid()),
-        }
+/// The pid of the broker under test: Mosquitto if there is one, else the posfleet broker.
+fn under_test_pid(issuer: &Broker, mosquitto: Option<&Mosquitto>) -> anyhow::Result<u32> {
+    match mosquitto {
+        Some(m) => Ok(m.pid()),
+        None => Ok(issuer.process()?.pid()),
     }
 }
 
@@ -203,9 +195,10 @@ async fn run_target(
 ) -> anyhow::Result<TargetReport> {
     let timeout = params.timeout;
     let mut issuer = start_quiet_broker(bins, timeout).await?;
-    let mut under = match target {
-        Target::Posfleet => UnderTest::Posfleet,
-        Target::Mosquitto => UnderTest::Mosquitto(
+    // The broker under test: Mosquitto beside the posfleet broker, or the posfleet broker.
+    let mut mosquitto = match target {
+        Target::Posfleet => None,
+        Target::Mosquitto => Some(
             Mosquitto::start(
                 &params.mosquitto,
                 &issuer.pki(),
@@ -217,9 +210,9 @@ async fn run_target(
             .await?,
         ),
     };
-    let (addr, url) = match &under {
-        UnderTest::Posfleet => (issuer.mqtt_addr(), issuer.mqtt_url()),
-        UnderTest::Mosquitto(m) => (m.addr(), m.url()),
+    let (addr, url) = match &mosquitto {
+        None => (issuer.mqtt_addr(), issuer.mqtt_url()),
+        Some(m) => (m.addr(), m.url()),
     };
     let ca_pem = std::fs::read(issuer.pki().ca_cert()).context("ca.crt")?;
     let ca = issuer.pki().load_ca().context("fleet CA")?;
@@ -228,11 +221,11 @@ async fn run_target(
     observer.subscribed(timeout).await?;
     say(&format!(
         "broker ready (pid {}), observer subscribed",
-        under.pid(&issuer)?
+        under_test_pid(&issuer, mosquitto.as_ref())?
     ));
 
     // Connect phase.
-    let pid = under.pid(&issuer)?;
+    let pid = under_test_pid(&issuer, mosquitto.as_ref())?;
     let rss_before = rss_bytes(pid)?;
     let cpu_before = cpu_seconds(pid)?;
     let issuer_before = cpu_seconds(issuer.process()?.pid())?;
@@ -244,9 +237,9 @@ async fn run_target(
     ));
     let wait = fleet.wait_all_connected(0, timeout).await?;
     let connect_cpu = cpu_seconds(pid)? - cpu_before;
-    let issuer_cpu = match under {
-        UnderTest::Posfleet => None,
-        UnderTest::Mosquitto(_) => Some(cpu_seconds(issuer.process()?.pid())? - issuer_before),
+    let issuer_cpu = match mosquitto {
+        None => None,
+        Some(_) => Some(cpu_seconds(issuer.process()?.pid())? - issuer_before),
     };
     let simulator_cpu = fleet.cpu_seconds()?;
     let rss_connected = rss_bytes(pid)?;
@@ -290,12 +283,12 @@ async fn run_target(
     let attempts_before = fleet.view(0)?.attempts;
     let killed_ms = now_ms();
     let killed = tokio::time::Instant::now();
-    match &mut under {
-        UnderTest::Posfleet => {
+    match &mut mosquitto {
+        None => {
             issuer.kill9().await?;
             issuer.restart().await?;
         }
-        UnderTest::Mosquitto(m) => {
+        Some(m) => {
             m.kill9().await?;
             m.restart(timeout).await?;
         }
@@ -339,7 +332,7 @@ async fn run_target(
     // Stop.
     let mut clean_stop = fleet.stop(Duration::from_secs(60)).await;
     observer.stop().await;
-    if let UnderTest::Mosquitto(m) = &mut under {
+    if let Some(m) = &mut mosquitto {
         clean_stop &= matches!(m.terminate(Duration::from_secs(30)).await, Ok(s) if s.success());
     }
     clean_stop &= matches!(issuer.terminate().await, Ok(s) if s.success());
