@@ -117,6 +117,11 @@ enum Command {
         /// Offline lease of every terminal ("0s" disables it).
         #[arg(long, value_name = "DURATION", default_value = "72h", value_parser = parse_duration)]
         max_offline: Duration,
+        /// Print a machine-readable connection report line (`posfleet-sim-report ...`:
+        /// connected terminals, connection attempts, CONNACK times) on stdout this often,
+        /// and once more at the end ("0s": never).
+        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+        report_every: Duration,
     },
 }
 
@@ -249,6 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data_dir,
                 hooks,
                 max_offline,
+                report_every,
             } => {
                 let client = api_client.unwrap_or_else(|| pki_dir.with_file_name("posctl.json"));
                 let issuer = simulate::ApiIssuer::from_client_file(&client).map_err(|e| {
@@ -269,7 +275,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 cfg.hooks = hooks.settings();
                 cfg.max_offline = (!max_offline.is_zero()).then_some(max_offline);
-                run_simulator(cfg).await.map(|()| ExitCode::SUCCESS)
+                let report_every = (!report_every.is_zero()).then_some(report_every);
+                run_simulator(cfg, report_every)
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
             }
         }
     })
@@ -289,7 +298,7 @@ async fn run_agent(path: PathBuf) -> anyhow::Result<ExitCode> {
     crate::terminal::run_terminal(&path, shutdown_signal()).await
 }
 
-async fn run_simulator(cfg: SimulatorConfig) -> anyhow::Result<()> {
+async fn run_simulator(cfg: SimulatorConfig, report_every: Option<Duration>) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let total = cfg.count;
@@ -316,13 +325,37 @@ async fn run_simulator(cfg: SimulatorConfig) -> anyhow::Result<()> {
             );
         }
     };
+    let report = async {
+        let Some(period) = report_every else {
+            return std::future::pending().await;
+        };
+        let mut every = tokio::time::interval(period);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            print_report(&sim);
+        }
+    };
     let outcome = tokio::select! {
         signal = shutdown_signal() => signal,
         () = status => Ok(()),
+        () = report => Ok(()),
     };
+    if report_every.is_some() {
+        print_report(&sim);
+    }
     stop(cancel, tracker).await;
     sim.outbox().close().await;
     outcome
+}
+
+/// One `posfleet-sim-report` line on stdout, flushed at once (stdout may be a file).
+fn print_report(sim: &simulate::SimulatorHandle) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    // A closed stdout must not stop the fleet; the report is for an observer only.
+    let _ = writeln!(out, "{}", sim.connections().to_line());
+    let _ = out.flush();
 }
 
 /// Waits for SIGTERM or SIGINT.
@@ -383,6 +416,8 @@ mod tests {
             "/hooks/health",
             "--max-offline",
             "0s",
+            "--report-every",
+            "250ms",
         ])
         .unwrap();
         let Command::Simulate {
@@ -396,6 +431,7 @@ mod tests {
             data_dir,
             hooks,
             max_offline,
+            report_every,
             ..
         } = cli.command
         else {
@@ -407,6 +443,7 @@ mod tests {
         assert_eq!(telemetry_interval, Duration::from_secs(30));
         assert_eq!(id_prefix, "sim-");
         assert_eq!(max_offline, Duration::ZERO);
+        assert_eq!(report_every, Duration::from_millis(250));
         let hooks = hooks.settings();
         assert_eq!(
             hooks.install.as_deref(),

@@ -32,12 +32,18 @@
 //! certificate, go to the shared `DATA/updates` (file names start with the device id), and
 //! are verified with the PKI directory's `release.pub` when it exists (without it every update
 //! is refused). The install, rollback and health hooks are those of [`SimulatorConfig::hooks`].
+//!
+//! Connections: [`SimulatorHandle::connections`] counts connected terminals, connection
+//! attempts and CONNACK times over the fleet; `simulate --report-every` prints it as one
+//! machine-readable line per period ([`FleetConnections::to_line`]) for benchmarks.
 
 mod issuer;
+mod report;
 mod till;
 pub mod transactions;
 
 pub use issuer::{ApiIssuer, CertIssuer, CertRequest, IssueError, IssueFuture, MAX_ISSUE_BATCH};
+pub use report::{FleetConnections, REPORT_PREFIX, ReportLineError};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

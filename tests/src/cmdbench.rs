@@ -442,7 +442,7 @@ impl fmt::Display for CommandsReport {
         for round in &self.config {
             writeln!(
                 f,
-                "  config v{}: first confirmed {}, all {} confirmed {:.2?} (CPU broker {:.1} s, simulator {:.1} s)",
+                "  config v{}: first confirmed {}, all {} confirmed {:.2?} (CPU broker {:.1} s = {:.3} ms per terminal, simulator {:.1} s)",
                 round.version,
                 round
                     .first_confirmed
@@ -450,6 +450,7 @@ impl fmt::Display for CommandsReport {
                 round.confirmed_terminals,
                 round.all_confirmed,
                 round.broker_cpu,
+                round.broker_cpu * 1e3 / p.terminals.max(1) as f64,
                 round.simulator_cpu
             )?;
         }

@@ -18,7 +18,7 @@
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,14 +27,13 @@ use posfleet_proto::DeviceId;
 use posfleet_proto::pki::CertifiedKey;
 use tokio::time::Instant;
 
-use crate::Broker;
 use crate::bench::start_quiet_broker;
 use crate::bins::Binaries;
 use crate::eventually::try_eventually;
 use crate::flood::{Attack, Flood, FloodOptions, Sources, https_client};
 use crate::host::Machine;
+use crate::mosquitto::Mosquitto;
 use crate::mqtt::{MqttClient, tls_config};
-use crate::process::Process;
 
 /// Where the single-address floods come from.
 const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -117,7 +116,7 @@ pub struct FloodBench {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = posfleet_agent::config::parse_duration)]
     pub timeout: Duration,
     /// Also run the MQTT scenarios against this Mosquitto binary (peer comparison), set up
-    /// with the fleet PKI as in deploy/external-brokers/.
+    /// from deploy/external-brokers/ with the fleet PKI (see `posfleet_tests::mosquitto`).
     #[arg(long, value_name = "PATH")]
     pub mosquitto: Option<PathBuf>,
 }
@@ -194,8 +193,16 @@ pub async fn run_flood(
     let mut listeners = params.listeners.clone();
     let _mosquitto = match &params.mosquitto {
         Some(program) => {
-            let mosquitto = start_mosquitto(program, &broker, params.timeout).await?;
-            legit.mosquitto = Some(mosquitto.addr);
+            let mosquitto = Mosquitto::start(
+                program,
+                &broker.pki(),
+                &broker.scratch_dir("mosquitto")?,
+                &broker.log_dir(),
+                None,
+                params.timeout,
+            )
+            .await?;
+            legit.mosquitto = Some(mosquitto.addr());
             listeners.push(Listener::Mosquitto);
             Some(mosquitto)
         }
@@ -411,61 +418,4 @@ impl fmt::Display for FloodReport {
         }
         Ok(())
     }
-}
-
-/// A Mosquitto for the peer comparison (killed on drop).
-struct Mosquitto {
-    _process: Process,
-    addr: SocketAddr,
-}
-
-/// Starts `program` on a free loopback port with the broker's fleet PKI: client
-/// certificates required, identity as user name, the ACL of deploy/external-brokers/.
-async fn start_mosquitto(
-    program: &Path,
-    broker: &Broker,
-    timeout: Duration,
-) -> anyhow::Result<Mosquitto> {
-    let dir = broker.scratch_dir("mosquitto")?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let acl = dir.join("acl");
-    std::fs::write(
-        &acl,
-        include_str!("../../deploy/external-brokers/mosquitto.acl"),
-    )?;
-    let pki = broker.pki();
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "per_listener_settings true\nuser root\nlistener {port} 127.0.0.1\n\
-             cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
-             use_identity_as_username true\nallow_anonymous false\nacl_file {}\n",
-            pki.ca_cert().display(),
-            pki.server_cert().display(),
-            pki.server_key().display(),
-            acl.display()
-        ),
-    )?;
-    let conf_arg = conf.display().to_string();
-    let process = Process::spawn(
-        "mosquitto",
-        program,
-        ["-c", conf_arg.as_str()],
-        &broker.log_dir(),
-        "mosquitto",
-    )?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    try_eventually(timeout, || async {
-        tokio::net::TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("Mosquitto on {addr}"))
-    })
-    .await?;
-    Ok(Mosquitto {
-        _process: process,
-        addr,
-    })
 }

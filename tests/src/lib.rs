@@ -38,6 +38,11 @@
 //! - [`panscan`]: the scan of data directories and logs for card numbers.
 //! - [`txbench`]: `fleet-bench faults` (exactly-once at fleet scale under repeated faults)
 //!   and `fleet-bench ingest` (sustained durable ingest, accept → ack latency).
+//! - [`mosquitto`]: [`mosquitto::Mosquitto`], a Mosquitto configured from
+//!   `deploy/external-brokers/` with a broker's fleet PKI, for peer comparisons.
+//! - [`versusbench`]: `fleet-bench versus`: the same simulated fleet against posfleet and
+//!   against Mosquitto (connect time and attempts, RSS and CPU per terminal, heartbeat
+//!   ingest and delay, reconnect storm after a SIGKILL), with ratios; over several sizes.
 //! - [`txdriver`]: `pf-txdriver`, payment applications for N simulated terminals with a
 //!   crash-proof journal, and [`TxDriver`], its process handle.
 
@@ -55,6 +60,7 @@ pub mod floodbench;
 pub mod host;
 pub mod localapi;
 pub mod loginbench;
+pub mod mosquitto;
 pub mod mqtt;
 pub mod panscan;
 pub mod payapp;
@@ -66,6 +72,7 @@ pub mod scrape;
 pub mod txbench;
 pub mod txdriver;
 pub mod txledger;
+pub mod versusbench;
 
 pub use agent::{Agent, AgentOptions};
 pub use api::Api;

@@ -60,6 +60,8 @@ impl Shared {
 pub(super) struct Counters {
     pub(super) connects: AtomicU64,
     pub(super) connection_errors: AtomicU64,
+    pub(super) failed_attempts: AtomicU64,
+    pub(super) last_connack_ms: AtomicU64,
     pub(super) messages: AtomicU64,
     pub(super) invalid_topics: AtomicU64,
     pub(super) refused_subscriptions: AtomicU64,
@@ -73,6 +75,11 @@ pub struct SessionStats {
     pub connects: u64,
     /// Failed connection attempts plus lost connections.
     pub connection_errors: u64,
+    /// Connection attempts that ended without an accepted CONNACK (TCP, TLS, refusal,
+    /// timeout); `connects + failed_attempts` is every attempt made.
+    pub failed_attempts: u64,
+    /// Wall-clock time of the last accepted CONNACK, ms since the Unix epoch (0: never).
+    pub last_connack_ms: u64,
     /// Incoming publishes handed to the consumer.
     pub messages: u64,
     /// Incoming publishes dropped because their topic is not a posfleet topic.
@@ -81,6 +88,13 @@ pub struct SessionStats {
     pub refused_subscriptions: u64,
     /// Unacknowledged QoS 1 publishes discarded because the broker had no session for us.
     pub lost_publishes: u64,
+}
+
+impl SessionStats {
+    /// Connection attempts made so far: accepted ones plus failed ones.
+    pub fn attempts(&self) -> u64 {
+        self.connects.saturating_add(self.failed_attempts)
+    }
 }
 
 /// Cloneable handle to a running session (see the [module docs](super)).
@@ -259,6 +273,8 @@ impl MqttHandle {
         SessionStats {
             connects: get(&c.connects),
             connection_errors: get(&c.connection_errors),
+            failed_attempts: get(&c.failed_attempts),
+            last_connack_ms: get(&c.last_connack_ms),
             messages: get(&c.messages),
             invalid_topics: get(&c.invalid_topics),
             refused_subscriptions: get(&c.refused_subscriptions),

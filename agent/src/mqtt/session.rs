@@ -146,10 +146,11 @@ impl SessionTask {
 
     async fn on_connack(&mut self, ack: ConnAck, eventloop: &mut EventLoop, at_risk: u64) -> Next {
         self.retry.reset();
-        self.shared
-            .counters
-            .connects
-            .fetch_add(1, Ordering::Relaxed);
+        let counters = &self.shared.counters;
+        counters.connects.fetch_add(1, Ordering::Relaxed);
+        counters
+            .last_connack_ms
+            .store(posfleet_proto::now_ms(), Ordering::Relaxed);
         if !ack.session_present {
             if at_risk > 0 {
                 warn!(
@@ -242,10 +243,16 @@ impl SessionTask {
             ) {
                 return Next::Stop;
             }
-        } else if attempt == 1 || attempt % WARN_EVERY == 0 {
-            warn!(%error, attempt, retry_in = ?delay, "connection attempt failed");
         } else {
-            debug!(%error, attempt, retry_in = ?delay, "connection attempt failed");
+            self.shared
+                .counters
+                .failed_attempts
+                .fetch_add(1, Ordering::Relaxed);
+            if attempt == 1 || attempt % WARN_EVERY == 0 {
+                warn!(%error, attempt, retry_in = ?delay, "connection attempt failed");
+            } else {
+                debug!(%error, attempt, retry_in = ?delay, "connection attempt failed");
+            }
         }
         tokio::select! {
             biased;

@@ -80,6 +80,9 @@ async fn connects_with_will_subscribes_and_publishes() {
         }
     );
     assert!(handle.is_connected());
+    let stats = handle.stats();
+    assert_eq!((stats.connects, stats.attempts()), (1, 1), "{stats:?}");
+    assert!(stats.last_connack_ms > 0, "{stats:?}");
 
     handle
         .publish(&hb(), b"beat".to_vec(), QoS::AtLeastOnce)
@@ -305,7 +308,12 @@ async fn retries_with_backoff_while_refused_and_queue_is_bounded() {
             .next_matching(|s| matches!(s, Seen::Connect { .. }))
             .await;
     }
-    assert!(handle.stats().connection_errors >= 2);
+    let stats = handle.stats();
+    assert!(stats.connection_errors >= 2, "{stats:?}");
+    // Refused at CONNACK: attempts that failed, none accepted, no connection lost.
+    assert_eq!(stats.connects, 0, "{stats:?}");
+    assert_eq!(stats.failed_attempts, stats.connection_errors, "{stats:?}");
+    assert_eq!(stats.last_connack_ms, 0, "{stats:?}");
     assert!(!handle.is_connected());
 
     handle

@@ -6,6 +6,8 @@
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- rollout --terminals 1000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- flood --attackers 1000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- logins --samples 20
+//! cargo run --release -p posfleet-tests --bin fleet-bench -- versus --terminals 1000
+//! cargo run --release -p posfleet-tests --bin fleet-bench -- versus --sizes 1000,5000,10000,19000
 //! ```
 //!
 //! See `posfleet_tests::bench` for what is measured and `docs/benchmarks.md` for results.
@@ -26,6 +28,7 @@ use posfleet_tests::rolloutbench::{RolloutBench, run_rollout};
 use posfleet_tests::txbench::driver_beside_current_exe;
 use posfleet_tests::txbench::faults::{FaultsBench, run_faults};
 use posfleet_tests::txbench::ingest::{IngestBench, run_ingest};
+use posfleet_tests::versusbench::{VersusBench, run_versus};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -83,6 +86,10 @@ enum Command {
     /// Login latency per refusal reason (all alike), and a login flood against a broker with
     /// simulated terminals: its memory and the API's latency meanwhile.
     Logins(LoginBench),
+    /// The same simulated fleet against posfleet and against Mosquitto (configured from
+    /// deploy/external-brokers/), one after the other: time to all connected, attempts, RSS
+    /// and CPU per terminal, heartbeat ingest and delay, reconnect after a SIGKILL, ratios.
+    Versus(VersusBench),
 }
 
 fn progress(line: &str) {
@@ -161,6 +168,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Logins(params) => {
             let report = runtime.block_on(run_logins(&bins, params, progress))?;
+            println!("{report}");
+        }
+        Command::Versus(params) => {
+            let report = runtime.block_on(run_versus(&bins, params, nofile, progress))?;
             println!("{report}");
         }
         Command::Ingest(params) => {
