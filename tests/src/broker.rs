@@ -82,23 +82,31 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts `pf-broker serve` (or `demo`) on a new temporary data directory, ports chosen by
-    /// the kernel, and waits until it is ready.
+    /// Starts `pf-broker serve` (or `demo`) on a new temporary data directory and free
+    /// loopback ports below the kernel's ephemeral range, and waits until it is ready.
+    ///
+    /// [`Broker::restart`] must listen on the same ports again (agents reconnect to them). A
+    /// port the kernel picked for a bind to port 0 lies in the ephemeral range, from which it
+    /// also picks the source port of every outgoing connection, so while the broker was down
+    /// another test's connection could hold it and the restart failed with "Address already
+    /// in use" (seen once in four loaded full-suite runs). Ports below that range are never
+    /// handed out implicitly; a port someone else binds in between is met by trying others.
     pub async fn start(bins: &Binaries, opts: BrokerOptions) -> anyhow::Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("posfleet-e2e-")
             .tempdir()
             .context("cannot create a temp dir")?;
         let data = DataDir::at(tmp.path().join("data"));
-        let loopback_any: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let (process, client) = launch(
-            bins,
-            &opts,
-            &tmp,
-            &data,
-            [loopback_any, loopback_any, loopback_any],
-        )
-        .await?;
+        let mut attempt = 0;
+        let (process, client) = loop {
+            let ports = [stable_port()?, stable_port()?, stable_port()?];
+            match launch(bins, &opts, &tmp, &data, ports).await {
+                Ok(started) => break started,
+                // Most likely a port taken between the check and the broker's bind.
+                Err(_) if attempt < 10 => attempt += 1,
+                Err(error) => return Err(error),
+            }
+        };
         let (mqtt_addr, api_addr) = addresses(&client)?;
         let device_addr = client
             .device_addr
@@ -407,6 +415,24 @@ async fn launch(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A loopback address whose port is free now and below the ephemeral port range (see
+/// [`Broker::start`]).
+fn stable_port() -> anyhow::Result<SocketAddr> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let low = 10_000.min(ephemeral_low / 2);
+    for _ in 0..200 {
+        let port = rand::random_range(low..ephemeral_low);
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    Err(anyhow!("no free loopback port below {ephemeral_low}"))
 }
 
 fn addresses(client: &ClientFile) -> anyhow::Result<(SocketAddr, SocketAddr)> {
