@@ -18,7 +18,7 @@
 //! - [`transaction`]: transactions as the payment application submits them: parsing of
 //!   untrusted JSON, field rules, the PAN guard, and [`TransactionIntake::accept`], the one
 //!   accept path (local API and simulator).
-//! - [`sledstore`]: the sled rules of notes/storage.md (open, durability), shared with the
+//! - [`sledstore`]: the sled rules of docs/storage.md (open, durability), shared with the
 //!   controller's stores.
 //! - [`outbox`]: the durable sled outbox (one of the crate's two storage modules), its group-commit
 //!   thread, and the per-terminal sender of transaction batches and acks (ADR 0005).

@@ -1,4 +1,4 @@
-//! The sled rules of `notes/storage.md`, shared by every sled store of the project (the
+//! The sled rules of `docs/storage.md`, shared by every sled store of the project (the
 //! agent's outbox; the controller's `registry` and `txstore`): open with partial snapshots removed and an explicit page cache, and make a
 //! commit durable with `flush` plus an fsync of the `db` file. Every function here blocks.
 
@@ -195,7 +195,7 @@ fn create_private_dir(dir: &Path) -> Result<(), OpenError> {
 
 /// Deletes `snap.*.generating` files: a kill while sled writes a snapshot can leave a
 /// truncated one that sled would take as the newest and refuse to open
-/// (notes/storage.md rule 3).
+/// (docs/storage.md rule 3).
 fn remove_partial_snapshots(dir: &Path) -> Result<(), OpenError> {
     let io = |source| OpenError::Io {
         path: dir.to_owned(),

@@ -18,7 +18,7 @@ mod rollout;
 pub use config::*;
 pub use rollout::*;
 
-/// Lifecycle of a device in the registry (DESIGN.md §5).
+/// Lifecycle of a device in the registry (docs/architecture.md "Controller").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Lifecycle {

@@ -1,5 +1,5 @@
 //! The PAN guard: finds full card numbers (PANs) in text, so that none is ever stored, sent or
-//! logged (PCI DSS; DESIGN.md §4). Every place where text enters posfleet uses it: the
+//! logged (PCI DSS; docs/security.md item 7). Every place where text enters posfleet uses it: the
 //! agent's local API, the controller's transaction validation, configuration values, and
 //! every operator-entered text through [`crate::text`]; the repository's own scan of data
 //! directories (`tests/src/panscan.rs`) reports exactly what [`find_pans`] finds.

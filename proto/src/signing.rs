@@ -1,4 +1,4 @@
-//! Command signatures (DESIGN.md §2, ADR 0007): the controller signs every [`pb::Command`]
+//! Command signatures (docs/architecture.md "Identity and trust", ADR 0007): the controller signs every [`pb::Command`]
 //! with its Ed25519 command key; agents verify it against the public keys they pin.
 //!
 //! - [`CommandKey`]: the controller's private key (PKCS#8 PEM on disk, mode 0600) and

@@ -56,7 +56,7 @@ impl Direction {
     }
 }
 
-/// One row of the topic table in DESIGN.md §3.
+/// One row of the topic table at the top of this file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Channel {
     Heartbeat,

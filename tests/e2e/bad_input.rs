@@ -1,5 +1,5 @@
 //! Bad input gets refused, is counted in `/metrics`, changes nothing, and does not disturb a
-//! well-behaved terminal (DESIGN.md §7).
+//! well-behaved terminal (docs/architecture.md "Shutdown and failure").
 //!
 //! The cases share one broker and one well-behaved agent and run concurrently (each watches
 //! its own refusal counter); every case is reported, not just the first failure. Idle and

@@ -1,4 +1,4 @@
-//! The committer: the one thread that writes the store (notes/storage.md rule 4).
+//! The committer: the one thread that writes the store (docs/storage.md rule 4).
 //!
 //! Requests arrive on a bounded queue. The thread takes everything queued (up to
 //! [`MAX_ROUND`] requests) as one round, writes it as one batch, makes it durable with one

@@ -1,4 +1,4 @@
-//! kill -9 harness (notes/storage.md rule 7), small: a child process (this test binary,
+//! kill -9 harness (docs/storage.md rule 7), small: a child process (this test binary,
 //! running the ignored test `child_accepts_until_killed`) accepts transactions from several
 //! concurrent writers and acknowledges old ones, printing every accept the moment it returns
 //! (and every ack before it is applied);

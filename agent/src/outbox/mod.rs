@@ -1,4 +1,4 @@
-//! The durable transaction outbox (DESIGN.md §4, ADR 0005).
+//! The durable transaction outbox (ADR 0005).
 //!
 //! - [`Outbox`]: one sled store (`store.rs` opens and reads it, `writer.rs` writes it; with
 //!   [`crate::state`] one of the crate's two storage modules) and its committer thread (`committer.rs`). A real terminal opens one in its data directory; the

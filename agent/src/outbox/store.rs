@@ -1,4 +1,4 @@
-//! The crate's one storage module: the sled outbox, used only as `notes/storage.md` says.
+//! The crate's one storage module: the sled outbox, used only as `docs/storage.md` says.
 //!
 //! - sled is pinned to 0.34.7; `snap.*.generating` files are deleted before every open; the
 //!   cache capacity is explicit.
@@ -118,7 +118,7 @@ pub(crate) struct DeviceSnapshot {
 pub(crate) struct Store {
     db: sled::Db,
     pub(super) tree: sled::Tree,
-    /// A second handle on the `db` file, fsynced after every flush (notes/storage.md rule 2).
+    /// A second handle on the `db` file, fsynced after every flush (docs/storage.md rule 2).
     db_file: File,
     dir: PathBuf,
 }
@@ -264,7 +264,7 @@ pub(super) fn parse_idem(value: &[u8]) -> Option<(u64, ContentDigest)> {
     Some((seq, digest))
 }
 
-/// Deletes `snap.*.generating` files (notes/storage.md rule 3): a kill while sled writes a
+/// Deletes `snap.*.generating` files (docs/storage.md rule 3): a kill while sled writes a
 /// snapshot can leave a truncated one that sled would then refuse to open.
 impl Store {
     pub(super) fn snapshot_last_seq(&self, device: &DeviceId) -> Result<u64, OutboxError> {

@@ -7,7 +7,7 @@
 //! - [`DeviceState`]: one terminal's part of it. Reads and writes block (call them from
 //!   `spawn_blocking`). A [`Changes`] is written as one atomic batch; with
 //!   [`Changes::durable`] it is flushed and the `db` file fsynced before the call returns
-//!   (notes/storage.md rule 2): the journal entry of a command is durable before the command
+//!   (docs/storage.md rule 2): the journal entry of a command is durable before the command
 //!   acts, and its final result before it is published.
 //! - [`live`]: [`LiveState`], what the rest of the agent reads (lock for the local API and
 //!   the intake, versions for reports), updated by the command executor after each change.

@@ -1,4 +1,4 @@
-//! The account store: one sled database (`DATA/accounts`) used as `notes/storage.md`
+//! The account store: one sled database (`DATA/accounts`) used as `docs/storage.md`
 //! prescribes (through `posfleet_agent::sledstore`). Every function here blocks; callers on
 //! the runtime use `spawn_blocking`. Writes are serialised by [`super::Accounts`] (one writer
 //! at a time, storage rule 4), and each is durable (batch, flush, fsync) before it returns.

@@ -1,4 +1,4 @@
-//! The artifact store: blobs on disk plus their metadata in sled, used as `notes/storage.md`
+//! The artifact store: blobs on disk plus their metadata in sled, used as `docs/storage.md`
 //! prescribes (through `posfleet_agent::sledstore`). Every function here blocks; callers run
 //! them on blocking threads. Writes are rare (uploads, deletions) and serialised by one lock,
 //! which is this store's single committer (storage rule 4).

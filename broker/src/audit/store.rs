@@ -1,4 +1,4 @@
-//! The audit store: one sled database (`DATA/audit`) used as `notes/storage.md` prescribes,
+//! The audit store: one sled database (`DATA/audit`) used as `docs/storage.md` prescribes,
 //! plus the anchor file (`DATA/audit.anchor`, 0600) and the audit key (`DATA/audit.key` or
 //! `--audit-key`, 0600; see `keyed.rs`). Every function here blocks.
 //!

@@ -1,4 +1,4 @@
-//! The command store: one sled database (`DATA/commands`) used exactly as `notes/storage.md`
+//! The command store: one sled database (`DATA/commands`) used exactly as `docs/storage.md`
 //! prescribes (through `posfleet_agent::sledstore`). Every function here blocks; the command
 //! plane's worker (the single committer, storage rule 4) calls `commit` on a blocking thread,
 //! and the API reads on blocking threads.

@@ -1,4 +1,4 @@
-//! The topic ACL of DESIGN.md §3, as a match on typed topics and filters.
+//! The topic ACL (ADR 0003), as a match on typed topics and filters.
 //!
 //! | identity   | may publish                      | may subscribe                        |
 //! |------------|----------------------------------|--------------------------------------|

@@ -1,4 +1,4 @@
-//! The secure MQTT edge (DESIGN.md §3): our own accept loop in front of rumqttd's router.
+//! The secure MQTT edge (ADR 0001, ADR 0013): our own accept loop in front of rumqttd's router.
 //!
 //! # Layout
 //!

@@ -3,7 +3,7 @@
 //!
 //! Every packet from the client is checked here before the router sees it, because the router
 //! disconnects (and, on a later stale wake, panics) on protocol errors it detects itself
-//! (notes/rumqttd-router.md): QoS 2, unsolicited or out-of-order acks, non-UTF-8 topics and
+//! (docs/rumqtt.md): QoS 2, unsolicited or out-of-order acks, non-UTF-8 topics and
 //! `$` filters never reach it.
 
 use std::collections::VecDeque;

@@ -2,7 +2,7 @@
 //!
 //! rumqttd's `Router::spawn` returns a sender whose element type (`Event`) is private, so the
 //! sender cannot be named in a struct field. It is captured in closures instead (workaround 1
-//! in notes/rumqttd-router.md), and the rest of the edge only sees [`RouterHandle`].
+//! in docs/rumqtt.md), and the rest of the edge only sees [`RouterHandle`].
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! The edge resolves a takeover itself (the old connection is told to end and detaches from
 //! the router before the new one attaches), so the router never sees two links with the same
 //! client id. That avoids the router's own takeover path, which reuses connection ids under
-//! the old link's feet (notes/rumqttd-router.md). A per-client-id lock, held from claim until
+//! the old link's feet (docs/rumqtt.md). A per-client-id lock, held from claim until
 //! the connection detached, makes that hold even when a takeover gives up waiting.
 
 use std::collections::{HashMap, VecDeque};
@@ -274,7 +274,7 @@ mod tests {
 
     /// A claim that gives up waiting (takeover timeout) must not let anyone else attach while
     /// the connection it was waiting for is still attached: the router would then see two
-    /// links for one client id and run its own takeover (notes/rumqttd-router.md).
+    /// links for one client id and run its own takeover (docs/rumqtt.md).
     #[tokio::test(start_paused = true)]
     async fn a_takeover_that_gives_up_lets_nobody_in_early() {
         let mut sessions = Sessions::new(ConnectRateLimit::default());

@@ -1,5 +1,5 @@
-//! Device enrolment, revocation, decommission, the CRL and certificate renewal (DESIGN.md §2,
-//! issue 6 items 6 and 7).
+//! Device enrolment, revocation, decommission, the CRL and certificate renewal (ADR 0011,
+//! docs/architecture.md "Identity and trust", issue 6 items 6 and 7).
 //!
 //! # Layout
 //!

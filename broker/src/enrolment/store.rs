@@ -1,4 +1,4 @@
-//! The enrolment store: one sled database (`DATA/enrolment`) used as `notes/storage.md`
+//! The enrolment store: one sled database (`DATA/enrolment`) used as `docs/storage.md`
 //! prescribes (through `posfleet_agent::sledstore`). Every function blocks; the enrolment
 //! service calls them on blocking threads, one writer at a time (storage rule 4).
 //!

@@ -1,4 +1,4 @@
-//! The sled side of the store (`DATA/config`), used as `notes/storage.md` prescribes through
+//! The sled side of the store (`DATA/config`), used as `docs/storage.md` prescribes through
 //! `posfleet_agent::sledstore`. One tree, three key spaces, so that a change (layer record,
 //! history entry, index entry, pruned entries) is one atomic `Batch`:
 //!

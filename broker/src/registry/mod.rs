@@ -1,5 +1,5 @@
 //! The device registry: every device the controller knows, its presence and recent activity.
-//! This is the only module that touches sled (`notes/storage.md`).
+//! This is the only module that touches sled (`docs/storage.md`).
 //!
 //! # Layout
 //!

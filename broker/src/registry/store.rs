@@ -1,4 +1,4 @@
-//! The registry's sled store, used exactly as `notes/storage.md` prescribes: delete
+//! The registry's sled store, used exactly as `docs/storage.md` prescribes: delete
 //! `snap.*.generating` before opening, explicit `cache_capacity`, and a commit is
 //! `apply_batch` + `flush` + fsync of the `db` file. Every call here blocks; callers run it on
 //! a blocking thread (or at startup, before serving).

@@ -1,4 +1,4 @@
-//! The rollout store: one sled database (`DATA/rollouts`) used as `notes/storage.md`
+//! The rollout store: one sled database (`DATA/rollouts`) used as `docs/storage.md`
 //! prescribes (through `posfleet_agent::sledstore`). Every function blocks; the engine (the
 //! single committer, storage rule 4) calls them on blocking threads.
 //!

@@ -19,7 +19,7 @@
 //!
 //! # Durability and visibility
 //!
-//! A commit is `apply_batch` + `flush` + fsync of `db` (notes/storage.md); its outcome, and
+//! A commit is `apply_batch` + `flush` + fsync of `db` (docs/storage.md); its outcome, and
 //! the ledgers that summaries and acknowledgements read, are published only after that. List
 //! queries read the trees directly and may show a record a moment before its commit is
 //! durable.

@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! - [`profile`]: [`Ca`] issues the three certificate profiles of DESIGN.md §2 (device,
+//! - [`profile`]: [`Ca`] issues the three certificate profiles of ADR 0002 (device,
 //!   controller, broker server), ECDSA P-256 via rcgen.
 //! - [`identity`]: [`Identity`], the role and name a certificate proves; the edge, the
 //!   controller and the agent all read identities through it.

@@ -1,4 +1,4 @@
-//! Certificate profiles (DESIGN.md §2), issued by the fleet CA with rcgen.
+//! Certificate profiles (docs/architecture.md "Identity and trust", ADR 0002), issued by the fleet CA with rcgen.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
