@@ -308,7 +308,6 @@ struct DeviceConnection<'a> {
 }
 
 /// A terminal connection: its session in the edge, CONNACK, the pump, the will.
-#[allow(clippy::too_many_arguments)]
 async fn run_device<R, W>(
     conn: DeviceConnection<'_>,
     reader: &mut R,
