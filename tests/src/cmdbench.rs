@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::api::Api;
-use crate::bench::{ConnectBench, start_quiet_broker, start_simulator, wait_for_fleet};
+use crate::bench::{ConnectBench, start_fleet_broker, start_simulator, wait_for_fleet};
 use crate::bins::Binaries;
 use crate::broker::Broker;
 use crate::host::{Machine, cpu_seconds, rss_bytes};
@@ -198,7 +198,7 @@ pub async fn run_commands(
     let machine = Machine::describe();
     progress(&format!("machine: {machine}"));
     let n = params.terminals as usize;
-    let broker = start_quiet_broker(bins, params.timeout).await?;
+    let broker = start_fleet_broker(bins, params.timeout).await?;
     let connect = ConnectBench {
         terminals: n,
         heartbeat_interval: params.heartbeat_interval,

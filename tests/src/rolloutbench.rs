@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::api::Api;
-use crate::bench::{ConnectBench, start_quiet_broker, start_simulator, wait_for_fleet};
+use crate::bench::{ConnectBench, start_fleet_broker, start_simulator, wait_for_fleet};
 use crate::bins::Binaries;
 use crate::host::{Machine, cpu_seconds};
 use crate::process::TAIL_LINES;
@@ -104,7 +104,7 @@ pub async fn run_rollout(
     let machine = Machine::describe();
     progress(&format!("machine: {machine}"));
     let n = params.terminals as usize;
-    let mut broker = start_quiet_broker(bins, params.timeout).await?;
+    let mut broker = start_fleet_broker(bins, params.timeout).await?;
 
     let release = CommandKey::generate();
     posfleet_proto::pki::write_public_file(

@@ -36,7 +36,7 @@ use anyhow::Context;
 use posfleet_agent::config::parse_duration;
 use posfleet_proto::now_ms;
 
-use crate::bench::start_quiet_broker;
+use crate::bench::start_fleet_broker;
 use crate::bins::Binaries;
 use crate::broker::Broker;
 use crate::host::{Machine, NofileLimit, cpu_seconds, rss_bytes};
@@ -194,7 +194,7 @@ async fn run_target(
     say: &impl Fn(&str),
 ) -> anyhow::Result<TargetReport> {
     let timeout = params.timeout;
-    let mut issuer = start_quiet_broker(bins, timeout).await?;
+    let mut issuer = start_fleet_broker(bins, timeout).await?;
     // The broker under test: Mosquitto beside the posfleet broker, or the posfleet broker.
     let mut mosquitto = match target {
         Target::Posfleet => None,
