@@ -118,10 +118,12 @@ pub(crate) async fn run<S>(
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(1024);
-    let connect = tokio::time::timeout(
+    // Boxed, like every other step an idle connection has left behind: a future's size is
+    // that of its largest state, and an idle terminal should hold only the pump's.
+    let connect = Box::pin(tokio::time::timeout(
         shared.limits.connect_timeout,
         read_connect(&mut reader, &mut buf),
-    )
+    ))
     .await;
     let packet = match connect {
         Err(_) => return refuse_silently(&shared, &identity, peer, "connect_timeout"),
@@ -163,6 +165,12 @@ pub(crate) async fn run<S>(
             })
         }
     };
+
+    // A resumed TLS session (stateless tickets, `tls.rs`) skips certificate verification,
+    // so the validity period is checked here, for every connection.
+    if !valid_at(&cert, posfleet_proto::now_ms() / 1000) {
+        return refuse_with(&shared, &mut writer, &identity, "certificate_expired").await;
+    }
 
     // Revoked certificates and retired terminals are refused before they use anything.
     let standing = shared.standing(&identity, &cert);
@@ -274,16 +282,15 @@ pub(crate) async fn run<S>(
         shared.metrics.edge_connects_total.inc();
         shared.metrics.edge_connections.inc();
         info!(device = %identity, %peer, clean_session = connect.clean_session, keep_alive = connect.keep_alive, "connected");
-        let end = attached
-            .pump(
-                &mut reader,
-                &mut writer,
-                buf,
-                connect.keep_alive,
-                &slot.cancel,
-                &shutdown,
-            )
-            .await;
+        let end = Box::pin(attached.pump(
+            &mut reader,
+            &mut writer,
+            buf,
+            connect.keep_alive,
+            &slot.cancel,
+            &shutdown,
+        ))
+        .await;
         shared.metrics.edge_connections.dec();
         end
     } else {
@@ -374,6 +381,12 @@ where
         }
     }
     end
+}
+
+/// Whether `cert` is within its validity period at `now` (Unix seconds).
+fn valid_at(cert: &CertFacts, now: u64) -> bool {
+    let now = i64::try_from(now).unwrap_or(i64::MAX);
+    cert.not_before <= now && now <= cert.not_after
 }
 
 /// How long a connection may stay silent.
@@ -537,4 +550,23 @@ async fn finish<W: AsyncWrite + Unpin>(
         writer.shutdown(),
     )
     .await;
+}
+
+#[cfg(test)]
+mod validity_tests {
+    use super::*;
+
+    #[test]
+    fn certificates_are_valid_only_within_their_period() {
+        let cert = CertFacts {
+            serial: "0a".to_owned(),
+            not_before: 1_000,
+            not_after: 2_000,
+        };
+        assert!(!valid_at(&cert, 999), "not yet valid");
+        assert!(valid_at(&cert, 1_000));
+        assert!(valid_at(&cert, 2_000));
+        assert!(!valid_at(&cert, 2_001), "expired");
+        assert!(!valid_at(&cert, u64::MAX), "far future");
+    }
 }

@@ -15,7 +15,7 @@ use posfleet_proto::pki::Identity;
 use posfleet_proto::{DeviceId, Filter, MAX_PACKET_SIZE};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{Error as ProtocolError, Packet, Protocol, Publish, QoS};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -131,19 +131,12 @@ impl DevicePump<'_> {
                         return violation(self.shared, self.identity, "malformed_packet");
                     }
                 };
-                if let Some(end) = self.handle(packet, byte1, pkid, &mut bucket).await {
+                // Boxed: the idle connection's future holds only the read below.
+                if let Some(end) = Box::pin(self.handle(packet, byte1, pkid, &mut bucket)).await {
                     return end;
                 }
             }
-            // Release the memory of a large packet once it has been handled, and keep an
-            // idle connection's buffer small.
-            if buf.is_empty() && buf.capacity() > 4 * 1024 {
-                buf = BytesMut::new();
-            }
-            if buf.capacity() - buf.len() < 256 {
-                buf.reserve(512);
-            }
-            match tokio::time::timeout(idle, reader.read_buf(&mut buf)).await {
+            match tokio::time::timeout(idle, read_more(reader, &mut buf)).await {
                 Err(_) => return End::Lost("keep_alive_expired"),
                 Ok(Ok(0)) => return End::Lost("eof"),
                 Ok(Ok(_)) => {}
@@ -284,9 +277,11 @@ impl DevicePump<'_> {
                     self.shared.metrics.downlink_dropped("unencodable");
                 }
             }
-            let written =
-                tokio::time::timeout(self.shared.limits.write_timeout, writer.write_all(&out))
-                    .await;
+            let written = Box::pin(tokio::time::timeout(
+                self.shared.limits.write_timeout,
+                writer.write_all(&out),
+            ))
+            .await;
             if !matches!(written, Ok(Ok(()))) {
                 return End::Lost("write_failed");
             }
@@ -294,6 +289,26 @@ impl DevicePump<'_> {
             out = BytesMut::new();
         }
     }
+}
+
+/// Reads more of the terminal's bytes into `buf`. While nothing has arrived, an empty `buf`
+/// holds no memory: an idle connection keeps no read buffer (and a large packet's buffer is
+/// released once handled).
+async fn read_more<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        if buf.capacity() - buf.len() < 256 {
+            buf.reserve(512);
+        }
+        let polled = tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *reader), cx, buf);
+        if polled.is_pending() && buf.is_empty() {
+            *buf = BytesMut::new();
+        }
+        polled
+    })
+    .await
 }
 
 fn qos_level(qos: QoS) -> u8 {

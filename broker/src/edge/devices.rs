@@ -241,6 +241,10 @@ impl DeviceSession {
         match state.inflight.front() {
             Some(first) if first.pkid == pkid => {
                 state.inflight.pop_front();
+                if state.inflight.is_empty() {
+                    // A settled session keeps no memory for its window.
+                    state.inflight = VecDeque::new();
+                }
                 drop(state);
                 // Room in the window: more may be written.
                 self.wake.notify_one();
@@ -285,6 +289,11 @@ impl DeviceSession {
                 downlink: downlink.clone(),
             });
             out.publishes.push((pkid, true, dup, downlink));
+        }
+        if state.queue.is_empty() && state.queue.capacity() > 0 {
+            // An idle session keeps no memory for its queue.
+            state.queue = VecDeque::new();
+            state.redeliver = VecDeque::new();
         }
         out
     }

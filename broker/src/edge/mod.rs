@@ -35,8 +35,9 @@ use std::time::Duration;
 
 use posfleet_proto::pki::{CertFacts, Identity};
 use rumqttd::local::{LinkRx, LinkTx};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -48,7 +49,7 @@ pub use router::RouterSettings;
 pub use sessions::ConnectRateLimit;
 pub use tls::{TlsSetupError, mtls_server_config};
 
-use crate::admission::{Admission, AdmissionLimits, HandshakeError};
+use crate::admission::{Admission, AdmissionLimits, CpuGated, HandshakeError, Ticket};
 use crate::metrics::Metrics;
 
 /// Everything the edge needs, validated by the caller.
@@ -292,58 +293,25 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let cancel = cancel.clone();
         tracker.spawn(async move {
-            shared.metrics.edge_handshakes_in_progress.inc();
-            let tls = tokio::select! {
-                _ = cancel.cancelled() => Err(HandshakeError::Evicted),
-                tls = admission.tls_handshake(&ticket, tcp, &acceptor) => tls,
-            };
-            shared.metrics.edge_handshakes_in_progress.dec();
-            let stream = match tls {
-                Ok(stream) => stream,
-                Err(HandshakeError::Tls(error)) => {
-                    let reason = tls::handshake_failure_reason(&error);
-                    info!(%peer, reason, %error, "TLS handshake failed");
-                    shared.metrics.refuse(reason);
-                    return;
-                }
-                Err(HandshakeError::Timeout) => {
-                    debug!(%peer, "TLS handshake timed out");
-                    shared.metrics.refuse("handshake_timeout");
-                    return;
-                }
-                // Counted by the admission (silent, evicted) or nothing to count (closed).
-                Err(other) => {
-                    debug!(%peer, reason = %other, "no TLS connection");
-                    return;
-                }
-            };
-            let leaf = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|certs| certs.first());
-            let identity = leaf.map(|cert| {
-                Identity::from_cert_der(cert)
-                    .and_then(|identity| CertFacts::from_der(cert).map(|facts| (identity, facts)))
-            });
-            let (identity, cert) = match identity {
-                Some(Ok(identity)) => identity,
-                Some(Err(error)) => {
-                    warn!(%peer, %error, "client certificate carries no posfleet identity");
-                    shared.metrics.refuse("no_identity");
-                    return;
-                }
-                None => {
-                    shared.metrics.refuse("no_client_certificate");
-                    return;
-                }
+            // Two boxed steps: the handshake's state is freed once it is over, and the
+            // connection's future is sized by its own states only, so an idle terminal holds
+            // no more than its connection needs (docs/benchmarks.md, heap breakdown).
+            let established = Box::pin(handshake(
+                &shared, &admission, &ticket, tcp, &acceptor, peer, &cancel,
+            ))
+            .await;
+            let Some((stream, identity, cert)) = established else {
+                return;
             };
             // Mutually authenticated: no longer pending, never evicted. The ticket holds the
             // connection's slot until it ends.
             if !ticket.establish() {
                 return;
             }
-            connection::run(stream, peer, identity, cert, shared, cancel).await;
+            Box::pin(connection::run(
+                stream, peer, identity, cert, shared, cancel,
+            ))
+            .await;
             drop(ticket);
         });
     }
@@ -425,6 +393,68 @@ impl EdgeHandle {
     pub fn controller_intake(&self) -> Arc<ControllerIntake> {
         Arc::clone(&self.controller_intake)
     }
+}
+
+/// The TLS handshake of an admitted socket and the identity its client certificate carries;
+/// `None` (counted and logged) when there is no authenticated terminal or controller. The
+/// stream is boxed: it moves through several futures, and each would otherwise keep a copy
+/// of its size.
+async fn handshake(
+    shared: &connection::Shared,
+    admission: &Admission,
+    ticket: &Ticket,
+    tcp: TcpStream,
+    acceptor: &TlsAcceptor,
+    peer: SocketAddr,
+    cancel: &CancellationToken,
+) -> Option<(Box<TlsStream<CpuGated>>, Identity, CertFacts)> {
+    shared.metrics.edge_handshakes_in_progress.inc();
+    let tls = tokio::select! {
+        _ = cancel.cancelled() => Err(HandshakeError::Evicted),
+        tls = admission.tls_handshake(ticket, tcp, acceptor) => tls,
+    };
+    shared.metrics.edge_handshakes_in_progress.dec();
+    let stream = match tls {
+        Ok(stream) => stream,
+        Err(HandshakeError::Tls(error)) => {
+            let reason = tls::handshake_failure_reason(&error);
+            info!(%peer, reason, %error, "TLS handshake failed");
+            shared.metrics.refuse(reason);
+            return None;
+        }
+        Err(HandshakeError::Timeout) => {
+            debug!(%peer, "TLS handshake timed out");
+            shared.metrics.refuse("handshake_timeout");
+            return None;
+        }
+        // Counted by the admission (silent, evicted) or nothing to count (closed).
+        Err(other) => {
+            debug!(%peer, reason = %other, "no TLS connection");
+            return None;
+        }
+    };
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first());
+    let identity = leaf.map(|cert| {
+        Identity::from_cert_der(cert)
+            .and_then(|identity| CertFacts::from_der(cert).map(|facts| (identity, facts)))
+    });
+    let (identity, cert) = match identity {
+        Some(Ok(identity)) => identity,
+        Some(Err(error)) => {
+            warn!(%peer, %error, "client certificate carries no posfleet identity");
+            shared.metrics.refuse("no_identity");
+            return None;
+        }
+        None => {
+            shared.metrics.refuse("no_client_certificate");
+            return None;
+        }
+    };
+    Some((Box::new(stream), identity, cert))
 }
 
 #[cfg(test)]
