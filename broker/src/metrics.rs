@@ -484,6 +484,13 @@ impl Metrics {
             .get()
     }
 
+    /// Current value of an uplink refusal counter.
+    pub fn uplinks_refused(&self, reason: &'static str) -> u64 {
+        self.edge_uplinks_refused_total
+            .get_or_create(&ReasonLabel { reason })
+            .get()
+    }
+
     /// Current value of an ACL refusal counter.
     pub fn acl_refusals(&self, reason: &'static str) -> u64 {
         self.edge_acl_refusals_total

@@ -430,4 +430,6 @@ impl EdgeHandle {
 #[cfg(test)]
 mod adversarial;
 #[cfg(test)]
+mod lag_tests;
+#[cfg(test)]
 mod tests;
