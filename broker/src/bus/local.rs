@@ -54,7 +54,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::BusError;
-use crate::edge::{ControllerIntake, EdgeHandle};
+use crate::edge::{ControllerIntake, EdgeHandle, Intake};
 
 /// The embedded controller's router client id. No edge connection can present it: device
 /// ids have no `:`, and controller certificates give `controller:<name>`. So no terminal or
@@ -254,6 +254,7 @@ impl Task {
             info!(client_id = %self.state.client_id, "controller detached from the router");
         }
         self.state.subscribed.store(false, Ordering::Release);
+        self.intake.detached();
         self.state.ended.cancel();
     }
 
@@ -386,7 +387,9 @@ impl Task {
         match notification {
             Notification::Forward(forward) => {
                 let publish = forward.publish;
-                self.intake.record(publish.payload.len());
+                if self.intake.record(&publish.topic, &publish.payload) == Intake::Marker {
+                    return None;
+                }
                 let topic = std::str::from_utf8(&publish.topic)
                     .ok()
                     .and_then(|topic| Topic::parse(topic).ok());
@@ -408,6 +411,7 @@ impl Task {
                 );
                 if suback && !self.state.subscribed.swap(true, Ordering::AcqRel) {
                     info!(client_id = %self.state.client_id, filter = %self.filter, "controller subscribed through its local router link");
+                    self.intake.attached();
                     self.edge.open_device_gate();
                     self.deliver(SessionEvent::Connected {
                         session_present: false,
