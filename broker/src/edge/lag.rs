@@ -338,7 +338,11 @@ impl LaneMarkers {
         self.at_last = self.forwarded;
         self.sent_at = Some(Instant::now());
         gate.count_marker(self.lane, size);
-        Some(Publish::new(self.topic.clone(), Bytes::from(payload), false))
+        Some(Publish::new(
+            self.topic.clone(),
+            Bytes::from(payload),
+            false,
+        ))
     }
 }
 
@@ -375,7 +379,10 @@ mod tests {
     #[test]
     fn the_size_is_rumqttds() {
         let p = uplink("T-1", b"abc");
-        assert_eq!(ring_size(&p), 4 + "posfleet/v1/d/T-1/up/tm".len() as u64 + 3);
+        assert_eq!(
+            ring_size(&p),
+            4 + "posfleet/v1/d/T-1/up/tm".len() as u64 + 3
+        );
     }
 
     #[test]
@@ -438,7 +445,9 @@ mod tests {
         // The gate is shut for good unless the book is corrected.
         assert!(!g.admit(0, size));
         assert!(!g.admit(1, size));
-        let marker = lane.due(&g).expect("lane 0 forwarded since its last marker");
+        let marker = lane
+            .due(&g)
+            .expect("lane 0 forwarded since its last marker");
         let idle = other.due(&g).expect("lag ≠ 0: even an idle lane sends one");
         assert!(lane.due(&g).is_none(), "one outstanding marker per lane");
         assert_eq!(g.took(&marker.topic, &marker.payload), Took::Marker);

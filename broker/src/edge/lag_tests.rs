@@ -11,10 +11,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::tests::{Fixture, WAIT, connack, topic};
+use super::tests::{Fixture, WAIT, closed, connack, topic};
 use super::*;
-use crate::bus::{Bus, BusConfig, spawn_bus};
 use crate::bus::local::LocalConfig;
+use crate::bus::{Bus, BusConfig, spawn_bus};
 
 /// rumqttd refuses segments below 1 KiB.
 const SEGMENT: usize = 1024;
@@ -22,6 +22,8 @@ const SEGMENT: usize = 1024;
 fn small_ring(config: &mut EdgeConfig) {
     config.router.controller_segment_size = SEGMENT;
     config.router.controller_segment_count = 2;
+    // The tests reconnect a terminal after each refusal, as its agent would.
+    config.rate_limit.max_connects = 10_000;
 }
 
 /// The embedded controller on `fx`'s router, attached; its consumer reads nothing until the
@@ -33,8 +35,13 @@ async fn embedded_controller(
     let cancel = CancellationToken::new();
     let mut cfg = LocalConfig::new(fx.edge.clone());
     cfg.incoming_capacity = 1;
-    let (bus, mut events) =
-        spawn_bus(BusConfig::Local(cfg), Filter::all_uplinks(), tracker, cancel.clone()).unwrap();
+    let (bus, mut events) = spawn_bus(
+        BusConfig::Local(cfg),
+        Filter::all_uplinks(),
+        tracker,
+        cancel.clone(),
+    )
+    .unwrap();
     let first = tokio::time::timeout(WAIT, events.recv()).await.unwrap();
     assert_eq!(
         first,
@@ -130,7 +137,8 @@ async fn publish_acknowledged(fx: &Fixture, id: &str, last: &[u8]) {
             if published.acked.len() == 1 {
                 return;
             }
-            tokio::task::yield_now().await;
+            // A terminal's back-off (not a bound on anything).
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     })
     .await
@@ -195,6 +203,96 @@ async fn a_stalled_controller_loses_no_acknowledged_uplink() {
         "the edge refused nothing ({acked} of {COUNT} acknowledged)"
     );
     assert!(fx.metrics.uplinks_refused("controller_behind") > 0);
+    // Caught up: the gate's book is empty again (the lanes' markers taken too).
+    eventually("the lag is back to 0", || {
+        fx.edge.controller_intake().lag() == 0 && fx.metrics.edge_controller_lag_bytes.get() == 0
+    })
+    .await;
     bus.disconnect().await;
     fx.stop().await;
+}
+
+/// While the gate is shut, a malformed or oversized uplink is still refused by the ACL (its
+/// own reason, connection closed), before the gate counts anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acl_refuses_first_while_the_gate_is_shut() {
+    let fx = Fixture::start_with(small_ring).await;
+    let tracker = TaskTracker::new();
+    let (bus, events, _cancel) = embedded_controller(&fx, &tracker).await;
+    let published = publish_all(&fx, "LAG-2", payloads("LAG-2", 600)).await;
+    assert!(published.closed, "the gate shut");
+    let behind = fx.metrics.uplinks_refused("controller_behind");
+
+    let cert = fx.device_cert("LAG-3");
+    let (client, mut eventloop) = fx.client("LAG-3", Some(&cert), None);
+    connack(&mut eventloop).await.unwrap();
+    let too_large = vec![0u8; Channel::Heartbeat.max_payload() + 1];
+    client
+        .publish(
+            topic("LAG-3", Channel::Heartbeat),
+            QoS::AtLeastOnce,
+            false,
+            too_large,
+        )
+        .await
+        .unwrap();
+    closed(&mut eventloop).await;
+    assert_eq!(fx.metrics.acl_refusals("oversized_payload"), 1);
+
+    let (client, mut eventloop) = fx.client("LAG-3", Some(&cert), None);
+    connack(&mut eventloop).await.unwrap();
+    client
+        .publish(
+            topic("LAG-2", Channel::Heartbeat),
+            QoS::AtLeastOnce,
+            false,
+            b"x".to_vec(),
+        )
+        .await
+        .unwrap();
+    closed(&mut eventloop).await;
+    assert_eq!(fx.metrics.acl_refusals("publish_not_allowed"), 1);
+
+    assert_eq!(fx.metrics.uplinks_refused("controller_behind"), behind);
+    drop(events);
+    bus.disconnect().await;
+    fx.stop().await;
+}
+
+/// The resync rule: a book that drifted (here: every lane believes more is unread than the
+/// router holds, as when the router lost uplinks anyway) shuts the gate only until the
+/// controller takes the lanes' next markers; it does not stay shut while the controller
+/// reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drifted_book_is_resynced_and_the_gate_reopens() {
+    let fx = Fixture::start_with(small_ring).await;
+    let tracker = TaskTracker::new();
+    let (bus, events, _cancel) = embedded_controller(&fx, &tracker).await;
+    let mut seen = resume(events);
+    let intake = fx.edge.controller_intake();
+    intake.drift(4 * SEGMENT as i64);
+
+    let refused = publish_all(&fx, "LAG-4", vec![b"refused".to_vec()]).await;
+    assert!(refused.acked.is_empty() && refused.closed);
+    assert_eq!(fx.metrics.uplinks_refused("controller_behind"), 1);
+
+    publish_acknowledged(&fx, "LAG-4", b"taken").await;
+    received_until(&mut seen, b"taken").await;
+    eventually("the book is balanced again", || {
+        intake.lag() == 0 && fx.metrics.edge_controller_lag_bytes.get() == 0
+    })
+    .await;
+    bus.disconnect().await;
+    fx.stop().await;
+}
+
+/// Polls `cond` until it holds; panics after [`WAIT`].
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !cond() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
 }

@@ -338,7 +338,11 @@ mod tests {
         assert_eq!(uplinks.send(&id, heartbeat()).await, Err(Refused::Busy));
         assert!(start.elapsed() >= UPLINK_WAIT);
         assert_eq!(uplinks.try_send(&id, heartbeat()), Err(Refused::Busy));
-        assert_eq!(uplinks.lag.lag(), size, "refused uplinks are not in the book");
+        assert_eq!(
+            uplinks.lag.lag(),
+            size,
+            "refused uplinks are not in the book"
+        );
         // Room again: taken.
         assert!(receiver.recv().await.is_some());
         assert_eq!(uplinks.send(&id, heartbeat()).await, Ok(()));
@@ -394,7 +398,10 @@ mod tests {
         );
         assert_eq!(uplinks.try_send(&id, big()), Err(Refused::ControllerBehind));
         assert!(receiver.recv().await.is_some());
-        assert!(receiver.try_recv().is_err(), "refused uplinks never reach the lane");
+        assert!(
+            receiver.try_recv().is_err(),
+            "refused uplinks never reach the lane"
+        );
         assert_eq!(Refused::ControllerBehind.reason(), "controller_behind");
     }
 }
