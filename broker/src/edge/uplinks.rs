@@ -140,6 +140,7 @@ impl Uplinks {
         lane_of(device.as_str(), self.lanes.len())
     }
 
+    #[cfg(test)]
     fn lane(&self, device: &DeviceId) -> &mpsc::Sender<Uplink> {
         &self.lanes[self.lane_index(device)]
     }
