@@ -213,18 +213,19 @@ impl Lane {
                         return;
                     }
                 }
+                // Ready once a second: before the queue, so a busy lane still sends markers.
+                _ = tick.tick() => {
+                    if let Some(marker) = self.markers.due(&self.lag)
+                        && !self.push(vec![Packet::Publish(marker, None)])
+                    {
+                        return;
+                    }
+                }
                 count = self.queue.recv_many(&mut batch, LANE_BATCH) => {
                     if count == 0 {
                         return;
                     }
                     if !self.forward(&mut batch) {
-                        return;
-                    }
-                }
-                _ = tick.tick() => {
-                    if let Some(marker) = self.markers.due(&self.lag)
-                        && !self.push(vec![Packet::Publish(marker, None)])
-                    {
                         return;
                     }
                 }
