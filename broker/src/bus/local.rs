@@ -10,8 +10,11 @@
 //!   that filter (`RouterSettings::controller_segment_*`) applies; at the SUBACK it opens the
 //!   edge's device gate and reports `Connected`;
 //! - hands every uplink to the consumer in order through a bounded channel, counting it in
-//!   `EdgeHandle::controller_intake`. While that channel is full it stops reading the link;
-//!   the uplinks wait in the filter's log, as they would for a slow MQTT client;
+//!   `EdgeHandle::controller_intake` (the uplink lanes' markers for the edge's lag gate end
+//!   there and are not passed on). While that channel is full it stops reading the link;
+//!   the uplinks wait in the filter's log, as they would for a slow MQTT client, and the
+//!   edge refuses new terminal uplinks before that log could drop unread ones
+//!   (docs/decisions/0013-edge-delivers-to-terminals.md, "Controller lag");
 //! - answers `Unschedule` with a wake (without it, delivery stalls at 200 messages);
 //! - pushes queued downlinks into the router in batches with one notify each
 //!   (`EdgeHandle::send_local`, blocking only under `block_in_place` when the router is
@@ -24,8 +27,8 @@
 //! for a wake, with no acknowledgement to send back in order (at QoS 1 the router stops at
 //! 100 in flight and disconnects a link whose PUBACKs come out of order). QoS 1 would add
 //! only redelivery across a reconnect of a persistent session, and this link ends only with
-//! the process; a controller that lags loses uplinks from the ring at either QoS, and
-//! application acknowledgements (transactions, command results) cover that.
+//! the process. Either QoS would lose unread uplinks when the ring wraps; the lag gate keeps
+//! the ring from wrapping over them.
 //!
 //! Downlinks are published at QoS 0 too (`Publish::new`: a local link has no packet ids);
 //! the router forwards every message at the QoS of the subscriber's filter, so terminals
