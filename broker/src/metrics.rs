@@ -67,6 +67,10 @@ pub struct Metrics {
     pub edge_uplinks_refused_total: Family<ReasonLabel, Counter>,
     /// Times a terminal's reads were paused by its uplink rate limit.
     pub edge_uplinks_throttled_total: Counter,
+    /// How far the embedded controller is behind the uplink lanes, in bytes of the router's
+    /// log (what the lanes took in minus what the controller took; 0 while no embedded
+    /// controller is attached). Uplinks are refused as `controller_behind` near the log's size.
+    pub edge_controller_lag_bytes: Gauge,
     /// 1 while the controller is attached to its bus (the embedded controller: subscribed
     /// through its local router link; with an external broker: MQTT connected), else 0.
     pub controller_connected: Gauge,
@@ -158,6 +162,7 @@ impl Metrics {
         let edge_downlinks_dropped_total = Family::default();
         let edge_uplinks_refused_total = Family::default();
         let edge_uplinks_throttled_total = Counter::default();
+        let edge_controller_lag_bytes = Gauge::default();
         let controller_connected = Gauge::default();
         let ingest_messages_total = Family::default();
         let ingest_rejected_total = Family::default();
@@ -259,6 +264,11 @@ impl Metrics {
             "edge_uplinks_throttled",
             "Pauses of a terminal's reads by its uplink rate limit",
             edge_uplinks_throttled_total.clone(),
+        );
+        registry.register(
+            "edge_controller_lag_bytes",
+            "Bytes of uplinks in the router's log the embedded controller has not taken yet",
+            edge_controller_lag_bytes.clone(),
         );
         registry.register(
             "controller_connected",
@@ -393,6 +403,7 @@ impl Metrics {
             edge_downlinks_dropped_total,
             edge_uplinks_refused_total,
             edge_uplinks_throttled_total,
+            edge_controller_lag_bytes,
             controller_connected,
             ingest_messages_total,
             ingest_rejected_total,
@@ -480,6 +491,13 @@ impl Metrics {
     /// Current value of a refusal counter (tests and the demo read it).
     pub fn refusals(&self, reason: &'static str) -> u64 {
         self.edge_refusals_total
+            .get_or_create(&ReasonLabel { reason })
+            .get()
+    }
+
+    /// Current value of an uplink refusal counter.
+    pub fn uplinks_refused(&self, reason: &'static str) -> u64 {
+        self.edge_uplinks_refused_total
             .get_or_create(&ReasonLabel { reason })
             .get()
     }

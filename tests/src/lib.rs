@@ -72,6 +72,7 @@ pub mod scrape;
 pub mod txbench;
 pub mod txdriver;
 pub mod txledger;
+pub mod uplinkflood;
 pub mod versusbench;
 
 pub use agent::{Agent, AgentOptions};

@@ -10,8 +10,11 @@
 //!   that filter (`RouterSettings::controller_segment_*`) applies; at the SUBACK it opens the
 //!   edge's device gate and reports `Connected`;
 //! - hands every uplink to the consumer in order through a bounded channel, counting it in
-//!   `EdgeHandle::controller_intake`. While that channel is full it stops reading the link;
-//!   the uplinks wait in the filter's log, as they would for a slow MQTT client;
+//!   `EdgeHandle::controller_intake` (the uplink lanes' markers for the edge's lag gate end
+//!   there and are not passed on). While that channel is full it stops reading the link;
+//!   the uplinks wait in the filter's log, as they would for a slow MQTT client, and the
+//!   edge refuses new terminal uplinks before that log could drop unread ones
+//!   (docs/decisions/0013-edge-delivers-to-terminals.md, "Controller lag");
 //! - answers `Unschedule` with a wake (without it, delivery stalls at 200 messages);
 //! - pushes queued downlinks into the router in batches with one notify each
 //!   (`EdgeHandle::send_local`, blocking only under `block_in_place` when the router is
@@ -24,8 +27,8 @@
 //! for a wake, with no acknowledgement to send back in order (at QoS 1 the router stops at
 //! 100 in flight and disconnects a link whose PUBACKs come out of order). QoS 1 would add
 //! only redelivery across a reconnect of a persistent session, and this link ends only with
-//! the process; a controller that lags loses uplinks from the ring at either QoS, and
-//! application acknowledgements (transactions, command results) cover that.
+//! the process. Either QoS would lose unread uplinks when the ring wraps; the lag gate keeps
+//! the ring from wrapping over them.
 //!
 //! Downlinks are published at QoS 0 too (`Publish::new`: a local link has no packet ids);
 //! the router forwards every message at the QoS of the subscriber's filter, so terminals
@@ -54,7 +57,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::BusError;
-use crate::edge::{ControllerIntake, EdgeHandle};
+use crate::edge::{ControllerIntake, EdgeHandle, Intake};
 
 /// The embedded controller's router client id. No edge connection can present it: device
 /// ids have no `:`, and controller certificates give `controller:<name>`. So no terminal or
@@ -254,6 +257,7 @@ impl Task {
             info!(client_id = %self.state.client_id, "controller detached from the router");
         }
         self.state.subscribed.store(false, Ordering::Release);
+        self.intake.detached();
         self.state.ended.cancel();
     }
 
@@ -386,7 +390,9 @@ impl Task {
         match notification {
             Notification::Forward(forward) => {
                 let publish = forward.publish;
-                self.intake.record(publish.payload.len());
+                if self.intake.record(&publish.topic, &publish.payload) == Intake::Marker {
+                    return None;
+                }
                 let topic = std::str::from_utf8(&publish.topic)
                     .ok()
                     .and_then(|topic| Topic::parse(topic).ok());
@@ -408,6 +414,7 @@ impl Task {
                 );
                 if suback && !self.state.subscribed.swap(true, Ordering::AcqRel) {
                     info!(client_id = %self.state.client_id, filter = %self.filter, "controller subscribed through its local router link");
+                    self.intake.attached();
                     self.edge.open_device_gate();
                     self.deliver(SessionEvent::Connected {
                         session_present: false,

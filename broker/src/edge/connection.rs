@@ -29,7 +29,7 @@ use super::gate::DeviceGate;
 use super::pump::{Ledger, inbound, outbound, send_to_router};
 use super::router::RouterHandle;
 use super::sessions::{ClaimError, Sessions};
-use super::uplinks::{Uplink, Uplinks};
+use super::uplinks::{Refused, Uplink, Uplinks};
 use crate::enrolment::{Revocations, Standing};
 use crate::metrics::Metrics;
 
@@ -371,13 +371,19 @@ where
         && let Some(will) = conn.will
     {
         let publish = Publish::new(will.topic, will.payload, false);
-        if shared
+        match shared
             .uplinks
             .try_send(conn.device, Uplink { publish, ack: None })
-            .is_err()
         {
-            warn!(device = %conn.identity, "last will not published: the uplink lane is full");
-            shared.metrics.uplink_refused("will_lane_full");
+            Ok(()) => {}
+            Err(Refused::ControllerBehind) => {
+                // Logged once per episode by the lag gate; the sweeper marks it offline.
+                shared.metrics.uplink_refused("will_controller_behind");
+            }
+            Err(_) => {
+                warn!(device = %conn.identity, "last will not published: the uplink lane is full");
+                shared.metrics.uplink_refused("will_lane_full");
+            }
         }
     }
     end

@@ -248,11 +248,11 @@ impl DevicePump<'_> {
         {
             Ok(()) => None,
             Err(refused) => {
-                let reason = match refused {
-                    Refused::Busy => "router_busy",
-                    Refused::Closed => "edge_stopping",
-                };
-                warn!(device = %self.identity, reason, "uplink refused (not acknowledged); closing so the terminal sends it again");
+                let reason = refused.reason();
+                // The lag gate logs once per episode, not per terminal.
+                if refused != Refused::ControllerBehind {
+                    warn!(device = %self.identity, reason, "uplink refused (not acknowledged); closing so the terminal sends it again");
+                }
                 self.shared.metrics.uplink_refused(reason);
                 Some(End::Lost("uplink_refused"))
             }

@@ -22,6 +22,7 @@ mod device_pump;
 mod devices;
 mod downlinks;
 mod gate;
+mod lag;
 mod pump;
 mod router;
 mod sessions;
@@ -175,10 +176,11 @@ pub fn spawn_edge(
     let router = router::RouterHandle::spawn(&config.router);
     let fatal = Fatal::default();
     let devices = Arc::new(devices::DeviceSessions::default());
+    let lag = Arc::new(lag::LagGate::new(&config.router, &metrics));
     // Terminals reach the router only through these links (ADR 0013).
     let uplinks = uplinks::Uplinks::spawn(
         &router,
-        config.router.uplink_lanes,
+        lag.clone(),
         metrics.clone(),
         fatal.clone(),
         tracker,
@@ -196,7 +198,7 @@ pub fn spawn_edge(
         (Ok(uplinks), Ok(())) => uplinks,
         (Err(error), _) | (_, Err(error)) => {
             fatal.raise(format!("the edge's router links failed: {error}"));
-            uplinks::Uplinks::closed()
+            uplinks::Uplinks::closed(lag.clone())
         }
     };
     let shared = Arc::new(connection::Shared {
@@ -237,7 +239,11 @@ pub fn spawn_edge(
     EdgeHandle {
         local_addr,
         shared,
-        controller_intake: Arc::default(),
+        controller_intake: Arc::new(ControllerIntake {
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            lag,
+        }),
     }
 }
 
@@ -318,21 +324,61 @@ async fn accept_loop(
 }
 
 /// Uplink messages the embedded controller has taken from its local router link, and their
-/// payload bytes, counted as its link task takes them (`crate::bus::local`). Compared with
-/// what the edge forwarded, it says how far the controller lags behind.
-#[derive(Debug, Default)]
+/// payload bytes, counted as its link task takes them (`crate::bus::local`). The controller-lag
+/// gate (`lag.rs`) compares what it took with what the lanes forwarded; the lanes' markers
+/// end here too and are not uplinks.
+#[derive(Debug)]
 pub struct ControllerIntake {
     messages: AtomicU64,
     bytes: AtomicU64,
+    lag: Arc<lag::LagGate>,
+}
+
+/// What the embedded controller took from its link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Intake {
+    /// An uplink for the consumer.
+    Uplink,
+    /// A lane's marker for the lag gate: not passed on.
+    Marker,
 }
 
 impl ControllerIntake {
-    pub(crate) fn record(&self, payload_bytes: usize) {
+    /// Counts a publish the controller took from its link.
+    pub(crate) fn record(&self, topic: &[u8], payload: &[u8]) -> Intake {
+        if self.lag.took(topic, payload) == lag::Took::Marker {
+            return Intake::Marker;
+        }
         self.messages.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(
-            u64::try_from(payload_bytes).unwrap_or(u64::MAX),
+            u64::try_from(payload.len()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+        Intake::Uplink
+    }
+
+    /// The controller's uplink subscription is in the router: the lag gate applies.
+    pub(crate) fn attached(&self) {
+        self.lag.attach();
+    }
+
+    /// The controller's link task ended: nothing is refused for its sake any more.
+    pub(crate) fn detached(&self) {
+        self.lag.detach();
+    }
+
+    /// Adds lag nothing will ever take (a drift of the book) to every lane, for tests.
+    #[cfg(test)]
+    pub(crate) fn drift(&self, bytes: i64) {
+        for lane in 0..self.lag.lanes() {
+            self.lag.drift(lane, bytes);
+        }
+    }
+
+    /// The gate's current lag, for tests.
+    #[cfg(test)]
+    pub(crate) fn lag(&self) -> i64 {
+        self.lag.lag()
     }
 
     /// Uplink messages taken so far.
@@ -459,5 +505,7 @@ async fn handshake(
 
 #[cfg(test)]
 mod adversarial;
+#[cfg(test)]
+mod lag_tests;
 #[cfg(test)]
 mod tests;

@@ -22,7 +22,9 @@ pub struct RouterSettings {
     pub segment_size: usize,
     pub segment_count: usize,
     /// Segment size and count of the controller's uplink filter log. PUBACK means "in router
-    /// RAM": this ring must hold the uplink traffic of the worst controller stall.
+    /// RAM": the edge refuses terminal uplinks (`controller_behind`) once the embedded
+    /// controller lags by half of the `(count − 1) × size` bytes this ring always holds
+    /// (`lag.rs`); at least 2 segments, each at least 1 KiB (rumqttd panics below).
     pub controller_segment_size: usize,
     pub controller_segment_count: usize,
     /// Segment size and count of the edge's downlink filter log (every terminal's downlinks

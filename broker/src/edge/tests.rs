@@ -121,7 +121,7 @@ impl Fixture {
     }
 }
 
-fn client(
+pub(super) fn client(
     port: u16,
     ca_pem: &[u8],
     client_id: &str,

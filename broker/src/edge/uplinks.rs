@@ -11,9 +11,13 @@
 //! is still none, the uplink is refused visibly (counted in
 //! `posfleet_edge_uplinks_refused_total{reason}`, logged, never acknowledged) and the
 //! connection closed, so the terminal sends it again after reconnecting.
+//!
+//! Before a lane takes an uplink, the controller-lag gate (`lag.rs`) counts it: while the
+//! embedded controller is too far behind for the router's log to hold more, the uplink is
+//! refused the same way (`controller_behind`). Each lane counts what it pushes into the
+//! router and sends the gate's markers (`lag::LaneMarkers`).
 
 use std::collections::VecDeque;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +33,7 @@ use tracing::warn;
 
 use super::Fatal;
 use super::devices::{Answer, DeviceSession};
+use super::lag::{LagGate, LaneMarkers, MARKER_EVERY, lane_of, ring_size};
 use super::pump::send_to_router;
 use super::router::{LinkFailure, RouterHandle};
 use crate::metrics::Metrics;
@@ -61,12 +66,26 @@ pub(crate) enum Refused {
     Busy,
     /// The lane task is gone (shutdown or a fatal router error).
     Closed,
+    /// The embedded controller is too far behind: the router's log could lose it.
+    ControllerBehind,
+}
+
+impl Refused {
+    /// The `posfleet_edge_uplinks_refused_total` label.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Refused::Busy => "router_busy",
+            Refused::Closed => "edge_stopping",
+            Refused::ControllerBehind => "controller_behind",
+        }
+    }
 }
 
 /// The shared uplink links.
 #[derive(Clone)]
 pub(crate) struct Uplinks {
     lanes: Arc<[mpsc::Sender<Uplink>]>,
+    lag: Arc<LagGate>,
 }
 
 impl Uplinks {
@@ -74,14 +93,15 @@ impl Uplinks {
     /// starts their lane tasks.
     pub(crate) fn spawn(
         router: &RouterHandle,
-        count: usize,
+        lag: Arc<LagGate>,
         metrics: Arc<Metrics>,
         fatal: Fatal,
         tracker: &TaskTracker,
         cancel: CancellationToken,
     ) -> Result<Self, LinkFailure> {
+        let count = lag.lanes();
         let mut lanes = Vec::with_capacity(count);
-        for n in 0..count.max(1) {
+        for n in 0..count {
             let (tx, rx, _connack) =
                 super::router::blocking(|| router.build_link(&format!("edge:up:{n}"), true))?;
             let (sender, queue) = mpsc::channel(LANE_QUEUE);
@@ -93,6 +113,8 @@ impl Uplinks {
                     rx,
                     queue,
                     pending: VecDeque::new(),
+                    markers: LaneMarkers::new(n),
+                    lag: lag.clone(),
                     metrics: metrics.clone(),
                     fatal: fatal.clone(),
                 }
@@ -101,28 +123,36 @@ impl Uplinks {
         }
         Ok(Self {
             lanes: lanes.into(),
+            lag,
         })
     }
 
     /// No lanes: every uplink is refused (the edge failed to start; `Fatal` was raised).
-    pub(crate) fn closed() -> Self {
+    pub(crate) fn closed(lag: Arc<LagGate>) -> Self {
         let (sender, _) = mpsc::channel(1);
         Self {
             lanes: vec![sender].into(),
+            lag,
         }
     }
 
+    fn lane_index(&self, device: &DeviceId) -> usize {
+        lane_of(device.as_str(), self.lanes.len())
+    }
+
+    #[cfg(test)]
     fn lane(&self, device: &DeviceId) -> &mpsc::Sender<Uplink> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        device.hash(&mut hasher);
-        let n = (hasher.finish() % self.lanes.len() as u64) as usize;
-        &self.lanes[n]
+        &self.lanes[self.lane_index(device)]
     }
 
     /// Hands an uplink to the device's lane, waiting at most [`UPLINK_WAIT`] for room.
     pub(crate) async fn send(&self, device: &DeviceId, uplink: Uplink) -> Result<(), Refused> {
-        let lane = self.lane(device);
-        match lane.try_send(uplink) {
+        let (n, size) = (self.lane_index(device), ring_size(&uplink.publish));
+        if !self.lag.admit(n, size) {
+            return Err(Refused::ControllerBehind);
+        }
+        let lane = &self.lanes[n];
+        let sent = match lane.try_send(uplink) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Refused::Closed),
             Err(mpsc::error::TrySendError::Full(uplink)) => {
@@ -132,14 +162,25 @@ impl Uplinks {
                     Err(_) => Err(Refused::Busy),
                 }
             }
+        };
+        if sent.is_err() {
+            self.lag.cancel(n, size);
         }
+        sent
     }
 
     /// Hands an uplink over only if there is room now (a will).
     pub(crate) fn try_send(&self, device: &DeviceId, uplink: Uplink) -> Result<(), Refused> {
-        self.lane(device).try_send(uplink).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Refused::Busy,
-            mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+        let (n, size) = (self.lane_index(device), ring_size(&uplink.publish));
+        if !self.lag.admit(n, size) {
+            return Err(Refused::ControllerBehind);
+        }
+        self.lanes[n].try_send(uplink).map_err(|e| {
+            self.lag.cancel(n, size);
+            match e {
+                mpsc::error::TrySendError::Full(_) => Refused::Busy,
+                mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+            }
         })
     }
 }
@@ -151,6 +192,9 @@ struct Lane {
     queue: mpsc::Receiver<Uplink>,
     /// Whom the router's next PUBACKs on this link belong to, in order.
     pending: VecDeque<Option<AckTo>>,
+    /// What this lane pushed into the router, and its markers for the lag gate.
+    markers: LaneMarkers,
+    lag: Arc<LagGate>,
     metrics: Arc<Metrics>,
     fatal: Fatal,
 }
@@ -158,12 +202,22 @@ struct Lane {
 impl Lane {
     async fn run(mut self, cancel: CancellationToken) {
         let mut batch = Vec::with_capacity(LANE_BATCH);
+        let mut tick = tokio::time::interval(MARKER_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => return,
                 notification = self.rx.next() => {
                     if !self.settle(notification).await {
+                        return;
+                    }
+                }
+                // Ready once a second: before the queue, so a busy lane still sends markers.
+                _ = tick.tick() => {
+                    if let Some(marker) = self.markers.due(&self.lag)
+                        && !self.push(vec![Packet::Publish(marker, None)])
+                    {
                         return;
                     }
                 }
@@ -186,8 +240,14 @@ impl Lane {
             if let Some(ack) = uplink.ack {
                 self.pending.push_back(Some(ack));
             }
+            self.markers.forwarded(ring_size(&uplink.publish));
             packets.push(Packet::Publish(uplink.publish, None));
         }
+        self.push(packets)
+    }
+
+    /// Pushes packets into the link and notifies the router once.
+    fn push(&mut self, packets: Vec<Packet>) -> bool {
         if let Err(error) = send_to_router(&self.router, &mut self.tx, packets) {
             self.fatal
                 .raise(format!("router channel closed on an uplink lane: {error}"));
@@ -244,6 +304,8 @@ impl Lane {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     fn heartbeat() -> Uplink {
@@ -253,19 +315,36 @@ mod tests {
         }
     }
 
+    fn gate(lanes: usize, segment_size: usize) -> Arc<LagGate> {
+        let settings = super::super::RouterSettings {
+            uplink_lanes: lanes,
+            controller_segment_size: segment_size,
+            controller_segment_count: 2,
+            ..Default::default()
+        };
+        Arc::new(LagGate::new(&settings, &Metrics::new()))
+    }
+
     /// The clock is paused: the wait is the edge's own bound, not the machine's speed.
     #[tokio::test(start_paused = true)]
     async fn a_full_lane_refuses_after_the_wait_and_a_closed_one_at_once() {
         let (sender, mut receiver) = mpsc::channel(1);
         let uplinks = Uplinks {
             lanes: vec![sender].into(),
+            lag: gate(1, 1 << 20),
         };
         let id = DeviceId::new("A-1").unwrap();
+        let size = ring_size(&heartbeat().publish) as i64;
         assert_eq!(uplinks.send(&id, heartbeat()).await, Ok(()));
         let start = tokio::time::Instant::now();
         assert_eq!(uplinks.send(&id, heartbeat()).await, Err(Refused::Busy));
         assert!(start.elapsed() >= UPLINK_WAIT);
         assert_eq!(uplinks.try_send(&id, heartbeat()), Err(Refused::Busy));
+        assert_eq!(
+            uplinks.lag.lag(),
+            size,
+            "refused uplinks are not in the book"
+        );
         // Room again: taken.
         assert!(receiver.recv().await.is_some());
         assert_eq!(uplinks.send(&id, heartbeat()).await, Ok(()));
@@ -279,6 +358,7 @@ mod tests {
         let lanes: Vec<_> = (0..4).map(|_| mpsc::channel::<Uplink>(1).0).collect();
         let uplinks = Uplinks {
             lanes: lanes.into(),
+            lag: gate(4, 1 << 20),
         };
         let id = DeviceId::new("T-17").unwrap();
         let first = uplinks.lane(&id).same_channel(uplinks.lane(&id));
@@ -294,5 +374,36 @@ mod tests {
             })
             .collect();
         assert_eq!(used.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn the_lag_gate_refuses_before_the_lane_and_wills_too() {
+        let (sender, mut receiver) = mpsc::channel(16);
+        let uplinks = Uplinks {
+            lanes: vec![sender].into(),
+            lag: gate(1, 1024), // refuses above 512 bytes
+        };
+        uplinks.lag.attach();
+        let id = DeviceId::new("A-1").unwrap();
+        let big = || Uplink {
+            publish: Publish::new(
+                Bytes::from_static(b"posfleet/v1/d/A-1/up/tm"),
+                Bytes::from(vec![0u8; 300]),
+                false,
+            ),
+            ack: None,
+        };
+        assert_eq!(uplinks.send(&id, big()).await, Ok(()));
+        assert_eq!(
+            uplinks.send(&id, big()).await,
+            Err(Refused::ControllerBehind)
+        );
+        assert_eq!(uplinks.try_send(&id, big()), Err(Refused::ControllerBehind));
+        assert!(receiver.recv().await.is_some());
+        assert!(
+            receiver.try_recv().is_err(),
+            "refused uplinks never reach the lane"
+        );
+        assert_eq!(Refused::ControllerBehind.reason(), "controller_behind");
     }
 }

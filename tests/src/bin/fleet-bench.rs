@@ -5,6 +5,7 @@
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- commands --terminals 10000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- rollout --terminals 1000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- flood --attackers 1000
+//! cargo run --release -p posfleet-tests --bin fleet-bench -- uplink-flood --terminals 1000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- logins --samples 20
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- versus --terminals 1000
 //! cargo run --release -p posfleet-tests --bin fleet-bench -- versus --sizes 1000,5000,10000,19000
@@ -28,6 +29,7 @@ use posfleet_tests::rolloutbench::{RolloutBench, run_rollout};
 use posfleet_tests::txbench::driver_beside_current_exe;
 use posfleet_tests::txbench::faults::{FaultsBench, run_faults};
 use posfleet_tests::txbench::ingest::{IngestBench, run_ingest};
+use posfleet_tests::uplinkflood::{UplinkFloodBench, run_uplink_flood};
 use posfleet_tests::versusbench::{VersusBench, run_versus};
 
 #[derive(Debug, Parser)]
@@ -83,6 +85,10 @@ enum Command {
     /// A thousand idle or slow clients (one address, or one each) against the admin API, the
     /// device endpoint and the MQTT edge: latency of a legitimate request meanwhile.
     Flood(FloodBench),
+    /// One terminal publishing QoS 1 uplinks as fast as it can beside N heartbeating
+    /// terminals: the others' heartbeat delay, the flooder's accepted rate, and the edge's
+    /// throttle, refusal and controller-lag counters before and after.
+    UplinkFlood(UplinkFloodBench),
     /// Login latency per refusal reason (all alike), and a login flood against a broker with
     /// simulated terminals: its memory and the API's latency meanwhile.
     Logins(LoginBench),
@@ -164,6 +170,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Flood(params) => {
             let report = runtime.block_on(run_flood(&bins, params, progress))?;
+            println!("{report}");
+        }
+        Command::UplinkFlood(params) => {
+            let report = runtime.block_on(run_uplink_flood(&bins, params, progress))?;
             println!("{report}");
         }
         Command::Logins(params) => {

@@ -25,8 +25,8 @@
 //! Everything is on 127.0.0.1; every wait is bounded by `--timeout`; a run that fails is
 //! reported as failed and the other broker is still measured.
 
-mod fleet;
-mod observer;
+pub(crate) mod fleet;
+pub(crate) mod observer;
 mod report;
 
 use std::path::PathBuf;
