@@ -28,7 +28,7 @@ use super::devices::DeviceSessions;
 use super::gate::DeviceGate;
 use super::pump::{Ledger, inbound, outbound, send_to_router};
 use super::router::RouterHandle;
-use super::sessions::{ClaimError, Sessions};
+use super::sessions::{ClaimError, SessionSlot, Sessions};
 use super::uplinks::{Refused, Uplink, Uplinks};
 use crate::enrolment::{Revocations, Standing};
 use crate::metrics::Metrics;
@@ -159,9 +159,11 @@ pub(crate) async fn run<S>(
                 warn!(device = %identity, reason = denial.reason(), "last will refused");
                 return refuse_with(&shared, &mut writer, &identity, "will_not_allowed").await;
             }
+            // Copied out of the read buffer, which it would otherwise keep alive for as long
+            // as the connection lasts.
             Some(Will {
-                topic: will.topic,
-                payload: will.message,
+                topic: Bytes::copy_from_slice(&will.topic),
+                payload: Bytes::copy_from_slice(&will.message),
             })
         }
     };
@@ -239,9 +241,60 @@ pub(crate) async fn run<S>(
         return;
     }
 
+    // Boxed: controllers are few, and their path must not size every terminal's future.
+    Box::pin(run_controller(
+        ControllerConnection {
+            identity: &identity,
+            client_id,
+            peer,
+            clean_session: connect.clean_session,
+            keep_alive: connect.keep_alive,
+            will,
+        },
+        reader,
+        writer,
+        buf,
+        slot,
+        &shared,
+        &shutdown,
+    ))
+    .await;
+}
+
+/// What a controller (or other non-terminal) connection brought from its CONNECT.
+struct ControllerConnection<'a> {
+    identity: &'a Identity,
+    client_id: String,
+    peer: SocketAddr,
+    clean_session: bool,
+    keep_alive: u16,
+    will: Option<Will>,
+}
+
+/// A controller connection: its own router link, CONNACK, the pump, the will.
+async fn run_controller<R, W>(
+    conn: ControllerConnection<'_>,
+    mut reader: R,
+    mut writer: W,
+    buf: BytesMut,
+    mut slot: SessionSlot,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let ControllerConnection {
+        identity,
+        client_id,
+        peer,
+        clean_session,
+        keep_alive,
+        will,
+    } = conn;
     // LinkBuilder::build blocks until the router answers.
     let router = shared.router.clone();
-    let (link_id, clean) = (client_id.clone(), connect.clean_session);
+    let (link_id, clean) = (client_id, clean_session);
     let built = tokio::task::spawn_blocking(move || router.build_link(&link_id, clean)).await;
     let (link_tx, link_rx, connack) = match built {
         Ok(Ok(link)) => link,
@@ -273,22 +326,22 @@ pub(crate) async fn run<S>(
     let attached = Attached {
         link_tx,
         link_rx,
-        identity: &identity,
-        shared: &shared,
+        identity,
+        shared,
         will,
     };
     let written = tokio::time::timeout(shared.limits.write_timeout, writer.write_all(&out)).await;
     let end = if matches!(written, Ok(Ok(()))) {
         shared.metrics.edge_connects_total.inc();
         shared.metrics.edge_connections.inc();
-        info!(device = %identity, %peer, clean_session = connect.clean_session, keep_alive = connect.keep_alive, "connected");
+        info!(device = %identity, %peer, clean_session, keep_alive, "connected");
         let end = Box::pin(attached.pump(
             &mut reader,
             &mut writer,
             buf,
-            connect.keep_alive,
+            keep_alive,
             &slot.cancel,
-            &shutdown,
+            shutdown,
         ))
         .await;
         shared.metrics.edge_connections.dec();
@@ -300,7 +353,7 @@ pub(crate) async fn run<S>(
     };
     slot.detached();
     shared.sessions.release(&slot);
-    finish(&mut writer, &shared, &identity, peer, end).await;
+    finish(&mut writer, shared, identity, peer, end).await;
 }
 
 /// What a terminal connection brought from its CONNECT.

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use posfleet_proto::MAX_PACKET_SIZE;
 use posfleet_proto::pki::Identity;
@@ -251,6 +251,11 @@ pub(super) fn accept_publish(
         Ok(topic) => {
             // posfleet keeps state in the registry, not in retained messages.
             publish.retain = false;
+            // Detached from the connection's read buffer: the router's ring keeps a message
+            // until it wraps, and a slice would keep the whole buffer alive with it (an idle
+            // terminal's last heartbeat held ~3 KiB; docs/benchmarks.md, heap breakdown).
+            publish.topic = Bytes::copy_from_slice(&publish.topic);
+            publish.payload = Bytes::copy_from_slice(&publish.payload);
             shared
                 .metrics
                 .edge_publishes_total
