@@ -124,8 +124,8 @@ impl LagGate {
     /// held: an unread byte is lost only when more than that is unread. The gate closes at
     /// half of it: the book is exact for what the lanes send, and the other half covers what
     /// it does not see (another router client publishing on the controller's filter, a
-    /// segment overshooting by its last message). With the defaults (4 × 8 MiB) it closes at
-    /// 12 MiB of lag, over a minute of a 10,000-terminal fleet's heartbeats and telemetry.
+    /// segment overshooting by its last message). With the defaults (4 × 4 MiB) it closes at
+    /// 6 MiB of lag, about 40 s of a 10,000-terminal fleet's heartbeats and telemetry.
     /// A single segment guarantees nothing (it is dropped whole when it rolls); it is
     /// treated as two.
     fn limit(settings: &RouterSettings) -> i64 {

@@ -44,9 +44,14 @@ impl Default for RouterSettings {
             max_outgoing_packet_count: 200,
             segment_size: 512 * 1024,
             segment_count: 2,
-            controller_segment_size: 8 * 1024 * 1024,
+            // A ring is never emptied by reading: it fills to its size with messages already
+            // delivered and stays full, a fixed cost of ~1.7× its size in heap (each entry
+            // holds a Publish and its own topic and payload allocations). 4 × 4 MiB keeps
+            // the lag gate's margin at 6 MiB, about 40 s of a 10,000-terminal fleet's
+            // steady uplinks (docs/benchmarks.md, "Memory per idle terminal").
+            controller_segment_size: 4 * 1024 * 1024,
             controller_segment_count: 4,
-            downlink_segment_size: 8 * 1024 * 1024,
+            downlink_segment_size: 4 * 1024 * 1024,
             downlink_segment_count: 4,
             uplink_lanes: 4,
         }
