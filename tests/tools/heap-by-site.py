@@ -11,8 +11,9 @@ never freed is what was live at the kill. Then:
     tests/tools/heap-by-site.py folded.txt --terminals 10000 [--depth 3] [--top 40] [--filter S]
 
 Each stack is named by its innermost DEPTH frames outside allocator, collection and runtime
-plumbing (file:function, innermost first). Only works with the glibc allocator (heaptrack
-intercepts malloc); the broker's binaries install jemalloc, so record a build without it.
+plumbing (file:function, innermost first). heaptrack sees only malloc: the broker's binaries
+install jemalloc (`#[global_allocator]` in tests/src/bin/pf-broker.rs and broker/src/main.rs),
+so record a build with that item removed.
 """
 import argparse
 import collections
