@@ -172,8 +172,8 @@ fn scan_for_pans(roots: &[PathBuf], planted: &[String]) -> ScanReport {
 }
 
 /// The scan would see a leak: a copy of a real sled file of the controller's transaction
-/// store with one PAN written into it is flagged, at that offset, and a searched-for number
-/// is found; the same file without it is clean.
+/// store with one PAN written into it (between two bytes that are never text) is flagged, at
+/// that offset, and a searched-for number is found; the same file without it is clean.
 fn scan_self_check(broker: &Broker, started_ms: u64, planted: &[String]) {
     let sled_file = broker.data_dir().join("transactions").join("db");
     let bytes =
@@ -183,10 +183,16 @@ fn scan_self_check(broker: &Broker, started_ms: u64, planted: &[String]) {
     scan_bytes(&sled_file, &bytes, planted, &mut clean);
     assert!(clean.is_clean(), "{clean}");
     let leak = luhn_number("411111", 16, started_ms);
-    let at = bytes.len() / 2;
-    let mut leaked = bytes[..at].to_vec();
+    // In the middle, between two 0xFF bytes (never part of UTF-8): the neighbouring bytes can
+    // then never join the number into a longer run of digits, separators or letters, which
+    // would be found at another offset or not at all.
+    let middle = bytes.len() / 2;
+    let at = middle + 1;
+    let mut leaked = bytes[..middle].to_vec();
+    leaked.push(0xFF);
     leaked.extend_from_slice(leak.as_bytes());
-    leaked.extend_from_slice(&bytes[at..]);
+    leaked.push(0xFF);
+    leaked.extend_from_slice(&bytes[middle..]);
     let mut report = ScanReport::default();
     scan_bytes(
         &sled_file,
