@@ -193,13 +193,24 @@ async fn local_bus(
     edge: &BareEdge,
     incoming_capacity: usize,
 ) -> (Bus, mpsc::Receiver<SessionEvent>, CancellationToken) {
+    attach_local(edge.edge.clone(), incoming_capacity, &edge.tracker).await
+}
+
+/// An embedded controller's local bus on `edge`, subscribed to every uplink, with
+/// `incoming_capacity` events in its channel; returns once it is attached (also used by
+/// `edge::lag_tests`).
+pub(crate) async fn attach_local(
+    edge: crate::edge::EdgeHandle,
+    incoming_capacity: usize,
+    tracker: &TaskTracker,
+) -> (Bus, mpsc::Receiver<SessionEvent>, CancellationToken) {
     let cancel = CancellationToken::new();
-    let mut cfg = LocalConfig::new(edge.edge.clone());
+    let mut cfg = LocalConfig::new(edge);
     cfg.incoming_capacity = incoming_capacity;
     let (bus, mut events) = spawn_bus(
         BusConfig::Local(cfg),
         Filter::all_uplinks(),
-        &edge.tracker,
+        tracker,
         cancel.clone(),
     )
     .unwrap();

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use posfleet_agent::mqtt::SessionEvent;
-use posfleet_proto::{Channel, Filter};
+use posfleet_proto::Channel;
 use rumqttc::{Event, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -13,8 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::tests::{Fixture, WAIT, closed, connack, topic};
 use super::*;
-use crate::bus::local::LocalConfig;
-use crate::bus::{Bus, BusConfig, spawn_bus};
+use crate::bus::Bus;
 
 /// rumqttd refuses segments below 1 KiB.
 const SEGMENT: usize = 1024;
@@ -32,24 +31,7 @@ async fn embedded_controller(
     fx: &Fixture,
     tracker: &TaskTracker,
 ) -> (Bus, mpsc::Receiver<SessionEvent>, CancellationToken) {
-    let cancel = CancellationToken::new();
-    let mut cfg = LocalConfig::new(fx.edge.clone());
-    cfg.incoming_capacity = 1;
-    let (bus, mut events) = spawn_bus(
-        BusConfig::Local(cfg),
-        Filter::all_uplinks(),
-        tracker,
-        cancel.clone(),
-    )
-    .unwrap();
-    let first = tokio::time::timeout(WAIT, events.recv()).await.unwrap();
-    assert_eq!(
-        first,
-        Some(SessionEvent::Connected {
-            session_present: false
-        })
-    );
-    (bus, events, cancel)
+    crate::bus::tests::attach_local(fx.edge.clone(), 1, tracker).await
 }
 
 /// What one terminal connection got through.

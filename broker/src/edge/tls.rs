@@ -70,9 +70,10 @@ pub fn mtls_server_config(
     // (sealed under rustls' in-memory, rotating ticket key), so the edge keeps nothing per
     // terminal for them; a session cache held about 2 KiB per terminal (docs/benchmarks.md,
     // heap breakdown). A resumed session still presents the client certificate it was
-    // established with, and every connection is checked against revocations and retirements
-    // after the handshake (`connection.rs`), so resumption admits no one a full handshake
-    // would refuse.
+    // established with, and every connection is checked for the certificate's validity period,
+    // revocations and retirements after the handshake (`connection.rs`). Tickets do not outlive
+    // the process (the ticket key is in memory), so a new fleet CA, which needs a restart, ends
+    // every earlier ticket.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     config.send_tls13_tickets = 1;
