@@ -97,7 +97,7 @@ impl MqttClient {
         client_id: &str,
         tls: Arc<rustls::ClientConfig>,
     ) -> anyhow::Result<Connect> {
-        Self::connect_with_will(addr, client_id, tls, None).await
+        Self::connect_within(addr, client_id, tls, None, STEP_TIMEOUT).await
     }
 
     /// [`MqttClient::connect`] with a last will in the CONNECT.
@@ -107,6 +107,20 @@ impl MqttClient {
         tls: Arc<rustls::ClientConfig>,
         will: Option<LastWill>,
     ) -> anyhow::Result<Connect> {
+        Self::connect_within(addr, client_id, tls, will, STEP_TIMEOUT).await
+    }
+
+    /// [`MqttClient::connect_with_will`], waiting at most `limit` for the CONNACK. The
+    /// whole attempt (TCP connect, TLS handshake, CONNECT, CONNACK) has that bound: rumqttc's
+    /// own connection timeout (5 s unless set) is raised to it, so it cannot cut the attempt
+    /// shorter than the caller asked.
+    pub async fn connect_within(
+        addr: SocketAddr,
+        client_id: &str,
+        tls: Arc<rustls::ClientConfig>,
+        will: Option<LastWill>,
+        limit: Duration,
+    ) -> anyhow::Result<Connect> {
         let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         options.set_keep_alive(Duration::from_secs(10));
@@ -115,7 +129,10 @@ impl MqttClient {
             options.set_last_will(will);
         }
         let (client, mut eventloop) = AsyncClient::new(options, 16);
-        let outcome = tokio::time::timeout(STEP_TIMEOUT, async {
+        let mut network = eventloop.network_options();
+        network.set_connection_timeout(limit.as_secs().max(1));
+        eventloop.set_network_options(network);
+        let outcome = tokio::time::timeout(limit, async {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -131,7 +148,7 @@ impl MqttClient {
             }
         })
         .await
-        .map_err(|_| anyhow!("no CONNACK or error within {STEP_TIMEOUT:?}"))?;
+        .map_err(|_| anyhow!("no CONNACK or error within {limit:?}"))?;
         Ok(match outcome {
             Ok(()) => Connect::Accepted(Box::new(Self {
                 client,
