@@ -104,6 +104,8 @@ pub struct Metrics {
     pub tx_acks_total: Counter,
     /// TransactionAcks that could not be queued (session closed or slow); terminals resend.
     pub tx_ack_failures_total: Counter,
+    /// Retry-after notices queued for terminals whose batch the full queue refused.
+    pub tx_retry_after_total: Counter,
     /// Transaction batches waiting for the committer.
     pub tx_queue_depth: Gauge,
     /// Devices with a sequence gap older than the grace period.
@@ -179,6 +181,7 @@ impl Metrics {
         let tx_ack_latency_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let tx_acks_total = Counter::default();
         let tx_ack_failures_total = Counter::default();
+        let tx_retry_after_total = Counter::default();
         let tx_queue_depth = Gauge::default();
         let tx_devices_with_gaps = Gauge::default();
         let commands_status_total = Family::default();
@@ -347,6 +350,11 @@ impl Metrics {
             tx_ack_failures_total.clone(),
         );
         registry.register(
+            "tx_retry_after",
+            "Retry-after notices queued for terminals whose batch the full queue refused",
+            tx_retry_after_total.clone(),
+        );
+        registry.register(
             "tx_queue_depth",
             "Transaction batches waiting for the committer",
             tx_queue_depth.clone(),
@@ -420,6 +428,7 @@ impl Metrics {
             tx_ack_latency_seconds,
             tx_acks_total,
             tx_ack_failures_total,
+            tx_retry_after_total,
             tx_queue_depth,
             tx_devices_with_gaps,
             commands_status_total,

@@ -114,6 +114,11 @@ impl Ingest {
                     .inc();
                 if matches!(e, IngestError::Unsupported { .. }) {
                     debug!(device_id = %device, channel = channel.name(), "uplink channel not handled yet");
+                } else if matches!(e, IngestError::Overloaded { .. }) {
+                    // Flow control, not a fault: counted, and the terminal is told to retry
+                    // after a while (a warning per refused batch would flood the log under
+                    // exactly the load that causes it).
+                    debug!(device_id = %device, channel = channel.name(), "uplink refused: controller behind");
                 } else {
                     warn!(
                         device_id = %device,

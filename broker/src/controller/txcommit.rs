@@ -5,10 +5,17 @@
 //!
 //! At stop it closes the queue, commits and acknowledges what was already queued, then ends;
 //! nothing is ever acknowledged that the store did not make durable first.
+//!
+//! Back-pressure (docs/decisions/0014-transaction-back-pressure.md): an acknowledgement says
+//! when the device's store has a gap (`gap`: a batch before this one never arrived, resend at
+//! once), and a terminal whose batch the full queue refused gets an acknowledgement that
+//! acknowledges nothing and asks it to wait (`retry_after_ms`), at most one per terminal per
+//! retry period ([`notify_refused`]).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use posfleet_proto::{Channel, DeviceId, Topic, encode, pb};
 use tokio::sync::mpsc;
@@ -16,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use super::txqueue::{Job, Queued, TxConfig};
+use super::txqueue::{Job, Queued, TxConfig, TxReceiver};
 use crate::bus::Bus;
 use crate::events::EventBus;
 use crate::metrics::Metrics;
@@ -28,7 +35,7 @@ use crate::views::{AlertKind, FleetEvent, Severity};
 const MAX_REJECTED_PER_ACK: usize = 4096;
 
 /// Where acknowledgements go: the controller's bus, or a test double.
-pub(crate) trait AckSink: Send + Sync + 'static {
+pub(crate) trait AckSink: Clone + Send + Sync + 'static {
     /// Queues `ack` for `device` (QoS 1).
     fn publish_ack(
         &self,
@@ -60,15 +67,23 @@ impl<A: AckSink> Committer<A> {
     /// and acknowledge what is queued, and end; the returned token is cancelled then.
     pub(crate) fn spawn(
         self,
-        rx: mpsc::Receiver<Job>,
+        rx: TxReceiver,
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> CancellationToken {
         let done = CancellationToken::new();
         let finished = done.clone();
         let blocking = tracker.clone();
+        tracker.spawn(notify_refused(
+            self.acks.clone(),
+            rx.refused,
+            self.cfg.retry_after,
+            self.cfg.ack_timeout,
+            Arc::clone(&self.metrics),
+            stop.clone(),
+        ));
         tracker.spawn(async move {
-            self.run(rx, &blocking, stop).await;
+            self.run(rx.jobs, &blocking, stop).await;
             finished.cancel();
         });
         done
@@ -253,6 +268,10 @@ impl<A: AckSink> Committer<A> {
 /// [`MAX_REJECTED_PER_ACK`] rejected seqs, several, each claiming no more than it lists
 /// rejections for (ADR 0005: the terminal drops everything up to `durable_through_seq`
 /// except the rejected seqs, so an ack must list every rejection at or below its watermark).
+///
+/// `gap` is set on the one that claims the device's watermark when the device has records
+/// above a missing seq: the terminal then sends again from `durable_through_seq + 1` without
+/// waiting.
 pub(crate) fn acks_for(device: &DeviceOutcome) -> Vec<pb::TransactionAck> {
     let dts = device.durable_through_seq;
     let chunks: Vec<&[u64]> = device.rejected_seqs.chunks(MAX_REJECTED_PER_ACK).collect();
@@ -260,6 +279,8 @@ pub(crate) fn acks_for(device: &DeviceOutcome) -> Vec<pb::TransactionAck> {
         return vec![pb::TransactionAck {
             durable_through_seq: dts,
             rejected_seqs: device.rejected_seqs.clone(),
+            gap: device.gap,
+            retry_after_ms: 0,
         }];
     }
     chunks
@@ -273,7 +294,77 @@ pub(crate) fn acks_for(device: &DeviceOutcome) -> Vec<pb::TransactionAck> {
             pb::TransactionAck {
                 durable_through_seq: limit,
                 rejected_seqs: chunk.to_vec(),
+                // Below the watermark nothing is missing: only the last ack may say gap.
+                gap: device.gap && limit == dts,
+                retry_after_ms: 0,
             }
         })
         .collect()
+}
+
+/// The acknowledgement that asks a refused terminal to wait `retry_after` and acknowledges
+/// nothing.
+pub(crate) fn retry_after_ack(retry_after: Duration) -> pb::TransactionAck {
+    pb::TransactionAck {
+        durable_through_seq: 0,
+        rejected_seqs: Vec::new(),
+        gap: false,
+        retry_after_ms: u32::try_from(retry_after.as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1),
+    }
+}
+
+/// Tells each terminal whose batch the full queue refused to wait `retry_after`, at most once
+/// per terminal per `retry_after` (a terminal with 4 batches in flight is refused up to 4
+/// times in a row). Ends at `stop` or when the queue is gone.
+async fn notify_refused<A: AckSink>(
+    acks: A,
+    mut refused: mpsc::Receiver<DeviceId>,
+    retry_after: Duration,
+    ack_timeout: Duration,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let ack = retry_after_ack(retry_after);
+    // Terminals told within the last `retry_after`; pruned every `retry_after`, so it holds
+    // at most the terminals refused within two periods.
+    let mut told: HashMap<DeviceId, Instant> = HashMap::new();
+    let mut pruned = Instant::now();
+    loop {
+        let device = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            device = refused.recv() => match device {
+                Some(device) => device,
+                None => return,
+            },
+        };
+        let now = Instant::now();
+        if now.duration_since(pruned) >= retry_after {
+            told.retain(|_, at| now.duration_since(*at) < retry_after);
+            pruned = now;
+        }
+        if told
+            .get(&device)
+            .is_some_and(|at| now.duration_since(*at) < retry_after)
+        {
+            continue;
+        }
+        told.insert(device.clone(), now);
+        let publish = acks.publish_ack(&device, &ack);
+        match tokio::time::timeout(ack_timeout, publish).await {
+            Ok(Ok(())) => {
+                metrics.tx_retry_after_total.inc();
+            }
+            Ok(Err(error)) => {
+                metrics.tx_ack_failures_total.inc();
+                debug!(device_id = %device, %error, "retry-after notice not sent");
+            }
+            Err(_) => {
+                metrics.tx_ack_failures_total.inc();
+                debug!(device_id = %device, "retry-after notice not sent in time");
+            }
+        }
+    }
 }

@@ -150,6 +150,15 @@ fn ack(dts: u64, rejected: &[u64]) -> pb::TransactionAck {
     pb::TransactionAck {
         durable_through_seq: dts,
         rejected_seqs: rejected.to_vec(),
+        ..pb::TransactionAck::default()
+    }
+}
+
+/// An acknowledgement that also says the device has records above a missing seq.
+fn gap_ack(dts: u64, rejected: &[u64]) -> pb::TransactionAck {
+    pb::TransactionAck {
+        gap: true,
+        ..ack(dts, rejected)
     }
 }
 
@@ -158,7 +167,8 @@ async fn out_of_order_and_duplicated_batches_are_stored_once_and_acked_cumulativ
     let h = Harness::start(TxConfig::default(), None, Recorder::default());
     h.send("T-1", vec![test_sale(3, 300), test_sale(4, 400)])
         .unwrap();
-    assert_eq!(h.wait_acks(1).await[0], ("T-1".into(), ack(0, &[])));
+    // Seqs 1 and 2 are missing below what was stored: the ack says so.
+    assert_eq!(h.wait_acks(1).await[0], ("T-1".into(), gap_ack(0, &[])));
     h.send("T-1", vec![test_sale(1, 100), test_sale(2, 200)])
         .unwrap();
     assert_eq!(h.wait_acks(2).await[1], ("T-1".into(), ack(4, &[])));
@@ -360,7 +370,7 @@ async fn stopping_commits_and_acknowledges_what_was_queued_then_refuses() {
 #[tokio::test]
 async fn a_full_queue_refuses_at_once_instead_of_waiting() {
     let cfg = TxConfig {
-        queue_capacity: 1,
+        max_queued_records: 1,
         ..TxConfig::default()
     };
     let (queue, _rx) = TxQueue::new(&cfg);
@@ -381,6 +391,109 @@ async fn a_full_queue_refuses_at_once_instead_of_waiting() {
     ingest.handle(&topic, &payload, 1).unwrap();
     let err = ingest.handle(&topic, &payload, 1).unwrap_err();
     assert_eq!(err.reason(), "overloaded");
+}
+
+/// A submission of one transaction with `seq` from `device`.
+fn one(device: &str, seq: u64) -> crate::txstore::Submission {
+    crate::txstore::Submission {
+        device: id(device),
+        received_at_ms: 1,
+        records: vec![crate::txstore::ValidTx::try_from(test_sale(seq, 1)).unwrap()],
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_terminals_with_four_small_batches_in_flight_are_all_queued() {
+    // The queue is a budget of transactions and bytes: 4,000 one-transaction batches (a
+    // thousand terminals, each with the agent's four batches in flight) fit, where a bound of
+    // 1,024 batches refused three quarters of them and left every refused terminal with a gap.
+    let (queue, _rx) = TxQueue::new(&TxConfig::default());
+    let mut refused = 0;
+    for terminal in 0..1000 {
+        for seq in 1..=4 {
+            if queue.try_submit(one(&format!("T-{terminal}"), seq), 300).is_err() {
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 0, "batches refused below the budget");
+    assert_eq!(queue.depth(), 4000);
+}
+
+#[tokio::test]
+async fn the_budget_is_counted_in_transactions_and_in_bytes() {
+    let cfg = TxConfig {
+        max_queued_records: 10,
+        max_queued_bytes: 1000,
+        ..TxConfig::default()
+    };
+    let (queue, _rx) = TxQueue::new(&cfg);
+    let many = crate::txstore::Submission {
+        records: (1..=9).map(|s| crate::txstore::ValidTx::try_from(test_sale(s, 1)).unwrap()).collect(),
+        ..one("T-1", 1)
+    };
+    queue.try_submit(many, 100).unwrap();
+    queue.try_submit(one("T-2", 1), 100).unwrap();
+    // Ten transactions queued: the eleventh is refused although bytes remain.
+    assert!(queue.try_submit(one("T-3", 1), 100).is_err());
+    let (queue, _rx) = TxQueue::new(&cfg);
+    queue.try_submit(one("T-1", 1), 900).unwrap();
+    // 900 of 1,000 bytes queued: a 101-byte batch is refused although transactions remain.
+    assert!(queue.try_submit(one("T-2", 1), 101).is_err());
+    queue.try_submit(one("T-3", 1), 100).unwrap();
+    // A batch larger than the whole budget is taken once the queue is empty, not never.
+    let (queue, _rx) = TxQueue::new(&cfg);
+    queue.try_submit(one("T-1", 1), 5000).unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_terminal_is_told_to_retry_after_a_while_once_per_period() {
+    // Commits are held after their fsync until the test releases them, so what was queued
+    // keeps its budget (the bound only matters if the test fails before releasing).
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let hook: crate::txstore::SyncHook = Arc::new(move || {
+        let _ = release_rx
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(120));
+    });
+    let cfg = TxConfig {
+        max_queued_records: 2,
+        retry_after: Duration::from_secs(600),
+        ..TxConfig::default()
+    };
+    let h = Harness::start(cfg, Some(hook), Recorder::default());
+    h.send("T-1", vec![test_sale(1, 100)]).unwrap();
+    h.send("T-1", vec![test_sale(2, 100)]).unwrap();
+    // The budget is spent: T-1's next two batches and T-2's are refused.
+    for seq in [3, 4] {
+        let refused = h.send("T-1", vec![test_sale(seq, 100)]).unwrap_err();
+        assert_eq!(refused.reason(), "overloaded");
+    }
+    let refused = h.send("T-2", vec![test_sale(1, 100)]).unwrap_err();
+    assert_eq!(refused.reason(), "overloaded");
+    // One notice per refused terminal (in refusal order, so T-1's second refusal was handled
+    // before T-2's notice went out), acknowledging nothing.
+    let notice = pb::TransactionAck {
+        retry_after_ms: 600_000,
+        ..ack(0, &[])
+    };
+    let acks = h.wait_acks(2).await;
+    assert_eq!(
+        acks,
+        vec![("T-1".into(), notice.clone()), ("T-2".into(), notice)]
+    );
+    assert_eq!(h.metrics.tx_retry_after_total.get(), 2);
+    // The queued batches are committed and acknowledged as usual once the disk catches up.
+    for _ in 0..4 {
+        let _ = release_tx.send(());
+    }
+    let acks = h.wait_acks(3).await;
+    assert_eq!(acks.last().unwrap().0, "T-1");
+    let (store, recorder) = h.stop().await;
+    assert_eq!(store.durable_through(&id("T-1")), 2);
+    assert_eq!(recorder.acks().last().unwrap().1, ack(2, &[]));
 }
 
 #[tokio::test]
@@ -460,4 +573,10 @@ fn very_many_rejections_are_split_without_overclaiming() {
     }
     assert_eq!(seen, rejected);
     assert_eq!(acks.last().unwrap().durable_through_seq, 30_000);
+    assert!(acks.iter().all(|a| !a.gap && a.retry_after_ms == 0));
+    // With a gap above the watermark, only the ack that claims the watermark says so: below
+    // it nothing is missing.
+    let gapped = acks_for(&DeviceOutcome { gap: true, ..outcome });
+    let flags: Vec<bool> = gapped.iter().map(|a| a.gap).collect();
+    assert_eq!(flags, vec![false, false, true]);
 }
