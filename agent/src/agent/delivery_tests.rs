@@ -50,6 +50,7 @@ fn ack(through: u64, rejected: Vec<u64>) -> Vec<u8> {
     encode(&pb::TransactionAck {
         durable_through_seq: through,
         rejected_seqs: rejected,
+        ..Default::default()
     })
     .unwrap()
 }
@@ -185,6 +186,101 @@ async fn resends_from_the_lowest_unacked_seq_after_the_timeout() {
         }
     };
     assert_eq!(again[0].0, 3);
+    a.stop().await;
+}
+
+/// An ack that reports a gap above `through`.
+fn gap_ack(through: u64) -> Vec<u8> {
+    encode(&pb::TransactionAck {
+        durable_through_seq: through,
+        gap: true,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// The first seq of every batch published until one carries `seq`.
+async fn batch_starts_until(broker: &mut FakeBroker, seq: u64) -> Vec<u64> {
+    let mut starts = Vec::new();
+    loop {
+        let batch = next_batch(broker).await;
+        starts.push(batch[0].seq);
+        if batch.iter().any(|t| t.seq == seq) {
+            return starts;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reported_gap_resends_at_once_and_only_once_per_watermark() {
+    // The resend timeout is an hour: only the gap report can cause a resend here.
+    let pki = TestPki::new();
+    let mut broker = FakeBroker::start(&pki).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = open(tmp.path(), HOUR).await;
+    let a = Running::start(&pki, &broker, &outbox);
+    a.accept("g", 3).await;
+    assert_eq!(collect(&mut broker, 3).await, ids("g", 3));
+    // The controller stored a later batch but not the one with seq 1.
+    broker.push(ACK_TOPIC, &gap_ack(0));
+    assert_eq!(
+        collect(&mut broker, 3).await,
+        ids("g", 3),
+        "resent from seq 1"
+    );
+    // Acks of batches sent before that resend report the same gap: no second resend.
+    broker.push(ACK_TOPIC, &gap_ack(0));
+    eventually("second gap ack taken in", || {
+        a.handle.ack_stats().accepted == 2
+    })
+    .await;
+    a.accept("h", 1).await;
+    assert_eq!(batch_starts_until(&mut broker, 4).await, [4]);
+    // A gap above a new watermark is a new loss: resent from there.
+    broker.push(ACK_TOPIC, &gap_ack(1));
+    eventually("ack through 1", || a.handle.outbox().depth() == 3).await;
+    let resent: Vec<u64> = collect(&mut broker, 3)
+        .await
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(resent, [2, 3, 4]);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_retry_after_holds_new_batches_then_resends_everything_unacked() {
+    let pki = TestPki::new();
+    let mut broker = FakeBroker::start(&pki).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = open(tmp.path(), HOUR).await;
+    let a = Running::start(&pki, &broker, &outbox);
+    a.accept("w", 2).await;
+    assert_eq!(collect(&mut broker, 2).await, ids("w", 2));
+    // The controller refused a batch: hold on for ~1 s, then send again.
+    let notice = encode(&pb::TransactionAck {
+        retry_after_ms: 1000,
+        ..Default::default()
+    })
+    .unwrap();
+    broker.push(ACK_TOPIC, &notice);
+    eventually("retry-after taken in", || {
+        a.handle.ack_stats().accepted == 1
+    })
+    .await;
+    a.accept("x", 1).await;
+    // Seq 3 does not go out on its own during the hold: the first batch after it starts
+    // again from the lowest unacknowledged seq (were the accept slower than the hold, seq 3
+    // would follow in a batch of its own, after that one).
+    let starts = batch_starts_until(&mut broker, 3).await;
+    assert_eq!(starts[0], 1, "batches started at {starts:?}");
+    assert_eq!(
+        a.handle.outbox().depth(),
+        3,
+        "a retry-after acknowledges nothing"
+    );
+    broker.push(ACK_TOPIC, &ack(3, vec![]));
+    eventually("all acknowledged", || a.handle.outbox().depth() == 0).await;
     a.stop().await;
 }
 

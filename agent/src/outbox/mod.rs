@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::warn;
 
 pub(crate) use sender::Sender;
-pub use sender::{AckInbox, AckStats, AckVerdict};
+pub use sender::{AckInbox, AckNews, AckStats, AckVerdict, MAX_RETRY_AFTER};
 pub use store::StoredEntry;
 pub use writer::AckOutcome;
 

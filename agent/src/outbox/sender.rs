@@ -5,7 +5,14 @@
 //!   entries and the channel's payload limit, published (QoS 1) when full or after
 //!   [`OutboxSettings::linger`]. Only entries the outbox has made durable are ever sent.
 //! - At most [`OutboxSettings::max_in_flight`] batches wait for their ack. Without progress
-//!   for [`OutboxSettings::resend_timeout`], and after every reconnect, sending starts again
+//!   for [`OutboxSettings::resend_timeout`] (each wait drawn from ±25% of it, so terminals
+//!   refused by the same burst do not resend together), and after every reconnect, sending
+//!   starts again from the lowest unacknowledged seq.
+//! - Back-pressure (docs/decisions/0014-transaction-back-pressure.md): an ack that says `gap`
+//!   (a batch sent before an acknowledged one never reached the store) starts sending again
+//!   from the lowest unacknowledged seq at once, once per watermark; an ack with
+//!   `retry_after_ms` (the controller's queue refused a batch) holds every batch for that long
+//!   (drawn from 50–150% of it, capped at [`MAX_RETRY_AFTER`]), then sending starts again
 //!   from the lowest unacknowledged seq.
 //! - Acks arrive through the [`AckInbox`], which the agent's event consumer fills without
 //!   ever waiting (see the MQTT session's back-pressure rules). The inbox checks each ack
@@ -33,6 +40,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 const FRAMING: usize = 6;
 /// Pause after a failed outbox read or publish before trying again.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Longest hold a controller's retry-after can impose (a larger value is capped, not
+/// refused: the controller is trusted, but a terminal must not stop sending for hours).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// What the inbox made of one incoming ack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +81,23 @@ struct InboxState {
     through: u64,
     /// Valid rejected seqs not yet taken by the sender.
     rejected: BTreeSet<u64>,
+    /// The highest watermark an ack reported a gap above, not yet taken.
+    gap_above: Option<u64>,
+    /// The longest retry-after asked for and not yet taken (capped).
+    retry_after: Option<Duration>,
+}
+
+/// What the acks that arrived since the sender last looked say, merged.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AckNews {
+    /// The highest `durable_through_seq` (0: none).
+    pub through: u64,
+    /// Every rejected seq, sorted.
+    pub rejected: Vec<u64>,
+    /// The highest watermark above which an ack reported a gap.
+    pub gap_above: Option<u64>,
+    /// The longest retry-after asked for, capped at [`MAX_RETRY_AFTER`].
+    pub retry_after: Option<Duration>,
 }
 
 impl AckInbox {
@@ -105,6 +132,13 @@ impl AckInbox {
         }
         state.through = state.through.max(ack.durable_through_seq);
         state.rejected.extend(ack.rejected_seqs);
+        if ack.gap {
+            state.gap_above = state.gap_above.max(Some(ack.durable_through_seq));
+        }
+        if ack.retry_after_ms > 0 {
+            let wait = Duration::from_millis(u64::from(ack.retry_after_ms)).min(MAX_RETRY_AFTER);
+            state.retry_after = state.retry_after.max(Some(wait));
+        }
         drop(state);
         self.accepted.fetch_add(1, Ordering::Relaxed);
         self.notify.notify_one();
@@ -124,14 +158,15 @@ impl AckInbox {
         state.highest_sent = state.highest_sent.max(seq);
     }
 
-    pub(crate) fn take(&self) -> Option<(u64, Vec<u64>)> {
+    pub(crate) fn take(&self) -> Option<AckNews> {
         let mut state = self.lock();
-        if state.through == 0 && state.rejected.is_empty() {
-            return None;
-        }
-        let through = std::mem::take(&mut state.through);
-        let rejected = std::mem::take(&mut state.rejected).into_iter().collect();
-        Some((through, rejected))
+        let news = AckNews {
+            through: std::mem::take(&mut state.through),
+            rejected: std::mem::take(&mut state.rejected).into_iter().collect(),
+            gap_above: state.gap_above.take(),
+            retry_after: state.retry_after.take(),
+        };
+        (news != AckNews::default()).then_some(news)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
@@ -161,6 +196,12 @@ pub(crate) struct Sender {
     resend_at: Option<Instant>,
     /// When a partial batch is due.
     linger_until: Option<Instant>,
+    /// The controller asked for a pause: nothing is published before this, then sending
+    /// starts again from `acked + 1`.
+    hold_until: Option<Instant>,
+    /// The watermark of the last rewind for a reported gap (one rewind per watermark: acks
+    /// of batches sent before that rewind report the same gap again).
+    gap_rewound: Option<u64>,
 }
 
 impl Sender {
@@ -186,6 +227,8 @@ impl Sender {
             in_flight: VecDeque::new(),
             resend_at: None,
             linger_until: None,
+            hold_until: None,
+            gap_rewound: None,
         }
     }
 
@@ -206,16 +249,22 @@ impl Sender {
         }
         self.next = self.acked + 1;
         loop {
-            if let Some((through, rejected)) = self.inbox.take() {
-                self.apply_ack(through, rejected).await;
+            if let Some(news) = self.inbox.take() {
+                self.apply_news(news).await;
             }
             let now = Instant::now();
+            if self.hold_until.is_some_and(|at| now >= at) {
+                debug!(from = self.acked + 1, "retry-after over; sending again");
+                self.hold_until = None;
+                self.rewind();
+            }
             if self.resend_at.is_some_and(|at| now >= at) {
                 debug!(from = self.acked + 1, "no ack in time; sending again");
                 self.rewind();
             }
             let committed = *self.committed.borrow();
-            let can_send = self.mqtt.is_connected()
+            let can_send = self.hold_until.is_none()
+                && self.mqtt.is_connected()
                 && self.in_flight.len() < self.settings.max_in_flight
                 && self.next <= committed;
             if can_send {
@@ -249,6 +298,7 @@ impl Sender {
                 }
                 () = sleep_until_opt(linger) => {}
                 () = sleep_until_opt(self.resend_at) => {}
+                () = sleep_until_opt(self.hold_until) => {}
             }
         }
         debug!("outbox sender stopped");
@@ -260,6 +310,32 @@ impl Sender {
         self.in_flight.clear();
         self.resend_at = None;
         self.linger_until = None;
+    }
+
+    /// Applies what the acks said: progress and rejections, then a gap or a retry-after.
+    async fn apply_news(&mut self, news: AckNews) {
+        self.apply_ack(news.through, news.rejected).await;
+        if let Some(wait) = news.retry_after {
+            // Nothing goes out until the hold ends; then everything unacknowledged goes again.
+            debug!(
+                ?wait,
+                "the controller is behind; holding transaction batches"
+            );
+            self.hold_until = Some(Instant::now() + jittered(wait, 0.5, 1.5));
+            self.resend_at = None;
+        }
+        // A gap right above what is acknowledged: the batch carrying `acked + 1` is lost.
+        // A gap report below `acked` is stale (closed since).
+        if let Some(above) = news.gap_above {
+            if above == self.acked && self.gap_rewound != Some(above) && self.hold_until.is_none() {
+                debug!(
+                    from = self.acked + 1,
+                    "the controller reports a gap; sending again"
+                );
+                self.gap_rewound = Some(above);
+                self.rewind();
+            }
+        }
     }
 
     async fn apply_ack(&mut self, through: u64, rejected: Vec<u64>) {
@@ -289,9 +365,13 @@ impl Sender {
                 self.in_flight.pop_front();
             }
             self.next = self.next.max(through + 1);
-            self.resend_at =
-                (!self.in_flight.is_empty()).then(|| Instant::now() + self.settings.resend_timeout);
+            self.resend_at = (!self.in_flight.is_empty()).then(|| self.resend_deadline());
         }
+    }
+
+    /// When to resend if no ack makes progress: the resend timeout, ±25%.
+    fn resend_deadline(&self) -> Instant {
+        Instant::now() + jittered(self.settings.resend_timeout, 0.75, 1.25)
     }
 
     async fn send_batch(&mut self, committed: u64, cancel: &CancellationToken) -> Result<(), Stop> {
@@ -330,7 +410,7 @@ impl Sender {
                 self.next = last + 1;
                 self.in_flight.push_back(last);
                 if self.resend_at.is_none() {
-                    self.resend_at = Some(Instant::now() + self.settings.resend_timeout);
+                    self.resend_at = Some(self.resend_deadline());
                 }
                 Ok(())
             }
@@ -355,6 +435,12 @@ impl Sender {
 
 /// The sender should end (cancelled or the session is gone).
 struct Stop;
+
+/// `base` scaled by a factor drawn uniformly from `[low, high]`.
+fn jittered(base: Duration, low: f64, high: f64) -> Duration {
+    use rand::Rng;
+    base.mul_f64(rand::rng().random_range(low..=high))
+}
 
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {

@@ -262,6 +262,50 @@ fn batch_payload_is_a_transaction_batch() {
 }
 
 #[test]
+fn the_inbox_merges_gap_reports_and_caps_retry_after() {
+    use prost::Message;
+    let inbox = AckInbox::default();
+    let id = dev("T-1");
+    inbox.sent_through(10);
+    let offer = |ack: pb::TransactionAck| inbox.offer(&id, &ack.encode_to_vec());
+    let gap = |through| pb::TransactionAck {
+        durable_through_seq: through,
+        gap: true,
+        ..Default::default()
+    };
+    assert_eq!(offer(gap(2)), AckVerdict::Accepted);
+    assert_eq!(offer(gap(1)), AckVerdict::Accepted);
+    assert_eq!(
+        offer(pb::TransactionAck {
+            retry_after_ms: u32::MAX,
+            ..Default::default()
+        }),
+        AckVerdict::Accepted
+    );
+    assert_eq!(
+        offer(pb::TransactionAck {
+            retry_after_ms: 500,
+            ..Default::default()
+        }),
+        AckVerdict::Accepted
+    );
+    assert_eq!(
+        inbox.take(),
+        Some(AckNews {
+            through: 2,
+            rejected: vec![],
+            gap_above: Some(2),
+            retry_after: Some(MAX_RETRY_AFTER),
+        }),
+        "the highest gap, the longest wait, capped"
+    );
+    assert_eq!(inbox.take(), None);
+    // A gap report or a retry-after over seqs never sent is bogus like any other ack.
+    assert_eq!(offer(gap(11)), AckVerdict::Bogus);
+    assert_eq!(inbox.take(), None);
+}
+
+#[test]
 fn the_inbox_ignores_malformed_and_bogus_acks() {
     use prost::Message;
     let inbox = AckInbox::default();
@@ -270,6 +314,7 @@ fn the_inbox_ignores_malformed_and_bogus_acks() {
         pb::TransactionAck {
             durable_through_seq: through,
             rejected_seqs: rejected,
+            ..Default::default()
         }
         .encode_to_vec()
     };
@@ -288,7 +333,11 @@ fn the_inbox_ignores_malformed_and_bogus_acks() {
     assert_eq!(inbox.offer(&id, &ack(4, vec![9])), AckVerdict::Accepted);
     assert_eq!(
         inbox.take(),
-        Some((7, vec![3, 9])),
+        Some(AckNews {
+            through: 7,
+            rejected: vec![3, 9],
+            ..AckNews::default()
+        }),
         "merged: highest point, all rejections"
     );
     assert_eq!(inbox.take(), None);

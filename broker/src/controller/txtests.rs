@@ -411,7 +411,10 @@ async fn a_thousand_terminals_with_four_small_batches_in_flight_are_all_queued()
     let mut refused = 0;
     for terminal in 0..1000 {
         for seq in 1..=4 {
-            if queue.try_submit(one(&format!("T-{terminal}"), seq), 300).is_err() {
+            if queue
+                .try_submit(one(&format!("T-{terminal}"), seq), 300)
+                .is_err()
+            {
                 refused += 1;
             }
         }
@@ -429,7 +432,9 @@ async fn the_budget_is_counted_in_transactions_and_in_bytes() {
     };
     let (queue, _rx) = TxQueue::new(&cfg);
     let many = crate::txstore::Submission {
-        records: (1..=9).map(|s| crate::txstore::ValidTx::try_from(test_sale(s, 1)).unwrap()).collect(),
+        records: (1..=9)
+            .map(|s| crate::txstore::ValidTx::try_from(test_sale(s, 1)).unwrap())
+            .collect(),
         ..one("T-1", 1)
     };
     queue.try_submit(many, 100).unwrap();
@@ -576,7 +581,10 @@ fn very_many_rejections_are_split_without_overclaiming() {
     assert!(acks.iter().all(|a| !a.gap && a.retry_after_ms == 0));
     // With a gap above the watermark, only the ack that claims the watermark says so: below
     // it nothing is missing.
-    let gapped = acks_for(&DeviceOutcome { gap: true, ..outcome });
+    let gapped = acks_for(&DeviceOutcome {
+        gap: true,
+        ..outcome
+    });
     let flags: Vec<bool> = gapped.iter().map(|a| a.gap).collect();
     assert_eq!(flags, vec![false, false, true]);
 }

@@ -166,6 +166,8 @@ fn main() -> Result {
         &pb::TransactionAck {
             durable_through_seq: 41,
             rejected_seqs: vec![3, 9],
+            gap: true,
+            retry_after_ms: 0,
         },
     )?;
 

@@ -385,7 +385,7 @@ async fn an_update_waits_for_an_idle_terminal_while_other_commands_run() {
         "posfleet/v1/d/T-1/down/txack",
         &encode(&pb::TransactionAck {
             durable_through_seq: 1,
-            rejected_seqs: Vec::new(),
+            ..Default::default()
         })
         .unwrap(),
     );
