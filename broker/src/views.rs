@@ -92,6 +92,9 @@ pub struct HeartbeatView {
     /// Generation of the last Lock/Unlock applied (0: none).
     #[serde(default)]
     pub lock_generation: u64,
+    /// Transactions refused as conflicts that the terminal keeps as dead letters.
+    #[serde(default)]
+    pub dead_letters: u32,
 }
 
 /// One telemetry sample.
@@ -281,6 +284,9 @@ pub enum AlertKind {
     SequenceGapClosed,
     /// A terminal's transaction batch was refused as invalid (its outbox cannot progress).
     InvalidTransactions,
+    /// A terminal reports more dead letters (transactions refused as conflicts, kept on the
+    /// terminal) than in its previous heartbeat.
+    DeadLetters,
     /// A kind this version does not know (sent by a newer controller).
     #[serde(other)]
     Other,

@@ -343,7 +343,7 @@ async fn entries_accepted_but_never_published_are_sent_after_a_restart() {
 }
 
 #[tokio::test]
-async fn heartbeats_report_the_outbox_depth() {
+async fn heartbeats_report_the_outbox_depth_and_dead_letters() {
     let pki = TestPki::new();
     let mut broker = FakeBroker::start(&pki).await;
     let tmp = tempfile::tempdir().unwrap();
@@ -360,9 +360,26 @@ async fn heartbeats_report_the_outbox_depth() {
             .await
             .unwrap();
     }
+    let sent: Vec<u64> = collect(&mut broker, 2)
+        .await
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(sent, [1, 2]);
     loop {
         let hb = decode::<pb::Heartbeat>(&next_on(&mut broker, "hb").await).unwrap();
         if hb.outbox_depth == 2 {
+            assert_eq!(hb.dead_letters, 0);
+            break;
+        }
+    }
+    // The controller stores seq 1 and refuses seq 2 as a conflict: the heartbeat reports an
+    // empty outbox and one dead letter.
+    broker.push(ACK_TOPIC, &ack(2, vec![2]));
+    loop {
+        let hb = decode::<pb::Heartbeat>(&next_on(&mut broker, "hb").await).unwrap();
+        if hb.dead_letters == 1 {
+            assert_eq!(hb.outbox_depth, 0);
             break;
         }
     }

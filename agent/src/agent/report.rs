@@ -123,11 +123,12 @@ impl Reporter {
         }
     }
 
-    /// `outbox_depth`: transactions accepted and not yet acknowledged by the controller.
+    /// `outbox`: transactions accepted and not yet acknowledged by the controller, and
+    /// transactions the controller refused that the terminal keeps as dead letters.
     pub(crate) fn heartbeat(
         &self,
         seq: u64,
-        outbox_depth: u32,
+        outbox: OutboxCounts,
         status: &TerminalStatus,
     ) -> pb::Heartbeat {
         pb::Heartbeat {
@@ -136,11 +137,29 @@ impl Reporter {
             interval_s: self.heartbeat_interval_s,
             uptime_s: self.started.elapsed().as_secs(),
             versions: Some(status.versions.clone()),
-            outbox_depth,
+            outbox_depth: outbox.depth,
             boot_id: self.boot_id,
             config_version: status.config_version,
             locked: status.locked,
             lock_generation: status.lock_generation,
+            dead_letters: outbox.dead_letters,
+        }
+    }
+}
+
+/// What a heartbeat says about the outbox (each saturates at `u32::MAX`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct OutboxCounts {
+    pub depth: u32,
+    pub dead_letters: u32,
+}
+
+impl OutboxCounts {
+    pub(crate) fn new(depth: u64, dead_letters: u64) -> Self {
+        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        Self {
+            depth: clamp(depth),
+            dead_letters: clamp(dead_letters),
         }
     }
 }
@@ -195,7 +214,7 @@ mod tests {
         encode(&r.shutdown(&status)).unwrap();
         encode(&r.last_will(&status)).unwrap();
         encode(&r.reported_state(&status)).unwrap();
-        let hb = r.heartbeat(u64::MAX, u32::MAX, &status);
+        let hb = r.heartbeat(u64::MAX, OutboxCounts::new(u64::MAX, u64::MAX), &status);
         assert_eq!(decode::<pb::Heartbeat>(&encode(&hb).unwrap()).unwrap(), hb);
         let mut sensors = SimulatedSensors::new(1).reading();
         sensors.tamper = true;
@@ -229,8 +248,11 @@ mod tests {
             config_version: 9,
             ..TerminalStatus::default()
         };
-        let hb = r.heartbeat(1, 3, &status);
-        assert_eq!((hb.seq, hb.interval_s, hb.outbox_depth), (1, 10, 3));
+        let hb = r.heartbeat(1, OutboxCounts::new(3, 2), &status);
+        assert_eq!(
+            (hb.seq, hb.interval_s, hb.outbox_depth, hb.dead_letters),
+            (1, 10, 3, 2)
+        );
         assert_eq!(
             (hb.config_version, hb.locked, hb.lock_generation),
             (9, true, 4)

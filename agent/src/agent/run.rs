@@ -11,7 +11,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::report::{self, Reporter};
+use super::report::{self, OutboxCounts, Reporter};
 use super::{AgentSettings, AgentStats};
 use crate::mqtt::{MqttError, MqttHandle, QoS, SessionEvent};
 use crate::outbox::AckInbox;
@@ -218,10 +218,11 @@ impl Runtime {
             debug!("heartbeat skipped: not connected");
             return;
         }
-        let depth = u32::try_from(self.intake.outbox().depth()).unwrap_or(u32::MAX);
+        let outbox = self.intake.outbox();
+        let counts = OutboxCounts::new(outbox.depth(), outbox.dead_letter_count());
         let hb = self
             .reporter
-            .heartbeat(self.next_seq, depth, &self.intake.live().get());
+            .heartbeat(self.next_seq, counts, &self.intake.live().get());
         if publish(&self.mqtt, &self.id, &hb).await {
             self.next_seq += 1;
             self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);

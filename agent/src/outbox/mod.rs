@@ -480,6 +480,11 @@ impl DeviceOutbox {
         self.shared.in_flight.load(Ordering::Acquire) == 0 && self.depth() == 0
     }
 
+    /// Transactions kept as dead letters (refused by the controller as conflicts).
+    pub fn dead_letter_count(&self) -> u64 {
+        self.shared.dead.load(Ordering::Acquire)
+    }
+
     /// Entries waiting for an ack.
     pub fn depth(&self) -> u64 {
         self.shared.depth.load(Ordering::Acquire)
@@ -509,7 +514,7 @@ impl DeviceOutbox {
             last_seq: self.last_seq(),
             oldest_unsent_age_ms: oldest,
             last_ack_at_ms: (last_ack > 0).then_some(last_ack),
-            dead_letters: self.shared.dead.load(Ordering::Acquire),
+            dead_letters: self.dead_letter_count(),
             failed: self.inner.failed.load(Ordering::Acquire),
         }
     }

@@ -120,8 +120,13 @@ impl FakeBroker {
 
     /// Skips PINGs and such until `pred` matches; panics after 10 s.
     pub(crate) async fn next_matching(&mut self, pred: impl Fn(&Seen) -> bool) -> Seen {
+        // One deadline for the whole search: other traffic (heartbeats) must not keep it
+        // going for ever.
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let seen = self.next().await;
+            let seen = tokio::time::timeout_at(deadline, self.next())
+                .await
+                .expect("timed out waiting for a matching message");
             if pred(&seen) {
                 return seen;
             }

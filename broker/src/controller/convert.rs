@@ -75,6 +75,7 @@ pub(crate) fn heartbeat(
         config_version: msg.config_version,
         locked: msg.locked,
         lock_generation: msg.lock_generation,
+        dead_letters: msg.dead_letters,
     };
     Ok((view, versions))
 }

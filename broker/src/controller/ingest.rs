@@ -185,6 +185,10 @@ impl Ingest {
             decode::<pb::Heartbeat>(payload).map_err(|source| decode_error(device, source))?;
         let (heartbeat, versions) =
             convert::heartbeat(msg, at_ms).map_err(|e| invalid(device, Channel::Heartbeat, e))?;
+        let dead_before = self.registry.dead_letters(device).unwrap_or(0);
+        if heartbeat.dead_letters > dead_before {
+            self.dead_letters_grew(device, dead_before, heartbeat.dead_letters, at_ms);
+        }
         let change = self
             .registry
             .heartbeat(device, at_ms, heartbeat.clone(), versions);
@@ -310,6 +314,25 @@ impl Ingest {
                 device: device.clone(),
             },
         })
+    }
+
+    /// Alerts that a terminal holds more dead letters than it reported last (or, after a
+    /// controller start, than zero: the alert repeats once per start for a terminal that
+    /// still holds some).
+    fn dead_letters_grew(&self, device: &DeviceId, before: u32, now: u32, at_ms: u64) {
+        warn!(device_id = %device, before, now, "terminal holds more dead-lettered transactions");
+        self.events.publish(FleetEvent::Alert {
+            device: device.to_string(),
+            alert: AlertKind::DeadLetters,
+            severity: Severity::Warning,
+            seq: None,
+            message: format!(
+                "terminal holds {now} dead-lettered transactions ({} more than it reported \
+                 before): refused as conflicts, kept on the terminal",
+                now - before
+            ),
+            at_ms,
+        });
     }
 
     /// Alerts about a refused transaction batch and returns the error.

@@ -13,7 +13,7 @@ use super::*;
 use crate::events::{EventBus, EventSubscription};
 use crate::metrics::{ChannelLabel, Metrics, ReasonLabel};
 use crate::registry::{REASON_MISSED_HEARTBEATS, Registry, RegistryConfig};
-use crate::views::FleetEvent;
+use crate::views::{AlertKind, FleetEvent, Severity};
 
 struct Harness {
     _tmp: tempfile::TempDir,
@@ -388,4 +388,75 @@ async fn the_sweeper_task_uses_the_injected_clock() {
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
+}
+
+/// A heartbeat of T-1 reporting `dead` dead letters.
+fn heartbeat_with_dead_letters(seq: u64, dead: u32) -> Vec<u8> {
+    encode(&pb::Heartbeat {
+        seq,
+        sent_at_ms: 5,
+        interval_s: 10,
+        dead_letters: dead,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn more_dead_letters_on_a_terminal_raise_an_alert_and_show_on_the_device() {
+    let mut h = harness();
+    let t1 = topic("T-1", Channel::Heartbeat);
+    h.ingest
+        .handle(&t1, &heartbeat_with_dead_letters(1, 0), 1000)
+        .unwrap();
+    h.ingest
+        .handle(&t1, &heartbeat_with_dead_letters(2, 2), 2000)
+        .unwrap();
+    // Unchanged, then fewer (a wiped terminal): no alert.
+    h.ingest
+        .handle(&t1, &heartbeat_with_dead_letters(3, 2), 3000)
+        .unwrap();
+    h.ingest
+        .handle(&t1, &heartbeat_with_dead_letters(4, 1), 4000)
+        .unwrap();
+    h.ingest
+        .handle(&t1, &heartbeat_with_dead_letters(5, 3), 5000)
+        .unwrap();
+    let alerts: Vec<(u64, String)> = h
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            FleetEvent::Alert {
+                alert: AlertKind::DeadLetters,
+                severity: Severity::Warning,
+                device,
+                message,
+                at_ms,
+                ..
+            } => {
+                assert_eq!(device, "T-1");
+                Some((at_ms, message))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    assert_eq!(alerts[0].0, 2000);
+    assert!(
+        alerts[0]
+            .1
+            .contains("holds 2 dead-lettered transactions (2 more")
+    );
+    assert_eq!(alerts[1].0, 5000);
+    assert!(
+        alerts[1]
+            .1
+            .contains("holds 3 dead-lettered transactions (2 more")
+    );
+    assert_eq!(
+        h.registry.dead_letters(&DeviceId::new("T-1").unwrap()),
+        Some(3)
+    );
+    let detail = h.registry.detail(&DeviceId::new("T-1").unwrap()).unwrap();
+    assert_eq!(detail.last_heartbeat.unwrap().dead_letters, 3);
 }

@@ -274,6 +274,15 @@ fn render_heartbeat(out: &mut String, hb: &HeartbeatView, now_ms: u64) {
     field("uptime", span(hb.uptime_s));
     field("interval", span(u64::from(hb.interval_s)));
     field("outbox", format!("{} pending", hb.outbox_depth));
+    if hb.dead_letters > 0 {
+        field(
+            "dead letters",
+            format!(
+                "{} (refused as conflicts, kept on the terminal)",
+                hb.dead_letters
+            ),
+        );
+    }
     field("boot id", format!("{:016x}", hb.boot_id));
     let skew = hb.sent_at_ms.abs_diff(hb.received_at_ms);
     if skew > CLOCK_SKEW_NOTE_MS {
@@ -446,6 +455,7 @@ pub(crate) mod tests {
                 config_version: 0,
                 locked: false,
                 lock_generation: 0,
+                dead_letters: 3,
             }),
             latest_telemetry: Some(telemetry(tamper)),
             telemetry_history: vec![telemetry(false), telemetry(tamper)],
@@ -490,6 +500,7 @@ pub(crate) mod tests {
             "Last heartbeat (received 4s ago at 13:05:05 UTC)\n",
             "  seq          42\n",
             "  uptime       1h02m\n",
+            "  dead letters 3 (refused as conflicts, kept on the terminal)\n",
             "  clock        the device clock is 5m00s ahead of the controller's\n",
             "Latest telemetry (received 6s ago at 13:05:03 UTC)\n",
             "  cpu          12.3%  (load 0.42)\n",

@@ -304,6 +304,7 @@ mod tests {
                 config_version: 0,
                 locked: false,
                 lock_generation: 0,
+                dead_letters: 0,
             },
         };
         assert_eq!(

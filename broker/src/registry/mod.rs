@@ -363,11 +363,21 @@ impl Registry {
     /// The outbox depth of the device's last heartbeat since this start (`None`: unknown
     /// device or no heartbeat yet).
     pub(crate) fn outbox_depth(&self, id: &DeviceId) -> Option<u32> {
+        self.last_heartbeat(id, |h| h.outbox_depth)
+    }
+
+    /// The dead letters of the device's last heartbeat since this start (`None`: unknown
+    /// device or no heartbeat yet).
+    pub(crate) fn dead_letters(&self, id: &DeviceId) -> Option<u32> {
+        self.last_heartbeat(id, |h| h.dead_letters)
+    }
+
+    fn last_heartbeat<T>(&self, id: &DeviceId, field: impl Fn(&HeartbeatView) -> T) -> Option<T> {
         self.read()
             .devices
             .get(id)
             .and_then(|d| d.hot.last_heartbeat.as_ref())
-            .map(|h| h.outbox_depth)
+            .map(field)
     }
 
     /// Every device with its groups.

@@ -743,6 +743,7 @@ fn outbox(h: &Harness, device: &str, depth: u32) {
         config_version: 0,
         locked: false,
         lock_generation: 0,
+        dead_letters: 0,
     };
     h.registry
         .heartbeat(&DeviceId::new(device).unwrap(), h.now(), hb, None);

@@ -43,6 +43,8 @@ fn main() -> Result {
             versions: versions.clone(),
             outbox_depth: 3,
             boot_id: u64::MAX,
+            dead_letters: 1,
+            ..Default::default()
         },
     )?;
     message(

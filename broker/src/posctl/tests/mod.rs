@@ -248,6 +248,7 @@ pub(super) fn canned_events() -> Vec<FleetEvent> {
                 config_version: 0,
                 locked: false,
                 lock_generation: 0,
+                dead_letters: 0,
             },
         },
         FleetEvent::Telemetry {

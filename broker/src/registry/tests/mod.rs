@@ -42,6 +42,7 @@ pub(super) fn heartbeat(seq: u64, interval_s: u32, received_at_ms: u64) -> Heart
         config_version: 0,
         locked: false,
         lock_generation: 0,
+        dead_letters: 0,
     }
 }
 
