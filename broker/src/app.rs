@@ -74,6 +74,10 @@ pub struct ServeOptions {
     pub lease_interval: Duration,
     /// Commands not final yet are published again this often.
     pub command_resend_interval: Duration,
+    /// The transaction queue's budget in transactions (`TxConfig::max_queued_records`).
+    pub tx_queue_records: usize,
+    /// The wait a refused terminal is asked for (`TxConfig::retry_after`).
+    pub tx_retry_after: Duration,
     /// Where terminals download artifacts (HTTPS, client certificate required).
     pub device_listen: SocketAddr,
     /// Public base URL of the device endpoint that terminals are told; default
@@ -103,6 +107,8 @@ impl ServeOptions {
             external_broker: None,
             lease_interval: Duration::from_secs(300),
             command_resend_interval: Duration::from_secs(30),
+            tx_queue_records: crate::controller::TxConfig::default().max_queued_records,
+            tx_retry_after: crate::controller::TxConfig::default().retry_after,
             device_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             device_url: None,
             max_artifact_bytes: crate::artifacts::DEFAULT_MAX_UPLOAD_BYTES,
@@ -364,10 +370,12 @@ async fn start_inner(
 
     // The embedded controller attaches to its own router through a local link (no socket, no
     // TLS); with an external broker it is an mTLS MQTT client with DATA/pki/controller.crt.
-    let controller_cfg = match &edge {
+    let mut controller_cfg = match &edge {
         Some(edge) => ControllerConfig::local(edge.clone()),
         None => ControllerConfig::from_pki(broker.host.clone(), broker.port, &pki)?,
     };
+    controller_cfg.tx.max_queued_records = opts.tx_queue_records;
+    controller_cfg.tx.retry_after = opts.tx_retry_after;
     let controller = spawn_controller(
         controller_cfg,
         registry.clone(),

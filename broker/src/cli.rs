@@ -21,6 +21,9 @@ use crate::app::{
 };
 use crate::approvals::{ApprovalPolicy, DEFAULT_LOCK_THRESHOLD};
 use crate::artifacts::DEFAULT_MAX_UPLOAD_BYTES;
+use crate::controller::DEFAULT_MAX_QUEUED_RECORDS;
+#[cfg(test)]
+use crate::controller::TxConfig;
 use crate::datadir::DEFAULT_DATA_DIR;
 
 /// posfleet controller: secure MQTT edge, embedded router, device registry and admin API.
@@ -149,6 +152,16 @@ struct ServeArgs {
     /// How long a request waits for a second admin before it expires.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     approval_ttl: Duration,
+    /// Transactions waiting for the controller's store at most; a batch beyond is refused and
+    /// its terminal told to retry after --tx-retry-after
+    /// (docs/decisions/0014-transaction-back-pressure.md).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_QUEUED_RECORDS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    tx_queue_records: u32,
+    /// How long a terminal whose transaction batch was refused is asked to wait (it adds
+    /// jitter; at most 30 s is honoured).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    tx_retry_after: Duration,
     /// Connection admission of every listener (docs/decisions/0012-connection-admission.md).
     #[command(flatten)]
     admission: AdmissionArgs,
@@ -164,6 +177,8 @@ impl ServeArgs {
             external_broker: self.external_broker.clone(),
             lease_interval: self.lease_interval,
             command_resend_interval: self.command_resend_interval,
+            tx_queue_records: self.tx_queue_records as usize,
+            tx_retry_after: self.tx_retry_after,
             device_listen: self.device_listen,
             device_url: self.device_url.clone(),
             max_artifact_bytes: self.max_artifact_bytes,
@@ -505,6 +520,43 @@ mod tests {
             cli.command,
             Command::Admin(AdminCommand::Create { .. })
         ));
+    }
+
+    #[test]
+    fn the_transaction_budget_flags_default_to_the_controllers_and_refuse_zero() {
+        let serve = |extra: &[&str]| {
+            let mut argv = vec!["posfleet-broker", "serve"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        let Command::Serve(args) = serve(&[]).unwrap().command else {
+            panic!("serve expected");
+        };
+        let defaults = TxConfig::default();
+        let opts = args.options();
+        assert_eq!(opts.tx_queue_records, defaults.max_queued_records);
+        assert_eq!(opts.tx_retry_after, defaults.retry_after);
+        let Command::Serve(args) =
+            serve(&["--tx-queue-records", "64", "--tx-retry-after", "250ms"])
+                .unwrap()
+                .command
+        else {
+            panic!("serve expected");
+        };
+        let opts = args.options();
+        assert_eq!(opts.tx_queue_records, 64);
+        assert_eq!(opts.tx_retry_after, std::time::Duration::from_millis(250));
+        let bad: [&[&str]; 4] = [
+            &["--tx-queue-records", "0"],
+            &["--tx-queue-records=-1"],
+            &["--tx-queue-records", "5000000000"],
+            &["--tx-retry-after", "soon"],
+        ];
+        for argv in bad {
+            let error = serve(argv).unwrap_err().to_string();
+            let flag = argv[0].split('=').next().unwrap();
+            assert!(error.contains(flag), "{argv:?}: {error}");
+        }
     }
 
     #[test]

@@ -52,4 +52,4 @@ pub use error::IngestError;
 pub use ingest::Ingest;
 pub use service::{Controller, ControllerConfig, ControllerError, spawn_controller};
 pub use sweeper::{Clock, system_clock};
-pub use txqueue::TxConfig;
+pub use txqueue::{DEFAULT_MAX_QUEUED_RECORDS, TxConfig};

@@ -17,6 +17,10 @@ use posfleet_proto::DeviceId;
 
 use crate::txstore::Submission;
 
+/// Default of [`TxConfig::max_queued_records`]: 32 full commits, ~3 s of work at 20,000
+/// transactions/s.
+pub const DEFAULT_MAX_QUEUED_RECORDS: u32 = 32 * 2048;
+
 /// Limits and timings of transaction ingest.
 #[derive(Debug, Clone)]
 pub struct TxConfig {
@@ -43,8 +47,7 @@ pub struct TxConfig {
 impl Default for TxConfig {
     fn default() -> Self {
         Self {
-            // 32 full commits: ~3 s of work at 20,000 transactions/s.
-            max_queued_records: 32 * 2048,
+            max_queued_records: DEFAULT_MAX_QUEUED_RECORDS as usize,
             max_queued_bytes: 64 * 1024 * 1024,
             retry_after: Duration::from_secs(1),
             max_commit_records: 2048,

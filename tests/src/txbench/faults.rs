@@ -116,7 +116,7 @@ pub async fn run_faults(
 ) -> anyhow::Result<FaultsReport> {
     let machine = Machine::describe();
     progress(&format!("machine: {machine}"));
-    let mut broker = start_broker(bins, params.timeout).await?;
+    let mut broker = start_broker(bins, params.timeout, Vec::new()).await?;
     let proxy = Proxy::start(broker.mqtt_addr()).await?;
     let opts = TxDriverOptions {
         count: params.terminals as usize,

@@ -52,6 +52,11 @@ pub struct IngestBench {
     /// Bound on each wait (connect, drain).
     #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = posfleet_agent::config::parse_duration)]
     pub timeout: Duration,
+    /// The controller's transaction budget (`posfleet-broker serve --tx-queue-records`;
+    /// default: the broker's own). A small one drives the controller past its budget with a
+    /// generator that cannot offer enough to do it otherwise.
+    #[arg(long, value_name = "N")]
+    pub tx_queue_records: Option<u32>,
 }
 
 /// What `fleet-bench ingest` measured.
@@ -79,6 +84,7 @@ pub struct IngestReport {
     pub commit_seconds_mean: Option<f64>,
     pub commits: f64,
     pub overloaded: f64,
+    pub retry_after: f64,
     pub duplicates: f64,
     pub cpu: CpuSpan,
     pub drain: Option<Duration>,
@@ -95,7 +101,11 @@ pub async fn run_ingest(
 ) -> anyhow::Result<IngestReport> {
     let machine = Machine::describe();
     progress(&format!("machine: {machine}"));
-    let mut broker = start_broker(bins, params.timeout).await?;
+    let extra_args = params
+        .tx_queue_records
+        .map(|n| vec!["--tx-queue-records".to_owned(), n.to_string()])
+        .unwrap_or_default();
+    let mut broker = start_broker(bins, params.timeout, extra_args).await?;
     let opts = TxDriverOptions {
         count: params.terminals as usize,
         id_prefix: "ing-".to_owned(),
@@ -174,6 +184,7 @@ pub async fn run_ingest(
             "posfleet_ingest_rejected_total",
             &[("reason", "overloaded")],
         )) / secs,
+        retry_after: metric("posfleet_tx_retry_after_total") / secs,
         duplicates: metric("posfleet_tx_duplicates_total") / secs,
         cpu: CpuSpan {
             broker: cpu1.0 - cpu0.0,
@@ -243,6 +254,12 @@ impl fmt::Display for IngestReport {
             self.window.as_secs_f64(),
             p.warmup
         )?;
+        if let Some(budget) = p.tx_queue_records {
+            writeln!(
+                f,
+                "controller transaction budget: {budget} (--tx-queue-records)"
+            )?;
+        }
         writeln!(f, "machine: {}", self.machine)?;
         writeln!(f)?;
         writeln!(f, "| measurement | value |")?;
@@ -298,8 +315,11 @@ impl fmt::Display for IngestReport {
                 ),
             ),
             (
-                "controller: batches refused as overloaded / duplicates received".to_owned(),
-                format!("{:.1} /s / {:.1} /s", self.overloaded, self.duplicates),
+                "controller: batches refused as overloaded / retry-after notices / duplicates received".to_owned(),
+                format!(
+                    "{:.1} /s / {:.1} /s / {:.1} /s",
+                    self.overloaded, self.retry_after, self.duplicates
+                ),
             ),
             (
                 "terminals' shared outbox: commit rounds / writes".to_owned(),

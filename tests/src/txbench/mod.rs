@@ -36,13 +36,19 @@ pub fn driver_beside_current_exe() -> anyhow::Result<PathBuf> {
 }
 
 /// A `serve` broker logging at `warn` (logging must not dominate).
-pub(crate) async fn start_broker(bins: &Binaries, timeout: Duration) -> anyhow::Result<Broker> {
+/// `extra_args` are appended to `posfleet-broker serve`.
+pub(crate) async fn start_broker(
+    bins: &Binaries,
+    timeout: Duration,
+    extra_args: Vec<String>,
+) -> anyhow::Result<Broker> {
     Broker::start(
         bins,
         BrokerOptions {
             log_filter: "warn".to_owned(),
             start_timeout: timeout,
             stop_timeout: Duration::from_secs(30),
+            extra_args,
             ..BrokerOptions::default()
         },
     )
