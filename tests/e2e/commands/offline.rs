@@ -138,6 +138,17 @@ async fn commands_offline_lease_locks_a_cut_off_terminal_until_contact_returns()
     assert_eq!(status["lock_generation"], json!(0), "{status}");
     let refused = post_sale(&local, "cut-off").await;
     assert_eq!(refused.status, 423, "{refused:?}");
+    // The hook runs after the lock is enforced (agent/src/command/lock.rs), and no command
+    // result tells when it is done: wait for its line (it failed once under load when read
+    // right after the status showed the lock).
+    eventually(WAIT, || async {
+        anyhow::ensure!(
+            !marker_lines(&marker).is_empty(),
+            "the lock hook has not run yet"
+        );
+        Ok(())
+    })
+    .await;
     assert_eq!(
         marker_lines(&marker),
         ["offline_lease"],
