@@ -85,6 +85,10 @@ struct Shared {
     /// In-doubt requests from the journal, taken by each terminal's task at its start.
     unresolved: Mutex<HashMap<String, Vec<TransactionRequest>>>,
     generating: AtomicBool,
+    /// Cancelled when generating stops, so that a till waiting for its next (Poisson) arrival
+    /// ends at once instead of after its wait (with 10,000 terminals at 6 a minute the longest
+    /// wait is ~90 s, which a drain measurement would otherwise include).
+    generation_stopped: CancellationToken,
     counters: Counters,
     /// Per terminal index: (seq, accepted at) not yet seen acknowledged.
     tracks: Vec<Mutex<VecDeque<(u64, Instant)>>>,
@@ -150,6 +154,7 @@ pub async fn run_driver(cfg: DriverConfig) -> anyhow::Result<()> {
         tracks: (0..cfg.count).map(|_| Mutex::default()).collect(),
         unresolved: Mutex::new(replay.unresolved),
         generating: AtomicBool::new(cfg.tx_rate_per_minute > 0.0),
+        generation_stopped: CancellationToken::new(),
         counters: Counters {
             unresolved: AtomicU64::new(in_doubt),
             ..Counters::default()
@@ -171,6 +176,7 @@ pub async fn run_driver(cfg: DriverConfig) -> anyhow::Result<()> {
             _ = usr1.recv() => {
                 info!("SIGUSR1: no more new transactions");
                 shared.generating.store(false, Ordering::Release);
+                shared.generation_stopped.cancel();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -238,6 +244,7 @@ async fn till(shared: Arc<Shared>, index: usize, agent: AgentHandle, cancel: Can
         while shared.generating.load(Ordering::Acquire) {
             tokio::select! {
                 () = cancel.cancelled() => break,
+                () = shared.generation_stopped.cancelled() => break,
                 () = tokio::time::sleep_until(due) => {}
             }
             if !shared.generating.load(Ordering::Acquire) {
