@@ -406,22 +406,12 @@ fn heartbeat_with_dead_letters(seq: u64, dead: u32) -> Vec<u8> {
 fn more_dead_letters_on_a_terminal_raise_an_alert_and_show_on_the_device() {
     let mut h = harness();
     let t1 = topic("T-1", Channel::Heartbeat);
-    h.ingest
-        .handle(&t1, &heartbeat_with_dead_letters(1, 0), 1000)
-        .unwrap();
-    h.ingest
-        .handle(&t1, &heartbeat_with_dead_letters(2, 2), 2000)
-        .unwrap();
-    // Unchanged, then fewer (a wiped terminal): no alert.
-    h.ingest
-        .handle(&t1, &heartbeat_with_dead_letters(3, 2), 3000)
-        .unwrap();
-    h.ingest
-        .handle(&t1, &heartbeat_with_dead_letters(4, 1), 4000)
-        .unwrap();
-    h.ingest
-        .handle(&t1, &heartbeat_with_dead_letters(5, 3), 5000)
-        .unwrap();
+    // 0, then 2 (alert), unchanged and fewer (a wiped terminal: no alert), then 3 (alert).
+    for (seq, dead) in [(1, 0), (2, 2), (3, 2), (4, 1), (5, 3)] {
+        h.ingest
+            .handle(&t1, &heartbeat_with_dead_letters(seq, dead), seq * 1000)
+            .unwrap();
+    }
     let alerts: Vec<(u64, String)> = h
         .events()
         .into_iter()

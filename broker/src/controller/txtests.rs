@@ -334,18 +334,22 @@ async fn no_ack_is_published_before_the_fsync_returned() {
     h.stop().await;
 }
 
+/// A sync hook that holds each commit after its fsync until the returned sender releases it
+/// (or `at_most` passes).
+fn held_commits(at_most: Duration) -> (crate::txstore::SyncHook, std::sync::mpsc::Sender<()>) {
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let hook: crate::txstore::SyncHook = Arc::new(move || {
+        let _ = release_rx.lock().unwrap().recv_timeout(at_most);
+    });
+    (hook, release_tx)
+}
+
 #[tokio::test]
 async fn stopping_commits_and_acknowledges_what_was_queued_then_refuses() {
     // A held commit lets batches pile up in the queue; stopping must still commit and ack
     // all of them.
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    let release_rx = Mutex::new(release_rx);
-    let hook: crate::txstore::SyncHook = Arc::new(move || {
-        let _ = release_rx
-            .lock()
-            .unwrap()
-            .recv_timeout(Duration::from_secs(5));
-    });
+    let (hook, release_tx) = held_commits(Duration::from_secs(5));
     let h = Harness::start(TxConfig::default(), Some(hook), Recorder::default());
     for seq in 1..=5 {
         h.send("T-1", vec![test_sale(seq, 100)]).unwrap();
@@ -455,14 +459,7 @@ async fn the_budget_is_counted_in_transactions_and_in_bytes() {
 async fn a_refused_terminal_is_told_to_retry_after_a_while_once_per_period() {
     // Commits are held after their fsync until the test releases them, so what was queued
     // keeps its budget (the bound only matters if the test fails before releasing).
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    let release_rx = Mutex::new(release_rx);
-    let hook: crate::txstore::SyncHook = Arc::new(move || {
-        let _ = release_rx
-            .lock()
-            .unwrap()
-            .recv_timeout(Duration::from_secs(120));
-    });
+    let (hook, release_tx) = held_commits(Duration::from_secs(120));
     let cfg = TxConfig {
         max_queued_records: 2,
         retry_after: Duration::from_secs(600),
