@@ -100,6 +100,9 @@ pub(crate) struct LagGate {
     refused_in_episode: AtomicU64,
     lanes: Box<[LaneBook]>,
     gauge: Gauge,
+    /// No lane sends a marker while set (tests that need a drift to last).
+    #[cfg(test)]
+    markers_held: AtomicBool,
 }
 
 impl LagGate {
@@ -116,6 +119,8 @@ impl LagGate {
             refused_in_episode: AtomicU64::new(0),
             lanes,
             gauge: metrics.edge_controller_lag_bytes.clone(),
+            #[cfg(test)]
+            markers_held: AtomicBool::new(false),
         }
     }
 
@@ -276,6 +281,13 @@ impl LagGate {
             .taken
             .fetch_sub(bytes as u64, Ordering::AcqRel);
     }
+
+    /// Stops (true) or resumes (false) every lane's markers, for tests: a drift lasts only
+    /// until the next marker is taken.
+    #[cfg(test)]
+    pub(crate) fn hold_markers(&self, held: bool) {
+        self.markers_held.store(held, Ordering::Release);
+    }
 }
 
 fn decode(payload: &[u8]) -> Option<(u64, u64)> {
@@ -318,6 +330,10 @@ impl LaneMarkers {
     /// The marker to send now, if one is due (see the module docs).
     pub(crate) fn due(&mut self, gate: &LagGate) -> Option<Publish> {
         if !gate.is_attached() {
+            return None;
+        }
+        #[cfg(test)]
+        if gate.markers_held.load(Ordering::Acquire) {
             return None;
         }
         let taken = gate.lanes[self.lane].marker_taken.load(Ordering::Acquire);

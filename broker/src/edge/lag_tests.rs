@@ -252,11 +252,16 @@ async fn a_drifted_book_is_resynced_and_the_gate_reopens() {
     let (bus, events, _cancel) = embedded_controller(&fx, &tracker).await;
     let mut seen = resume(events);
     let intake = fx.edge.controller_intake();
+    // The next marker taken would undo the drift: none is sent until the refusal is seen,
+    // and none is still on its way when the drift is made (a marker in flight is lag).
+    intake.hold_markers(true);
+    eventually("no marker is in flight", || intake.lag() == 0).await;
     intake.drift(4 * SEGMENT as i64);
 
     let refused = publish_all(&fx, "LAG-4", vec![b"refused".to_vec()]).await;
     assert!(refused.acked.is_empty() && refused.closed);
     assert_eq!(fx.metrics.uplinks_refused("controller_behind"), 1);
+    intake.hold_markers(false);
 
     publish_acknowledged(&fx, "LAG-4", b"taken").await;
     received_until(&mut seen, b"taken").await;

@@ -375,6 +375,12 @@ impl ControllerIntake {
         }
     }
 
+    /// Stops or resumes the lanes' markers, for tests (`LagGate::hold_markers`).
+    #[cfg(test)]
+    pub(crate) fn hold_markers(&self, held: bool) {
+        self.lag.hold_markers(held);
+    }
+
     /// The gate's current lag, for tests.
     #[cfg(test)]
     pub(crate) fn lag(&self) -> i64 {
