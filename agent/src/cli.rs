@@ -15,7 +15,9 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::command::HookSettings;
 use crate::config::{BrokerUrl, parse_duration};
@@ -205,7 +207,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Simulate { .. } => "info,posfleet_agent::agent=warn,posfleet_agent::mqtt=warn",
     };
     init_tracing(default_filter);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if matches!(cli.command, Command::Run { .. }) {
+        // One terminal: one MQTT session and a local API. The outbox committer and sled have
+        // threads of their own; a second worker would only add a stack and a malloc arena.
+        runtime.worker_threads(1);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -285,12 +293,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn init_tracing(default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // `RUST_LOG` as `level` and `target=level` directives. A `Targets` filter rather than an
+    // `EnvFilter`: it needs no regular-expression engine, which would be a few hundred KiB of
+    // resident code on every terminal (docs/benchmarks.md, "Agent memory").
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|directives| directives.parse::<Targets>().ok())
+        .unwrap_or_else(|| default_filter.parse().unwrap_or_default());
     // Logs go to stderr (journald captures it under systemd).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .try_init();
 }
 

@@ -16,6 +16,9 @@
 //! - [`api`]: [`Api`], the HTTPS admin API client (trusts the fleet CA, bearer token).
 //! - [`scrape`]: [`Scrape`], a parsed Prometheus text exposition.
 //! - [`agent`]: [`Agent`], a `pf-agent run` process with its own device bundle and config.
+//! - [`agentmem`]: `fleet-bench agent-memory`, the real agent's resident memory idle, with
+//!   transactions queued and after they drained, beside `mosquitto_sub`; [`memmap`] says
+//!   where a process's resident memory is (`/proc/PID/smaps` by class, threads by name).
 //! - [`posctl`]: [`Posctl`], runs `pf-posctl --data-dir DIR ...` and captures its output.
 //! - [`mqtt`]: hand-made MQTT clients for bad-input tests (any certificate, any client id,
 //!   raw TLS sockets).
@@ -49,6 +52,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod agentmem;
 pub mod api;
 pub mod bench;
 pub mod bins;
@@ -60,6 +64,7 @@ pub mod floodbench;
 pub mod host;
 pub mod localapi;
 pub mod loginbench;
+pub mod memmap;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod panscan;

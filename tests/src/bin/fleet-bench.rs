@@ -20,6 +20,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use posfleet_agent::config::parse_duration;
 use posfleet_tests::Binaries;
+use posfleet_tests::agentmem::{AgentMemoryBench, run_agent_memory};
 use posfleet_tests::bench::{ConnectBench, run_connect};
 use posfleet_tests::cmdbench::{CommandsBench, run_commands};
 use posfleet_tests::floodbench::{FloodBench, run_flood};
@@ -96,6 +97,10 @@ enum Command {
     /// deploy/external-brokers/), one after the other: time to all connected, attempts, RSS
     /// and CPU per terminal, heartbeat ingest and delay, reconnect after a SIGKILL, ratios.
     Versus(VersusBench),
+    /// The real agent (`pf-agent run`) idle and connected, with transactions queued while the
+    /// controller is down, and after they drained: RSS, where it is, threads; beside
+    /// `mosquitto_sub` holding the same kind of session.
+    AgentMemory(AgentMemoryBench),
 }
 
 fn progress(line: &str) {
@@ -182,6 +187,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Versus(params) => {
             let report = runtime.block_on(run_versus(&bins, params, nofile, progress))?;
+            println!("{report}");
+        }
+        Command::AgentMemory(params) => {
+            let report = runtime.block_on(run_agent_memory(&bins, params, progress))?;
             println!("{report}");
         }
         Command::Ingest(params) => {
