@@ -69,6 +69,9 @@ pub struct AgentMemoryBench {
     /// build); e.g. `target/terminal/posfleet-agent`, the agent as built for terminals.
     #[arg(long, value_name = "PATH")]
     pub agent_binary: Option<PathBuf>,
+    /// `[outbox] cache_capacity_bytes` of the agent (default: the shipped default).
+    #[arg(long, value_name = "BYTES")]
+    pub outbox_cache_bytes: Option<u64>,
     /// The peer client (`mosquitto_sub`); "none" to run without it.
     #[arg(long, default_value = DEFAULT_PEER)]
     pub peer: String,
@@ -166,7 +169,11 @@ pub async fn run_agent_memory(
         backoff_max: Duration::from_secs(2),
         ..AgentOptions::default()
     };
-    let mut agent = Agent::start(&broker, AGENT_ID, &opts)?;
+    let extra = params
+        .outbox_cache_bytes
+        .map(|bytes| format!("\n[outbox]\ncache_capacity_bytes = {bytes}\n"))
+        .unwrap_or_default();
+    let mut agent = Agent::start_with(&broker, AGENT_ID, &opts, &broker.mqtt_url(), &extra)?;
     let api = agent.local_api();
     let mut peer = match &peer_program {
         Some(program) => Some(start_peer(&broker, program)?),
