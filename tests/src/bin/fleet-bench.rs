@@ -30,6 +30,7 @@ use posfleet_tests::rolloutbench::{RolloutBench, run_rollout};
 use posfleet_tests::txbench::driver_beside_current_exe;
 use posfleet_tests::txbench::faults::{FaultsBench, run_faults};
 use posfleet_tests::txbench::ingest::{IngestBench, run_ingest};
+use posfleet_tests::txbench::raw::{RawIngestBench, run_raw_ingest};
 use posfleet_tests::uplinkflood::{UplinkFloodBench, run_uplink_flood};
 use posfleet_tests::versusbench::{VersusBench, run_versus};
 
@@ -101,6 +102,10 @@ enum Command {
     /// controller is down, and after they drained: RSS, where it is, threads; beside
     /// `mosquitto_sub` holding the same kind of session.
     AgentMemory(AgentMemoryBench),
+    /// The controller's durable ingest alone: N MQTT sessions with device certificates
+    /// publishing pre-encoded transaction batches; stored and acknowledged per second,
+    /// publish → ack latency, each side's CPU.
+    IngestRaw(RawIngestBench),
 }
 
 fn progress(line: &str) {
@@ -128,8 +133,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // Before any thread or child exists: children inherit the raised limit.
     let nofile = raise_nofile_limit()?;
     let bins = Binaries::beside_current_exe()?;
+    // The light ingest generator runs its sessions in this process: give it both CPUs.
+    let workers = if matches!(cli.command, Command::IngestRaw(_)) {
+        2
+    } else {
+        1
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -188,6 +199,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Versus(params) => {
             let report = runtime.block_on(run_versus(&bins, params, nofile, progress))?;
             println!("{report}");
+        }
+        Command::IngestRaw(params) => {
+            let report = runtime.block_on(run_raw_ingest(&bins, params, progress))?;
+            println!("{report}");
+            if report.sent_total != report.stored_total {
+                anyhow::bail!("the store does not hold exactly what was sent");
+            }
         }
         Command::AgentMemory(params) => {
             let report = runtime.block_on(run_agent_memory(&bins, params, progress))?;

@@ -6,12 +6,15 @@
 //!   stored vs duplicates vs missing.
 //! - [`ingest`]: `fleet-bench ingest`: sustained durable ingest: transactions/s accepted by
 //!   the terminals, stored by the controller, acknowledged back, and the accept → ack latency.
+//! - [`raw`]: `fleet-bench ingest-raw`: the controller alone, driven by N MQTT sessions
+//!   publishing pre-encoded batches (no local API, no outbox), with each side's CPU.
 //!
 //! Both run the real `pf-broker serve` and `pf-txdriver` (the simulator's terminals, whose
 //! accept path is the local API's) as separate processes on loopback.
 
 pub mod faults;
 pub mod ingest;
+pub mod raw;
 
 use std::path::PathBuf;
 use std::time::Duration;
