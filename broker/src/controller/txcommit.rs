@@ -1,7 +1,11 @@
 //! The transaction committer (storage rule 4): the one task that writes the transaction
 //! store. It drains everything queued (up to `max_commit_records`) into one group commit on a
-//! blocking thread, and only after the commit returned (flush + fsync done) publishes one
-//! `TransactionAck` per device in it, then announces what was stored.
+//! blocking thread, and only after the commit returned (flush + fsync done) hands it to the
+//! acknowledger, which publishes one `TransactionAck` per device in it, then announces what
+//! was stored. The two run side by side: publishing a commit's ~1,000 acknowledgements took a
+//! quarter of the committer's time when it did it between commits (docs/benchmarks.md, "The
+//! controller alone"). Commits reach the acknowledger in order through a FIFO of
+//! [`ACK_PIPELINE`], so a device's acknowledgements still leave in commit order.
 //!
 //! At stop it closes the queue, commits and acknowledges what was already queued, then ends;
 //! nothing is ever acknowledged that the store did not make durable first.
@@ -33,6 +37,13 @@ use crate::views::{AlertKind, FleetEvent, Severity};
 /// Most rejected seqs in one acknowledgement (10 bytes each at worst: far below the
 /// channel's 64 KiB).
 const MAX_REJECTED_PER_ACK: usize = 4096;
+
+/// Commits made durable but not yet acknowledged, at most (then the committer waits).
+const ACK_PIPELINE: usize = 2;
+
+/// A durable commit on its way to the acknowledger, with its queue entries (their byte
+/// budget is released once the acknowledgements are out).
+type Committed = (CommitOutcome, Vec<Queued>);
 
 /// Where acknowledgements go: the controller's bus, or a test double.
 pub(crate) trait AckSink: Clone + Send + Sync + 'static {
@@ -74,25 +85,43 @@ impl<A: AckSink> Committer<A> {
         let done = CancellationToken::new();
         let finished = done.clone();
         let blocking = tracker.clone();
+        let this = Arc::new(self);
+        let (committed_tx, committed_rx) = mpsc::channel::<Committed>(ACK_PIPELINE);
+        let acknowledger = tracker.spawn(Arc::clone(&this).acknowledge_all(committed_rx));
         tracker.spawn(notify_refused(
-            self.acks.clone(),
+            this.acks.clone(),
             rx.refused,
-            self.cfg.retry_after,
-            self.cfg.ack_timeout,
-            Arc::clone(&self.metrics),
+            this.cfg.retry_after,
+            this.cfg.ack_timeout,
+            Arc::clone(&this.metrics),
             stop.clone(),
         ));
         tracker.spawn(async move {
-            self.run(rx.jobs, &blocking, stop).await;
+            this.run(rx.jobs, &blocking, &committed_tx, stop).await;
+            // Every commit is in the FIFO: the acknowledger ends once it has sent them all.
+            drop(committed_tx);
+            if let Err(e) = acknowledger.await {
+                error!(error = %e, "transaction acknowledger failed");
+            }
             finished.cancel();
         });
         done
     }
 
+    /// Acknowledges and announces every durable commit, in order, until the committer ends.
+    async fn acknowledge_all(self: Arc<Self>, mut committed: mpsc::Receiver<Committed>) {
+        while let Some((outcome, waiting)) = committed.recv().await {
+            self.acknowledge(&outcome, &waiting).await;
+            drop(waiting);
+            self.announce(outcome);
+        }
+    }
+
     async fn run(
-        self,
+        &self,
         mut rx: mpsc::Receiver<Job>,
         tracker: &TaskTracker,
+        committed: &mpsc::Sender<Committed>,
         stop: CancellationToken,
     ) {
         loop {
@@ -105,7 +134,7 @@ impl<A: AckSink> Committer<A> {
                 () = stop.cancelled() => break,
             };
             let jobs = self.drain(first, &mut rx);
-            self.commit_and_ack(jobs, tracker).await;
+            self.commit(jobs, tracker, committed).await;
         }
         // Refuse new batches, then finish what was already queued.
         rx.close();
@@ -113,7 +142,7 @@ impl<A: AckSink> Committer<A> {
         while let Some(first) = rx.recv().await {
             let jobs = self.drain(first, &mut rx);
             finished += jobs.len();
-            self.commit_and_ack(jobs, tracker).await;
+            self.commit(jobs, tracker, committed).await;
         }
         info!(finished, "transaction committer stopped");
     }
@@ -137,7 +166,13 @@ impl<A: AckSink> Committer<A> {
         jobs
     }
 
-    async fn commit_and_ack(&self, jobs: Vec<Job>, tracker: &TaskTracker) {
+    /// Commits `jobs` and, once durable, hands them to the acknowledger.
+    async fn commit(
+        &self,
+        jobs: Vec<Job>,
+        tracker: &TaskTracker,
+        committed: &mpsc::Sender<Committed>,
+    ) {
         let records: usize = jobs.iter().map(|j| j.sub.records.len()).sum();
         let batches = jobs.len();
         // The submissions move to the blocking thread; what stays (device, queue time, byte
@@ -174,9 +209,13 @@ impl<A: AckSink> Committer<A> {
             "transactions committed"
         );
         self.count(&outcome);
-        self.acknowledge(&outcome, &waiting).await;
-        drop(waiting);
-        self.announce(outcome);
+        if committed.send((outcome, waiting)).await.is_err() {
+            error!(
+                batches,
+                records,
+                "transaction acknowledger gone: durable commit not acknowledged; terminals will resend"
+            );
+        }
     }
 
     fn count(&self, outcome: &CommitOutcome) {

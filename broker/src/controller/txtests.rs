@@ -20,15 +20,20 @@ use crate::registry::{Registry, RegistryConfig};
 use crate::txstore::{DeviceOutcome, TxStore, TxStoreConfig, test_sale};
 use crate::views::{AlertKind, FleetEvent};
 
-/// Records acknowledgements, and appends "ack" to a shared log.
+/// Records acknowledgements, and appends "ack" to a shared log. With a gate, every publish
+/// first waits for a permit of it (a slow path to the router).
 #[derive(Clone, Default)]
 struct Recorder {
     acks: Arc<Mutex<Vec<(String, pb::TransactionAck)>>>,
     log: Arc<Mutex<Vec<&'static str>>>,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl AckSink for Recorder {
     async fn publish_ack(&self, device: &DeviceId, ack: &pb::TransactionAck) -> Result<(), String> {
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.map_err(|e| e.to_string())?.forget();
+        }
         self.log.lock().unwrap().push("ack");
         self.acks
             .lock()
@@ -331,6 +336,60 @@ async fn no_ack_is_published_before_the_fsync_returned() {
         *h.recorder.log.lock().unwrap(),
         vec!["fsync", "ack", "fsync", "ack"]
     );
+    h.stop().await;
+}
+
+/// The committer hands a durable commit to the acknowledger and goes on with the next one:
+/// acknowledgements that are slow to publish do not hold the store back, and they still
+/// leave in commit order.
+#[tokio::test]
+async fn the_next_commit_does_not_wait_for_the_previous_acknowledgements() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let recorder = Recorder {
+        gate: Some(Arc::clone(&gate)),
+        ..Recorder::default()
+    };
+    let fsyncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&fsyncs);
+    let hook: crate::txstore::SyncHook = Arc::new(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
+    // Longer than the waits below: a publish held at the gate does not time out meanwhile.
+    let cfg = TxConfig {
+        ack_timeout: Duration::from_secs(60),
+        ..TxConfig::default()
+    };
+    let h = Harness::start(cfg, Some(hook), recorder);
+    let fsynced = |n: usize| {
+        let fsyncs = Arc::clone(&fsyncs);
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while fsyncs.load(std::sync::atomic::Ordering::SeqCst) < n {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("commit {n} was not made durable while an ack was held"));
+        }
+    };
+    h.send("T-1", vec![test_sale(1, 100)]).unwrap();
+    fsynced(1).await;
+    h.send("T-2", vec![test_sale(1, 100)]).unwrap();
+    h.send("T-1", vec![test_sale(2, 100)]).unwrap();
+    fsynced(2).await;
+    assert!(h.recorder.acks().is_empty(), "every ack is still held");
+    gate.add_permits(3);
+    let acks = h.wait_acks(2).await;
+    assert_eq!(acks[0], ("T-1".to_owned(), ack(1, &[])));
+    let last_t1 = h
+        .wait_acks(3)
+        .await
+        .into_iter()
+        .filter(|(device, _)| device == "T-1")
+        .map(|(_, a)| a.durable_through_seq)
+        .collect::<Vec<_>>();
+    assert_eq!(last_t1, vec![1, 2], "a device's acks leave in commit order");
+    gate.add_permits(16);
     h.stop().await;
 }
 
