@@ -42,7 +42,9 @@ mod report;
 mod till;
 pub mod transactions;
 
-pub use issuer::{ApiIssuer, CertIssuer, CertRequest, IssueError, IssueFuture, MAX_ISSUE_BATCH};
+pub use issuer::{
+    ApiIssuer, CertIssuer, CertRequest, IssueError, IssueFuture, MAX_ISSUE_BATCH, key_requests,
+};
 pub use report::{FleetConnections, REPORT_PREFIX, ReportLineError};
 
 use std::sync::atomic::{AtomicU64, Ordering};

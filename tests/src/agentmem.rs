@@ -30,13 +30,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use posfleet_agent::simulate::transactions::TxnGenerator;
-use posfleet_proto::now_ms;
+use posfleet_proto::{DeviceId, Filter, now_ms};
 use tokio::time::Instant;
 
 use crate::agent::{Agent, AgentOptions};
 use crate::bench::start_fleet_broker;
 use crate::bins::Binaries;
 use crate::broker::Broker;
+use crate::eventually::try_eventually;
 use crate::host::{Machine, rss_bytes};
 use crate::localapi::LocalApiClient;
 use crate::memmap::MemoryMap;
@@ -46,8 +47,6 @@ use crate::process::Process;
 pub const DEFAULT_PEER: &str = "/usr/bin/mosquitto_sub";
 /// Between two RSS samples.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
-/// Between two polls of the agent's status.
-const POLL: Duration = Duration::from_millis(100);
 /// Transactions in flight from the payment application.
 const SUBMITTERS: usize = 4;
 const AGENT_ID: &str = "MEM-AGENT-1";
@@ -264,7 +263,7 @@ fn start_peer(broker: &Broker, program: &Path) -> anyhow::Result<Process> {
     let dir = broker.scratch_dir("peer")?;
     let bundle = broker.issue_bundle(PEER_ID, &dir)?;
     let addr = broker.mqtt_addr();
-    let topic = format!("posfleet/v1/d/{PEER_ID}/down/+");
+    let topic = Filter::device_downlink(&DeviceId::new(PEER_ID)?).to_string();
     let port = addr.port().to_string();
     let host = addr.ip().to_string();
     let args: Vec<std::ffi::OsString> = vec![
@@ -299,18 +298,12 @@ async fn wait_status(
     what: &str,
     cond: impl Fn(&crate::localapi::AgentStatus) -> bool,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match api.status().await {
-            Ok(status) if cond(&status) => return Ok(()),
-            Ok(status) => format!("{status:?}"),
-            Err(error) => format!("{error:#}"),
-        };
-        if Instant::now() > deadline {
-            bail!("not within {timeout:?}: {what} (last status: {last})");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    try_eventually(timeout, || async {
+        let status = api.status().await?;
+        anyhow::ensure!(cond(&status), "not yet: {what} ({status:?})");
+        Ok(())
+    })
+    .await
 }
 
 /// Samples the agent (and the peer) for `window`, then reads the agent's map.

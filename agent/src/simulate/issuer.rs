@@ -213,7 +213,7 @@ impl CertIssuer for UnrecordedCa {
 }
 
 /// Keys and CSRs for `ids` (blocking: key generation).
-pub(crate) fn key_requests(
+pub fn key_requests(
     ids: &[DeviceId],
 ) -> Result<(Vec<String>, Vec<CertRequest>), posfleet_proto::pki::PkiError> {
     let mut keys = Vec::with_capacity(ids.len());

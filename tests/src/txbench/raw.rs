@@ -29,7 +29,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use posfleet_agent::simulate::transactions::TxnGenerator;
-use posfleet_agent::simulate::{ApiIssuer, CertIssuer, CertRequest, MAX_ISSUE_BATCH};
+use posfleet_agent::simulate::{ApiIssuer, CertIssuer, MAX_ISSUE_BATCH, key_requests};
 use posfleet_proto::pb;
 use posfleet_proto::{Channel, DeviceId, Filter, Topic, now_ms};
 use prost::Message;
@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bins::Binaries;
+use crate::eventually::try_eventually;
 use crate::host::{Machine, cpu_seconds};
 use crate::txdriver::histogram::Histogram;
 
@@ -196,6 +197,7 @@ pub async fn run_raw_ingest(
         in_flight: params.in_flight as usize,
         counters: Arc::clone(&counters),
         latency: Arc::clone(&latency),
+        generation: CancellationToken::new(),
         cancel: cancel.clone(),
     };
     let mut tasks = tokio::task::JoinSet::new();
@@ -204,17 +206,18 @@ pub async fn run_raw_ingest(
         let phase = interval.mul_f64(i as f64 / n as f64);
         tasks.spawn(session(plan.clone(), script, phase));
     }
-    let deadline = Instant::now() + params.timeout;
-    while counters.connected.load(Ordering::Acquire) < n as u64 {
-        if Instant::now() > deadline {
-            cancel.cancel();
-            bail!(
-                "only {} of {n} sessions connected within {:?}",
-                counters.connected.load(Ordering::Acquire),
-                params.timeout
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let all_connected = try_eventually(params.timeout, || async {
+        let connected = counters.connected.load(Ordering::Acquire);
+        anyhow::ensure!(
+            connected >= n as u64,
+            "{connected} of {n} sessions connected"
+        );
+        Ok(())
+    })
+    .await;
+    if let Err(error) = all_connected {
+        cancel.cancel();
+        return Err(error);
     }
     let connect_time = started.elapsed();
     progress(&format!("{n} sessions connected in {connect_time:.1?}"));
@@ -235,23 +238,20 @@ pub async fn run_raw_ingest(
     let latency_window = lock(&latency).since(&latency_before);
     progress("window over; stopping generation and draining");
 
-    plan.stop_generating();
+    plan.generation.cancel();
     let drain_started = Instant::now();
-    let sent_total = loop {
+    let sent_total = try_eventually(params.timeout, || async {
         let snap = counters.snapshot();
-        if snap.acked >= snap.offered {
-            break snap.offered;
-        }
-        if drain_started.elapsed() > params.timeout {
-            bail!(
-                "not every batch was acknowledged within {:?}: offered {}, acknowledged {}",
-                params.timeout,
-                snap.offered,
-                snap.acked
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        anyhow::ensure!(
+            snap.acked >= snap.offered,
+            "offered {}, acknowledged {}",
+            snap.offered,
+            snap.acked
+        );
+        Ok(snap.offered)
+    })
+    .await
+    .context("not every batch was acknowledged")?;
     let drain = drain_started.elapsed();
     cancel.cancel();
     while let Some(done) = tasks.join_next().await {
@@ -300,29 +300,19 @@ async fn issue(
     let issuer = tokio::task::spawn_blocking(move || ApiIssuer::from_client_file(&client_file))
         .await
         .context("reading posctl.json panicked")??;
-    let ca_pem = std::fs::read(broker.pki().ca_cert()).context("reading the fleet CA")?;
+    let ca_pem = tokio::fs::read(broker.pki().ca_cert())
+        .await
+        .context("reading the fleet CA")?;
+    let roots = posfleet_agent::tls::root_store_from_pem(&ca_pem)?;
     let ids: Vec<DeviceId> = (0..n)
         .map(|i| DeviceId::new(format!("RAW-{i:05}")))
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(n);
     for chunk in ids.chunks(MAX_ISSUE_BATCH) {
         let owned = chunk.to_vec();
-        let keys = tokio::task::spawn_blocking(move || {
-            owned
-                .iter()
-                .map(posfleet_proto::pki::DeviceKeyRequest::generate)
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .context("key generation panicked")??;
-        let requests = chunk
-            .iter()
-            .zip(&keys)
-            .map(|(id, key)| CertRequest {
-                device_id: id.to_string(),
-                csr_pem: key.csr_pem.clone(),
-            })
-            .collect();
+        let (keys, requests) = tokio::task::spawn_blocking(move || key_requests(&owned))
+            .await
+            .context("key generation panicked")??;
         let certs = issuer.issue(requests).await?;
         if certs.len() != chunk.len() {
             bail!(
@@ -332,10 +322,10 @@ async fn issue(
             );
         }
         for ((id, key), cert) in chunk.iter().zip(keys).zip(certs) {
-            let tls = posfleet_agent::tls::client_config_from_pem(
-                &ca_pem,
+            let tls = posfleet_agent::tls::client_config_with_roots(
+                Arc::clone(&roots),
                 cert.as_bytes(),
-                key.key_pem.as_bytes(),
+                key.as_bytes(),
             )?;
             out.push((id.clone(), tls));
         }
@@ -385,20 +375,10 @@ struct Plan {
     in_flight: usize,
     counters: Arc<Counters>,
     latency: Arc<Mutex<Histogram>>,
+    /// Cancelled when no more first sends may go out (resends still do).
+    generation: CancellationToken,
+    /// Cancelled when the sessions end.
     cancel: CancellationToken,
-}
-
-impl Plan {
-    fn stop_generating(&self) {
-        STOP.store(1, Ordering::Release);
-    }
-}
-
-/// Set when generation stops (one benchmark per process).
-static STOP: AtomicU64 = AtomicU64::new(0);
-
-fn generating() -> bool {
-    STOP.load(Ordering::Acquire) == 0
 }
 
 /// One session: connect, subscribe, publish the script paced and windowed, follow the acks;
@@ -419,7 +399,7 @@ async fn session(plan: Plan, script: Script, phase: Duration) -> anyhow::Result<
     // Batches [first_unacked, next) are out; `sent_at[i]` is when batch i first went out.
     let mut first_unacked = 0usize;
     let mut next = 0usize;
-    let mut sent_at: VecDeque<Option<Instant>> = VecDeque::new();
+    let mut sent_at: VecDeque<Instant> = VecDeque::new();
     let mut ever_sent = 0usize;
     let mut connected_once = false;
     let mut counted = false;
@@ -427,8 +407,9 @@ async fn session(plan: Plan, script: Script, phase: Duration) -> anyhow::Result<
     let mut hold_until: Option<Instant> = None;
     let mut due = Instant::now() + phase;
     loop {
+        let generating = !plan.generation.is_cancelled();
         let can_send = subscribed
-            && generating_or_unsent(next, ever_sent)
+            && (generating || next < ever_sent)
             && next < batches.len()
             && next - first_unacked < plan.in_flight
             && hold_until.is_none_or(|t| Instant::now() >= t);
@@ -452,7 +433,7 @@ async fn session(plan: Plan, script: Script, phase: Duration) -> anyhow::Result<
                     continue;
                 }
                 let first_time = next >= ever_sent;
-                if first_time && !generating() {
+                if first_time && plan.generation.is_cancelled() {
                     continue;
                 }
                 let (payload, _, count) = &batches[next];
@@ -466,7 +447,7 @@ async fn session(plan: Plan, script: Script, phase: Duration) -> anyhow::Result<
                 }
                 if first_time {
                     plan.counters.offered.fetch_add(*count, Ordering::AcqRel);
-                    sent_at.push_back(Some(Instant::now()));
+                    sent_at.push_back(Instant::now());
                     ever_sent += 1;
                     due += plan.interval;
                 } else {
@@ -509,7 +490,7 @@ async fn session(plan: Plan, script: Script, phase: Duration) -> anyhow::Result<
                     while first_unacked < ever_sent && batches[first_unacked].1 <= ack.durable_through_seq {
                         let count = batches[first_unacked].2;
                         plan.counters.acked.fetch_add(count, Ordering::AcqRel);
-                        if let Some(Some(at)) = sent_at.pop_front() {
+                        if let Some(at) = sent_at.pop_front() {
                             lock(&plan.latency).record(now - at);
                         }
                         first_unacked += 1;
@@ -529,10 +510,6 @@ async fn session(plan: Plan, script: Script, phase: Duration) -> anyhow::Result<
             },
         }
     }
-}
-
-fn generating_or_unsent(next: usize, ever_sent: usize) -> bool {
-    generating() || next < ever_sent
 }
 
 impl fmt::Display for RawIngestReport {

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,10 +84,10 @@ struct Shared {
     journal: Option<Journal>,
     /// In-doubt requests from the journal, taken by each terminal's task at its start.
     unresolved: Mutex<HashMap<String, Vec<TransactionRequest>>>,
-    generating: AtomicBool,
-    /// Cancelled when generating stops, so that a till waiting for its next (Poisson) arrival
-    /// ends at once instead of after its wait (with 10,000 terminals at 6 a minute the longest
-    /// wait is ~90 s, which a drain measurement would otherwise include).
+    /// Cancelled when generating stops (or from the start with no rate), so that a till
+    /// waiting for its next (Poisson) arrival ends at once instead of after its wait (with
+    /// 10,000 terminals at 6 a minute the longest wait is ~90 s, which a drain measurement
+    /// would otherwise include).
     generation_stopped: CancellationToken,
     counters: Counters,
     /// Per terminal index: (seq, accepted at) not yet seen acknowledged.
@@ -153,8 +153,13 @@ pub async fn run_driver(cfg: DriverConfig) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         tracks: (0..cfg.count).map(|_| Mutex::default()).collect(),
         unresolved: Mutex::new(replay.unresolved),
-        generating: AtomicBool::new(cfg.tx_rate_per_minute > 0.0),
-        generation_stopped: CancellationToken::new(),
+        generation_stopped: {
+            let token = CancellationToken::new();
+            if cfg.tx_rate_per_minute <= 0.0 {
+                token.cancel();
+            }
+            token
+        },
         counters: Counters {
             unresolved: AtomicU64::new(in_doubt),
             ..Counters::default()
@@ -175,7 +180,6 @@ pub async fn run_driver(cfg: DriverConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = usr1.recv() => {
                 info!("SIGUSR1: no more new transactions");
-                shared.generating.store(false, Ordering::Release);
                 shared.generation_stopped.cancel();
             }
             _ = term.recv() => break,
@@ -183,7 +187,7 @@ pub async fn run_driver(cfg: DriverConfig) -> anyhow::Result<()> {
         }
     }
     info!("stopping");
-    shared.generating.store(false, Ordering::Release);
+    shared.generation_stopped.cancel();
     tills.cancel();
     cancel.cancel();
     tracker.close();
@@ -241,13 +245,13 @@ async fn till(shared: Arc<Shared>, index: usize, agent: AgentHandle, cancel: Can
         let mean = Duration::from_secs_f64(60.0 / rate);
         let mut generator = TxnGenerator::new(index, rand::random());
         let mut due = Instant::now() + gap(mean);
-        while shared.generating.load(Ordering::Acquire) {
+        while !shared.generation_stopped.is_cancelled() {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = shared.generation_stopped.cancelled() => break,
                 () = tokio::time::sleep_until(due) => {}
             }
-            if !shared.generating.load(Ordering::Acquire) {
+            if shared.generation_stopped.is_cancelled() {
                 break;
             }
             let request = generator.next_transaction(now_ms());
@@ -464,7 +468,7 @@ fn write_status(shared: &Shared) -> anyhow::Result<()> {
         terminals: shared.cfg.count as u64,
         started: agents.len() as u64,
         connected: agents.iter().filter(|a| a.is_connected()).count() as u64,
-        generating: shared.generating.load(Ordering::Acquire),
+        generating: !shared.generation_stopped.is_cancelled(),
         tills_running: get(&c.tills_running)
             + (shared.cfg.count - agents.len().min(shared.cfg.count)) as u64,
         offered: get(&c.offered),
