@@ -66,3 +66,9 @@ pub mod txstore;
 /// (docs/benchmarks.md, "Memory per idle terminal").
 pub use tikv_jemallocator::Jemalloc as Allocator;
 pub mod views;
+
+/// The unit tests run on the broker's allocator too, so the store's ignored benchmarks
+/// (`txstore/tests/bench.rs`) measure what the broker would.
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOCATOR: Allocator = Allocator;

@@ -1,8 +1,20 @@
 //! The write side: one group commit for many submissions.
 //!
-//! Everything a commit changes (records, both time indexes, conflicts and the touched
-//! ledgers) goes into one `sled::Batch`, so after a crash either all of it or none of it is
-//! there, and a ledger never disagrees with the records it counts.
+//! Everything a commit changes (records, both time indexes, conflicts and the ledgers it
+//! writes) goes into one `sled::Batch`, so after a crash either all of it or none of it is
+//! there.
+//!
+//! # Ledger checkpoints
+//!
+//! A device's ledger is not written by every commit that touches it: writing ~1,000 ledgers
+//! per commit was a sixth of a commit's cost with 1,000 terminals sending one transaction at
+//! a time (docs/benchmarks.md, "The controller alone"). A commit writes a device's ledger when
+//! [`must_write`] says so: the device is new, it had or has a gap, a conflict was recorded,
+//! or the stored copy is [`CHECKPOINT_MS`] old or [`CHECKPOINT_RECORDS`] behind. Otherwise the
+//! stored copy is left behind, which is only ever the case while the device has no gap and
+//! every record it lacks has a higher seq than its `last_seq`, all contiguous. Opening the
+//! store replays those records (`mod.rs`, `catch_up`), so the loaded ledger is exactly the
+//! one the last durable commit had in memory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::PoisonError;
@@ -14,8 +26,15 @@ use super::keys;
 use super::ledger::Ledger;
 use super::record::{self, encode_value, split_value};
 use super::validate::ValidTx;
-use super::{TxStore, durable};
+use super::{TxStore, Unsaved, durable};
 use crate::views::TransactionView;
+
+/// A ledger left behind by commits is written once its stored copy is this old (controller
+/// clock, from the first commit that left it behind)...
+pub(crate) const CHECKPOINT_MS: u64 = 1_000;
+/// ...or once it lacks this many records: opening the store replays at most this many
+/// records per device.
+pub(crate) const CHECKPOINT_RECORDS: u64 = 1_024;
 
 /// One `TransactionBatch` from one device, validated.
 #[derive(Debug, Clone)]
@@ -72,8 +91,32 @@ struct Pending {
     outcome: DeviceOutcome,
     /// Latest receive time of its submissions (starts the gap clock).
     at_ms: u64,
-    /// True if the ledger changed and must be written.
+    /// True if the ledger changed.
     dirty: bool,
+    /// True if it has to be written by this commit whatever [`must_write`] says (new device,
+    /// a conflict was recorded).
+    force: bool,
+    /// The ledger had a gap before this commit.
+    gap_before: bool,
+    /// This commit writes the ledger.
+    written: bool,
+    /// Records this commit stored for the device.
+    stored: u64,
+}
+
+/// Whether a commit that changed a device's ledger writes it (module docs). `unsaved`: how far
+/// the stored copy is behind before this commit (`None`: it is current).
+fn must_write(p: &Pending, unsaved: Option<&Unsaved>) -> bool {
+    if p.force || p.gap_before || p.ledger.has_gap() {
+        return true;
+    }
+    match unsaved {
+        None => p.stored >= CHECKPOINT_RECORDS,
+        Some(u) => {
+            u.records + p.stored >= CHECKPOINT_RECORDS
+                || p.at_ms.saturating_sub(u.since_ms) >= CHECKPOINT_MS
+        }
+    }
 }
 
 impl TxStore {
@@ -96,26 +139,34 @@ impl TxStore {
 
         for sub in submissions {
             let device = sub.device;
-            let p = pending.entry(device.clone()).or_insert_with(|| Pending {
-                ledger: writer.ledgers.get(&device).cloned().unwrap_or_default(),
-                outcome: DeviceOutcome {
-                    device: device.clone(),
-                    durable_through_seq: 0,
-                    rejected_seqs: Vec::new(),
-                    stored: Vec::new(),
-                    duplicates: 0,
-                    new_conflicts: Vec::new(),
-                    gap: false,
-                },
-                at_ms: 0,
-                dirty: false,
+            let p = pending.entry(device.clone()).or_insert_with(|| {
+                let known = writer.ledgers.get(&device);
+                let ledger = known.cloned().unwrap_or_default();
+                Pending {
+                    gap_before: ledger.has_gap(),
+                    force: known.is_none(),
+                    stored: 0,
+                    written: false,
+                    ledger,
+                    outcome: DeviceOutcome {
+                        device: device.clone(),
+                        durable_through_seq: 0,
+                        rejected_seqs: Vec::new(),
+                        stored: Vec::new(),
+                        duplicates: 0,
+                        new_conflicts: Vec::new(),
+                        gap: false,
+                    },
+                    at_ms: 0,
+                    dirty: false,
+                }
             });
             p.at_ms = p.at_ms.max(sub.received_at_ms);
             for tx in sub.records {
                 let key = keys::record(&device, tx.seq());
                 let proto = tx.encode();
-                // Nothing above the ledger's last seq is in the tree (the ledger is written in
-                // the same batch as its records): the common case needs no lookup.
+                // Nothing above the ledger's last seq is in the tree (`writer.ledgers` is
+                // what has been applied): the common case needs no lookup.
                 let existing = if tx.seq() > p.ledger.last_seq {
                     None
                 } else {
@@ -131,6 +182,7 @@ impl TxStore {
                         new_records.insert(key, proto);
                         p.ledger.stored(&tx, sub.received_at_ms);
                         p.dirty = true;
+                        p.stored += 1;
                         p.outcome
                             .stored
                             .push(record::view(&device, &tx, sub.received_at_ms));
@@ -149,6 +201,7 @@ impl TxStore {
                         if added {
                             p.ledger.conflicts += 1;
                             p.dirty = true;
+                            p.force = true;
                             p.outcome
                                 .new_conflicts
                                 .push((tx.seq(), tx.get().txn_id.clone()));
@@ -178,7 +231,8 @@ impl TxStore {
                 return Err(self.read_error(e));
             }
             p.dirty |= before != (p.ledger.durable_through_seq, p.ledger.gap_since_ms);
-            if p.dirty {
+            if p.dirty && must_write(p, writer.unsaved.get(device)) {
+                p.written = true;
                 let json = serde_json::to_vec(&p.ledger)
                     .map_err(|e| self.corrupt(&keys::ledger(device), e.to_string()))?;
                 batch.insert(keys::ledger(device), json);
@@ -193,6 +247,15 @@ impl TxStore {
         for (device, p) in pending.iter().filter(|(_, p)| p.dirty) {
             writer.ledgers.insert(device.clone(), p.ledger.clone());
             writer.unpublished.insert(device.clone());
+            if p.written {
+                writer.unsaved.remove(device);
+            } else {
+                let u = writer.unsaved.entry(device.clone()).or_insert(Unsaved {
+                    since_ms: p.at_ms,
+                    records: 0,
+                });
+                u.records += p.stored;
+            }
         }
         durable(&self.tree, &self.cfg.dir)?;
         #[cfg(test)]

@@ -1,5 +1,7 @@
-//! [`Ledger`]: the per-device summary kept in the `ledgers` tree and written in the same batch
-//! as the records it counts, so a summary or an acknowledgement never needs a scan.
+//! [`Ledger`]: the per-device summary kept in memory and under the `l` keys, so a summary or
+//! an acknowledgement never needs a scan. The stored copy is written in the same batch as the
+//! records it counts, or left a little behind and caught up at open (`commit.rs`, "Ledger
+//! checkpoints").
 
 use std::collections::BTreeMap;
 
@@ -64,8 +66,16 @@ impl Ledger {
                 .or_insert(0);
             *sum = sum.saturating_add(t.amount_minor);
         }
-        self.first_received_ms.get_or_insert(received_at_ms);
-        self.last_received_ms = Some(received_at_ms);
+        // min and max: replaying records in seq order at open (`catch_up`) gives the same
+        // ledger as storing them in arrival order did.
+        self.first_received_ms = Some(
+            self.first_received_ms
+                .map_or(received_at_ms, |t| t.min(received_at_ms)),
+        );
+        self.last_received_ms = Some(
+            self.last_received_ms
+                .map_or(received_at_ms, |t| t.max(received_at_ms)),
+        );
     }
 
     /// Advances the watermark over every following seq `stored` says is present, then

@@ -36,6 +36,7 @@ mod tests;
 mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
@@ -58,6 +59,7 @@ pub use validate::{
 use cursor::CursorKey;
 use ledger::Ledger;
 use posfleet_agent::sledstore::{self, DurableError, OpenError};
+use record::StoredTx;
 
 /// Name of the one sled tree (see `keys.rs` for its namespaces).
 const TREE: &str = "transactions";
@@ -109,6 +111,18 @@ struct Writer {
     ledgers: BTreeMap<DeviceId, Ledger>,
     /// Devices whose applied ledger is not published yet (a flush failed after applying).
     unpublished: BTreeSet<DeviceId>,
+    /// Devices whose stored ledger is behind the applied one (`commit.rs`, "Ledger
+    /// checkpoints").
+    unsaved: BTreeMap<DeviceId, Unsaved>,
+}
+
+/// How far a device's stored ledger is behind.
+#[derive(Debug, Clone, Copy)]
+struct Unsaved {
+    /// Receive time of the first commit that left it behind.
+    since_ms: u64,
+    /// Records stored since it was written.
+    records: u64,
 }
 
 /// The transaction store. Share it as `Arc<TxStore>`; reads take `&self` and never wait for
@@ -153,6 +167,7 @@ impl TxStore {
             writer: Mutex::new(Writer {
                 ledgers,
                 unpublished: BTreeSet::new(),
+                unsaved: BTreeMap::new(),
             }),
             _db: db,
             tree,
@@ -239,7 +254,59 @@ fn load_ledgers(
         }
         ledgers.insert(id, ledger);
     }
+    for (device, ledger) in &mut ledgers {
+        catch_up(tree, dir, device, ledger)?;
+    }
     Ok(ledgers)
+}
+
+/// Brings a stored ledger up to date with the device's records above its `last_seq`: those a
+/// commit stored without writing the ledger (`commit.rs`, "Ledger checkpoints"). Their
+/// receive times are in the records, so the result is the ledger that commit had in memory.
+fn catch_up(
+    tree: &sled::Tree,
+    dir: &std::path::Path,
+    device: &DeviceId,
+    ledger: &mut Ledger,
+) -> Result<(), TxStoreError> {
+    let read = |source| TxStoreError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let corrupt = |key: &[u8], detail: String| TxStoreError::Corrupt {
+        path: dir.to_owned(),
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail,
+    };
+    let prefix = keys::device_prefix(keys::RECORD, device);
+    let Some(start) = ledger.last_seq.checked_add(1) else {
+        return Ok(());
+    };
+    let end = keys::prefix_end(&prefix).map_or(Bound::Unbounded, Bound::Excluded);
+    let mut latest = None;
+    for item in tree.range::<Vec<u8>, _>((Bound::Included(keys::record(device, start)), end)) {
+        let (key, value) = item.map_err(read)?;
+        let stored = StoredTx::decode(&value).map_err(|e| corrupt(&key, e))?;
+        if keys::record_seq(&key, prefix.len()) != Some(stored.tx.seq()) {
+            return Err(corrupt(&key, "record key and seq disagree".into()));
+        }
+        ledger.stored(&stored.tx, stored.received_at_ms);
+        latest = latest.max(Some(stored.received_at_ms));
+    }
+    if let Some(at_ms) = latest {
+        let mut error = None;
+        ledger.settle(at_ms, |seq| {
+            tree.contains_key(keys::record(device, seq))
+                .unwrap_or_else(|e| {
+                    error = Some(e);
+                    false
+                })
+        });
+        if let Some(e) = error {
+            return Err(read(e));
+        }
+    }
+    Ok(())
 }
 
 /// `sledstore::make_durable` with this module's errors.

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::{open, submission};
+use crate::txstore::{TxStore, TxStoreConfig};
 
 #[test]
 #[ignore = "benchmark"]
@@ -46,5 +47,47 @@ fn commit_throughput() {
             total / u32::try_from(commits).unwrap_or(1)
         );
         assert!(total > Duration::ZERO);
+    }
+}
+
+/// Commits shaped like `fleet-bench ingest-raw --terminals 1000 --batch 1` at its ceiling:
+/// 1,000 devices, 1,600 transactions per commit (one or two per device, each device's seqs
+/// contiguous), three rounds of 60 commits on a growing store. Run with the command above
+/// and `fleet_commit_throughput`. The test binary runs on glibc's allocator, the broker on
+/// jemalloc: compare runs of this benchmark with each other, not with the broker.
+#[test]
+#[ignore = "benchmark"]
+fn fleet_commit_throughput() {
+    const DEVICES: usize = 1000;
+    const PER_COMMIT: usize = 1600;
+    const COMMITS: u32 = 60;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = TxStore::open(TxStoreConfig::new(tmp.path())).unwrap();
+    let mut next_seq = vec![1u64; DEVICES];
+    let mut turn = 0usize;
+    let start_ms = 1_790_000_000_000u64;
+    for round in 0..3 {
+        let mut in_commit = Duration::ZERO;
+        for _ in 0..COMMITS {
+            let mut subs = Vec::with_capacity(PER_COMMIT);
+            for _ in 0..PER_COMMIT {
+                let d = turn % DEVICES;
+                turn += 1;
+                let mut tx = crate::txstore::test_sale(next_seq[d], 1250);
+                // 16,000 transactions a second, as the clocks see it.
+                let at_ms = start_ms + (turn as u64) / 16;
+                tx.timestamp_ms = at_ms;
+                next_seq[d] += 1;
+                subs.push(submission(&format!("RAW-{d:05}"), at_ms, vec![tx]));
+            }
+            let t = Instant::now();
+            store.commit(subs).unwrap();
+            in_commit += t.elapsed();
+        }
+        println!(
+            "round {round}: {:>7.0} tx/s inside commit, mean commit {:.1?}",
+            f64::from(COMMITS) * PER_COMMIT as f64 / in_commit.as_secs_f64(),
+            in_commit / COMMITS
+        );
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! - `model.rs`: random commits (duplicates, conflicts, out of order) and reopens against a
 //!   `BTreeMap` model.
-//! - `store.rs`: conflicts, gaps, summaries, reopen, queries and cursors.
+//! - `store.rs`: ledger checkpoints: when the stored ledger is written, catching up at open.
 //! - `bench.rs`: commit throughput by group size (ignored).
 //! - `crash.rs`: a child process committing batches is killed with SIGKILL; every
 //!   acknowledged (device, seq) must survive reopen.
