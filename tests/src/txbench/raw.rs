@@ -129,6 +129,11 @@ pub struct RawIngestReport {
     pub retry_after_per_s: f64,
     pub gaps_per_s: f64,
     pub reconnects: u64,
+    /// The controller's group commits in the window (its `/metrics`): per second, mean
+    /// duration (ms) and mean transactions per commit.
+    pub commits_per_s: f64,
+    pub commit_mean_ms: f64,
+    pub commit_mean_records: f64,
     /// Publish → acknowledgement of the batches acknowledged in the window.
     pub latency: Histogram,
     /// Share of one CPU over the window.
@@ -277,6 +282,11 @@ pub async fn run_raw_ingest(
         retry_after_per_s: per_s(counts_after.retry_after, counts_before.retry_after),
         gaps_per_s: per_s(counts_after.gaps, counts_before.gaps),
         reconnects: counts_after.reconnects,
+        commits_per_s: metric("posfleet_tx_commit_seconds_count") / secs,
+        commit_mean_ms: 1000.0 * metric("posfleet_tx_commit_seconds_sum")
+            / metric("posfleet_tx_commit_seconds_count").max(1.0),
+        commit_mean_records: metric("posfleet_tx_commit_batch_size_sum")
+            / metric("posfleet_tx_commit_batch_size_count").max(1.0),
         latency: latency_window,
         broker_cpu: (cpu_after.0 - cpu_before.0) / secs,
         generator_cpu: (cpu_after.1 - cpu_before.1) / secs,
@@ -538,6 +548,11 @@ impl fmt::Display for RawIngestReport {
             ms(self.latency.quantile(0.99)),
             ms(self.latency.max()),
             self.latency.count()
+        )?;
+        writeln!(
+            f,
+            "  commits:          {:.1} /s, mean {:.1} ms, mean {:.0} transactions each",
+            self.commits_per_s, self.commit_mean_ms, self.commit_mean_records
         )?;
         writeln!(
             f,
