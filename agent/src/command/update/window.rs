@@ -1,11 +1,10 @@
 //! The maintenance window (`maintenance.window` of the applied configuration,
 //! `HH:MM-HH:MM` in the terminal's local time, possibly across midnight) and the terminal's
-//! UTC offset, read from its TZif time zone file (`/etc/localtime`).
-//!
-//! Only the transitions of the TZif file are used: a time after the last transition takes
-//! the last transition's offset. Distributions ship "fat" files with transitions up to 2037;
-//! a "slim" file of a zone with daylight saving time would be read with the offset of its last
-//! transition. Without a readable file the offset is 0 (UTC), as in most containers.
+//! UTC offset, read from its TZif time zone file (`/etc/localtime`) with jiff: the file's
+//! transitions, then the daylight saving rule in its footer, so both the "fat" files some
+//! distributions ship (transitions up to 2037) and "slim" ones (few or no transitions, the
+//! rule in the footer) give the right offset. Without a readable file the offset is 0 (UTC),
+//! as in most containers.
 
 use std::path::Path;
 
@@ -63,78 +62,13 @@ pub(crate) fn utc_offset(path: &Path, unix_s: i64) -> i32 {
         .unwrap_or(0)
 }
 
-/// The offset at `t` from TZif data (version 1 block, or the 64-bit block of version 2+).
+/// The offset at `t` from TZif data: its transitions, and after the last one the POSIX rule of
+/// its footer (RFC 8536 §3.3), so a "slim" file of a zone with daylight saving time is read
+/// right. `None` if the data is not TZif or `t` is out of range.
 fn tzif_offset(data: &[u8], t: i64) -> Option<i32> {
-    let header = Header::read(data)?;
-    let (header, body, wide) = if data.get(4).copied().unwrap_or(0) >= b'2' {
-        let second = data.get(44 + header.v1_len()..)?;
-        (Header::read(second)?, second.get(44..)?, true)
-    } else {
-        (header, data.get(44..)?, false)
-    };
-    let time_size = if wide { 8 } else { 4 };
-    let times = body.get(..header.timecnt * time_size)?;
-    let indices = body.get(header.timecnt * time_size..header.timecnt * (time_size + 1))?;
-    let types_at = header.timecnt * (time_size + 1);
-    let types = body.get(types_at..types_at + header.typecnt * 6)?;
-    let transition_time = |i: usize| -> Option<i64> {
-        let b = times.get(i * time_size..(i + 1) * time_size)?;
-        Some(if wide {
-            i64::from_be_bytes(b.try_into().ok()?)
-        } else {
-            i64::from(i32::from_be_bytes(b.try_into().ok()?))
-        })
-    };
-    // The last transition at or before t; before the first, the first type (RFC 8536 §3.2).
-    let mut type_index = 0usize;
-    for i in 0..header.timecnt {
-        if transition_time(i)? <= t {
-            type_index = usize::from(*indices.get(i)?);
-        } else {
-            break;
-        }
-    }
-    let ttinfo = types.get(type_index * 6..type_index * 6 + 4)?;
-    Some(i32::from_be_bytes(ttinfo.try_into().ok()?))
-}
-
-struct Header {
-    isutcnt: usize,
-    isstdcnt: usize,
-    leapcnt: usize,
-    timecnt: usize,
-    typecnt: usize,
-    charcnt: usize,
-}
-
-impl Header {
-    fn read(data: &[u8]) -> Option<Self> {
-        if data.get(..4)? != b"TZif" {
-            return None;
-        }
-        let count = |i: usize| -> Option<usize> {
-            let b = data.get(20 + i * 4..24 + i * 4)?;
-            usize::try_from(u32::from_be_bytes(b.try_into().ok()?)).ok()
-        };
-        Some(Self {
-            isutcnt: count(0)?,
-            isstdcnt: count(1)?,
-            leapcnt: count(2)?,
-            timecnt: count(3)?,
-            typecnt: count(4)?,
-            charcnt: count(5)?,
-        })
-    }
-
-    /// Length of the version 1 data block.
-    fn v1_len(&self) -> usize {
-        self.timecnt * 5
-            + self.typecnt * 6
-            + self.charcnt
-            + self.leapcnt * 8
-            + self.isstdcnt
-            + self.isutcnt
-    }
+    let zone = jiff::tz::TimeZone::tzif("localtime", data).ok()?;
+    let at = jiff::Timestamp::from_second(t).ok()?;
+    Some(zone.to_offset(at).seconds())
 }
 
 #[cfg(test)]
@@ -187,8 +121,9 @@ mod tests {
         let types = |out: &mut Vec<u8>| {
             out.extend_from_slice(&0i32.to_be_bytes());
             out.extend_from_slice(&[0, 0]);
+            // EET is standard time (not DST), as the footer `EET-2` says.
             out.extend_from_slice(&7200i32.to_be_bytes());
-            out.extend_from_slice(&[1, 4]);
+            out.extend_from_slice(&[0, 4]);
             out.extend_from_slice(b"UTC\0EET\0");
         };
         let mut f = header(b'2', 1, 2, 8);
@@ -201,6 +136,45 @@ mod tests {
         types(&mut f);
         f.extend_from_slice(b"\nEET-2\n");
         f
+    }
+
+    /// A "slim" version 2 TZif file of Central European Time, as `zic -b slim` writes it: no
+    /// transitions, one type (CET, +01:00), and the daylight saving rule only in the footer.
+    fn slim_cet() -> Vec<u8> {
+        let block = |out: &mut Vec<u8>| {
+            out.extend_from_slice(b"TZif2");
+            out.extend_from_slice(&[0; 15]);
+            for n in [0u32, 0, 0, 0, 1, 4] {
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+        };
+        let mut f = Vec::new();
+        block(&mut f);
+        f.extend_from_slice(&3600i32.to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(b"CET\0");
+        block(&mut f);
+        f.extend_from_slice(&3600i32.to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(b"CET\0");
+        f.extend_from_slice(b"\nCET-1CEST,M3.5.0,M10.5.0/3\n");
+        f
+    }
+
+    #[test]
+    fn a_slim_file_gets_daylight_saving_time_from_its_footer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("localtime");
+        std::fs::write(&path, slim_cet()).unwrap();
+        // 2026-01-15 12:00 UTC: winter.
+        assert_eq!(utc_offset(&path, 1_768_478_400), 3600);
+        // 2026-07-01 12:00 UTC: summer, +02:00 by the footer's rule.
+        assert_eq!(utc_offset(&path, 1_782_907_200), 7200);
+        // The switches: 2026-03-29 01:00 UTC and 2026-10-25 01:00 UTC.
+        assert_eq!(utc_offset(&path, 1_774_745_999), 3600);
+        assert_eq!(utc_offset(&path, 1_774_746_000), 7200);
+        assert_eq!(utc_offset(&path, 1_792_889_999), 7200);
+        assert_eq!(utc_offset(&path, 1_792_890_000), 3600);
     }
 
     #[test]
