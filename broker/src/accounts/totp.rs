@@ -1,9 +1,12 @@
 //! TOTP (RFC 6238 over RFC 4226): HMAC-SHA-1, 6 digits, 30-second steps, codes of the step
 //! before and after accepted. Replay protection (a step used once is refused afterwards) is
-//! the caller's: [`verify`] returns the step that matched.
+//! the caller's: [`verify`] returns the step that matched. The HMAC is ring's, the one every
+//! other MAC of the controller uses; base32 is data-encoding's; the `otpauth://` URL is
+//! percent-encoded with percent-encoding.
 
-use hmac::{Hmac, Mac as _};
-use sha1::Sha1;
+use data_encoding::BASE32_NOPAD;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use ring::hmac;
 
 /// Length of a step.
 pub const STEP_MS: u64 = 30_000;
@@ -24,9 +27,11 @@ pub fn new_secret() -> Vec<u8> {
 
 /// The code of `secret` for time step `step`.
 pub fn code_at(secret: &[u8], step: u64) -> Option<u32> {
-    let mut mac = Hmac::<Sha1>::new_from_slice(secret).ok()?;
-    mac.update(&step.to_be_bytes());
-    let digest = mac.finalize().into_bytes();
+    // SHA-1 is what RFC 6238 and every authenticator app use; HMAC-SHA-1 is not weakened by
+    // SHA-1's collisions.
+    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret);
+    let tag = hmac::sign(&key, &step.to_be_bytes());
+    let digest = tag.as_ref();
     let offset = usize::from(digest.last()? & 0x0f);
     let bytes = digest.get(offset..offset + 4)?;
     let binary = u32::from_be_bytes([bytes[0] & 0x7f, bytes[1], bytes[2], bytes[3]]);
@@ -57,51 +62,39 @@ pub fn code_text(secret: &[u8], now_ms: u64) -> Option<String> {
     code_at(secret, step_of(now_ms)).map(|c| format!("{c:06}"))
 }
 
-const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-
 /// RFC 4648 base32 without padding (what authenticator apps expect in `secret=`).
 pub fn base32_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
-    let (mut buffer, mut bits) = (0u32, 0u32);
-    for &b in bytes {
-        buffer = (buffer << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(char::from(BASE32[((buffer >> bits) & 31) as usize]));
-        }
-    }
-    if bits > 0 {
-        out.push(char::from(BASE32[((buffer << (5 - bits)) & 31) as usize]));
-    }
-    out
+    BASE32_NOPAD.encode(bytes)
 }
 
 /// Decodes RFC 4648 base32 (case-insensitive, padding and spaces ignored).
 pub fn base32_decode(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 5 / 8);
-    let (mut buffer, mut bits) = (0u32, 0u32);
-    for c in text.bytes().filter(|c| *c != b'=' && *c != b' ') {
-        let value = BASE32.iter().position(|&x| x == c.to_ascii_uppercase())?;
-        buffer = (buffer << 5) | value as u32;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    Some(out)
+    let canonical: String = text
+        .chars()
+        .filter(|c| *c != '=' && *c != ' ')
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    BASE32_NOPAD.decode(canonical.as_bytes()).ok()
 }
 
-/// The `otpauth://` URL authenticator apps scan.
+/// What stays unescaped in an `otpauth://` label or parameter: RFC 3986's unreserved
+/// characters.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The `otpauth://` URL authenticator apps scan: label `issuer:account` and the `issuer`
+/// parameter percent-encoded (Key Uri Format).
 pub fn otpauth_url(issuer: &str, account: &str, secret: &[u8]) -> String {
-    let mut url = format!("otpauth://totp/{issuer}:{account}");
-    url.push_str(&format!(
-        "?secret={}&issuer={issuer}&algorithm=SHA1&digits={DIGITS}&period={}",
+    let issuer = utf8_percent_encode(issuer, UNRESERVED);
+    let account = utf8_percent_encode(account, UNRESERVED);
+    format!(
+        "otpauth://totp/{issuer}:{account}?secret={}&issuer={issuer}&algorithm=SHA1&digits={DIGITS}&period={}",
         base32_encode(secret),
         STEP_MS / 1000
-    ));
-    url
+    )
 }
 
 #[cfg(test)]
@@ -135,6 +128,18 @@ mod tests {
         }
         assert_eq!(verify(&secret, "12345", now), None);
         assert_eq!(verify(&secret, "12345a", now), None);
+    }
+
+    #[test]
+    fn otpauth_urls_encode_their_label_and_issuer() {
+        let secret = b"12345678901234567890";
+        let url = otpauth_url("ACME Payments & Co", "ops:admin", secret);
+        assert_eq!(
+            url,
+            "otpauth://totp/ACME%20Payments%20%26%20Co:ops%3Aadmin\
+             ?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ&issuer=ACME%20Payments%20%26%20Co\
+             &algorithm=SHA1&digits=6&period=30"
+        );
     }
 
     #[test]

@@ -250,13 +250,31 @@ pub(crate) async fn mfa_enrol(
         return Ok(());
     }
     let enrolment: EnrolResponse = serde_json::from_value(value).context("unexpected answer")?;
+    write!(out, "{}", qr_text(&enrolment.otpauth_url)?)?;
     writeln!(out, "secret       {}", enrolment.secret)?;
     writeln!(out, "otpauth URL  {}", enrolment.otpauth_url)?;
     writeln!(
         out,
-        "add it to an authenticator app, then run `posctl mfa confirm` with its code"
+        "scan the code (or type the secret) into an authenticator app, then run \
+         `posctl mfa confirm` with its code"
     )?;
     Ok(())
+}
+
+/// `url` as a QR code drawn with half-block characters, light on dark (what most terminals
+/// show), with its four-module quiet zone.
+fn qr_text(url: &str) -> anyhow::Result<String> {
+    use qrcode::render::unicode::Dense1x2;
+    let code =
+        qrcode::QrCode::new(url.as_bytes()).context("the otpauth URL does not fit a QR code")?;
+    let mut text = code
+        .render::<Dense1x2>()
+        .dark_color(Dense1x2::Light)
+        .light_color(Dense1x2::Dark)
+        .quiet_zone(true)
+        .build();
+    text.push('\n');
+    Ok(text)
 }
 
 pub(crate) async fn mfa_confirm(
@@ -432,4 +450,20 @@ pub(crate) async fn user_action(
     api.send_empty(method, url, None).await?;
     writeln!(out, "{done}")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod qr_tests {
+    #[test]
+    fn the_enrolment_qr_code_is_a_square_of_half_blocks() {
+        let url = crate::accounts::totp::otpauth_url("posfleet", "ada", &[7; 20]);
+        let text = super::qr_text(&url).unwrap();
+        let modules = qrcode::QrCode::new(url.as_bytes()).unwrap().width() + 8;
+        let rows: Vec<&str> = text.lines().collect();
+        // Two modules per character row (rounded up), one per column.
+        assert_eq!(rows.len(), modules.div_ceil(2));
+        assert!(rows.iter().all(|r| r.chars().count() == modules));
+        assert!(text.chars().all(|c| " ▀▄█\n".contains(c)), "{text}");
+        assert!(text.contains('█') && text.contains(' '));
+    }
 }
