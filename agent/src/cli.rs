@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use posfleet_runtime::report::error_report;
+use posfleet_runtime::value::{BrokerUrl, parse_duration};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
@@ -20,7 +22,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::command::HookSettings;
-use crate::config::{BrokerUrl, parse_duration};
 use crate::simulate::{self, SimulatorConfig};
 use crate::terminal::stop;
 
@@ -183,28 +184,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// An error and its causes on one line, `a: b: c`, skipping a cause whose text the message
-/// before it already shows (many error types print their source in their own message).
-pub fn error_report(error: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
-}
-
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let default_filter = match cli.command {
         Command::Run { .. } | Command::Enroll { .. } => "info",
         // Thousands of terminals: per-terminal chatter only from warnings up.
-        Command::Simulate { .. } => "info,posfleet_agent::agent=warn,posfleet_agent::mqtt=warn",
+        Command::Simulate { .. } => "info,posfleet_agent::agent=warn,posfleet_runtime::mqtt=warn",
     };
     init_tracing(default_filter);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -387,15 +371,6 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
-
-    #[test]
-    fn error_report_shows_each_cause_once() {
-        let io = std::io::Error::other("disk on fire");
-        let error = anyhow::Error::new(io)
-            .context("ca.crt: disk on fire")
-            .context("cannot start");
-        assert_eq!(error_report(&error), "cannot start: ca.crt: disk on fire");
-    }
 
     #[test]
     fn cli_is_well_formed_and_parses_the_documented_forms() {

@@ -18,7 +18,7 @@ use posfleet_proto::DeviceId;
 use posfleet_proto::pki::{DeviceKeyRequest, PkiError, write_public_file, write_secret_file};
 use serde::{Deserialize, Serialize};
 
-use crate::tls::{TlsError, provider, root_store_from_pem};
+use posfleet_runtime::tls::{TlsError, provider, root_store_from_pem};
 
 /// Bound on the whole enrolment request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

@@ -62,11 +62,11 @@ use crate::agent::{Agent, AgentError, AgentHandle, AgentSettings, DeviceInfo};
 use crate::command::{
     CommandSettings, CommandSetup, DEFAULT_MAX_OFFLINE, HookSettings, TerminalFiles,
 };
-use crate::config::BrokerUrl;
 use crate::outbox::{DeviceOutbox, Outbox, OutboxError, OutboxSettings};
 use crate::state::{StateError, StateStore};
 use crate::telemetry::{SimulatedSensors, SimulatedSystem};
-use crate::tls::{self, TlsError};
+use posfleet_runtime::tls::{self, TlsError};
+use posfleet_runtime::value::BrokerUrl;
 use till::start_till;
 
 /// The release public key(s) in a PKI directory, trusted for software updates when present.

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use posfleet_agent::config::BrokerUrl;
 use posfleet_proto::pki::PkiError;
+use posfleet_runtime::value::BrokerUrl;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use posfleet_agent::config::{BrokerUrl, parse_duration};
 use posfleet_agent::{SimulatorConfig, run_simulator};
+use posfleet_runtime::value::{BrokerUrl, parse_duration};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -202,7 +202,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {}", posfleet_agent::cli::error_report(&error));
+            eprintln!("error: {}", posfleet_runtime::report::error_report(&error));
             ExitCode::FAILURE
         }
     }
@@ -210,7 +210,7 @@ pub fn main() -> ExitCode {
 
 fn init_tracing() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,posfleet_agent::agent=warn,posfleet_agent::mqtt=warn,rumqttd=warn")
+        EnvFilter::new("info,posfleet_agent::agent=warn,posfleet_runtime::mqtt=warn,rumqttd=warn")
     });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

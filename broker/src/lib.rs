@@ -12,7 +12,7 @@
 //! - [`bus`]: the controller's bus: a local link to the embedded router (no TLS), or an mTLS
 //!   MQTT session to an external broker.
 //! - [`controller`]: the controller's ingest (presence, heartbeat, telemetry, transactions).
-//! - [`registry`]: the sled store of devices (sled rules: `posfleet_agent::sledstore`).
+//! - [`registry`]: the sled store of devices (sled rules: `posfleet_runtime::sledstore`).
 //! - [`txstore`]: the sled store of transactions (exactly once by (device, seq), group commit).
 //! - [`api`]: the HTTPS admin API (axum + rustls): devices, live stream, health, metrics.
 //! - [`commands`]: the signed command plane (store, dispatch, results, reconciliation,

@@ -16,6 +16,8 @@
 //!   regeneration of standard formats (base32, hex keys, PEM) until the guard passes.
 //! - [`signing`]: Ed25519 command signatures: the controller's [`signing::CommandKey`], the
 //!   agent's [`signing::KeyRing`] and the reasons a command is refused.
+//! - [`txrules`]: the field rules and limits a terminal applies to a transaction before it
+//!   stores it, shared so that the controller can prove it stores whatever a terminal accepts.
 //! - [`version`]: version ordering and the `min_version` check shared by the rollout engine
 //!   and the agent.
 //! - `pki` (feature `pki`): certificate profiles (device, controller, broker server), the
@@ -32,6 +34,7 @@ pub mod secret;
 pub mod signing;
 pub mod text;
 pub mod topic;
+pub mod txrules;
 pub mod version;
 
 /// Generated protobuf types of package `posfleet.v1`.

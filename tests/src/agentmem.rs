@@ -59,10 +59,10 @@ pub struct AgentMemoryBench {
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub queued: u32,
     /// Idle and connected for this long before the first window.
-    #[arg(long, value_name = "DURATION", default_value = "40s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "40s", value_parser = posfleet_runtime::value::parse_duration)]
     pub settle: Duration,
     /// Length of each sampling window.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = posfleet_runtime::value::parse_duration)]
     pub window: Duration,
     /// The agent binary to measure (default: `pf-agent` beside this program, the release
     /// build); e.g. `target/terminal/posfleet-agent`, the agent as built for terminals.
@@ -75,7 +75,7 @@ pub struct AgentMemoryBench {
     #[arg(long, default_value = DEFAULT_PEER)]
     pub peer: String,
     /// Bound on each wait (connected, queued, drained).
-    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = posfleet_runtime::value::parse_duration)]
     pub timeout: Duration,
 }
 

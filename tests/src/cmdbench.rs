@@ -50,13 +50,13 @@ pub struct CommandsBench {
     #[arg(long, default_value_t = 3)]
     pub config_rounds: u32,
     /// Heartbeat interval of every terminal.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = posfleet_runtime::value::parse_duration)]
     pub heartbeat_interval: Duration,
     /// Terminals the simulator starts per second (default: effectively unthrottled).
     #[arg(long, value_name = "PER_SECOND", default_value_t = 1_000_000)]
     pub connect_rate: u32,
     /// Bound on each wait (all connected, one lock, one config round).
-    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = posfleet_runtime::value::parse_duration)]
     pub timeout: Duration,
 }
 

@@ -107,13 +107,13 @@ pub struct FloodBench {
     )]
     pub attacks: Vec<AttackArg>,
     /// Pause between two trickled bytes.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = posfleet_runtime::value::parse_duration)]
     pub trickle: Duration,
     /// Pause before an attacking socket the broker closed connects again.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = posfleet_runtime::value::parse_duration)]
     pub reconnect_pause: Duration,
     /// Bound on each legitimate request, and on the wait for a flood to be in place.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = posfleet_runtime::value::parse_duration)]
     pub timeout: Duration,
     /// Also run the MQTT scenarios against this Mosquitto binary (peer comparison), set up
     /// from deploy/external-brokers/ with the fleet PKI (see `posfleet_tests::mosquitto`).

@@ -53,7 +53,7 @@ pub struct LoginBench {
     #[arg(long, default_value_t = 128)]
     pub flood: usize,
     /// How long the flood lasts.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = posfleet_runtime::value::parse_duration)]
     pub flood_for: Duration,
 }
 

@@ -1,7 +1,7 @@
 //! Hand-made MQTT clients for the bad-input tests: any certificate (or none), any client id,
 //! any topic and payload; and raw TLS sockets that never speak MQTT.
 //!
-//! TLS configs come from `posfleet_agent::tls`, the project's one place that builds client
+//! TLS configs come from `posfleet_runtime::tls`, the project's one place that builds client
 //! configs, so a refusal here is the edge's doing, not a difference in TLS setup.
 
 use std::collections::VecDeque;
@@ -30,15 +30,15 @@ pub fn tls_config(
     identity: Option<&CertifiedKey>,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     match identity {
-        Some(id) => Ok(posfleet_agent::tls::client_config_from_pem(
+        Some(id) => Ok(posfleet_runtime::tls::client_config_from_pem(
             ca_pem,
             id.cert_pem.as_bytes(),
             id.key_pem.as_bytes(),
         )?),
         None => {
-            let roots = posfleet_agent::tls::root_store_from_pem(ca_pem)?;
+            let roots = posfleet_runtime::tls::root_store_from_pem(ca_pem)?;
             Ok(Arc::new(
-                rustls::ClientConfig::builder_with_provider(posfleet_agent::tls::provider())
+                rustls::ClientConfig::builder_with_provider(posfleet_runtime::tls::provider())
                     .with_safe_default_protocol_versions()?
                     .with_root_certificates(roots)
                     .with_no_client_auth(),

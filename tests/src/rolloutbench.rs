@@ -52,10 +52,10 @@ pub struct RolloutBench {
     #[arg(long, default_value = "1,10,50,100", value_delimiter = ',')]
     pub waves: Vec<u32>,
     /// Heartbeat interval of every terminal.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = posfleet_runtime::value::parse_duration)]
     pub heartbeat_interval: Duration,
     /// Bound on each wait (all connected; the whole rollout).
-    #[arg(long, value_name = "DURATION", default_value = "1800s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1800s", value_parser = posfleet_runtime::value::parse_duration)]
     pub timeout: Duration,
 }
 

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use posfleet_agent::config::parse_duration;
 use posfleet_proto::{Channel, DeviceId, Topic, now_ms, pb};
+use posfleet_runtime::value::parse_duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio_util::sync::CancellationToken;
 

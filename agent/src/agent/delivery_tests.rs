@@ -10,8 +10,8 @@ use tokio_util::task::TaskTracker;
 
 use super::tests::{WAIT, agent, eventually, next_on};
 use crate::outbox::{Outbox, OutboxSettings};
-use crate::testing::{FakeBroker, TestPki};
 use crate::transaction::fixtures::sale;
+use posfleet_runtime::testing::{FakeBroker, TestPki};
 
 const ACK_TOPIC: &str = "posfleet/v1/d/T-7/down/txack";
 const HOUR: Duration = Duration::from_secs(3600);

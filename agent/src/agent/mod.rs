@@ -2,7 +2,7 @@
 //!
 //! [`Agent::spawn`] starts four tracked tasks:
 //!
-//! - the [MQTT session](crate::mqtt) (subscribed to the device's downlink filter, with the
+//! - the [MQTT session](posfleet_runtime::mqtt) (subscribed to the device's downlink filter, with the
 //!   last will `Presence{OFFLINE, "connection_lost"}`);
 //! - an event consumer: it wakes the runtime, the outbox sender and the command executor on
 //!   every connect, hands `txack` messages to the sender's [`AckInbox`] and `cmd` messages
@@ -41,17 +41,18 @@ use tokio_util::task::TaskTracker;
 pub use report::{AGENT_VERSION, REASON_CONNECTION_LOST, REASON_SHUTDOWN};
 pub(crate) use run::publish;
 
-use crate::backoff::Backoff;
 use crate::command::{
     self, CommandSettings, CommandSetup, Executor, ExecutorParts, TerminalFiles, UpdateSettings,
 };
-use crate::config::{BrokerUrl, Config, SensorSource};
-use crate::mqtt::{self, MqttError, MqttHandle, SessionConfig};
+use crate::config::{Config, SensorSource};
 use crate::outbox::{AckInbox, AckStats, DeviceOutbox, Outbox, OutboxError, Sender};
 use crate::state::{DEFAULT_STATE_CACHE_CAPACITY, LiveState, StateError, StateStore};
 use crate::telemetry::{NoSensors, OsSystem, SensorProvider, SimulatedSensors, SystemProvider};
-use crate::tls::{self, TlsError};
 use crate::transaction::TransactionIntake;
+use posfleet_runtime::backoff::Backoff;
+use posfleet_runtime::mqtt::{self, MqttError, MqttHandle, SessionConfig};
+use posfleet_runtime::tls::{self, TlsError};
+use posfleet_runtime::value::BrokerUrl;
 
 /// What the terminal says about itself (from the config file, or made up by the simulator).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -13,11 +13,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::report::{self, OutboxCounts, Reporter};
 use super::{AgentSettings, AgentStats};
-use crate::mqtt::{MqttError, MqttHandle, QoS, SessionEvent};
 use crate::outbox::AckInbox;
 use crate::state::TerminalStatus;
 use crate::telemetry::{SensorProvider, SystemProvider};
 use crate::transaction::TransactionIntake;
+use posfleet_runtime::mqtt::{MqttError, MqttHandle, QoS, SessionEvent};
 
 /// Longest wait for room in the request queue for a heartbeat or presence; after it the
 /// message is skipped (the loop must keep its rhythm and notice cancellation).

@@ -8,7 +8,7 @@ use tokio_util::task::TaskTracker;
 
 use super::*;
 use crate::telemetry::SimulatedSystem;
-use crate::testing::{FakeBroker, Seen, TestPki};
+use posfleet_runtime::testing::{FakeBroker, Seen, TestPki};
 
 pub(super) const WAIT: Duration = Duration::from_secs(10);
 

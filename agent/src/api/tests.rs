@@ -13,12 +13,12 @@ use tokio_util::task::TaskTracker;
 
 use super::*;
 use crate::agent::{Agent, AgentSettings};
-use crate::backoff::Backoff;
-use crate::config::BrokerUrl;
 use crate::outbox::Outbox;
 use crate::telemetry::{SimulatedSensors, SimulatedSystem};
-use crate::testing::{FakeBroker, TestPki};
 use crate::transaction::fixtures::sale;
+use posfleet_runtime::backoff::Backoff;
+use posfleet_runtime::testing::{FakeBroker, TestPki};
+use posfleet_runtime::value::BrokerUrl;
 
 const PAN_DIGITS: &str = "4111111111111111";
 

@@ -64,12 +64,12 @@ pub use hooks::{DEFAULT_HOOK_TIMEOUT, HookSettings};
 pub use update::UpdateSettings;
 
 use crate::agent::AgentStats;
-use crate::mqtt::MqttHandle;
 use crate::outbox::DeviceOutbox;
 use crate::state::{
     self, AppliedConfig, Changes, DeviceState, InstalledVersions, JournalEntry, LiveState,
     LockRecord, Snapshot, StateError, TerminalStatus,
 };
+use posfleet_runtime::mqtt::MqttHandle;
 
 /// Default `[commands] max_offline`.
 pub const DEFAULT_MAX_OFFLINE: Duration = Duration::from_secs(72 * 3600);

@@ -16,14 +16,14 @@ use super::hooks::tests::script;
 use super::*;
 use crate::agent::{Agent, AgentHandle, AgentSettings};
 use crate::api::{ApiState, LocalApi, LocalApiSettings};
-use crate::backoff::Backoff;
-use crate::config::BrokerUrl;
 use crate::outbox::Outbox;
 use crate::state::{DEFAULT_STATE_CACHE_CAPACITY, JournalStatus, StateStore};
 use crate::telemetry::{SimulatedSensors, SimulatedSystem};
-use crate::testing::{FakeBroker, Seen, TestPki};
 use crate::transaction::AcceptError;
 use crate::transaction::fixtures::sale;
+use posfleet_runtime::backoff::Backoff;
+use posfleet_runtime::testing::{FakeBroker, Seen, TestPki};
+use posfleet_runtime::value::BrokerUrl;
 
 pub(super) const ID: &str = "T-1";
 pub(super) const WAIT: Duration = Duration::from_secs(10);

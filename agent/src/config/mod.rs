@@ -5,7 +5,6 @@
 //! configurable: it is read from the client certificate.
 
 mod raw;
-pub mod value;
 
 #[cfg(test)]
 mod tests;
@@ -14,11 +13,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use value::{BrokerUrl, parse_duration};
+use posfleet_runtime::backoff::Backoff;
+use posfleet_runtime::value::{BrokerUrl, parse_duration};
 
 use crate::agent::DeviceInfo;
 use crate::api::{DEFAULT_SOCKET_NAME, LocalApiSettings, MAX_SOCKET_PATH};
-use crate::backoff::Backoff;
 use crate::command::update::{
     DEFAULT_CONFIRM_TIMEOUT, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_ATTEMPTS,
 };

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::{DeviceOutbox, OutboxSettings};
-use crate::mqtt::{MqttError, MqttHandle, QoS};
+use posfleet_runtime::mqtt::{MqttError, MqttHandle, QoS};
 
 /// Longest wait for room in the MQTT request queue for one batch.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);

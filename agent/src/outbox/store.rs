@@ -139,9 +139,11 @@ impl Store {
             source: Box::new(source),
         };
         // Private dir, partial snapshots removed, explicit cache, lock retry (storage rules).
-        let db = crate::sledstore::open(dir, cache_capacity).map_err(|e| OutboxError::Open {
-            path: dir.to_owned(),
-            source: Box::new(e),
+        let db = posfleet_runtime::sledstore::open(dir, cache_capacity).map_err(|e| {
+            OutboxError::Open {
+                path: dir.to_owned(),
+                source: Box::new(e),
+            }
         })?;
         let tree = db.open_tree(TREE)?;
         let db_file = File::open(dir.join("db")).map_err(io)?;

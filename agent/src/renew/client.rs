@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::RenewError;
-use crate::tls::client_config_from_files;
+use posfleet_runtime::tls::client_config_from_files;
 
 /// Bound on each request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

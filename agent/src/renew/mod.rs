@@ -31,10 +31,10 @@ use tracing::{debug, info, warn};
 
 pub use files::{IdentityFiles, PendingRenewal};
 
-use crate::backoff::{Backoff, Retry};
 use crate::config::Config;
-use crate::mqtt::MqttHandle;
-use crate::tls::{TlsError, client_config_from_pem, device_id_from_cert_pem};
+use posfleet_runtime::backoff::{Backoff, Retry};
+use posfleet_runtime::mqtt::MqttHandle;
+use posfleet_runtime::tls::{TlsError, client_config_from_pem, device_id_from_cert_pem};
 
 /// Default of `tls.renew_before`.
 pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);

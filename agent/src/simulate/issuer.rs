@@ -15,7 +15,7 @@ use std::time::Duration;
 use posfleet_proto::DeviceId;
 use serde::{Deserialize, Serialize};
 
-use crate::tls::{provider, root_store_from_pem};
+use posfleet_runtime::tls::{provider, root_store_from_pem};
 
 /// Most certificates one request to the controller asks for (its limit).
 pub const MAX_ISSUE_BATCH: usize = 256;

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::*;
-use crate::testing::{FakeBroker, Seen, TestPki};
+use posfleet_runtime::testing::{FakeBroker, Seen, TestPki};
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -3,7 +3,7 @@
 //!
 //! - [`StateStore`]: one sled database (`DATA/state`); a real terminal opens one, the
 //!   simulator opens **one** for all its terminals (like the outbox). Opened with the rules of
-//!   [`crate::sledstore`].
+//!   [`posfleet_runtime::sledstore`].
 //! - [`DeviceState`]: one terminal's part of it. Reads and writes block (call them from
 //!   `spawn_blocking`). A [`Changes`] is written as one atomic batch; with
 //!   [`Changes::durable`] it is flushed and the `db` file fsynced before the call returns
@@ -63,7 +63,7 @@ pub enum StateError {
     #[error("state store error")]
     Store(#[from] sled::Error),
     #[error("cannot make the state store durable")]
-    Durable(#[from] crate::sledstore::DurableError),
+    Durable(#[from] posfleet_runtime::sledstore::DurableError),
     #[error("the state store holds a record it cannot read: {detail}")]
     Corrupt { detail: String },
     #[error("a state store task failed: {detail}")]
@@ -76,7 +76,7 @@ struct Inner {
     tree: sled::Tree,
     dir: PathBuf,
     /// Durable writes of all terminals sharing the store share flushes.
-    sync: crate::sledstore::SyncGate,
+    sync: posfleet_runtime::sledstore::SyncGate,
 }
 
 /// The open state store. Cheap to clone.
@@ -100,15 +100,15 @@ impl StateStore {
             path: dir.to_owned(),
             source,
         };
-        let db =
-            crate::sledstore::open(dir, cache_capacity).map_err(|e| open_error(Box::new(e)))?;
+        let db = posfleet_runtime::sledstore::open(dir, cache_capacity)
+            .map_err(|e| open_error(Box::new(e)))?;
         let tree = db.open_tree(TREE).map_err(|e| open_error(Box::new(e)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 _db: db,
                 tree,
                 dir: dir.to_owned(),
-                sync: crate::sledstore::SyncGate::default(),
+                sync: posfleet_runtime::sledstore::SyncGate::default(),
             }),
         })
     }

@@ -1,22 +1,13 @@
-//! Test support: an in-memory fleet PKI and a scriptable fake MQTT broker over mTLS on
-//! loopback (port 0). Compiled for unit tests only.
-
-mod fake_broker;
+//! Test support: terminal command setups. The fleet PKI and the fake MQTT broker are
+//! `posfleet_runtime::testing` (the `testing` feature, enabled for this crate's tests).
+//! Compiled for unit tests only.
 
 use std::sync::Arc;
 
 use posfleet_proto::DeviceId;
-use posfleet_proto::pki::{Ca, CertifiedKey};
-use rustls::ServerConfig;
-use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::PrivateKeyDer;
-use rustls_pki_types::pem::PemObject;
-
-pub(crate) use fake_broker::{FakeBroker, Seen};
 
 use crate::command::{CommandSettings, CommandSetup, TerminalFiles};
 use crate::state::{DEFAULT_STATE_CACHE_CAPACITY, StateStore};
-use crate::tls;
 
 /// A command setup for terminal `id`: its part of `store`, `settings`, config file in `dir`.
 pub(crate) fn command_setup_in(
@@ -44,53 +35,4 @@ pub(crate) fn command_setup(dir: &std::path::Path, id: &DeviceId) -> CommandSetu
         key.public_key().clone(),
     ]));
     command_setup_in(&store, dir, id, settings)
-}
-
-/// A fleet CA and a broker server certificate for 127.0.0.1, generated in memory.
-pub(crate) struct TestPki {
-    pub(crate) ca: Ca,
-    server: CertifiedKey,
-}
-
-impl TestPki {
-    pub(crate) fn new() -> Self {
-        Self::with_ca(Ca::generate("test fleet CA").unwrap())
-    }
-
-    /// Uses an existing CA (e.g. the one `PkiDir::init` wrote).
-    pub(crate) fn with_ca(ca: Ca) -> Self {
-        let server = ca
-            .issue_server(&["127.0.0.1".into(), "localhost".into()])
-            .unwrap();
-        Self { ca, server }
-    }
-
-    /// A client config for a freshly issued device certificate.
-    pub(crate) fn device_tls(&self, id: &str) -> Arc<rustls::ClientConfig> {
-        let issued = self.ca.issue_device(&DeviceId::new(id).unwrap()).unwrap();
-        tls::client_config_from_pem(
-            self.ca.cert_pem().as_bytes(),
-            issued.cert_pem.as_bytes(),
-            issued.key_pem.as_bytes(),
-        )
-        .unwrap()
-    }
-
-    /// A server config that requires a client certificate from the fleet CA.
-    pub(crate) fn server_config(&self) -> Arc<ServerConfig> {
-        let provider = tls::provider();
-        let roots = tls::root_store_from_pem(self.ca.cert_pem().as_bytes()).unwrap();
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-            .build()
-            .unwrap();
-        let chain = posfleet_proto::pki::parse_pem_certs(self.server.cert_pem.as_bytes()).unwrap();
-        let key = PrivateKeyDer::from_pem_slice(self.server.key_pem.as_bytes()).unwrap();
-        let config = ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .unwrap();
-        Arc::new(config)
-    }
 }

@@ -300,9 +300,9 @@ fn check_shape(value: &Value, shape: Shape, path: &str, problems: &mut Vec<Field
             _ => problem(problems, &format!("must be one of {}", options.join(", "))),
         },
         Shape::Items => match value.as_array() {
-            Some(items) if items.len() > super::validate::MAX_ITEMS => problem(
+            Some(items) if items.len() > posfleet_proto::txrules::MAX_ITEMS => problem(
                 problems,
-                &format!("at most {} line items", super::validate::MAX_ITEMS),
+                &format!("at most {} line items", posfleet_proto::txrules::MAX_ITEMS),
             ),
             Some(items) => {
                 for (i, item) in items.iter().enumerate() {

@@ -241,9 +241,15 @@ fn unknown_fields_are_refused() {
 fn out_of_range_values_are_named() {
     let cases = [
         ("amount_minor", json!(-1)),
-        ("amount_minor", json!(validate::MAX_AMOUNT_MINOR + 1)),
+        (
+            "amount_minor",
+            json!(posfleet_proto::txrules::MAX_AMOUNT_MINOR + 1),
+        ),
         ("timestamp_ms", json!(0)),
-        ("timestamp_ms", json!(validate::MAX_TIMESTAMP_MS + 1)),
+        (
+            "timestamp_ms",
+            json!(posfleet_proto::txrules::MAX_TIMESTAMP_MS + 1),
+        ),
         ("currency", json!("eur")),
         ("currency", json!("EURO")),
         ("currency", json!("E1R")),
@@ -272,7 +278,7 @@ fn out_of_range_values_are_named() {
 #[test]
 fn too_many_items_and_bad_items_are_named() {
     let item = json!({ "sku": "S", "quantity": 1, "unit_price_minor": 1 });
-    let many = serde_json::Value::Array(vec![item; validate::MAX_ITEMS + 1]);
+    let many = serde_json::Value::Array(vec![item; posfleet_proto::txrules::MAX_ITEMS + 1]);
     assert_eq!(invalid_fields(parse(&with("items", many))), ["items"]);
     let bad = json!([
         { "sku": "", "quantity": 0, "unit_price_minor": -1_000_000_000_001i64 },
@@ -324,7 +330,7 @@ fn the_largest_transaction_fits_a_batch_many_times() {
         v[f] = json!("x".repeat(64));
     }
     v["card_token"] = json!("t".repeat(128));
-    v["items"] = serde_json::Value::Array(vec![item; validate::MAX_ITEMS]);
+    v["items"] = serde_json::Value::Array(vec![item; posfleet_proto::txrules::MAX_ITEMS]);
     let wire = parse(&v).unwrap().sequenced(u64::MAX);
     let len = wire.encoded_len();
     assert!(len < 32 * 1024, "{len}");

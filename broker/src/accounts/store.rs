@@ -1,5 +1,5 @@
 //! The account store: one sled database (`DATA/accounts`) used as `docs/storage.md`
-//! prescribes (through `posfleet_agent::sledstore`). Every function here blocks; callers on
+//! prescribes (through `posfleet_runtime::sledstore`). Every function here blocks; callers on
 //! the runtime use `spawn_blocking`. Writes are serialised by [`super::Accounts`] (one writer
 //! at a time, storage rule 4), and each is durable (batch, flush, fsync) before it returns.
 //!
@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
-use posfleet_agent::sledstore::{self, DurableError, OpenError};
+use posfleet_runtime::sledstore::{self, DurableError, OpenError};
 use serde::{Deserialize, Serialize};
 
 use super::Role;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use posfleet_agent::config::parse_duration;
+use posfleet_runtime::value::parse_duration;
 
 use super::AdmissionLimits;
 use crate::api::ApiLimits;

@@ -10,7 +10,7 @@
 //! approval are recorded per party in the lock ledger; locks created by an approval are not
 //! (a second admin has seen them).
 //!
-//! The store is one sled database (`DATA/approvals`, through `posfleet_agent::sledstore`):
+//! The store is one sled database (`DATA/approvals`, through `posfleet_runtime::sledstore`):
 //!
 //! ```text
 //! a/<id>                                  ApprovalView (JSON)
@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use posfleet_agent::sledstore::{self, OpenError};
+use posfleet_runtime::sledstore::{self, OpenError};
 
 use crate::views::{ApprovalState, ApprovalView};
 

@@ -1,5 +1,5 @@
 //! The artifact store: blobs on disk plus their metadata in sled, used as `docs/storage.md`
-//! prescribes (through `posfleet_agent::sledstore`). Every function here blocks; callers run
+//! prescribes (through `posfleet_runtime::sledstore`). Every function here blocks; callers run
 //! them on blocking threads. Writes are rare (uploads, deletions) and serialised by one lock,
 //! which is this store's single committer (storage rule 4).
 //!
@@ -25,7 +25,7 @@ use std::sync::{Mutex, PoisonError};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use posfleet_agent::sledstore::{self, DurableError, OpenError};
+use posfleet_runtime::sledstore::{self, DurableError, OpenError};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use posfleet_agent::sledstore::{self, OpenError};
+use posfleet_runtime::sledstore::{self, OpenError};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 

@@ -42,9 +42,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use posfleet_agent::mqtt::SessionEvent;
 use posfleet_proto::codec::check_size;
 use posfleet_proto::{Filter, Topic};
+use posfleet_runtime::mqtt::SessionEvent;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{

@@ -6,7 +6,7 @@
 //!   own edge (`rumqttd::local`), no socket and no TLS; it opens the edge's device gate once
 //!   its uplink subscription is in the router and counts what it takes
 //!   (`EdgeHandle::controller_intake`).
-//! - [`Bus::Broker`]: an MQTT session over mTLS (`posfleet_agent::mqtt`) to a broker, an
+//! - [`Bus::Broker`]: an MQTT session over mTLS (`posfleet_runtime::mqtt`) to a broker, an
 //!   external one (Mosquitto, EMQX, ...) with `serve --external-broker`.
 //!
 //! Both report the same [`SessionEvent`]s, in order, into one bounded receiver (connected,
@@ -19,10 +19,10 @@ pub mod local;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use posfleet_agent::mqtt::{
+use posfleet_proto::{CodecError, Filter, Topic};
+use posfleet_runtime::mqtt::{
     MqttError, MqttHandle, QoS, SessionConfig, SessionEvent, spawn_session,
 };
-use posfleet_proto::{CodecError, Filter, Topic};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

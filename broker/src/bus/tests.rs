@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use posfleet_agent::mqtt::{MqttHandle, SessionConfig, SessionEvent, spawn_session};
-use posfleet_agent::tls::client_config_from_pem;
 use posfleet_proto::pki::PkiDir;
 use posfleet_proto::{Channel, DeviceId, Filter, Topic};
+use posfleet_runtime::mqtt::{MqttHandle, SessionConfig, SessionEvent, spawn_session};
+use posfleet_runtime::tls::client_config_from_pem;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{

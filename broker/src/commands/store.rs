@@ -1,5 +1,5 @@
 //! The command store: one sled database (`DATA/commands`) used exactly as `docs/storage.md`
-//! prescribes (through `posfleet_agent::sledstore`). Every function here blocks; the command
+//! prescribes (through `posfleet_runtime::sledstore`). Every function here blocks; the command
 //! plane's worker (the single committer, storage rule 4) calls `commit` on a blocking thread,
 //! and the API reads on blocking threads.
 //!
@@ -16,8 +16,8 @@
 
 use std::path::{Path, PathBuf};
 
-use posfleet_agent::sledstore::{self, DurableError, OpenError};
 use posfleet_proto::DeviceId;
+use posfleet_runtime::sledstore::{self, DurableError, OpenError};
 
 use super::record::{RECORD_VERSION, StoredCommand, StoredDesired};
 use crate::views::{CommandPage, CommandState, CommandView, DesiredLockView};

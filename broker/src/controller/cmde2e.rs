@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use posfleet_agent::mqtt::{QoS, SessionEvent};
 use posfleet_proto::pki::read_public_keys;
 use posfleet_proto::signing::KeyRing;
 use posfleet_proto::{Channel, DeviceId, Topic, decode, encode, pb};
+use posfleet_runtime::mqtt::{QoS, SessionEvent};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

@@ -1,9 +1,9 @@
 //! Shared set-up of the in-process end-to-end tests: a terminal's own MQTT session, with a
 //! certificate issued (and recorded) by the running controller, subscribed to its downlink.
 
-use posfleet_agent::mqtt::{MqttHandle, SessionConfig, SessionEvent, spawn_session};
-use posfleet_agent::tls::client_config_from_pem;
 use posfleet_proto::{DeviceId, Filter};
+use posfleet_runtime::mqtt::{MqttHandle, SessionConfig, SessionEvent, spawn_session};
+use posfleet_runtime::tls::client_config_from_pem;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -15,10 +15,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use posfleet_agent::mqtt::{MqttError, SessionConfig, SessionEvent};
-use posfleet_agent::tls::{TlsError, client_config_from_files};
 use posfleet_proto::Filter;
 use posfleet_proto::pki::{Identity, PkiDir, PkiError, parse_pem_certs};
+use posfleet_runtime::mqtt::{MqttError, SessionConfig, SessionEvent};
+use posfleet_runtime::tls::{TlsError, client_config_from_files};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

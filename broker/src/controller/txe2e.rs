@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use posfleet_agent::mqtt::{QoS, SessionEvent};
 use posfleet_proto::{Channel, DeviceId, Topic, decode, encode, pb};
+use posfleet_runtime::mqtt::{QoS, SessionEvent};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

@@ -9,14 +9,14 @@
 //! from the command-signing key (no cross-protocol use). The operator is identified by the
 //! authenticated principal the controller records (`recorded_by`); operators hold no keys.
 //!
-//! Store: one sled database (`DATA/custody`, through `posfleet_agent::sledstore`),
+//! Store: one sled database (`DATA/custody`, through `posfleet_runtime::sledstore`),
 //! `c/<device>\0<seq u64 BE>` → [`CustodyEntry`] (JSON); one writer (`lock`). Blocks.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use posfleet_agent::sledstore::{self, OpenError};
 use posfleet_proto::DeviceId;
+use posfleet_runtime::sledstore::{self, OpenError};
 use ring::hmac;
 
 use crate::views::{CustodyEntry, CustodyHistory};

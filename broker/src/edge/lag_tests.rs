@@ -4,8 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use posfleet_agent::mqtt::SessionEvent;
 use posfleet_proto::Channel;
+use posfleet_runtime::mqtt::SessionEvent;
 use rumqttc::{Event, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

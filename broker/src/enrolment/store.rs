@@ -1,5 +1,5 @@
 //! The enrolment store: one sled database (`DATA/enrolment`) used as `docs/storage.md`
-//! prescribes (through `posfleet_agent::sledstore`). Every function blocks; the enrolment
+//! prescribes (through `posfleet_runtime::sledstore`). Every function blocks; the enrolment
 //! service calls them on blocking threads, one writer at a time (storage rule 4).
 //!
 //! ```text
@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use posfleet_agent::sledstore::{self, DurableError, OpenError};
+use posfleet_runtime::sledstore::{self, DurableError, OpenError};
 use serde::{Deserialize, Serialize};
 
 use crate::views::IssueKind;

@@ -11,10 +11,10 @@ mod refusals;
 use std::sync::Arc;
 use std::time::Duration;
 
-use posfleet_agent::mqtt::{SessionConfig, SessionEvent, spawn_session};
-use posfleet_agent::tls::client_config_from_pem;
 use posfleet_proto::pki::{CertFacts, DeviceKeyRequest};
 use posfleet_proto::{DeviceId, Filter};
+use posfleet_runtime::mqtt::{SessionConfig, SessionEvent, spawn_session};
+use posfleet_runtime::tls::client_config_from_pem;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -179,9 +179,9 @@ fn https_client(ca_pem: &str, identity: Option<(&str, &str)>) -> reqwest::Client
             client_config_from_pem(ca_pem.as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap()
         }
         None => {
-            let roots = posfleet_agent::tls::root_store_from_pem(ca_pem.as_bytes()).unwrap();
+            let roots = posfleet_runtime::tls::root_store_from_pem(ca_pem.as_bytes()).unwrap();
             Arc::new(
-                rustls::ClientConfig::builder_with_provider(posfleet_agent::tls::provider())
+                rustls::ClientConfig::builder_with_provider(posfleet_runtime::tls::provider())
                     .with_safe_default_protocol_versions()
                     .unwrap()
                     .with_root_certificates(roots)

@@ -1,5 +1,5 @@
 //! The sled side of the store (`DATA/config`), used as `docs/storage.md` prescribes through
-//! `posfleet_agent::sledstore`. One tree, three key spaces, so that a change (layer record,
+//! `posfleet_runtime::sledstore`. One tree, three key spaces, so that a change (layer record,
 //! history entry, index entry, pruned entries) is one atomic `Batch`:
 //!
 //! ```text
@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use posfleet_agent::sledstore::{self, DurableError, OpenError};
+use posfleet_runtime::sledstore::{self, DurableError, OpenError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 

@@ -854,7 +854,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS, // e.g. `posctl watch | head -3`
         Err(e) => {
-            eprintln!("error: {}", posfleet_agent::cli::error_report(&e));
+            eprintln!("error: {}", posfleet_runtime::report::error_report(&e));
             ExitCode::FAILURE
         }
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::device::{DeviceRecord, RECORD_VERSION};
 use super::error::RegistryError;
-use posfleet_agent::sledstore::{self, DurableError, OpenError};
+use posfleet_runtime::sledstore::{self, DurableError, OpenError};
 
 /// Name of the sled tree holding one record per device.
 const DEVICES_TREE: &str = "devices";

@@ -1,5 +1,5 @@
 //! The rollout store: one sled database (`DATA/rollouts`) used as `docs/storage.md`
-//! prescribes (through `posfleet_agent::sledstore`). Every function blocks; the engine (the
+//! prescribes (through `posfleet_runtime::sledstore`). Every function blocks; the engine (the
 //! single committer, storage rule 4) calls them on blocking threads.
 //!
 //! ```text
@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use posfleet_agent::sledstore::{self, DurableError, OpenError};
+use posfleet_runtime::sledstore::{self, DurableError, OpenError};
 
 use super::model::{RECORD_VERSION, StoredMember, StoredRollout};
 

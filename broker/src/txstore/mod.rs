@@ -58,7 +58,7 @@ pub use validate::{
 
 use cursor::CursorKey;
 use ledger::Ledger;
-use posfleet_agent::sledstore::{self, DurableError, OpenError};
+use posfleet_runtime::sledstore::{self, DurableError, OpenError};
 use record::StoredTx;
 
 /// Name of the one sled tree (see `keys.rs` for its namespaces).

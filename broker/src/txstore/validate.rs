@@ -310,53 +310,57 @@ pub(crate) mod tests {
         }
     }
 
-    /// Whatever the agent's local API accepts, the controller must store: a record refused
-    /// here would stall that terminal's outbox for good. Every agent limit at its extreme.
+    /// Whatever a terminal accepts (the agent's local API applies `posfleet_proto::txrules`),
+    /// the controller must store: a record refused here would stall that terminal's outbox for
+    /// good. Every terminal limit at its extreme.
     #[test]
     fn everything_the_agent_accepts_is_storable() {
-        use posfleet_agent::transaction::validate::{
-            MAX_AMOUNT_MINOR as AGENT_MAX_AMOUNT, MAX_ITEMS as AGENT_MAX_ITEMS,
+        use posfleet_proto::txrules::{
+            self, MAX_AMOUNT_MINOR as AGENT_MAX_AMOUNT, MAX_ITEMS as AGENT_MAX_ITEMS,
             MAX_QUANTITY as AGENT_MAX_QUANTITY, MAX_TIMESTAMP_MS as AGENT_MAX_TS,
-            MIN_TIMESTAMP_MS as AGENT_MIN_TS,
-        };
-        use posfleet_agent::transaction::{
-            EntryMode, Kind, LineItemRequest, Status, TransactionRequest,
+            MIN_TIMESTAMP_MS as AGENT_MIN_TS, TxFields,
         };
 
         let id64 = "A._:/-".repeat(11)[..64].to_owned();
         let printable: String = (0x20u8..0x7f).map(char::from).collect();
-        let extremes = |timestamp_ms, amount_minor, unit_price_minor| TransactionRequest {
+        let extremes = |timestamp_ms, amount_minor, unit_price_minor| pb::Transaction {
+            seq: 0,
             txn_id: id64.clone(),
             timestamp_ms,
             amount_minor,
             currency: "EUR".into(),
-            kind: Kind::Refund,
-            status: Status::Error,
-            masked_card: Some("12345678*******1234".to_owned()),
-            card_token: Some("aZ09._:+/=-".repeat(12)[..128].to_owned()),
-            card_brand: Some("Visa Electron_-".repeat(3)[..32].to_owned()),
-            entry_mode: Some(EntryMode::Wallet),
-            auth_code: Some("A".repeat(12)),
-            response_code: Some("9".repeat(8)),
+            kind: pb::TransactionKind::Refund.into(),
+            status: pb::TransactionStatus::Error.into(),
+            masked_card: "12345678*******1234".to_owned(),
+            card_token: "aZ09._:+/=-".repeat(12)[..128].to_owned(),
+            card_brand: "Visa Electron_-".repeat(3)[..32].to_owned(),
+            entry_mode: pb::EntryMode::Wallet.into(),
+            auth_code: "A".repeat(12),
+            response_code: "9".repeat(8),
             merchant_id: id64.clone(),
-            store_id: Some(id64.clone()),
-            operator_id: Some(id64.clone()),
+            store_id: id64.clone(),
+            operator_id: id64.clone(),
             items: (0..AGENT_MAX_ITEMS)
-                .map(|i| LineItemRequest {
+                .map(|i| pb::LineItem {
                     sku: printable[i % 32..i % 32 + 64].to_owned(),
                     quantity: AGENT_MAX_QUANTITY,
                     unit_price_minor,
                 })
                 .collect(),
         };
-        for request in [
+        for txn in [
             extremes(AGENT_MIN_TS, 0, -AGENT_MAX_AMOUNT),
             extremes(AGENT_MAX_TS, AGENT_MAX_AMOUNT, AGENT_MAX_AMOUNT),
         ] {
-            let valid = request
-                .validate()
-                .expect("the agent accepts its own extremes");
-            let wire = valid.sequenced(u64::MAX);
+            let problems = txrules::check(&TxFields::of_wire(&txn));
+            assert!(
+                problems.is_empty(),
+                "the terminal rules refuse their own extremes: {problems:?}"
+            );
+            let wire = pb::Transaction {
+                seq: u64::MAX,
+                ..txn
+            };
             if let Err(e) = ValidTx::try_from(wire) {
                 panic!(
                     "the controller refuses what the agent accepted: {}",

@@ -60,7 +60,7 @@ async fn accounts_audit_verify_detects_an_edited_entry() {
 /// Rewrites entry `seq` of the stopped controller's audit store with another target;
 /// returns the original entry.
 fn edit_entry(dir: &std::path::Path, seq: u64) -> anyhow::Result<String> {
-    let db = posfleet_agent::sledstore::open(dir, 1 << 20)?;
+    let db = posfleet_runtime::sledstore::open(dir, 1 << 20)?;
     let tree = db.open_tree("audit")?;
     let mut key = vec![b'e'];
     key.extend_from_slice(&seq.to_be_bytes());
@@ -107,7 +107,7 @@ async fn accounts_audit_verify_detects_entries_cut_off_the_end_across_a_restart(
 /// Removes the `n` newest entries from the stopped controller's audit store; returns their
 /// sequence numbers.
 fn cut_newest(dir: &std::path::Path, n: usize) -> anyhow::Result<Vec<u64>> {
-    let db = posfleet_agent::sledstore::open(dir, 1 << 20)?;
+    let db = posfleet_runtime::sledstore::open(dir, 1 << 20)?;
     let tree = db.open_tree("audit")?;
     let keys: Vec<_> = tree
         .scan_prefix([b'e'])

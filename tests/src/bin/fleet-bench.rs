@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use posfleet_agent::config::parse_duration;
+use posfleet_runtime::value::parse_duration;
 use posfleet_tests::Binaries;
 use posfleet_tests::agentmem::{AgentMemoryBench, run_agent_memory};
 use posfleet_tests::bench::{ConnectBench, run_connect};

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use posfleet_agent::backoff::Backoff;
-use posfleet_agent::config::{BrokerUrl, parse_duration};
+use posfleet_runtime::backoff::Backoff;
+use posfleet_runtime::value::{BrokerUrl, parse_duration};
 use posfleet_tests::txdriver::{DriverConfig, run_driver};
 
 #[derive(Debug, Parser)]
@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new(
-                    "info,posfleet_agent::agent=warn,posfleet_agent::mqtt=warn",
+                    "info,posfleet_agent::agent=warn,posfleet_runtime::mqtt=warn",
                 )
             }),
         )

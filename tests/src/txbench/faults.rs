@@ -45,10 +45,10 @@ pub struct FaultsBench {
     #[arg(long, default_value_t = 2000)]
     pub progress: u64,
     /// How long a severed link stays down, and a stalled one stalled.
-    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = posfleet_runtime::value::parse_duration)]
     pub outage: Duration,
     /// Bound on each wait (connect, recovery after a fault, drain).
-    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = posfleet_runtime::value::parse_duration)]
     pub timeout: Duration,
 }
 

@@ -40,17 +40,17 @@ pub struct IngestBench {
     #[arg(long, value_name = "PER_MINUTE", default_value_t = 1200.0)]
     pub tx_rate: f64,
     /// Time after all terminals connected before the window opens.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = posfleet_runtime::value::parse_duration)]
     pub warmup: Duration,
     /// Length of the measurement window.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = posfleet_runtime::value::parse_duration)]
     pub duration: Duration,
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = posfleet_runtime::value::parse_duration)]
     pub heartbeat_interval: Duration,
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = posfleet_runtime::value::parse_duration)]
     pub telemetry_interval: Duration,
     /// Bound on each wait (connect, drain).
-    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = posfleet_runtime::value::parse_duration)]
     pub timeout: Duration,
     /// The controller's transaction budget (`posfleet-broker serve --tx-queue-records`;
     /// default: the broker's own). A small one drives the controller past its budget with a

@@ -60,16 +60,16 @@ pub struct RawIngestBench {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub in_flight: u32,
     /// Before the measurement window.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = posfleet_runtime::value::parse_duration)]
     pub warmup: Duration,
     /// The measurement window.
-    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = posfleet_runtime::value::parse_duration)]
     pub duration: Duration,
     /// The controller's queue budget (`serve --tx-queue-records`; default: the shipped one).
     #[arg(long)]
     pub tx_queue_records: Option<u64>,
     /// Bound on each wait (issuing, connecting, draining).
-    #[arg(long, value_name = "DURATION", default_value = "180s", value_parser = posfleet_agent::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "180s", value_parser = posfleet_runtime::value::parse_duration)]
     pub timeout: Duration,
 }
 
@@ -313,7 +313,7 @@ async fn issue(
     let ca_pem = tokio::fs::read(broker.pki().ca_cert())
         .await
         .context("reading the fleet CA")?;
-    let roots = posfleet_agent::tls::root_store_from_pem(&ca_pem)?;
+    let roots = posfleet_runtime::tls::root_store_from_pem(&ca_pem)?;
     let ids: Vec<DeviceId> = (0..n)
         .map(|i| DeviceId::new(format!("RAW-{i:05}")))
         .collect::<Result<_, _>>()?;
@@ -332,7 +332,7 @@ async fn issue(
             );
         }
         for ((id, key), cert) in chunk.iter().zip(keys).zip(certs) {
-            let tls = posfleet_agent::tls::client_config_with_roots(
+            let tls = posfleet_runtime::tls::client_config_with_roots(
                 Arc::clone(&roots),
                 cert.as_bytes(),
                 key.as_bytes(),

@@ -57,7 +57,7 @@ impl Default for TxDriverOptions {
             backoff_max: Duration::from_secs(1),
             resend_timeout: None,
             journal: true,
-            log_filter: "info,posfleet_agent::agent=warn,posfleet_agent::mqtt=warn".to_owned(),
+            log_filter: "info,posfleet_agent::agent=warn,posfleet_runtime::mqtt=warn".to_owned(),
         }
     }
 }

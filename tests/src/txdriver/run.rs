@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use posfleet_agent::backoff::Backoff;
-use posfleet_agent::config::BrokerUrl;
 use posfleet_agent::simulate::transactions::TxnGenerator;
 use posfleet_agent::simulate::{SimulatorConfig, SimulatorHandle, run_simulator};
 use posfleet_agent::transaction::AcceptError;
 use posfleet_agent::{AgentHandle, TransactionRequest};
 use posfleet_proto::now_ms;
+use posfleet_runtime::backoff::Backoff;
+use posfleet_runtime::value::BrokerUrl;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

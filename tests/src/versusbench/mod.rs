@@ -33,8 +33,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use posfleet_agent::config::parse_duration;
 use posfleet_proto::now_ms;
+use posfleet_runtime::value::parse_duration;
 
 use crate::bench::start_fleet_broker;
 use crate::bins::Binaries;

@@ -52,13 +52,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{CommandSettings, Executor, TerminalFiles, result};
-use crate::backoff::Backoff;
-use crate::mqtt::MqttHandle;
 use crate::outbox::DeviceOutbox;
 use crate::state::{
     self, Changes, Component, DeviceState, InstalledVersions, JournalEntry, JournalStatus,
     LiveState,
 };
+use posfleet_runtime::backoff::Backoff;
+use posfleet_runtime::mqtt::MqttHandle;
 
 /// Default `[updates] confirm_timeout` (used when the command says 0).
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(300);

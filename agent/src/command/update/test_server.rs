@@ -13,7 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::testing::TestPki;
+use posfleet_runtime::testing::TestPki;
 
 /// How the server misbehaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,7 +25,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// What a client did, in order.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Seen {
+pub enum Seen {
     Connect {
         client_id: String,
         clean_session: bool,
@@ -56,8 +56,8 @@ struct Control {
     conns: Mutex<Vec<mpsc::Sender<Cmd>>>,
 }
 
-pub(crate) struct FakeBroker {
-    pub(crate) addr: SocketAddr,
+pub struct FakeBroker {
+    pub addr: SocketAddr,
     seen: mpsc::Receiver<Seen>,
     control: Arc<Control>,
     cancel: CancellationToken,
@@ -65,7 +65,7 @@ pub(crate) struct FakeBroker {
 }
 
 impl FakeBroker {
-    pub(crate) async fn start(pki: &TestPki) -> Self {
+    pub async fn start(pki: &TestPki) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = TlsAcceptor::from(pki.server_config());
@@ -111,7 +111,7 @@ impl FakeBroker {
     }
 
     /// The next thing a client did; panics after 10 s.
-    pub(crate) async fn next(&mut self) -> Seen {
+    pub async fn next(&mut self) -> Seen {
         tokio::time::timeout(WAIT, self.seen.recv())
             .await
             .expect("timed out waiting for the broker to see something")
@@ -119,7 +119,7 @@ impl FakeBroker {
     }
 
     /// Skips PINGs and such until `pred` matches; panics after 10 s.
-    pub(crate) async fn next_matching(&mut self, pred: impl Fn(&Seen) -> bool) -> Seen {
+    pub async fn next_matching(&mut self, pred: impl Fn(&Seen) -> bool) -> Seen {
         // One deadline for the whole search: other traffic (heartbeats) must not keep it
         // going for ever.
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -133,28 +133,28 @@ impl FakeBroker {
         }
     }
 
-    pub(crate) fn set_session_present(&self, on: bool) {
+    pub fn set_session_present(&self, on: bool) {
         self.control.session_present.store(on, Ordering::SeqCst);
     }
 
-    pub(crate) fn set_ack_publishes(&self, on: bool) {
+    pub fn set_ack_publishes(&self, on: bool) {
         self.control.ack_publishes.store(on, Ordering::SeqCst);
     }
 
     /// Answer CONNECT with "not authorized".
-    pub(crate) fn set_refuse(&self, on: bool) {
+    pub fn set_refuse(&self, on: bool) {
         self.control.refuse.store(on, Ordering::SeqCst);
     }
 
     /// Drops every open connection without a word (like a crash or a network cut).
-    pub(crate) fn kick(&self) {
+    pub fn kick(&self) {
         for conn in self.control.conns.lock().unwrap().drain(..) {
             let _ = conn.try_send(Cmd::Close);
         }
     }
 
     /// Sends a QoS 1 publish on an arbitrary topic to every connected client.
-    pub(crate) fn push(&self, topic: &str, payload: &[u8]) {
+    pub fn push(&self, topic: &str, payload: &[u8]) {
         let mut publish = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
         publish.pkid = self.control.next_pkid.fetch_add(1, Ordering::SeqCst).max(1);
         for conn in self.control.conns.lock().unwrap().iter() {

@@ -1,4 +1,4 @@
-//! Parsers for the text values of the config file and the CLI: durations and broker URLs.
+//! Parsers for text values of config files and command lines: durations and broker URLs.
 
 use std::fmt;
 use std::time::Duration;
