@@ -46,7 +46,6 @@ fn commit_throughput() {
             pct(0.99),
             total / u32::try_from(commits).unwrap_or(1)
         );
-        assert!(total > Duration::ZERO);
     }
 }
 
