@@ -100,8 +100,13 @@ struct Pending {
     gap_before: bool,
     /// This commit writes the ledger.
     written: bool,
+}
+
+impl Pending {
     /// Records this commit stored for the device.
-    stored: u64,
+    fn stored(&self) -> u64 {
+        self.outcome.stored.len() as u64
+    }
 }
 
 /// Whether a commit that changed a device's ledger writes it (module docs). `unsaved`: how far
@@ -111,9 +116,9 @@ fn must_write(p: &Pending, unsaved: Option<&Unsaved>) -> bool {
         return true;
     }
     match unsaved {
-        None => p.stored >= CHECKPOINT_RECORDS,
+        None => p.stored() >= CHECKPOINT_RECORDS,
         Some(u) => {
-            u.records + p.stored >= CHECKPOINT_RECORDS
+            u.records + p.stored() >= CHECKPOINT_RECORDS
                 || p.at_ms.saturating_sub(u.since_ms) >= CHECKPOINT_MS
         }
     }
@@ -145,7 +150,6 @@ impl TxStore {
                 Pending {
                     gap_before: ledger.has_gap(),
                     force: known.is_none(),
-                    stored: 0,
                     written: false,
                     ledger,
                     outcome: DeviceOutcome {
@@ -182,7 +186,6 @@ impl TxStore {
                         new_records.insert(key, proto);
                         p.ledger.stored(&tx, sub.received_at_ms);
                         p.dirty = true;
-                        p.stored += 1;
                         p.outcome
                             .stored
                             .push(record::view(&device, &tx, sub.received_at_ms));
@@ -254,7 +257,7 @@ impl TxStore {
                     since_ms: p.at_ms,
                     records: 0,
                 });
-                u.records += p.stored;
+                u.records += p.stored();
             }
         }
         durable(&self.tree, &self.cfg.dir)?;
